@@ -1,0 +1,21 @@
+"""fastbn: Batch Normalization on NumPy arrays, as fast as the CPU's memory allows.
+
+Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
+:func:`batch_norm_backward`, :func:`fold_batch_norm`; threads: :func:`get_num_threads`,
+:func:`set_num_threads`; build facts: :func:`show_config`. :mod:`fastbn.reference` is the
+plain NumPy twin of every kernel.
+"""
+__version__ = "0.1.0"
+
+from ._config import get_num_threads, set_num_threads, show_config
+from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
+
+__all__ = [
+    "batch_norm_train",
+    "batch_norm_infer",
+    "batch_norm_backward",
+    "fold_batch_norm",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+]

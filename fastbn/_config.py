@@ -1,0 +1,102 @@
+"""Thread count and build information."""
+import os
+import platform
+import sys
+import sysconfig
+
+import numpy as np
+
+from . import _kernels
+from ._validate import thread_count
+
+_num_threads = None
+
+# Below this many values a call runs on one thread: forking the team costs more than it saves
+# (measured with `python -m fastbn --crossover`).
+SERIAL_BELOW = 1 << 15
+
+
+def get_num_threads():
+    """Number of threads fastbn's kernels use when `num_threads` is not given.
+
+    The value set by :func:`set_num_threads` if any, otherwise OpenMP's default for the
+    calling thread (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit, or the core count).
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.get_num_threads() >= 1
+    True
+    """
+    if _num_threads is not None:
+        return _num_threads
+    return max(1, int(_kernels.omp_max_threads()))
+
+
+def set_num_threads(n):
+    """Set the default thread count of every kernel; ``None`` returns to OpenMP's default.
+
+    Parameters
+    ----------
+    n : int or None
+        Threads to use (>= 1), or None.
+
+    Raises
+    ------
+    TypeError
+        If `n` is not an integer.
+    ValueError
+        If `n` < 1.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.set_num_threads(1)
+    >>> fastbn.get_num_threads()
+    1
+    >>> fastbn.set_num_threads(None)
+    """
+    global _num_threads
+    _num_threads = None if n is None else thread_count(n, None)
+
+
+def effective_threads(num_threads, size):
+    """Threads for one call on `size` values: explicit or default, one for small inputs."""
+    n = thread_count(num_threads, get_num_threads)
+    if not _kernels.openmp_enabled() or size < SERIAL_BELOW:
+        return 1
+    return n
+
+
+def config():
+    """Build and runtime facts as a dict (see :func:`show_config`)."""
+    from . import __version__
+    return {
+        "fastbn": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "openmp": bool(_kernels.openmp_enabled()),
+        "threads": get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "compiler": sysconfig.get_config_var("CC"),
+        "cflags": _kernels.build_flags(),
+    }
+
+
+def show_config():
+    """Print build information: OpenMP on/off, threads, compiler and flags.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.show_config()  # doctest: +ELLIPSIS
+    fastbn ...
+    """
+    cfg = config()
+    print(f"fastbn {cfg['fastbn']}")
+    for key in ("python", "numpy", "platform", "cpu_count", "openmp", "threads",
+                "OMP_NUM_THREADS", "compiler", "cflags"):
+        print(f"  {key:<16} {cfg[key]}")

@@ -1,0 +1,151 @@
+"""Argument checks and conversions, run once before any kernel and before anything the
+caller owns is written. Every error names the argument and what was expected."""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+LAYOUTS = ("NCHW", "NHWC")
+DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def channel_axis(layout, ndim):
+    """Index of the channel axis for `layout` ('NCHW': 1, 'NHWC': last)."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return 1 if layout == "NCHW" else ndim - 1
+
+
+def data_array(name, a):
+    """A float32/float64 array of ndim >= 2 (not copied)."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype not in DATA_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
+    if a.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (N, C, ...), got shape {a.shape}")
+    return a
+
+
+def _float_dtype(name, a):
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+
+
+def channel_vector(name, a, C, *, optional=True):
+    """A per-channel parameter as a fresh float64 (C,) array (None stays None if optional)."""
+    if a is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} is required")
+    a = np.asarray(a)
+    _float_dtype(name, a)
+    if a.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {a.shape}")
+    return np.array(a, dtype=np.float64, order="C", copy=True)
+
+
+def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
+    """Check a pair of running-statistic buffers that will be updated in place."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{names[0]} and {names[1]} must be given together (or both None)")
+    if running_mean is None:
+        return
+    for name, buf in zip(names, (running_mean, running_var)):
+        if not isinstance(buf, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
+                            f"got {type(buf).__name__}")
+        _float_dtype(name, buf)
+        if buf.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},), got {buf.shape}")
+        if not buf.flags.writeable:
+            raise ValueError(f"{name} must be writable (it is updated in place)")
+    if np.shares_memory(running_mean, running_var):
+        raise ValueError(f"{names[0]} and {names[1]} must not share memory")
+
+
+def real_scalar(name, v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    return float(v)
+
+
+def eps_value(eps, name="eps"):
+    eps = real_scalar(name, eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return eps
+
+
+def momentum_value(momentum, name="momentum"):
+    momentum = real_scalar(name, momentum)
+    if not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def thread_count(num_threads, default):
+    """Resolve num_threads (None -> default()) to an int >= 1."""
+    if num_threads is None:
+        return default()
+    if isinstance(num_threads, (bool, np.bool_)):
+        raise TypeError("num_threads must be an integer, got bool")
+    try:
+        n = operator.index(num_threads)
+    except TypeError:
+        raise TypeError(
+            f"num_threads must be an integer, got {type(num_threads).__name__}") from None
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    return n
+
+
+def same_shape(name, a, ref_name, ref):
+    if a.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {a.shape}")
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
+def overlaps(a, b):
+    """True when a and b share at least one byte (exact; hard cases count as overlap)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 20))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def out_array(out, shape, dtype, inputs, may_alias=(), name="out"):
+    """Check a preallocated result array.
+
+    `inputs` maps argument names to arrays that out must not overlap; those named in
+    `may_alias` may be exactly out itself (in-place), but not partially overlap it.
+    """
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    for arg, a in inputs.items():
+        if a is None or not isinstance(a, np.ndarray):
+            continue
+        if arg in may_alias and _same_view(out, a):
+            continue
+        if overlaps(out, a):
+            if arg in may_alias:
+                raise ValueError(f"{name} partially overlaps {arg}: it must be {arg} itself "
+                                 f"(in place) or not share memory with it")
+            raise ValueError(f"{name} must not share memory with {arg}")
+    return out

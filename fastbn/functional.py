@@ -1,0 +1,385 @@
+"""The public functional API: validate, choose the kernel view, run the kernel, return.
+
+Batch Normalization over the channel axis of an array of shape (N, C, ...) ("NCHW") or
+(N, ..., C) ("NHWC"). The kernels work on C-contiguous canonical views:
+
+* planar (N, C, S): NCHW memory, each (n, c) plane contiguous;
+* rows (R, C): channels-last memory, one value per channel in each row.
+
+An input whose memory already has one of these orders is used as it is, whatever its
+`layout` (an NCHW-shaped array with channels-last strides goes to the rows kernel, with no
+copy, and its result gets the same strides); any other input is copied once into its
+layout's natural order.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from . import _kernels
+from ._config import effective_threads
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
+                        out_array, running_buffers, same_shape)
+
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
+
+PLANAR, ROWS = 0, 1
+
+# kind: PLANAR or ROWS; perm: x.transpose(perm) is the C-contiguous canonical order;
+# N, C, S: planar dims (for ROWS, N is the row count and S is 1).
+Plan = namedtuple("Plan", "kind perm N C S")
+
+
+def _candidates(ndim, axis, layout):
+    others = [i for i in range(ndim) if i != axis]
+    rows = (ROWS, tuple(others + [axis]))
+    planar = (PLANAR, tuple([others[0], axis] + others[1:]))
+    planar_one = (PLANAR, tuple([axis] + others))      # channel-major memory, N = 1
+    if layout == "NHWC":
+        return [rows, planar, planar_one]
+    return [planar, rows, planar_one]
+
+
+def _plan_for(shape, axis, kind, perm):
+    C = shape[axis]
+    size = int(np.prod(shape, dtype=np.int64))
+    if kind == ROWS or C == 0:
+        return Plan(ROWS, perm, size // C if C else 0, C, 1)
+    N = shape[perm[0]] if perm[0] != axis else 1
+    S = size // (N * C) if N * C else 0
+    if S == 1:
+        # (N, C, 1) planes are (N, C) rows: the rows kernel handles them far better
+        return Plan(ROWS, perm, N, C, 1)
+    return Plan(PLANAR, perm, N, C, S)
+
+
+def _plan(x, axis, layout):
+    """Pick the canonical view of x: (plan, flat C-contiguous data), copying only if needed."""
+    cands = _candidates(x.ndim, axis, layout)
+    for kind, perm in cands:
+        xt = x.transpose(perm)
+        if xt.flags.c_contiguous:
+            return _plan_for(x.shape, axis, kind, perm), xt.reshape(-1)
+    kind, perm = cands[0]
+    return _plan_for(x.shape, axis, kind, perm), np.ascontiguousarray(x.transpose(perm)).reshape(-1)
+
+
+def _flat_like(a, plan):
+    """a (same shape as x) as the plan's flat view: no copy when its memory fits."""
+    at = a.transpose(plan.perm)
+    if not at.flags.c_contiguous:
+        at = np.ascontiguousarray(at)
+    return at.reshape(-1)
+
+
+def _result(plan, shape, dtype, out):
+    """(array to return, flat C-contiguous array the kernel writes into, written directly?)."""
+    if out is not None:
+        ot = out.transpose(plan.perm)
+        if ot.flags.c_contiguous:
+            return out, ot.reshape(-1), True
+        return out, np.empty(out.size, dtype=dtype), False
+    yt = np.empty(tuple(shape[i] for i in plan.perm), dtype=dtype)
+    return yt.transpose(np.argsort(plan.perm)), yt.reshape(-1), True
+
+
+def _finish(result, flat, direct, plan):
+    """Copy the kernel's output into `result` when it could not be written directly."""
+    if not direct:
+        rt = result.transpose(plan.perm)
+        rt[...] = flat.reshape(rt.shape)
+    return result
+
+
+def _weights(weight, bias, C):
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    return (np.ones(C) if w is None else w), (np.zeros(C) if b is None else b)
+
+
+def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_inputs=None):
+    """Shared training forward (Batch Normalization and Renormalization).
+
+    Validates x/weight/bias/eps/layout/out (the caller validates its own extra arguments
+    before calling), runs the fused statistics + normalization kernel and returns
+    (y, mean, var, invstd, M) with var biased and M the values per channel.
+    `renorm` is passed to the kernel: None, or (running_mean, running_std (float64),
+    r_out, d_out, rmin, rmax, dmax).
+    """
+    x = data_array("x", x)
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
+    eps = eps_value(eps)
+    w, b = _weights(weight, bias, C)
+    inputs = {"x": x, "weight": weight, "bias": bias}
+    inputs.update(extra_inputs or {})
+    out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x",))
+    if M <= 1:
+        raise ValueError(
+            f"x must have more than 1 value per channel in training, got shape {x.shape} "
+            f"({M} value(s) per channel)")
+    nthreads = effective_threads(num_threads, x.size)
+    plan, xf = _plan(x, axis, layout)
+    y, yf, direct = _result(plan, x.shape, x.dtype, out)
+    mean, var, invstd, scale, shift = (np.empty(C) for _ in range(5))
+    if C:
+        _kernels.train_forward(xf, yf, plan.kind, plan.N, C, plan.S, w, b, eps,
+                               mean, var, invstd, scale, shift, renorm, nthreads)
+    return _finish(y, yf, direct, plan), mean, var, invstd, M
+
+
+def _update_running(running, batch, momentum):
+    """running <- (1 - momentum) * running + momentum * batch, in float64, in place."""
+    running[...] = momentum * batch + (1.0 - momentum) * running.astype(np.float64)
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
+                     running_mean=None, running_var=None, momentum=0.1,
+                     out=None, num_threads=None):
+    """Batch Normalization, training forward: normalize with the batch statistics.
+
+    ``y = (x - mean) * invstd * weight + bias`` per channel, with ``mean`` and the biased
+    variance ``var`` over every axis but the channel axis (one fused pass over the data) and
+    ``invstd = 1 / sqrt(var + eps)``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Input of shape (N, C, ...) for ``layout="NCHW"`` or (N, ..., C) for ``"NHWC"``.
+        Any memory order; read-only is fine.
+    weight, bias : array_like (C,), optional
+        Affine parameters (gamma, beta); None means 1 and 0.
+    eps : float
+        Added to the variance, >= 0.
+    layout : {"NCHW", "NHWC"}
+        Where the channel axis is: 1, or last.
+    running_mean, running_var : ndarray (C,), optional
+        Running statistics, both or neither, updated in place with PyTorch's rule
+        ``running = (1 - momentum) * running + momentum * batch`` (unbiased batch variance).
+    momentum : float in [0, 1]
+        Weight of the new batch in the running update.
+    out : ndarray, optional
+        Where to write y (shape and dtype of x); may be ``x`` itself.
+    num_threads : int, optional
+        Threads for this call; default :func:`fastbn.get_num_threads`.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as x (``out`` if given).
+    mean, invstd : ndarray (C,), float64
+        Batch mean and ``1 / sqrt(biased_var + eps)``, as :func:`batch_norm_backward` takes them.
+
+    Raises
+    ------
+    TypeError
+        x, weight, bias or a running buffer is not a floating-point array.
+    ValueError
+        Bad shape, layout, eps, momentum, num_threads or out; one value per channel.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    >>> y, mean, invstd = fastbn.batch_norm_train(x)
+    >>> y.shape, mean
+    ((2, 3, 4), array([ 7.5, 11.5, 15.5]))
+    >>> bool(abs(y.mean()) < 1e-6)
+    True
+    """
+    x = data_array("x", x)
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    running_buffers(running_mean, running_var, C)
+    momentum = momentum_value(momentum)
+    y, mean, var, invstd, M = _train(
+        x, weight, bias, eps, layout, out, num_threads,
+        extra_inputs={"running_mean": running_mean, "running_var": running_var})
+    if running_mean is not None:
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var * (M / (M - 1.0)), momentum)
+    return y, mean, invstd
+
+
+def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,
+                     layout="NCHW", out=None, num_threads=None):
+    """Batch Normalization, inference forward from running statistics.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Input, (N, C, ...) or (N, ..., C).
+    running_mean, running_var : array_like (C,)
+        Statistics to normalize with (not modified).
+    weight, bias : array_like (C,), optional
+        Affine parameters; None means 1 and 0.
+    eps : float
+        Added to the variance, >= 0.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Where to write y; may be ``x`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as x.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm_train`.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.ones((2, 3, 5), dtype=np.float32)
+    >>> y = fastbn.batch_norm_infer(x, np.ones(3), np.full(3, 4.0), eps=0.0)
+    >>> float(y.max())
+    0.0
+    """
+    x = data_array("x", x)
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    rm = channel_vector("running_mean", running_mean, C, optional=False)
+    rv = channel_vector("running_var", running_var, C, optional=False)
+    eps = eps_value(eps)
+    w, b = _weights(weight, bias, C)
+    out = out_array(out, x.shape, x.dtype,
+                    {"x": x, "running_mean": running_mean, "running_var": running_var,
+                     "weight": weight, "bias": bias}, may_alias=("x",))
+    nthreads = effective_threads(num_threads, x.size)
+    plan, xf = _plan(x, axis, layout)
+    y, yf, direct = _result(plan, x.shape, x.dtype, out)
+    if x.size:
+        scale = w / np.sqrt(rv + eps)
+        _kernels.infer_forward(xf, yf, plan.kind, plan.N, C, plan.S, rm, scale, b, nthreads)
+    return _finish(y, yf, direct, plan)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
+                        out=None, num_threads=None):
+    """Batch Normalization backward: gradients of x, weight and bias.
+
+    With ``xhat = (x - mean) * invstd`` and ``m`` values per channel:
+
+    * ``training=True`` (mean, invstd are the batch statistics of the forward):
+      ``dx = weight * invstd * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m)``;
+    * ``training=False`` (mean, invstd fixed, e.g. from running stats):
+      ``dx = weight * invstd * dy``;
+    * always ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+
+    The two sums come from one fused pass over dy and x.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the output, shape and dtype of x.
+    x : ndarray, float32 or float64
+        The forward's input.
+    mean, invstd : array_like (C,)
+        As returned by :func:`batch_norm_train` (or running mean and
+        ``1/sqrt(running_var + eps)`` with ``training=False``).
+    weight : array_like (C,), optional
+        None means 1.
+    training : bool
+        Whether the statistics depended on the batch.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of x.
+    dweight, dbias : ndarray (C,)
+        In x's dtype (returned also when weight is None).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Non-float arrays; mismatched shapes or dtypes; bad layout, out or num_threads.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4))
+    >>> y, mean, invstd = fastbn.batch_norm_train(x)
+    >>> dx, dw, db = fastbn.batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    >>> float(np.abs(dx).max()) < 1e-12, db
+    (True, array([128., 128., 128.]))
+    """
+    x = data_array("x", x)
+    dy = data_array("dy", dy)
+    same_shape("dy", dy, "x", x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    mean64 = channel_vector("mean", mean, C, optional=False)
+    invstd64 = channel_vector("invstd", invstd, C, optional=False)
+    w = channel_vector("weight", weight, C)
+    w = np.ones(C) if w is None else w
+    training = bool(training)
+    out = out_array(out, x.shape, x.dtype,
+                    {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
+                    may_alias=("dy",))
+    nthreads = effective_threads(num_threads, x.size)
+    plan, xf = _plan(x, axis, layout)
+    gf = _flat_like(dy, plan)
+    dx, dxf, direct = _result(plan, x.shape, x.dtype, out)
+    dweight = np.zeros(C)
+    dbias = np.zeros(C)
+    if x.size:
+        _kernels.backward(gf, xf, dxf, plan.kind, plan.N, C, plan.S, mean64, invstd64, w,
+                          training, dweight, dbias, nthreads)
+    return _finish(dx, dxf, direct, plan), dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
+    """Fold inference-mode Batch Normalization into one per-channel scale and shift.
+
+    ``y = x * scale + shift`` with ``scale = weight / sqrt(running_var + eps)`` and
+    ``shift = bias - running_mean * scale``, computed in float64 and returned in the
+    common floating dtype of the arguments.
+
+    Parameters
+    ----------
+    running_mean, running_var : array_like (C,)
+    weight, bias : array_like (C,), optional
+        None means 1 and 0.
+    eps : float
+
+    Returns
+    -------
+    scale, shift : ndarray (C,)
+
+    Raises
+    ------
+    TypeError
+        A non-floating argument.
+    ValueError
+        Mismatched lengths, bad eps.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> fastbn.fold_batch_norm(np.array([1.0, 2.0]), np.array([4.0, 1.0]), eps=0.0)
+    (array([0.5, 1. ]), array([-0.5, -2. ]))
+    """
+    rm_arr = np.asarray(running_mean)
+    if rm_arr.ndim != 1:
+        raise ValueError(f"running_mean must be 1-d (C,), got shape {rm_arr.shape}")
+    C = rm_arr.shape[0]
+    rm = channel_vector("running_mean", running_mean, C, optional=False)
+    rv = channel_vector("running_var", running_var, C, optional=False)
+    w, b = _weights(weight, bias, C)
+    eps = eps_value(eps)
+    dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight, bias)
+                             if a is not None])
+    scale = w / np.sqrt(rv + eps)
+    shift = b - rm * scale
+    return scale.astype(dtype), shift.astype(dtype)
