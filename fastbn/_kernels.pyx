@@ -89,6 +89,7 @@ ctypedef fused floating:
 # Values per statistics block: a block is read twice (sum, then squared deviations) while it
 # sits in L1, so DRAM sees it once. 2048 float32 = 8 KiB.
 cdef enum:
+    LANES = 16
     BLOCK = 2048
     # planar: at most this many chunks per channel (a channel is split among a team of
     # threads only when there are fewer channels than threads).
@@ -139,55 +140,36 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
 
     Pass one gives the block mean; pass two sums d = x - block_mean and d*d, and the
     correction m2 = sum(d^2) - sum(d)^2/L removes what rounding left in the block mean.
-    Eight independent accumulators let the compiler vectorize without reassociating.
+    LANES independent accumulators (the inner j loops) let the compiler vectorize without
+    reassociating a sum, so the result does not depend on the vector width.
     """
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double q0 = 0, q1 = 0, q2 = 0, q3 = 0, q4 = 0, q5 = 0, q6 = 0, q7 = 0
-    cdef double d0, d1, d2, d3, d4, d5, d6, d7
+    cdef double acc[LANES]
+    cdef double sq[LANES]
     cdef double s, s1, s2, bm, d
-    cdef Py_ssize_t i, end8 = length - length % 8
-    for i in range(0, end8, 8):
-        a0 = a0 + p[i]
-        a1 = a1 + p[i + 1]
-        a2 = a2 + p[i + 2]
-        a3 = a3 + p[i + 3]
-        a4 = a4 + p[i + 4]
-        a5 = a5 + p[i + 5]
-        a6 = a6 + p[i + 6]
-        a7 = a7 + p[i + 7]
-    s = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
-    for i in range(end8, length):
+    cdef Py_ssize_t i, j, nfull = length // LANES
+    cdef const floating* q
+    for j in range(LANES):
+        acc[j] = 0
+    for i in range(nfull):
+        q = p + i * LANES
+        for j in range(LANES):
+            acc[j] = acc[j] + q[j]
+    s = _lane_sum(acc)
+    for i in range(nfull * LANES, length):
         s = s + p[i]
     bm = s / length
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0
-    for i in range(0, end8, 8):
-        d0 = p[i] - bm
-        d1 = p[i + 1] - bm
-        d2 = p[i + 2] - bm
-        d3 = p[i + 3] - bm
-        d4 = p[i + 4] - bm
-        d5 = p[i + 5] - bm
-        d6 = p[i + 6] - bm
-        d7 = p[i + 7] - bm
-        a0 = a0 + d0
-        a1 = a1 + d1
-        a2 = a2 + d2
-        a3 = a3 + d3
-        a4 = a4 + d4
-        a5 = a5 + d5
-        a6 = a6 + d6
-        a7 = a7 + d7
-        q0 = q0 + d0 * d0
-        q1 = q1 + d1 * d1
-        q2 = q2 + d2 * d2
-        q3 = q3 + d3 * d3
-        q4 = q4 + d4 * d4
-        q5 = q5 + d5 * d5
-        q6 = q6 + d6 * d6
-        q7 = q7 + d7 * d7
-    s1 = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
-    s2 = ((q0 + q4) + (q1 + q5)) + ((q2 + q6) + (q3 + q7))
-    for i in range(end8, length):
+    for j in range(LANES):
+        acc[j] = 0
+        sq[j] = 0
+    for i in range(nfull):
+        q = p + i * LANES
+        for j in range(LANES):
+            d = q[j] - bm
+            acc[j] = acc[j] + d
+            sq[j] = sq[j] + d * d
+    s1 = _lane_sum(acc)
+    s2 = _lane_sum(sq)
+    for i in range(nfull * LANES, length):
         d = p[i] - bm
         s1 = s1 + d
         s2 = s2 + d * d
@@ -196,33 +178,33 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
     m2[0] = s2 if s2 > 0 else 0.0
 
 
+cdef inline double _lane_sum(const double* a) noexcept nogil:
+    """Fixed-order pairwise sum of LANES (16) accumulators."""
+    return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
+            + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
+
+
 cdef inline void _block_sums(const floating* g, const floating* x, Py_ssize_t length, double mean,
                              double* sum_g, double* dot) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) over one contiguous run, in one pass."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double q0 = 0, q1 = 0, q2 = 0, q3 = 0, q4 = 0, q5 = 0, q6 = 0, q7 = 0
+    cdef double acc[LANES]
+    cdef double dt[LANES]
     cdef double s, t
-    cdef Py_ssize_t i, end8 = length - length % 8
-    for i in range(0, end8, 8):
-        a0 = a0 + g[i]
-        a1 = a1 + g[i + 1]
-        a2 = a2 + g[i + 2]
-        a3 = a3 + g[i + 3]
-        a4 = a4 + g[i + 4]
-        a5 = a5 + g[i + 5]
-        a6 = a6 + g[i + 6]
-        a7 = a7 + g[i + 7]
-        q0 = q0 + <double>g[i] * (x[i] - mean)
-        q1 = q1 + <double>g[i + 1] * (x[i + 1] - mean)
-        q2 = q2 + <double>g[i + 2] * (x[i + 2] - mean)
-        q3 = q3 + <double>g[i + 3] * (x[i + 3] - mean)
-        q4 = q4 + <double>g[i + 4] * (x[i + 4] - mean)
-        q5 = q5 + <double>g[i + 5] * (x[i + 5] - mean)
-        q6 = q6 + <double>g[i + 6] * (x[i + 6] - mean)
-        q7 = q7 + <double>g[i + 7] * (x[i + 7] - mean)
-    s = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))
-    t = ((q0 + q4) + (q1 + q5)) + ((q2 + q6) + (q3 + q7))
-    for i in range(end8, length):
+    cdef Py_ssize_t i, j, nfull = length // LANES
+    cdef const floating* gq
+    cdef const floating* xq
+    for j in range(LANES):
+        acc[j] = 0
+        dt[j] = 0
+    for i in range(nfull):
+        gq = g + i * LANES
+        xq = x + i * LANES
+        for j in range(LANES):
+            acc[j] = acc[j] + gq[j]
+            dt[j] = dt[j] + <double>gq[j] * (xq[j] - mean)
+    s = _lane_sum(acc)
+    t = _lane_sum(dt)
+    for i in range(nfull * LANES, length):
         s = s + g[i]
         t = t + <double>g[i] * (x[i] - mean)
     sum_g[0] = sum_g[0] + s

@@ -1,0 +1,32 @@
+"""``python -m fastbn``: build information and the speed table.
+
+fastbn against its NumPy reference, and against PyTorch's CPU kernels when torch is
+importable, for every shape and layout; ``--quick`` runs a subset in under a minute.
+"""
+import argparse
+
+import numpy as np
+
+from . import _bench
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a subset of shapes, fewer rounds")
+    p.add_argument("--vs-torch", action="store_true",
+                   help="fastbn against PyTorch only (no NumPy reference column)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: fastbn's)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
+    args = p.parse_args(argv)
+    shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
+    rounds = args.rounds or (3 if args.quick else 7)
+    layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
+    _bench.run(shapes=shapes, layouts=layouts, dtype=np.dtype(args.dtype).type,
+               threads=args.threads, rounds=rounds, with_reference=not args.vs_torch,
+               roofline=not args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The speed table behind ``python -m fastbn``.
+
+Every implementation of an operation is timed interleaved in one process (one call of
+each per round, best of several rounds), so the ratios are fair on a noisy machine even
+when the absolute times drift.
+"""
+import sys
+import time
+
+import numpy as np
+
+from . import _config, functional, reference
+
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
+          (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
+LARGE = SHAPES[:4]
+QUICK_SHAPES = [(32, 256, 56, 56), (1, 64, 56, 56), (8, 32, 8, 8), (256, 1024)]
+OPS = ("train", "infer", "backward")
+
+
+def make_data(shape, layout, dtype, seed=0):
+    """x, dy (filled, so no page is lazily zeroed) and per-channel parameters.
+
+    `shape` is given NCHW; for layout "NHWC" the arrays are (N, ..., C).
+    """
+    rng = np.random.default_rng(seed)
+    if layout == "NHWC" and len(shape) > 2:
+        shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    C = shape[1] if layout == "NCHW" else shape[-1]
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    x += dtype(0.5)
+    dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.uniform(-0.5, 0.5, C).astype(dtype)
+    return x, dy, w, b
+
+
+def _torch():
+    try:
+        import torch
+    except Exception:  # absent or broken: the peer column is left out
+        return None
+    return torch
+
+
+class Case:
+    """Callables for one (shape, layout, dtype, threads): fastbn, NumPy reference, PyTorch."""
+
+    def __init__(self, shape, layout, dtype, threads, torch=None):
+        self.x, self.dy, self.w, self.b = make_data(shape, layout, dtype)
+        self.layout, self.threads = layout, threads
+        self.rm = np.zeros(self.w.shape, dtype)
+        self.rv = np.ones(self.w.shape, dtype)
+        self.y_out = np.empty_like(self.x)
+        self.copy_dst = np.empty_like(self.x)
+        _, self.mean, self.invstd = functional.batch_norm_train(self.x, self.w, self.b,
+                                                                layout=layout)
+        self.torch = torch
+        if torch is not None:
+            self._torch_setup(torch)
+
+    def _torch_setup(self, torch):
+        def nchw(a):
+            t = torch.from_numpy(a)
+            if self.layout == "NHWC" and a.ndim > 2:
+                t = t.movedim(-1, 1)          # channels_last memory, as PyTorch lays it out
+            return t
+        self.tx, self.tdy = nchw(self.x), nchw(self.dy)
+        self.tw, self.tb = torch.from_numpy(self.w), torch.from_numpy(self.b)
+        self.trm, self.trv = torch.from_numpy(self.rm.copy()), torch.from_numpy(self.rv.copy())
+        _, self.tmean, self.tinvstd = torch.native_batch_norm(
+            self.tx, self.tw, self.tb, self.trm, self.trv, True, 0.1, 1e-5)
+
+    # fastbn
+    def fast(self, op):
+        x, L, n = self.x, self.layout, self.threads
+        if op == "train":
+            return lambda: functional.batch_norm_train(x, self.w, self.b, layout=L,
+                                                       running_mean=self.rm,
+                                                       running_var=self.rv, num_threads=n)
+        if op == "train_out":
+            return lambda: functional.batch_norm_train(x, self.w, self.b, layout=L,
+                                                       out=self.y_out, num_threads=n)
+        if op == "infer":
+            return lambda: functional.batch_norm_infer(x, self.rm, self.rv, self.w, self.b,
+                                                       layout=L, num_threads=n)
+        return lambda: functional.batch_norm_backward(self.dy, x, self.mean, self.invstd,
+                                                      self.w, layout=L, num_threads=n)
+
+    def ref(self, op):
+        x, L = self.x, self.layout
+        if op == "train":
+            return lambda: reference.batch_norm_train(x, self.w, self.b, layout=L,
+                                                      running_mean=self.rm.copy(),
+                                                      running_var=self.rv.copy())
+        if op == "infer":
+            return lambda: reference.batch_norm_infer(x, self.rm, self.rv, self.w, self.b,
+                                                      layout=L)
+        return lambda: reference.batch_norm_backward(self.dy, x, self.mean, self.invstd,
+                                                     self.w, layout=L)
+
+    def peer(self, op):
+        torch = self.torch
+        if torch is None:
+            return None
+        if op == "train":
+            return lambda: torch.native_batch_norm(self.tx, self.tw, self.tb, self.trm,
+                                                   self.trv, True, 0.1, 1e-5)
+        if op == "infer":
+            return lambda: torch.native_batch_norm(self.tx, self.tw, self.tb, self.trm,
+                                                   self.trv, False, 0.1, 1e-5)
+        return lambda: torch.ops.aten.native_batch_norm_backward(
+            self.tdy, self.tx, self.tw, self.trm, self.trv, self.tmean, self.tinvstd, True,
+            1e-5, [True, True, True])
+
+    def read_pass(self):
+        flat = self.x.reshape(-1)
+        return lambda: np.add.reduce(flat)
+
+    def copy_pass(self):
+        return lambda: np.copyto(self.copy_dst, self.x)
+
+
+def interleaved(funcs, rounds, budget=None):
+    """Best time (s) of each callable, timed one after the other in each round."""
+    best = [np.inf] * len(funcs)
+    start = time.perf_counter()
+    for f in funcs:            # warm-up: page in outputs, build caches
+        if f is not None:
+            f()
+    for _ in range(rounds):
+        for i, f in enumerate(funcs):
+            if f is None:
+                continue
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+        if budget is not None and time.perf_counter() - start > budget:
+            break
+    return best
+
+
+def _fmt_ms(t):
+    return "-" if not np.isfinite(t) else f"{t * 1e3:9.3f}"
+
+
+def _fmt_ratio(r):
+    return "-" if not np.isfinite(r) else f"{r:6.2f}"
+
+
+def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
+        rounds=7, with_reference=True, with_torch=True, roofline=True, file=None):
+    """Print the speed table; return its rows as dicts."""
+    file = file or sys.stdout
+    threads = _config.get_num_threads() if threads is None else threads
+    torch = _torch() if with_torch else None
+    if torch is not None:
+        torch.set_num_threads(threads)
+    _config.show_config()
+    print(f"  {'threads used':<16} {threads}", file=file)
+    print(f"  {'torch':<16} {torch.__version__ if torch is not None else 'not installed'}",
+          file=file)
+    print(f"\ndtype {np.dtype(dtype).name}; times in ms, best of {rounds} interleaved rounds; "
+          "ref = NumPy reference (fastbn.reference); speed-up = ref/fastbn; "
+          "vs torch = fastbn/torch (lower is better)\n", file=file)
+    head = (f"{'shape':<20} {'layout':<6} {'op':<9} {'fastbn':>9} {'ref':>9} {'torch':>9} "
+            f"{'speed-up':>8} {'vs torch':>8}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    rows = []
+    total = len(shapes) * len(layouts)
+    done = 0
+    for shape in shapes:
+        for layout in layouts:
+            if len(shape) == 2 and layout == "NHWC":
+                done += 1
+                continue          # (N, C) is the same array in both layouts
+            case = Case(shape, layout, dtype, threads, torch)
+            nbytes = case.x.nbytes
+            for op in OPS:
+                ref_rounds = 1 if nbytes > (8 << 20) else 3
+                t_fast, t_peer = interleaved([case.fast(op), case.peer(op)], rounds)
+                t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
+                         if with_reference else np.inf)
+                row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
+                           torch=t_peer, speedup=t_ref / t_fast, vs_torch=t_fast / t_peer)
+                rows.append(row)
+                print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
+                      f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
+                      f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
+            if roofline and nbytes > (8 << 20):
+                t_out, t_read, t_copy = interleaved(
+                    [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
+                row = dict(shape=shape, layout=layout, op="train_out", fastbn=t_out,
+                           read=t_read, copy=t_copy, roofline=t_out / (t_read + t_copy))
+                rows.append(row)
+                print(f"{str(shape):<20} {layout:<6} {'train out=':<9}{_fmt_ms(t_out)}  "
+                      f"read pass {t_read * 1e3:.3f} + copy pass {t_copy * 1e3:.3f} ms: "
+                      f"{row['roofline']:.2f}x of (read + copy)", file=file, flush=True)
+            done += 1
+            print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
+    return rows
