@@ -3,6 +3,7 @@ caller owns is written. Every error names the argument and what was expected."""
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -86,10 +87,17 @@ def momentum_value(momentum, name="momentum"):
     return momentum
 
 
+# Largest team a kernel is started with. OpenMP creates every requested thread (and the
+# rows kernels size a per-thread workspace by the count), so an absurd request such as
+# num_threads=100000 would crash the process inside libgomp, and one >= 2**31 would not fit
+# the kernels' C int. Results do not depend on the thread count, so capping is harmless.
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
+
 def thread_count(num_threads, default):
-    """Resolve num_threads (None -> default()) to an int >= 1."""
+    """Resolve num_threads (None -> default()) to an int in [1, MAX_THREADS]."""
     if num_threads is None:
-        return default()
+        return min(max(1, int(default())), MAX_THREADS)
     if isinstance(num_threads, (bool, np.bool_)):
         raise TypeError("num_threads must be an integer, got bool")
     try:
@@ -99,7 +107,7 @@ def thread_count(num_threads, default):
             f"num_threads must be an integer, got {type(num_threads).__name__}") from None
     if n < 1:
         raise ValueError(f"num_threads must be >= 1, got {n}")
-    return n
+    return min(n, MAX_THREADS)
 
 
 def same_shape(name, a, ref_name, ref):
@@ -149,3 +157,20 @@ def out_array(out, shape, dtype, inputs, may_alias=(), name="out"):
                                  f"(in place) or not share memory with it")
             raise ValueError(f"{name} must not share memory with {arg}")
     return out
+
+
+def scalar_at_least(name, v, lo, *, hi=None):
+    """A finite real number in [lo, hi] (hi=None: no upper bound)."""
+    v = real_scalar(name, v)
+    if not math.isfinite(v) or v < lo or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
+    return v
+
+
+def positive_vector(name, a, C):
+    """A (C,) floating vector of finite values > 0, as a fresh float64 array."""
+    v = channel_vector(name, a, C, optional=False)
+    if not np.all(np.isfinite(v) & (v > 0)):
+        raise ValueError(f"{name} must hold finite values > 0, got {v!r}")
+    return v
