@@ -1,0 +1,42 @@
+"""Shared helpers for fastbn's tests: snapshots of the caller's arrays."""
+import numpy as np
+import pytest
+
+
+def _arrays(obj, prefix="arg"):
+    """(label, ndarray) pairs found in obj (nested dicts, lists and tuples)."""
+    if isinstance(obj, np.ndarray):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _arrays(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _arrays(v, f"{prefix}[{i}]")
+
+
+class Snapshot:
+    """Copies of every ndarray reachable from the given objects, to check nothing changed."""
+
+    def __init__(self, *objs):
+        self.items = [(label, a, a.copy(), a.flags.writeable)
+                      for label, a in _arrays(list(objs))]
+
+    def assert_unchanged(self):
+        for label, a, saved, writeable in self.items:
+            assert a.shape == saved.shape and a.dtype == saved.dtype, label
+            assert a.flags.writeable == writeable, f"{label}: writeable flag changed"
+            same = np.array_equal(a, saved, equal_nan=a.dtype.kind in "fc")
+            assert same, f"{label} was modified"
+
+
+@pytest.fixture
+def snapshot():
+    return Snapshot
+
+
+def split_channels(a, layout):
+    """a (N, C, ...) or (N, ..., C) as a list of per-channel 1-d float64 arrays."""
+    axis = 1 if layout == "NCHW" else a.ndim - 1
+    return [np.asarray(np.take(a, c, axis=axis), dtype=np.float64).ravel()
+            for c in range(a.shape[axis])]

@@ -1,0 +1,348 @@
+"""Bad-input battery for every public entry point.
+
+Each case builds fresh arguments, calls the function, and checks the exception type, that
+the message names the offending argument, and that every array the caller passed (inputs,
+running buffers, out=) is bit-for-bit unchanged afterwards.
+"""
+import re
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import reference
+from conftest import Snapshot
+
+N, C, H, W = 4, 3, 2, 5
+
+
+def _x(dtype=np.float32, shape=(N, C, H, W), seed=0):
+    return np.random.default_rng(seed).normal(3.0, 2.0, size=shape).astype(dtype)
+
+
+def _vec(c=C, dtype=np.float64, seed=1, positive=False):
+    v = np.random.default_rng(seed).normal(size=c).astype(dtype)
+    return np.abs(v) + 0.5 if positive else v
+
+
+def _readonly(a):
+    a.flags.writeable = False
+    return a
+
+
+def _overlapping(x):
+    """An array of x's shape and dtype that partially overlaps x (shifted by one element)."""
+    buf = np.zeros(x.size + 1, dtype=x.dtype)
+    buf[:-1] = x.ravel()
+    xv = buf[:-1].reshape(x.shape)
+    return xv, buf[1:].reshape(x.shape)
+
+
+def _restrided(x):
+    """x's own memory seen with other strides (same bytes, not the same view)."""
+    i = x.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        x, shape=x.shape, strides=(x.strides[0], x.strides[1], i, i * x.shape[2]))
+
+
+def _train_args(**kw):
+    x = kw.pop("x", None)
+    x = _x() if x is None else x
+    args = [x]
+    kwargs = dict(weight=_vec(seed=2), bias=_vec(seed=3), running_mean=_vec(seed=4),
+                  running_var=_vec(seed=5, positive=True))
+    kwargs.update(kw)
+    return args, kwargs
+
+
+def _infer_args(**kw):
+    x = kw.pop("x", None)
+    x = _x() if x is None else x
+    rm = kw.pop("running_mean", _vec(seed=4))
+    rv = kw.pop("running_var", _vec(seed=5, positive=True))
+    kwargs = dict(weight=_vec(seed=2), bias=_vec(seed=3))
+    kwargs.update(kw)
+    return [x, rm, rv], kwargs
+
+
+def _backward_args(**kw):
+    x = kw.pop("x", None)
+    x = _x() if x is None else x
+    dy = kw.pop("dy", None)
+    if dy is None:
+        dy = _x(x.dtype, x.shape, seed=9) if isinstance(x, np.ndarray) else _x(seed=9)
+    mean = kw.pop("mean", _vec(seed=6))
+    invstd = kw.pop("invstd", _vec(seed=7, positive=True))
+    kwargs = dict(weight=_vec(seed=2))
+    kwargs.update(kw)
+    return [dy, x, mean, invstd], kwargs
+
+
+def _fold_args(**kw):
+    rm = kw.pop("running_mean", _vec(seed=4))
+    rv = kw.pop("running_var", _vec(seed=5, positive=True))
+    kwargs = dict(weight=_vec(seed=2), bias=_vec(seed=3))
+    kwargs.update(kw)
+    return [rm, rv], kwargs
+
+
+BUILDERS = {
+    "batch_norm_train": _train_args,
+    "batch_norm_infer": _infer_args,
+    "batch_norm_backward": _backward_args,
+    "fold_batch_norm": _fold_args,
+}
+
+BAD_DTYPES = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, object,
+              np.float16]
+
+
+# Known gaps of fastbn/reference.py (the oracle), kept visible as strict xfails.
+REFERENCE_GAPS = {
+    ("batch_norm_backward", "out-overlaps-mean"):
+        "reference.batch_norm_backward checks out= against its float64 copies of mean/invstd, "
+        "not the caller's arrays, so an out= overlapping the caller's mean is accepted",
+}
+
+
+def _cases():
+    """(id, function name, builder kwargs (callable -> dict), exception, argument name)."""
+    cases = []
+
+    def add(fn, cid, make, exc, name):
+        for impl in ("fastbn", "reference"):
+            gap = REFERENCE_GAPS.get((fn, cid)) if impl == "reference" else None
+            marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
+            cases.append(pytest.param(impl, fn, make, exc, name, id=f"{fn}-{cid}-{impl}",
+                                      marks=marks))
+
+    data_fns = ("batch_norm_train", "batch_norm_infer", "batch_norm_backward")
+    for fn in data_fns:
+        for dt in BAD_DTYPES:
+            add(fn, f"x-{np.dtype(dt).name}",
+                lambda dt=dt: {"x": _x().astype(dt)} if dt is not object
+                else {"x": _x().astype(object)}, TypeError, "x")
+        add(fn, "x-0d", lambda: {"x": np.float32(1.0)}, ValueError, "x")
+        add(fn, "x-1d", lambda: {"x": _x(shape=(12,))}, ValueError, "x")
+        add(fn, "x-str", lambda: {"x": "abc"}, TypeError, "x")
+        for layout in ("NWHC", "nchw", "", None, 1):
+            add(fn, f"layout-{layout!r}", lambda layout=layout: {"layout": layout},
+                ValueError, "layout")
+        for n in (0, -1):
+            add(fn, f"num_threads-{n}", lambda n=n: {"num_threads": n}, ValueError,
+                "num_threads")
+        for n in (1.5, "2", True):
+            add(fn, f"num_threads-{n!r}", lambda n=n: {"num_threads": n}, TypeError,
+                "num_threads")
+        # out=
+        add(fn, "out-shape", lambda: {"out": np.zeros((N, C, H, W + 1), np.float32)},
+            ValueError, "out")
+        add(fn, "out-shape-transposed",
+            lambda: {"out": np.zeros((N, W, H, C), np.float32)}, ValueError, "out")
+        add(fn, "out-dtype", lambda: {"out": np.zeros((N, C, H, W), np.float64)},
+            ValueError, "out")
+        add(fn, "out-dtype-int", lambda: {"out": np.zeros((N, C, H, W), np.int32)},
+            ValueError, "out")
+        add(fn, "out-readonly", lambda: {"out": _readonly(np.zeros((N, C, H, W), np.float32))},
+            ValueError, "out")
+        add(fn, "out-list", lambda: {"out": np.zeros((N, C, H, W)).tolist()}, TypeError, "out")
+        for wname in ("weight", "bias") if fn != "batch_norm_backward" else ("weight",):
+            add(fn, f"{wname}-len-short", lambda w=wname: {w: _vec(C - 1)}, ValueError, wname)
+            add(fn, f"{wname}-len-long", lambda w=wname: {w: _vec(C + 1)}, ValueError, wname)
+            add(fn, f"{wname}-2d", lambda w=wname: {w: _vec().reshape(1, C)}, ValueError, wname)
+            add(fn, f"{wname}-0d", lambda w=wname: {w: np.float64(1.0)}, ValueError, wname)
+            add(fn, f"{wname}-int", lambda w=wname: {w: np.arange(C)}, TypeError, wname)
+            add(fn, f"{wname}-complex", lambda w=wname: {w: _vec().astype(complex)},
+                TypeError, wname)
+    # eps (every function that takes it)
+    for fn in ("batch_norm_train", "batch_norm_infer", "fold_batch_norm"):
+        for e in (-1e-5, -np.inf, np.inf, np.nan):
+            add(fn, f"eps-{e}", lambda e=e: {"eps": e}, ValueError, "eps")
+        for e in ("1e-5", None, 1j, [1e-5]):
+            add(fn, f"eps-{e!r}", lambda e=e: {"eps": e}, TypeError, "eps")
+
+    # batch_norm_train only
+    fn = "batch_norm_train"
+    for m in (-0.1, 1.1, np.nan, np.inf):
+        add(fn, f"momentum-{m}", lambda m=m: {"momentum": m}, ValueError, "momentum")
+    for m in ("0.1", None):
+        add(fn, f"momentum-{m!r}", lambda m=m: {"momentum": m}, TypeError, "momentum")
+    add(fn, "only-running_mean", lambda: {"running_var": None}, ValueError, "running_var")
+    add(fn, "only-running_var", lambda: {"running_mean": None}, ValueError, "running_mean")
+    for rname in ("running_mean", "running_var"):
+        add(fn, f"{rname}-readonly", lambda r=rname: {r: _readonly(_vec(positive=True))},
+            ValueError, rname)
+        add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
+        add(fn, f"{rname}-bool", lambda r=rname: {r: np.ones(C, dtype=bool)}, TypeError, rname)
+        add(fn, f"{rname}-list", lambda r=rname: {r: [1.0] * C}, TypeError, rname)
+        add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C + 1, positive=True)}, ValueError, rname)
+        add(fn, f"{rname}-2d", lambda r=rname: {r: _vec(positive=True).reshape(C, 1)},
+            ValueError, rname)
+    add(fn, "running-shared", lambda: (lambda v: {"running_mean": v, "running_var": v})(
+        _vec(positive=True)), ValueError, "running_mean")
+    # empty batches and one value per channel in training
+    add(fn, "empty-batch", lambda: {"x": np.zeros((0, C, H, W), np.float32)}, ValueError, "x")
+    add(fn, "empty-spatial", lambda: {"x": np.zeros((N, C, 0), np.float32)}, ValueError, "x")
+    add(fn, "one-value-NC", lambda: {"x": _x(shape=(1, C))}, ValueError, "x")
+    add(fn, "one-value-NCHW", lambda: {"x": _x(shape=(1, C, 1, 1))}, ValueError, "x")
+    add(fn, "one-value-NHWC",
+        lambda: {"x": _x(shape=(1, 1, 1, C)), "layout": "NHWC"}, ValueError, "x")
+    add(fn, "one-value-NCL-f64", lambda: {"x": _x(np.float64, shape=(1, C, 1))}, ValueError, "x")
+    add(fn, "one-value-inplace",
+        lambda: (lambda x: {"x": x, "out": x})(_x(shape=(1, C, 1))), ValueError, "x")
+    # in-place call rejected late: x (= out) must survive
+    add(fn, "inplace-bad-momentum",
+        lambda: (lambda x: {"x": x, "out": x, "momentum": 2.0})(_x()), ValueError, "momentum")
+    add(fn, "inplace-bad-eps",
+        lambda: (lambda x: {"x": x, "out": x, "eps": -1.0})(_x()), ValueError, "eps")
+    add(fn, "inplace-bad-weight",
+        lambda: (lambda x: {"x": x, "out": x, "weight": _vec(C + 2)})(_x()), ValueError, "weight")
+    add(fn, "out-overlaps-running_mean",
+        lambda: (lambda o: {"out": o, "running_mean": o[0, :, 0, 0]})(
+            np.zeros((N, C, H, W), np.float32)), ValueError, "out")
+
+    # out partial overlap with x (train/infer) and with dy or any overlap with x (backward)
+    for fn in ("batch_norm_train", "batch_norm_infer"):
+        add(fn, "out-partial-overlap-x",
+            lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError, "out")
+        add(fn, "out-overlaps-weight",
+            lambda: (lambda o: {"out": o, "weight": o[0, :, 0, 0]})(
+                np.zeros((N, C, H, W), np.float32)), ValueError, "out")
+        add(fn, "out-is-x-restrided", lambda: (lambda x: {"x": x, "out": _restrided(x)})(_x()),
+            ValueError, "out")
+
+    fn = "batch_norm_infer"
+    for rname in ("running_mean", "running_var"):
+        add(fn, f"{rname}-None", lambda r=rname: {r: None}, ValueError, rname)
+        add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C - 1, positive=True)}, ValueError, rname)
+        add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
+        add(fn, f"{rname}-complex", lambda r=rname: {r: np.ones(C, dtype=complex)},
+            TypeError, rname)
+    add(fn, "inplace-bad-eps",
+        lambda: (lambda x: {"x": x, "out": x, "eps": np.nan})(_x()), ValueError, "eps")
+
+    fn = "batch_norm_backward"
+    add(fn, "dy-shape", lambda: {"dy": _x(shape=(N, C, H, W + 1))}, ValueError, "dy")
+    add(fn, "dy-transposed", lambda: {"dy": _x(shape=(N, C, W, H))}, ValueError, "dy")
+    add(fn, "dy-dtype", lambda: {"dy": _x(np.float64)}, TypeError, "dy")
+    for dt in BAD_DTYPES:
+        add(fn, f"dy-{np.dtype(dt).name}", lambda dt=dt: {"dy": _x().astype(dt)}, TypeError, "dy")
+    add(fn, "dy-1d", lambda: {"dy": _x(shape=(12,))}, ValueError, "dy")
+    for vname in ("mean", "invstd"):
+        add(fn, f"{vname}-len-short", lambda v=vname: {v: _vec(C - 1)}, ValueError, vname)
+        add(fn, f"{vname}-len-long", lambda v=vname: {v: _vec(C + 1)}, ValueError, vname)
+        add(fn, f"{vname}-2d", lambda v=vname: {v: _vec().reshape(1, C)}, ValueError, vname)
+        add(fn, f"{vname}-None", lambda v=vname: {v: None}, ValueError, vname)
+        add(fn, f"{vname}-int", lambda v=vname: {v: np.ones(C, dtype=np.int32)}, TypeError, vname)
+    add(fn, "out-is-x", lambda: (lambda x: {"x": x, "out": x})(_x()), ValueError, "out")
+    add(fn, "out-partial-overlap-dy",
+        lambda: dict(zip(("dy", "out"), _overlapping(_x(seed=9)))), ValueError, "out")
+    add(fn, "out-partial-overlap-x",
+        lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError, "out")
+    add(fn, "out-overlaps-mean",
+        lambda: (lambda o: {"out": o, "mean": o[0, :, 0, 0]})(
+            np.zeros((N, C, H, W), np.float32)), ValueError, "out")
+    add(fn, "inplace-bad-mean",
+        lambda: (lambda g: {"dy": g, "out": g, "mean": _vec(C + 1)})(_x(seed=9)),
+        ValueError, "mean")
+    add(fn, "inplace-bad-layout",
+        lambda: (lambda g: {"dy": g, "out": g, "layout": "CHWN"})(_x(seed=9)),
+        ValueError, "layout")
+
+    fn = "fold_batch_norm"
+    add(fn, "running_mean-2d", lambda: {"running_mean": _vec().reshape(1, C)}, ValueError,
+        "running_mean")
+    add(fn, "running_mean-0d", lambda: {"running_mean": np.float64(1.0)}, ValueError,
+        "running_mean")
+    add(fn, "running_mean-int", lambda: {"running_mean": np.arange(C)}, TypeError,
+        "running_mean")
+    add(fn, "running_var-len", lambda: {"running_var": _vec(C + 1, positive=True)}, ValueError,
+        "running_var")
+    add(fn, "running_var-bool", lambda: {"running_var": np.ones(C, bool)}, TypeError,
+        "running_var")
+    add(fn, "running_var-None", lambda: {"running_var": None}, ValueError, "running_var")
+    for wname in ("weight", "bias"):
+        add(fn, f"{wname}-len", lambda w=wname: {w: _vec(C - 1)}, ValueError, wname)
+        add(fn, f"{wname}-int", lambda w=wname: {w: np.arange(C)}, TypeError, wname)
+    return cases
+
+
+@pytest.mark.parametrize("impl, fn, make, exc, name", _cases())
+def test_bad_input(impl, fn, make, exc, name):
+    module = fastbn if impl == "fastbn" else reference
+    args, kwargs = BUILDERS[fn](**make())
+    snap = Snapshot(args, kwargs)
+    threads_before = fastbn.get_num_threads()
+    with pytest.raises(exc) as info:
+        getattr(module, fn)(*args, **kwargs)
+    # the exact type, not a subclass, and a message that names the argument
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    assert re.search(rf"(?<![A-Za-z_]){re.escape(name)}(?![A-Za-z_])", str(info.value)), \
+        f"message does not name {name!r}: {info.value}"
+    snap.assert_unchanged()
+    assert fastbn.get_num_threads() == threads_before
+
+
+@pytest.mark.parametrize("n, exc", [(0, ValueError), (-4, ValueError), (1.0, TypeError),
+                                    ("3", TypeError), (True, TypeError), ([2], TypeError)])
+def test_set_num_threads_bad(n, exc):
+    before = fastbn.get_num_threads()
+    with pytest.raises(exc, match="num_threads"):
+        fastbn.set_num_threads(n)
+    assert fastbn.get_num_threads() == before
+
+
+def test_huge_num_threads_is_capped_not_fatal():
+    # a team of 10**5 threads crashed libgomp; 2**31 did not fit a C int
+    x = _x(shape=(64, 2, 16, 32))
+    ref = fastbn.batch_norm_train(x, num_threads=1)[0]
+    for n in (10 ** 5, 2 ** 31 - 1, 2 ** 31, 10 ** 30):
+        np.testing.assert_array_equal(fastbn.batch_norm_train(x, num_threads=n)[0], ref)
+    fastbn.set_num_threads(10 ** 6)
+    try:
+        assert 1 <= fastbn.get_num_threads() < 10 ** 6
+        np.testing.assert_array_equal(fastbn.batch_norm_train(x)[0], ref)
+    finally:
+        fastbn.set_num_threads(None)
+
+
+# Edge inputs that are valid: they must work (and agree with the reference), not raise.
+
+@pytest.mark.parametrize("shape, layout", [((2, C), "NCHW"), ((1, C, 2), "NCHW"),
+                                           ((1, 2, C), "NHWC"), ((2, 1), "NCHW"),
+                                           ((2, 1, 1, 1), "NHWC")])
+def test_two_values_per_channel_is_enough(shape, layout):
+    x = _x(shape=shape)
+    y, mean, invstd = fastbn.batch_norm_train(x, layout=layout)
+    yr, mr, ir = reference.batch_norm_train(x, layout=layout)
+    np.testing.assert_allclose(y, yr, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mean, mr, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1, 1), (0, C, 4)])
+def test_infer_and_backward_accept_single_and_empty_batches(shape):
+    x = _x(shape=shape)
+    rm, rv = _vec(), _vec(positive=True)
+    y = fastbn.batch_norm_infer(x, rm, rv)
+    np.testing.assert_allclose(y, reference.batch_norm_infer(x, rm, rv), rtol=1e-6, atol=1e-6)
+    dx, dw, db = fastbn.batch_norm_backward(np.ones_like(x), x, rm, rv, training=False)
+    assert dx.shape == x.shape and dw.shape == db.shape == (C,)
+
+
+def test_running_buffers_of_other_float_dtypes_are_updated():
+    x = _x()
+    for dt in (np.float32, np.float64):
+        rm, rv = np.zeros(C, dt), np.ones(C, dt)
+        fastbn.batch_norm_train(x, running_mean=rm, running_var=rv)
+        assert rm.dtype == dt and np.all(rm != 0)
+
+
+def test_readonly_and_list_inputs_are_accepted():
+    x = _readonly(_x())
+    snap = Snapshot(x)
+    y, mean, invstd = fastbn.batch_norm_train(x, weight=[1.0, 2.0, 3.0])
+    yr, _, _ = reference.batch_norm_train(x, weight=[1.0, 2.0, 3.0])
+    np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)
+    y2 = fastbn.batch_norm_train(x.tolist())[0]
+    assert y2.dtype == np.float64
+    snap.assert_unchanged()
