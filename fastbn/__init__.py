@@ -9,6 +9,10 @@ __version__ = "0.1.0"
 
 from ._config import get_num_threads, set_num_threads, show_config
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
+from .renorm import batch_renorm_backward, batch_renorm_train
+from .fusion import fuse_conv_bn
+from .layers import BatchNorm, BatchRenorm
+from . import onnx
 
 __all__ = [
     "batch_norm_train",
@@ -18,4 +22,10 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "show_config",
+    "batch_renorm_train",
+    "batch_renorm_backward",
+    "fuse_conv_bn",
+    "BatchNorm",
+    "BatchRenorm",
+    "onnx",
 ]

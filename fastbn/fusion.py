@@ -1,0 +1,93 @@
+"""Folding inference-mode Batch Normalization into the layer before it.
+
+A convolution or linear layer ``z = W * x + b`` followed by Batch Normalization in inference
+mode, ``y = z * scale + shift`` per output channel, is one layer with weights
+``W * scale`` (scaled along the out-channel axis) and bias ``b * scale + shift``, as CPU
+inference engines fuse them.
+"""
+import numpy as np
+
+from ._validate import channel_vector
+from .functional import fold_batch_norm
+
+__all__ = ["fuse_conv_bn"]
+
+
+def _float64_if_floating(a):
+    """a in float64 when it is a floating array; anything else is left for the checks to name."""
+    if a is None:
+        return None
+    arr = np.asarray(a)
+    return arr.astype(np.float64) if arr.dtype.kind == "f" else a
+
+
+def fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
+    """Fold an inference-mode Batch Normalization into the preceding conv or linear layer.
+
+    With ``scale = bn_weight / sqrt(running_var + eps)`` (see
+    :func:`fastbn.fold_batch_norm`), the fused layer has
+    ``fused_weight = weight * scale`` along axis 0 and
+    ``fused_bias = (bias - running_mean) * scale + bn_bias``. The arithmetic is done in
+    float64; the results have the common dtype of the arguments.
+
+    Parameters
+    ----------
+    weight : array_like, floating, ndim >= 1
+        Weights with the out-channels first: (C_out, C_in) for a linear layer,
+        (C_out, C_in / groups, kH, kW) for a 2-D convolution, and so on.
+    bias : array_like (C_out,) or None
+        The layer's bias; None means 0.
+    running_mean, running_var : array_like (C_out,)
+        The Batch Normalization's running statistics.
+    bn_weight, bn_bias : array_like (C_out,) or None
+        Its affine parameters; None means 1 and 0.
+    eps : float
+        Its epsilon, >= 0.
+
+    Returns
+    -------
+    fused_weight : ndarray
+        Shape of weight.
+    fused_bias : ndarray (C_out,)
+        Always returned, also when bias is None.
+
+    Raises
+    ------
+    TypeError
+        A non-floating array.
+    ValueError
+        weight with ndim 0, mismatched lengths, bad eps.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> W = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> fW, fb = fastbn.fuse_conv_bn(W, None, np.array([1.0, 0.0]), np.array([4.0, 1.0]),
+    ...                              None, np.array([0.0, 1.0]), eps=0.0)
+    >>> fW
+    array([[0.5, 1. ],
+           [3. , 4. ]])
+    >>> fb
+    array([-0.5,  1. ])
+    """
+    w = np.asarray(weight)
+    if w.dtype.kind != "f":
+        raise TypeError(f"weight must be a floating-point array, got dtype {w.dtype}")
+    if w.ndim < 1:
+        raise ValueError("weight must have at least 1 dimension (out-channels first), "
+                         "got a scalar")
+    C = w.shape[0]
+    b = channel_vector("bias", bias, C)
+    rm = np.asarray(running_mean)
+    if rm.shape != (C,):
+        # name the mismatch from the conv's side: weight fixes C_out
+        raise ValueError(f"running_mean must have shape ({C},) (weight's out-channels), "
+                         f"got {rm.shape}")
+    scale, shift = fold_batch_norm(*(_float64_if_floating(a) for a in
+                                     (running_mean, running_var, bn_weight, bn_bias)), eps)
+    dtype = np.result_type(*[np.asarray(a).dtype for a in
+                             (weight, bias, running_mean, running_var, bn_weight, bn_bias)
+                             if a is not None])
+    fused_weight = w.astype(np.float64) * scale.reshape((C,) + (1,) * (w.ndim - 1))
+    fused_bias = shift if b is None else b * scale + shift
+    return fused_weight.astype(dtype), fused_bias.astype(dtype)

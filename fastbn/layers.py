@@ -1,0 +1,465 @@
+"""Stateful layers with PyTorch-compatible state: BatchNorm and BatchRenorm.
+
+Both are thin clients of the functional API: a forward picks the functional call for the
+mode (training statistics or running statistics), keeps what the backward needs, and
+updates the state; the math lives in :mod:`fastbn.functional` and :mod:`fastbn.renorm`.
+"""
+import numbers
+
+import numpy as np
+
+from . import functional, renorm
+from ._validate import channel_axis, data_array, eps_value, momentum_value, real_scalar
+
+__all__ = ["BatchNorm", "BatchRenorm"]
+
+
+def _num_features(n):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"num_features must be an integer, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"num_features must be >= 1, got {n}")
+    return int(n)
+
+
+def _layer_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+class _Norm:
+    """State and bookkeeping shared by the layers.
+
+    Subclasses list their buffers in ``_buffers`` and implement ``_forward_train`` /
+    ``_forward_eval``, each returning (y, backward closure).
+    """
+
+    _buffers = ()
+
+    def __init__(self, num_features, *, eps, momentum, affine, layout, dtype):
+        self.num_features = _num_features(num_features)
+        self.eps = eps_value(eps)
+        self.momentum = None if momentum is None else momentum_value(momentum)
+        self.affine = bool(affine)
+        channel_axis(layout, 2)
+        self.layout = layout
+        self.dtype = _layer_dtype(dtype)
+        C = self.num_features
+        if self.affine:
+            self.weight = np.ones(C, self.dtype)
+            self.bias = np.zeros(C, self.dtype)
+            self.weight_grad = np.zeros(C, self.dtype)
+            self.bias_grad = np.zeros(C, self.dtype)
+        else:
+            self.weight = self.bias = self.weight_grad = self.bias_grad = None
+        self.num_batches_tracked = 0
+        self.training = True
+        self._backward = None
+
+    # ----- modes ------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (``mode=True``) or evaluation mode; return the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode; return the layer."""
+        return self.train(False)
+
+    # ----- forward / backward -----------------------------------------------------------
+    def _check_input(self, x):
+        x = data_array("x", x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype}")
+        C = x.shape[channel_axis(self.layout, x.ndim)]
+        if C != self.num_features:
+            raise ValueError(f"x must have {self.num_features} channels on its "
+                             f"{self.layout} channel axis, got shape {x.shape}")
+        return x
+
+    def _factor(self):
+        """Running-update weight of this step's batch (momentum=None: cumulative average)."""
+        if self.momentum is None:
+            return 1.0 / (self.num_batches_tracked + 1)
+        return self.momentum
+
+    def forward(self, x):
+        """Normalize x; keep what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : ndarray
+            (N, C, ...) for layout "NCHW" or (N, ..., C) for "NHWC", in the layer's dtype.
+            It is kept by reference for the backward: do not modify it before then.
+
+        Returns
+        -------
+        y : ndarray
+            Shape and dtype of x.
+        """
+        x = self._check_input(x)
+        if self._uses_batch_stats():
+            y, backward = self._forward_train(x)
+        else:
+            y, backward = self._forward_eval(x)
+        self._backward = backward
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient of x for the last forward; accumulate weight_grad and bias_grad.
+
+        Parameters
+        ----------
+        dy : ndarray
+            Gradient of the last forward's output (its shape and dtype).
+
+        Returns
+        -------
+        dx : ndarray
+
+        Raises
+        ------
+        RuntimeError
+            No forward has run yet.
+        """
+        if self._backward is None:
+            raise RuntimeError("backward called before forward")
+        dx, dweight, dbias = self._backward(dy)
+        if self.affine:
+            self.weight_grad += dweight
+            self.bias_grad += dbias
+        return dx
+
+    def zero_grad(self):
+        """Reset weight_grad and bias_grad to zero."""
+        if self.affine:
+            self.weight_grad[...] = 0
+            self.bias_grad[...] = 0
+
+    # ----- state ------------------------------------------------------------------------
+    def _state_keys(self):
+        keys = ["weight", "bias"] if self.affine else []
+        if self._tracks():
+            keys += list(self._buffers) + ["num_batches_tracked"]
+        return keys
+
+    def state_dict(self):
+        """The layer's state as fresh arrays, under PyTorch's key names.
+
+        Returns
+        -------
+        dict
+            "weight", "bias" (affine layers), the running buffers and
+            "num_batches_tracked" (a 0-d int64 array), when running statistics are tracked.
+        """
+        out = {}
+        for k in self._state_keys():
+            v = self.num_batches_tracked if k == "num_batches_tracked" else getattr(self, k)
+            out[k] = np.array(v, dtype=np.int64 if k == "num_batches_tracked" else self.dtype)
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy a state (e.g. a PyTorch module's ``state_dict()`` as NumPy arrays) in.
+
+        Values are converted to the layer's dtype. Nothing changes unless every value is
+        valid.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Keys as :meth:`state_dict` returns them; values array-like (NumPy arrays, CPU
+            tensors, lists).
+        strict : bool
+            Whether missing and unexpected keys are errors; otherwise they are skipped.
+
+        Raises
+        ------
+        KeyError
+            Missing or unexpected keys (strict).
+        TypeError
+            A non-floating parameter or buffer, a non-integer num_batches_tracked.
+        ValueError
+            A value of the wrong shape, or a negative num_batches_tracked.
+        """
+        keys = self._state_keys()
+        if strict:
+            missing = [k for k in keys if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in keys]
+            if missing or unexpected:
+                raise KeyError(f"state_dict does not match the layer: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        new = {}
+        C = self.num_features
+        for k in keys:
+            if k not in state_dict:
+                continue
+            v = np.asarray(state_dict[k])
+            if k == "num_batches_tracked":
+                if v.dtype.kind not in "iu" or v.shape not in ((), (1,)):
+                    raise TypeError(f"num_batches_tracked must be an integer scalar, "
+                                    f"got dtype {v.dtype} shape {v.shape}")
+                n = int(v.reshape(()))
+                if n < 0:
+                    raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+                new[k] = n
+                continue
+            if v.dtype.kind != "f":
+                raise TypeError(f"{k} must be a floating-point array, got dtype {v.dtype}")
+            if v.shape != (C,):
+                raise ValueError(f"{k} must have shape ({C},), got {v.shape}")
+            self._check_loaded(k, v)
+            new[k] = v
+        for k, v in new.items():
+            if k == "num_batches_tracked":
+                self.num_batches_tracked = v
+            else:
+                getattr(self, k)[...] = v
+
+    def _check_loaded(self, key, value):
+        """Subclass hook: validate one loaded buffer."""
+
+
+class BatchNorm(_Norm):
+    """Batch Normalization layer with PyTorch's ``BatchNorm{1,2,3}d`` behaviour and state.
+
+    Training mode normalizes with the batch statistics and updates the running statistics
+    (``running = (1 - momentum) * running + momentum * batch``, unbiased batch variance);
+    evaluation mode normalizes with the running statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels C.
+    eps : float
+        Added to the variance.
+    momentum : float in [0, 1] or None
+        Weight of the new batch in the running update; None gives the cumulative average
+        (weight ``1 / num_batches_tracked``).
+    affine : bool
+        Whether the layer has a learnable weight (gamma, init 1) and bias (beta, init 0).
+    track_running_stats : bool
+        If False there are no running statistics and the batch statistics are used in
+        evaluation mode too.
+    layout : {"NCHW", "NHWC"}
+        Where the channel axis of the inputs is.
+    dtype : {np.float32, np.float64}
+        Of the parameters, buffers and inputs.
+
+    Attributes
+    ----------
+    weight, bias : ndarray (C,) or None
+    weight_grad, bias_grad : ndarray (C,) or None
+        Accumulated by :meth:`backward` until :meth:`zero_grad`.
+    running_mean, running_var : ndarray (C,) or None
+    num_batches_tracked : int
+    training : bool
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments: non-integer or non-positive num_features, eps < 0, momentum outside
+        [0, 1], unknown layout, non-float dtype. At run time: an input of the wrong dtype or
+        channel count, or a training batch with one value per channel.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> bn = fastbn.BatchNorm(3, dtype=np.float64)
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(16, 3, 4, 4))
+    >>> y = bn(x)
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.bias_grad, bn.num_batches_tracked
+    (array([256., 256., 256.]), 1)
+    >>> sorted(bn.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+    >>> y_eval = bn.eval()(x)
+    """
+
+    _buffers = ("running_mean", "running_var")
+
+    def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, layout="NCHW", dtype=np.float32):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         layout=layout, dtype=dtype)
+        self.track_running_stats = bool(track_running_stats)
+        if self.track_running_stats:
+            self.running_mean = np.zeros(self.num_features, self.dtype)
+            self.running_var = np.ones(self.num_features, self.dtype)
+        else:
+            self.running_mean = self.running_var = None
+
+    def _tracks(self):
+        return self.track_running_stats
+
+    def _uses_batch_stats(self):
+        return self.training or not self.track_running_stats
+
+    def reset_running_stats(self):
+        """Running mean 0, running variance 1, num_batches_tracked 0."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def _forward_train(self, x):
+        update = self.training and self.track_running_stats
+        y, mean, invstd = functional.batch_norm_train(
+            x, self.weight, self.bias, eps=self.eps, layout=self.layout,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._factor() if update else 0.0)
+        if update:
+            self.num_batches_tracked += 1
+        weight = None if self.weight is None else self.weight.copy()
+
+        def backward(dy):
+            return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=True,
+                                                  layout=self.layout)
+        return y, backward
+
+    def _forward_eval(self, x):
+        y = functional.batch_norm_infer(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias, eps=self.eps, layout=self.layout)
+        mean = self.running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        weight = None if self.weight is None else self.weight.copy()
+
+        def backward(dy):
+            return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=False,
+                                                  layout=self.layout)
+        return y, backward
+
+
+def _clip_param(name, v):
+    """A constant, a callable of the step count, or "paper"; returned as a callable."""
+    if callable(v):
+        return v
+    if isinstance(v, str):
+        if v != "paper":
+            raise ValueError(f"{name} must be a number, a callable of the step count or "
+                             f"'paper', got {v!r}")
+        return renorm.paper_schedules()[0 if name == "rmax" else 1]
+    value = real_scalar(name, v)
+    return lambda step: value
+
+
+class BatchRenorm(_Norm):
+    """Batch Renormalization layer (Ioffe 2017).
+
+    Training mode runs :func:`fastbn.batch_renorm_train` (batch statistics corrected by
+    r and d towards the running mean and standard deviation, which it then updates);
+    evaluation mode gives ``y = weight * (x - running_mean) / running_std + bias``.
+
+    Parameters
+    ----------
+    num_features : int
+        Channels C.
+    rmax, dmax : float, callable or "paper"
+        Clipping bounds of r and d: a constant, a callable ``f(step) -> float`` of the
+        number of training steps done before this one (``num_batches_tracked``), or
+        "paper" for the paper's schedule (rmax 1 -> 3 and dmax 0 -> 5, relaxed linearly
+        after 5000 steps of plain Batch Normalization; see
+        :func:`fastbn.renorm.paper_schedules` for other step counts).
+    rmin : float, callable or None
+        Lower clip of r, as Keras' ``renorm_clipping["rmin"]``; None means ``1 / rmax``.
+    momentum : float in [0, 1] or None
+        Weight of the new batch in the running update (the paper's alpha); None gives
+        the cumulative average.
+    eps : float
+        Added to the batch variance inside the batch standard deviation.
+    affine : bool
+        Whether the layer has a learnable weight and bias.
+    layout : {"NCHW", "NHWC"}
+    dtype : {np.float32, np.float64}
+
+    Attributes
+    ----------
+    weight, bias, weight_grad, bias_grad : ndarray (C,) or None
+    running_mean, running_std : ndarray (C,)
+        Initialized to 0 and 1.
+    num_batches_tracked : int
+        Training steps so far (the schedules' step count).
+    training : bool
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad arguments as :class:`BatchNorm`; rmax < 1, dmax < 0 or rmin outside (0, 1]
+        (checked when used, so schedules are checked at every step).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> brn = fastbn.BatchRenorm(3, rmax=1.5, dmax=0.5, dtype=np.float64)
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, size=(16, 3, 4, 4))
+    >>> y = brn(x)
+    >>> dx = brn.backward(np.ones_like(y))
+    >>> brn.num_batches_tracked, brn.clipping()
+    (1, (0.6666666666666666, 1.5, 0.5))
+    >>> y_eval = brn.eval()(x)
+    >>> m, s = brn.running_mean[:, None, None], brn.running_std[:, None, None]
+    >>> bool(np.allclose(y_eval, (x - m) / s))
+    True
+    >>> sorted(brn.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_std', 'weight']
+    """
+
+    _buffers = ("running_mean", "running_std")
+
+    def __init__(self, num_features, *, rmax=3.0, dmax=5.0, rmin=None, momentum=0.01,
+                 eps=1e-5, affine=True, layout="NCHW", dtype=np.float32):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         layout=layout, dtype=dtype)
+        self.rmax = _clip_param("rmax", rmax)
+        self.dmax = _clip_param("dmax", dmax)
+        self.rmin = None if rmin is None else _clip_param("rmin", rmin)
+        self.clipping(0)
+        self.running_mean = np.zeros(self.num_features, self.dtype)
+        self.running_std = np.ones(self.num_features, self.dtype)
+
+    def _tracks(self):
+        return True
+
+    def _uses_batch_stats(self):
+        return self.training
+
+    def clipping(self, step=None):
+        """(rmin, rmax, dmax) used at `step` (default: the next training step)."""
+        step = self.num_batches_tracked if step is None else step
+        rmin = None if self.rmin is None else self.rmin(step)
+        return renorm._check_clipping(rmin, self.rmax(step), self.dmax(step))
+
+    def _check_loaded(self, key, value):
+        if key == "running_std" and not np.all(np.isfinite(value) & (value > 0)):
+            raise ValueError("running_std must hold finite values > 0")
+
+    def _forward_train(self, x):
+        rmin, rmax, dmax = self.clipping()
+        y, mean, std, r, d = renorm._renorm_train(
+            x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
+            rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=self.layout,
+            out=None, num_threads=None)
+        self.num_batches_tracked += 1
+        weight = None if self.weight is None else self.weight.copy()
+
+        def backward(dy):
+            return renorm.batch_renorm_backward(dy, x, mean, std, r, d, weight,
+                                                layout=self.layout)
+        return y, backward
+
+    def _forward_eval(self, x):
+        mean = self.running_mean.astype(np.float64)
+        std = self.running_std.astype(np.float64)
+        # sqrt(std**2) == std exactly in binary floating point, so this is (x - mean) / std
+        y = functional.batch_norm_infer(x, mean, std * std, self.weight, self.bias, eps=0.0,
+                                        layout=self.layout)
+        weight = None if self.weight is None else self.weight.copy()
+
+        def backward(dy):
+            return functional.batch_norm_backward(dy, x, mean, 1.0 / std, weight,
+                                                  training=False, layout=self.layout)
+        return y, backward

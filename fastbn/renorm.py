@@ -1,0 +1,285 @@
+"""Batch Renormalization (Ioffe 2017): training forward and backward.
+
+Batch Renormalization corrects the batch statistics towards running statistics with two
+per-channel constants computed from the running mean ``mu`` and standard deviation
+``sigma`` *before* their update::
+
+    sigma_B = sqrt(var_B + eps)                    (biased batch variance)
+    r = clip(sigma_B / sigma, rmin, rmax)          (rmin = 1 / rmax unless given)
+    d = clip((mu_B - mu) / sigma, -dmax, dmax)
+    y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+
+r and d are constants for the gradient. With ``rmax = 1`` and ``dmax = 0`` this is plain
+Batch Normalization. The forward runs the core's fused statistics + normalization kernel:
+r and d are folded into its per-channel scale and shift, so it costs no extra pass.
+
+This module also holds the rmax / dmax schedules used by :class:`fastbn.BatchRenorm`.
+"""
+import numpy as np
+
+from . import functional
+from ._validate import (channel_axis, channel_vector, data_array, momentum_value, out_array,
+                        positive_vector, real_scalar, running_buffers, same_shape, scalar_at_least)
+
+__all__ = ["batch_renorm_train", "batch_renorm_backward", "linear_schedule", "paper_schedules"]
+
+
+def _check_clipping(rmin, rmax, dmax):
+    rmax = scalar_at_least("rmax", rmax, 1.0)
+    dmax = scalar_at_least("dmax", dmax, 0.0)
+    if rmin is None:
+        rmin = 1.0 / rmax
+    else:
+        rmin = scalar_at_least("rmin", rmin, 0.0, hi=1.0)
+        if rmin == 0.0:
+            raise ValueError("rmin must be > 0 (r = 0 would cancel the normalized input), got 0.0")
+    return rmin, rmax, dmax
+
+
+def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
+                  eps, layout, out, num_threads):
+    """batch_renorm_train with an explicit lower clip for r (None means 1 / rmax)."""
+    x = data_array("x", x)
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
+        if buf is None:
+            raise ValueError(f"{name} is required (a writable float array of shape ({C},))")
+    running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
+    mu = channel_vector("running_mean", running_mean, C, optional=False)
+    sigma = positive_vector("running_std", running_std, C)
+    rmin, rmax, dmax = _check_clipping(rmin, rmax, dmax)
+    momentum = momentum_value(momentum)
+    r = np.empty(C)
+    d = np.empty(C)
+    y, mean, var, invstd, M = functional._train(
+        x, weight, bias, eps, layout, out, num_threads,
+        renorm=(mu, sigma, r, d, rmin, rmax, dmax),
+        extra_inputs={"running_mean": running_mean, "running_std": running_std})
+    std = np.sqrt(var + float(eps))
+    running_mean[...] = mu + momentum * (mean - mu)
+    running_std[...] = sigma + momentum * (std - sigma)
+    return y, mean, std, r, d
+
+
+def batch_renorm_train(x, weight, bias, running_mean, running_std, *, rmax=3.0, dmax=5.0,
+                       momentum=0.01, eps=1e-5, layout="NCHW", out=None, num_threads=None):
+    """Batch Renormalization, training forward.
+
+    ``y = weight * ((x - mean) / std * r + d) + bias`` per channel, where ``mean`` and
+    ``std = sqrt(biased_var + eps)`` are the batch statistics and
+    ``r = clip(std / running_std, 1/rmax, rmax)``,
+    ``d = clip((mean - running_mean) / running_std, -dmax, dmax)`` come from the running
+    statistics before this call. Then, in place,
+    ``running_mean += momentum * (mean - running_mean)`` and
+    ``running_std += momentum * (std - running_std)``.
+
+    One fused pass over the data, as :func:`fastbn.batch_norm_train`.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, ndim >= 2
+        Input of shape (N, C, ...) for ``layout="NCHW"`` or (N, ..., C) for ``"NHWC"``.
+    weight, bias : array_like (C,) or None
+        Affine parameters (gamma, beta); None means 1 and 0.
+    running_mean, running_std : ndarray (C,)
+        Running mean and standard deviation (the paper's mu and sigma), writable floating
+        arrays updated in place; running_std must be finite and > 0.
+    rmax : float >= 1
+        r is clipped to [1/rmax, rmax].
+    dmax : float >= 0
+        d is clipped to [-dmax, dmax].
+    momentum : float in [0, 1]
+        Weight of the new batch in the running update (the paper's alpha).
+    eps : float >= 0
+        Added to the batch variance inside the batch standard deviation.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Where to write y (shape and dtype of x); may be ``x`` itself.
+    num_threads : int, optional
+
+    Returns
+    -------
+    y : ndarray
+        Shape and dtype of x (``out`` if given).
+    mean, std : ndarray (C,), float64
+        Batch mean and ``sqrt(biased_var + eps)``.
+    r, d : ndarray (C,), float64
+        The correction constants, as :func:`batch_renorm_backward` takes them.
+
+    Raises
+    ------
+    TypeError
+        A non-floating array; a non-real rmax, dmax, momentum or eps.
+    ValueError
+        Bad shapes, layout, eps, momentum, out or num_threads; rmax < 1; dmax < 0;
+        running_std not finite and positive; a running buffer missing or read-only;
+        one value per channel.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    >>> running_mean, running_std = np.zeros(3), np.ones(3)
+    >>> y, mean, std, r, d = fastbn.batch_renorm_train(x, None, None, running_mean,
+    ...                                                running_std, rmax=2.0, dmax=1.0)
+    >>> y.shape, r, d
+    ((2, 3, 4), array([2., 2., 2.]), array([1., 1., 1.]))
+    >>> running_mean
+    array([0.075, 0.115, 0.155])
+    """
+    return _renorm_train(x, weight, bias, running_mean, running_std, rmin=None, rmax=rmax,
+                         dmax=dmax, momentum=momentum, eps=eps, layout=layout, out=out,
+                         num_threads=num_threads)
+
+
+def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW", out=None,
+                          num_threads=None):
+    """Batch Renormalization backward, with r and d held constant.
+
+    With ``xhat0 = (x - mean) / std`` and ``m`` values per channel:
+    ``dx = weight * r / std * (dy - sum(dy)/m - xhat0 * sum(dy * xhat0)/m)``
+    (the Batch Normalization backward with weight ``weight * r``),
+    ``dweight = sum(dy * (r * xhat0 + d))`` and ``dbias = sum(dy)``.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the output, shape and dtype of x.
+    x : ndarray, float32 or float64
+        The forward's input.
+    mean, std, r, d : array_like (C,)
+        As returned by :func:`batch_renorm_train`; std must be finite and > 0.
+    weight : array_like (C,), optional
+        None means 1.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of x.
+    dweight, dbias : ndarray (C,)
+        In x's dtype (returned also when weight is None).
+
+    Raises
+    ------
+    TypeError
+        A non-floating array, or dy and x of different dtypes.
+    ValueError
+        Mismatched shapes; std not finite and positive; bad layout, out or num_threads.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4))
+    >>> stats = fastbn.batch_renorm_train(x, None, None, np.zeros(3), np.ones(3))
+    >>> y, mean, std, r, d = stats
+    >>> dx, dweight, dbias = fastbn.batch_renorm_backward(np.ones_like(x), x, mean, std, r, d)
+    >>> float(np.abs(dx).max()) < 1e-12, dbias
+    (True, array([128., 128., 128.]))
+    >>> bool(np.allclose(dweight, 128 * d))
+    True
+    """
+    x = data_array("x", x)
+    dy = data_array("dy", dy)
+    same_shape("dy", dy, "x", x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    axis = channel_axis(layout, x.ndim)
+    C = x.shape[axis]
+    channel_vector("mean", mean, C, optional=False)
+    std64 = positive_vector("std", std, C)
+    r64 = channel_vector("r", r, C, optional=False)
+    d64 = channel_vector("d", d, C, optional=False)
+    w = channel_vector("weight", weight, C)
+    w = np.ones(C) if w is None else w
+    out_array(out, x.shape, x.dtype,
+              {"dy": dy, "x": x, "mean": mean, "std": std, "r": r, "d": d, "weight": weight},
+              may_alias=("dy",))
+    dx, dw_bn, dbias = functional.batch_norm_backward(
+        dy, x, mean, 1.0 / std64, w * r64, training=True, layout=layout, out=out,
+        num_threads=num_threads)
+    # dw_bn = sum(dy * xhat0), dbias = sum(dy): r and d are constants, so
+    # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias.
+    dweight = r64 * dw_bn.astype(np.float64) + d64 * dbias.astype(np.float64)
+    return dx, dweight.astype(x.dtype), dbias
+
+
+def linear_schedule(start, end, begin, stop):
+    """A schedule that holds `start` until step `begin`, then moves linearly to `end` at `stop`.
+
+    Parameters
+    ----------
+    start, end : float
+        Values before `begin` and from `stop` on.
+    begin, stop : int
+        Steps where the linear ramp starts and ends (``0 <= begin <= stop``).
+
+    Returns
+    -------
+    schedule : callable
+        ``schedule(step) -> float`` for a step count ``step >= 0``.
+
+    Raises
+    ------
+    ValueError
+        ``begin < 0`` or ``stop < begin``, or non-finite values.
+
+    Examples
+    --------
+    >>> from fastbn.renorm import linear_schedule
+    >>> f = linear_schedule(1.0, 3.0, 10, 20)
+    >>> f(0), f(10), f(15), f(20), f(100)
+    (1.0, 1.0, 2.0, 3.0, 3.0)
+    """
+    start, end = (real_scalar(name, v) for name, v in (("start", start), ("end", end)))
+    if not (np.isfinite(start) and np.isfinite(end)):
+        raise ValueError(f"start and end must be finite, got {start!r} and {end!r}")
+    begin = scalar_at_least("begin", begin, 0.0)
+    stop = scalar_at_least("stop", stop, begin)
+
+    def schedule(step):
+        if step <= begin:
+            return start
+        if step >= stop:
+            return end
+        return start + (end - start) * (step - begin) / (stop - begin)
+
+    return schedule
+
+
+def paper_schedules(warmup=5000, rmax_stop=40000, dmax_stop=25000):
+    """The rmax and dmax schedules of the Batch Renormalization paper.
+
+    rmax stays 1 and dmax stays 0 (plain Batch Normalization) for `warmup` steps; then rmax
+    rises linearly to 3 at step `rmax_stop` and dmax to 5 at step `dmax_stop`.
+
+    Parameters
+    ----------
+    warmup : int
+        Steps of plain Batch Normalization.
+    rmax_stop, dmax_stop : int
+        Steps at which rmax reaches 3 and dmax reaches 5 (>= warmup).
+
+    Returns
+    -------
+    rmax, dmax : callable
+        ``f(step) -> float`` each, as :class:`fastbn.BatchRenorm` takes them.
+
+    Raises
+    ------
+    ValueError
+        A stop step before the warm-up ends.
+
+    Examples
+    --------
+    >>> from fastbn.renorm import paper_schedules
+    >>> rmax, dmax = paper_schedules()
+    >>> rmax(0), dmax(0), rmax(22500), dmax(15000), rmax(50000), dmax(50000)
+    (1.0, 0.0, 2.0, 2.5, 3.0, 5.0)
+    """
+    return (linear_schedule(1.0, 3.0, warmup, rmax_stop),
+            linear_schedule(0.0, 5.0, warmup, dmax_stop))
