@@ -174,3 +174,60 @@ def positive_vector(name, a, C):
     if not np.all(np.isfinite(v) & (v > 0)):
         raise ValueError(f"{name} must hold finite values > 0, got {v!r}")
     return v
+
+
+# Layer (stateful) arguments: used by fastbn.caffe.
+
+def float_dtype(name, dtype):
+    """np.dtype(dtype), which must be float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if dt not in DATA_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+    return dt
+
+
+def positive_int(name, v):
+    """An integer >= 1 (bool is not an integer here)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        n = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def choice(name, v, options):
+    """One of the strings in `options`."""
+    if not isinstance(v, str) or v not in options:
+        expected = " or ".join(repr(o) for o in options)
+        raise ValueError(f"{name} must be {expected}, got {v!r}")
+    return v
+
+
+def optional_bool(name, v):
+    """None, or a bool (NumPy bools included) returned as a Python bool."""
+    if v is None:
+        return None
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be None, True or False, got {type(v).__name__}")
+    return bool(v)
+
+
+def layer_blob(name, a, shape, dtype):
+    """A layer's parameter array that kernels read and update in place: an ndarray of
+    exactly `shape` and `dtype`, C-contiguous and writable."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{name} must be a C-contiguous writable array")
+    return a
