@@ -13,6 +13,7 @@ from .renorm import batch_renorm_backward, batch_renorm_train
 from .fusion import fuse_conv_bn
 from .layers import BatchNorm, BatchRenorm
 from . import onnx
+from . import caffe
 
 __all__ = [
     "batch_norm_train",
@@ -28,4 +29,5 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "onnx",
+    "caffe",
 ]
