@@ -1,0 +1,71 @@
+"""Speed of the Caffe BatchNorm layer's two engines (``engine="fused"`` vs ``"gemv"``).
+
+Both engines run interleaved in one process (fastbn._bench.interleaved), on the same data
+from fastbn._bench.make_data, writing into preallocated outputs (as Caffe's top and bottom
+blobs are), so the ratio is fair on a noisy machine. ``python -m fastbn._bench_caffe``
+prints the rows.
+"""
+import sys
+
+import numpy as np
+
+from ._bench import interleaved, make_data
+from .caffe import ENGINES, BatchNorm
+
+SHAPES = [(32, 256, 56, 56), (8, 32, 8, 8)]
+
+
+def bench_rows(shapes=SHAPES, dtype=np.float32, rounds=5):
+    """Time forward (TRAIN) and backward of both engines.
+
+    Parameters
+    ----------
+    shapes : sequence of tuple
+        NCHW input shapes.
+    dtype : {np.float32, np.float64}
+    rounds : int
+        Interleaved rounds; each time is the best round.
+
+    Returns
+    -------
+    list of dict
+        One row per (shape, op) with keys ``shape``, ``dtype``, ``op`` ("forward TRAIN" or
+        "backward"), ``fused`` and ``gemv`` (seconds) and ``ratio`` (gemv / fused).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn._bench_caffe import bench_rows
+    >>> rows = bench_rows([(2, 3, 4, 4)], rounds=1)
+    >>> [r["op"] for r in rows], sorted(rows[0])
+    (['forward TRAIN', 'backward'], ['dtype', 'fused', 'gemv', 'op', 'ratio', 'shape'])
+    """
+    rows = []
+    dtype = np.dtype(dtype).type
+    for shape in shapes:
+        x, dy, _, _ = make_data(shape, "NCHW", dtype)
+        layers = [BatchNorm(shape[1], engine=e, dtype=dtype) for e in ENGINES]
+        tops = [np.empty_like(x) for _ in ENGINES]
+        diffs = [np.empty_like(x) for _ in ENGINES]
+        fwd = [lambda bn=bn, top=top: bn.forward(x, phase="TRAIN", out=top)
+               for bn, top in zip(layers, tops)]
+        bwd = [lambda bn=bn, dx=dx: bn.backward(dy, out=dx) for bn, dx in zip(layers, diffs)]
+        for op, funcs in (("forward TRAIN", fwd), ("backward", bwd)):
+            t_fused, t_gemv = interleaved(funcs, rounds)
+            rows.append(dict(shape=tuple(shape), dtype=np.dtype(dtype).name, op=op,
+                             fused=t_fused, gemv=t_gemv, ratio=t_gemv / t_fused))
+    return rows
+
+
+def main(file=None):
+    """Print :func:`bench_rows` for the default shapes (float32)."""
+    file = file or sys.stdout
+    print(f"{'shape':<20} {'op':<14} {'fused ms':>9} {'gemv ms':>9} {'gemv/fused':>10}",
+          file=file)
+    for r in bench_rows():
+        print(f"{str(r['shape']):<20} {r['op']:<14} {r['fused'] * 1e3:9.3f} "
+              f"{r['gemv'] * 1e3:9.3f} {r['ratio']:10.2f}", file=file, flush=True)
+
+
+if __name__ == "__main__":
+    main()
