@@ -13,14 +13,6 @@ from .functional import fold_batch_norm
 __all__ = ["fuse_conv_bn"]
 
 
-def _float64_if_floating(a):
-    """a in float64 when it is a floating array; anything else is left for the checks to name."""
-    if a is None:
-        return None
-    arr = np.asarray(a)
-    return arr.astype(np.float64) if arr.dtype.kind == "f" else a
-
-
 def fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     """Fold an inference-mode Batch Normalization into the preceding conv or linear layer.
 
@@ -77,14 +69,16 @@ def fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, ep
         raise ValueError("weight must have at least 1 dimension (out-channels first), "
                          "got a scalar")
     C = w.shape[0]
+    if np.shape(running_mean) != (C,):
+        raise ValueError(f"running_mean must have shape ({C},), one value per out-channel of "
+                         f"weight (shape {w.shape}, out-channels first), got "
+                         f"{np.shape(running_mean)}")
     b = channel_vector("bias", bias, C)
-    rm = np.asarray(running_mean)
-    if rm.shape != (C,):
-        # name the mismatch from the conv's side: weight fixes C_out
-        raise ValueError(f"running_mean must have shape ({C},) (weight's out-channels), "
-                         f"got {rm.shape}")
-    scale, shift = fold_batch_norm(*(_float64_if_floating(a) for a in
-                                     (running_mean, running_var, bn_weight, bn_bias)), eps)
+    rm = channel_vector("running_mean", running_mean, C, optional=False)
+    rv = channel_vector("running_var", running_var, C, optional=False)
+    gamma = channel_vector("bn_weight", bn_weight, C)
+    beta = channel_vector("bn_bias", bn_bias, C)
+    scale, shift = fold_batch_norm(rm, rv, gamma, beta, eps)
     dtype = np.result_type(*[np.asarray(a).dtype for a in
                              (weight, bias, running_mean, running_var, bn_weight, bn_bias)
                              if a is not None])

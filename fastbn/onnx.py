@@ -89,6 +89,9 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
     if not training:
         return functional.batch_norm_infer(X, input_mean, input_var, scale, B, eps=epsilon,
                                            layout="NCHW")
+    if int(np.prod(X.shape[:1] + X.shape[2:])) <= 1:
+        raise ValueError(f"X must have more than 1 value per channel in training mode, "
+                         f"got shape {X.shape}")
     Y, mean, var, _, _ = functional._train(X, scale, B, epsilon, "NCHW", None, None)
     running_mean = mean_in * momentum + mean * (1.0 - momentum)
     running_var = var_in * momentum + var * (1.0 - momentum)
