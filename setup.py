@@ -10,6 +10,7 @@ FASTBN_NO_OPENMP=1 build without OpenMP (every kernel runs on one thread).
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -76,12 +77,40 @@ def openmp_flags():
 
 omp_cflags, omp_lflags = openmp_flags()
 
+
+def compiles_with(flags):
+    """Whether the C compiler accepts `flags` (used for the AVX2 kernel variant)."""
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    tmp = tempfile.mkdtemp(prefix="fastbn-flags-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("int main(void) { return 0; }\n")
+        compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+        return True
+    except Exception:  # the compiler refused the flags
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+AVX2_FLAGS = ["-mavx2", "-mfma"] if X86 and sys.platform != "win32" else []
+BUILD_AVX2 = bool(AVX2_FLAGS) and not NATIVE and compiles_with(AVX2_FLAGS)
+
 if sys.platform == "win32":
     opt = ["/Od"] if DEBUG else ["/O2"]
 else:
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     if NATIVE:
         opt.append("-march=native")
+
+# The rows kernels update several output rows per loop; GCC gives up vectorizing a loop after
+# 10 run-time aliasing checks by default, so allow more.
+ALIAS_PARAM = ["--param", "vect-max-version-for-alias-checks=64"]
+if sys.platform != "win32" and not DEBUG and compiles_with(ALIAS_PARAM):
+    opt += ALIAS_PARAM
 
 directives = {
     "language_level": 3,
@@ -93,20 +122,29 @@ directives = {
     "embedsignature": True,
 }
 
-extensions = [
-    Extension(
-        "fastbn." + os.path.splitext(os.path.basename(path))[0],
+
+
+def extension(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    isa = AVX2_FLAGS if name.endswith("_avx2") else []
+    flags = opt + isa + omp_cflags
+    return Extension(
+        "fastbn." + name,
         [path],
         include_dirs=[np.get_include()],
         define_macros=[
             ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-            ("FASTBN_CFLAGS", '"%s"' % " ".join(opt + omp_cflags)),
+            ("FASTBN_CFLAGS", '"%s"' % " ".join(flags)),
         ],
-        extra_compile_args=opt + omp_cflags,
+        extra_compile_args=flags,
         extra_link_args=omp_lflags,
     )
-    for path in sorted(glob.glob(os.path.join("fastbn", "*.pyx")))
-]
+
+
+sources = sorted(glob.glob(os.path.join("fastbn", "*.pyx")))
+if not BUILD_AVX2:
+    sources = [p for p in sources if not p.endswith("_avx2.pyx")]
+extensions = [extension(p) for p in sources]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),

@@ -6,10 +6,11 @@ import sysconfig
 
 import numpy as np
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 from ._validate import thread_count
 
 _num_threads = None
+_OPENMP = bool(_kernels.openmp_enabled())
 
 # Below this many values a call runs on one thread: forking the team costs more than it saves
 # (measured with `python -m fastbn --crossover`).
@@ -62,10 +63,11 @@ def set_num_threads(n):
 
 def effective_threads(num_threads, size):
     """Threads for one call on `size` values: explicit or default, one for small inputs."""
-    n = thread_count(num_threads, get_num_threads)
-    if not _kernels.openmp_enabled() or size < SERIAL_BELOW:
+    if num_threads is not None:
+        num_threads = thread_count(num_threads, None)
+    if size < SERIAL_BELOW or not _OPENMP:
         return 1
-    return n
+    return get_num_threads() if num_threads is None else num_threads
 
 
 def config():
@@ -82,6 +84,7 @@ def config():
         "threads": get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "compiler": sysconfig.get_config_var("CC"),
+        "kernels": _kernels.__name__.rsplit(".", 1)[-1],
         "cflags": _kernels.build_flags(),
     }
 
@@ -98,5 +101,5 @@ def show_config():
     cfg = config()
     print(f"fastbn {cfg['fastbn']}")
     for key in ("python", "numpy", "platform", "cpu_count", "openmp", "threads",
-                "OMP_NUM_THREADS", "compiler", "cflags"):
+                "OMP_NUM_THREADS", "compiler", "kernels", "cflags"):
         print(f"  {key:<16} {cfg[key]}")

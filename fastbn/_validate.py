@@ -36,7 +36,9 @@ def _float_dtype(name, a):
 
 
 def channel_vector(name, a, C, *, optional=True):
-    """A per-channel parameter as a fresh float64 (C,) array (None stays None if optional)."""
+    """A per-channel parameter as a C-contiguous float64 (C,) array, for reading only: a
+    float64 contiguous input is returned as it is, anything else is converted (None stays
+    None if optional)."""
     if a is None:
         if optional:
             return None
@@ -45,7 +47,7 @@ def channel_vector(name, a, C, *, optional=True):
     _float_dtype(name, a)
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {a.shape}")
-    return np.array(a, dtype=np.float64, order="C", copy=True)
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
@@ -68,6 +70,8 @@ def running_buffers(running_mean, running_var, C, names=("running_mean", "runnin
 
 
 def real_scalar(name, v):
+    if type(v) is float:       # the common case, without the slower ABC check below
+        return v
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     return float(v)

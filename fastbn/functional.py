@@ -15,7 +15,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _kernels
+from ._dispatch import kernels as _kernels
 from ._config import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
                         out_array, running_buffers, same_shape)
@@ -24,9 +24,12 @@ __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_
 
 PLANAR, ROWS = 0, 1
 
-# kind: PLANAR or ROWS; perm: x.transpose(perm) is the C-contiguous canonical order;
-# N, C, S: planar dims (for ROWS, N is the row count and S is 1).
-Plan = namedtuple("Plan", "kind perm N C S")
+# kind: PLANAR or ROWS; perm: x.transpose(perm) is the C-contiguous canonical order (None when
+# that is x's own order); inv: the inverse permutation; N, C, S: planar dims (for ROWS, N is
+# the row count and S is 1).
+Plan = namedtuple("Plan", "kind perm inv N C S")
+
+_plans = {}            # (shape, strides, layout) -> (Plan, whether x itself fits it)
 
 
 def _candidates(ndim, axis, layout):
@@ -39,61 +42,71 @@ def _candidates(ndim, axis, layout):
     return [planar, rows, planar_one]
 
 
-def _plan_for(shape, axis, kind, perm):
+def _make_plan(shape, axis, kind, perm):
     C = shape[axis]
-    size = int(np.prod(shape, dtype=np.int64))
+    size = 1
+    for s in shape:
+        size *= s
+    inv = tuple(int(i) for i in np.argsort(perm))
+    if perm == tuple(range(len(shape))):
+        perm = inv = None
     if kind == ROWS or C == 0:
-        return Plan(ROWS, perm, size // C if C else 0, C, 1)
-    N = shape[perm[0]] if perm[0] != axis else 1
+        return Plan(ROWS, perm, inv, size // C if C else 0, C, 1)
+    first = perm[0] if perm is not None else 0
+    N = shape[first] if first != axis else 1
     S = size // (N * C) if N * C else 0
     if S == 1:
         # (N, C, 1) planes are (N, C) rows: the rows kernel handles them far better
-        return Plan(ROWS, perm, N, C, 1)
-    return Plan(PLANAR, perm, N, C, S)
+        return Plan(ROWS, perm, inv, N, C, 1)
+    return Plan(PLANAR, perm, inv, N, C, S)
 
 
 def _plan(x, axis, layout):
-    """Pick the canonical view of x: (plan, flat C-contiguous data), copying only if needed."""
-    cands = _candidates(x.ndim, axis, layout)
-    for kind, perm in cands:
-        xt = x.transpose(perm)
-        if xt.flags.c_contiguous:
-            return _plan_for(x.shape, axis, kind, perm), xt.reshape(-1)
-    kind, perm = cands[0]
-    return _plan_for(x.shape, axis, kind, perm), np.ascontiguousarray(x.transpose(perm)).reshape(-1)
+    """Pick the canonical view of x: (plan, C-contiguous data), copying only if needed."""
+    key = (x.shape, x.strides, layout)
+    hit = _plans.get(key)
+    if hit is None:
+        cands = _candidates(x.ndim, axis, layout)
+        for kind, perm in cands:
+            if x.transpose(perm).flags.c_contiguous:
+                hit = (_make_plan(x.shape, axis, kind, perm), True)
+                break
+        else:
+            hit = (_make_plan(x.shape, axis, *cands[0]), False)
+        if len(_plans) > 512:
+            _plans.clear()
+        _plans[key] = hit
+    plan, fits = hit
+    xt = x if plan.perm is None else x.transpose(plan.perm)
+    return plan, (xt if fits else np.ascontiguousarray(xt))
 
 
-def _flat_like(a, plan):
-    """a (same shape as x) as the plan's flat view: no copy when its memory fits."""
-    at = a.transpose(plan.perm)
-    if not at.flags.c_contiguous:
-        at = np.ascontiguousarray(at)
-    return at.reshape(-1)
+def _like(a, plan):
+    """a (same shape as x) in the plan's C-contiguous order: no copy when its memory fits."""
+    at = a if plan.perm is None else a.transpose(plan.perm)
+    return at if at.flags.c_contiguous else np.ascontiguousarray(at)
 
 
 def _result(plan, shape, dtype, out):
-    """(array to return, flat C-contiguous array the kernel writes into, written directly?)."""
+    """(array to return, C-contiguous array the kernel writes into, written directly?)."""
     if out is not None:
-        ot = out.transpose(plan.perm)
+        ot = out if plan.perm is None else out.transpose(plan.perm)
         if ot.flags.c_contiguous:
-            return out, ot.reshape(-1), True
-        return out, np.empty(out.size, dtype=dtype), False
+            return out, ot, True
+        return out, np.empty(ot.shape, dtype=dtype), False
+    if plan.perm is None:
+        y = np.empty(shape, dtype=dtype)
+        return y, y, True
     yt = np.empty(tuple(shape[i] for i in plan.perm), dtype=dtype)
-    return yt.transpose(np.argsort(plan.perm)), yt.reshape(-1), True
+    return yt.transpose(plan.inv), yt, True
 
 
 def _finish(result, flat, direct, plan):
     """Copy the kernel's output into `result` when it could not be written directly."""
     if not direct:
-        rt = result.transpose(plan.perm)
-        rt[...] = flat.reshape(rt.shape)
+        rt = result if plan.perm is None else result.transpose(plan.perm)
+        rt[...] = flat
     return result
-
-
-def _weights(weight, bias, C):
-    w = channel_vector("weight", weight, C)
-    b = channel_vector("bias", bias, C)
-    return (np.ones(C) if w is None else w), (np.zeros(C) if b is None else b)
 
 
 def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_inputs=None):
@@ -110,22 +123,24 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     C = x.shape[axis]
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     eps = eps_value(eps)
-    w, b = _weights(weight, bias, C)
-    inputs = {"x": x, "weight": weight, "bias": bias}
-    inputs.update(extra_inputs or {})
-    out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x",))
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    if out is not None:
+        inputs = {"x": x, "weight": weight, "bias": bias}
+        inputs.update(extra_inputs or {})
+        out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x",))
     if M <= 1:
         raise ValueError(
             f"x must have more than 1 value per channel in training, got shape {x.shape} "
             f"({M} value(s) per channel)")
     nthreads = effective_threads(num_threads, x.size)
-    plan, xf = _plan(x, axis, layout)
-    y, yf, direct = _result(plan, x.shape, x.dtype, out)
-    mean, var, invstd, scale, shift = (np.empty(C) for _ in range(5))
+    plan, xc = _plan(x, axis, layout)
+    y, yc, direct = _result(plan, x.shape, x.dtype, out)
+    stats = np.empty((5, C))
     if C:
-        _kernels.train_forward(xf, yf, plan.kind, plan.N, C, plan.S, w, b, eps,
-                               mean, var, invstd, scale, shift, renorm, nthreads)
-    return _finish(y, yf, direct, plan), mean, var, invstd, M
+        _kernels.train_forward(xc, yc, plan.kind, plan.N, C, plan.S, w, b, eps, stats, renorm,
+                               nthreads)
+    return _finish(y, yc, direct, plan), stats[0], stats[1], stats[2], M
 
 
 def _update_running(running, batch, momentum):
@@ -246,17 +261,18 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     rm = channel_vector("running_mean", running_mean, C, optional=False)
     rv = channel_vector("running_var", running_var, C, optional=False)
     eps = eps_value(eps)
-    w, b = _weights(weight, bias, C)
-    out = out_array(out, x.shape, x.dtype,
-                    {"x": x, "running_mean": running_mean, "running_var": running_var,
-                     "weight": weight, "bias": bias}, may_alias=("x",))
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    if out is not None:
+        out = out_array(out, x.shape, x.dtype,
+                        {"x": x, "running_mean": running_mean, "running_var": running_var,
+                         "weight": weight, "bias": bias}, may_alias=("x",))
     nthreads = effective_threads(num_threads, x.size)
-    plan, xf = _plan(x, axis, layout)
-    y, yf, direct = _result(plan, x.shape, x.dtype, out)
+    plan, xc = _plan(x, axis, layout)
+    y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
-        scale = w / np.sqrt(rv + eps)
-        _kernels.infer_forward(xf, yf, plan.kind, plan.N, C, plan.S, rm, scale, b, nthreads)
-    return _finish(y, yf, direct, plan)
+        _kernels.infer_forward(xc, yc, plan.kind, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads)
+    return _finish(y, yc, direct, plan)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
@@ -322,21 +338,21 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     mean64 = channel_vector("mean", mean, C, optional=False)
     invstd64 = channel_vector("invstd", invstd, C, optional=False)
     w = channel_vector("weight", weight, C)
-    w = np.ones(C) if w is None else w
     training = bool(training)
-    out = out_array(out, x.shape, x.dtype,
-                    {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
-                    may_alias=("dy",))
+    if out is not None:
+        out = out_array(out, x.shape, x.dtype,
+                        {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
+                        may_alias=("dy",))
     nthreads = effective_threads(num_threads, x.size)
-    plan, xf = _plan(x, axis, layout)
-    gf = _flat_like(dy, plan)
-    dx, dxf, direct = _result(plan, x.shape, x.dtype, out)
-    dweight = np.zeros(C)
-    dbias = np.zeros(C)
+    plan, xc = _plan(x, axis, layout)
+    gc = _like(dy, plan)
+    dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
+    grads = np.zeros((2, C))
     if x.size:
-        _kernels.backward(gf, xf, dxf, plan.kind, plan.N, C, plan.S, mean64, invstd64, w,
-                          training, dweight, dbias, nthreads)
-    return _finish(dx, dxf, direct, plan), dweight.astype(x.dtype), dbias.astype(x.dtype)
+        _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean64, invstd64, w,
+                          training, grads, nthreads)
+    grads = grads.astype(x.dtype, copy=False)
+    return _finish(dx, dxc, direct, plan), grads[0], grads[1]
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
@@ -376,7 +392,10 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     C = rm_arr.shape[0]
     rm = channel_vector("running_mean", running_mean, C, optional=False)
     rv = channel_vector("running_var", running_var, C, optional=False)
-    w, b = _weights(weight, bias, C)
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    w = np.ones(C) if w is None else w
+    b = np.zeros(C) if b is None else b
     eps = eps_value(eps)
     dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight, bias)
                              if a is not None])

@@ -1,0 +1,1068 @@
+# Batch Normalization kernels: typed, GIL-free, OpenMP-parallel loops.
+#
+# This file is included by two extension modules built from the same code: _kernels (the
+# portable baseline instruction set) and _kernels_avx2 (compiled with -mavx2 -mfma on x86-64).
+# fastbn/_dispatch.py imports the best one the CPU runs.
+#
+# Every kernel works on one of two canonical C-contiguous views, chosen by fastbn/functional.py:
+#   planar (N, C, S): each (n, c) pair is one contiguous run of S values (NCHW memory, S > 1);
+#   rows   (R, C):    each row holds one value per channel (NHWC memory, and (N, C)).
+# Statistics, scale/shift coefficients and reductions are accumulated in double whatever the
+# data type, and (x - mean) is always formed in double, so float32 inputs with a large mean
+# keep their low-order digits.
+#
+# Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
+# shape only, never on the thread count. Each chunk's partial result is computed by the same
+# code whichever thread runs it, and partials are merged in chunk order. One thread or many,
+# the result is bit-identical.
+#
+# Parallel structure: one OpenMP parallel region per call (none at all for one thread). Phases
+# that must see every chunk's partial (merge, then normalize) are separate `prange` loops
+# inside that region, ordered by explicit barriers.
+
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+cimport numpy as cnp
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTBN_OPENMP 1
+    #else
+    #define FASTBN_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+    """
+    int FASTBN_OPENMP
+    int omp_get_max_threads() noexcept nogil
+
+
+cdef extern from *:
+    """
+    #ifndef FASTBN_CFLAGS
+    #define FASTBN_CFLAGS "?"
+    #endif
+    #if defined(__AVX512F__)
+    #define FASTBN_SIMD "AVX-512"
+    #elif defined(__AVX2__)
+    #define FASTBN_SIMD "AVX2"
+    #elif defined(__AVX__)
+    #define FASTBN_SIMD "AVX"
+    #elif defined(__SSE2__) || defined(_M_X64)
+    #define FASTBN_SIMD "SSE2"
+    #elif defined(__ARM_NEON)
+    #define FASTBN_SIMD "NEON"
+    #else
+    #define FASTBN_SIMD "none"
+    #endif
+    static int fastbn_cpu_avx2_fma(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    #else
+        return 0;
+    #endif
+    }
+    #ifdef __VERSION__
+    #define FASTBN_CC_VERSION __VERSION__
+    #else
+    #define FASTBN_CC_VERSION "unknown"
+    #endif
+    """
+    int fastbn_cpu_avx2_fma() noexcept nogil
+    const char* FASTBN_CFLAGS
+    const char* FASTBN_SIMD
+    const char* FASTBN_CC_VERSION
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    static int fastbn_thread_slot(void) { return omp_get_thread_num(); }
+    /* orphaned barrier: binds to the enclosing parallel region (Cython's prange inside a
+       parallel block is "omp for nowait", so phases are ordered explicitly) */
+    static void fastbn_barrier(void) {
+        #pragma omp barrier
+    }
+    #else
+    static int fastbn_thread_slot(void) { return 0; }
+    static void fastbn_barrier(void) { }
+    #endif
+    """
+    int _thread_slot "fastbn_thread_slot"() noexcept nogil
+    void _barrier "fastbn_barrier"() noexcept nogil
+
+
+ctypedef fused floating:
+    float
+    double
+
+# Values per statistics block: a block is read twice (sum, then squared deviations) while it
+# sits in L1, so DRAM sees it once. 1024 float32 = 4 KiB; 64 terms per accumulator lane.
+cdef enum:
+    MAX_LANES = 64
+    BLOCK = 1024
+    # planar: at most this many chunks per channel (a channel is split among a team of
+    # threads only when there are fewer channels than threads).
+    MAX_CHUNKS = 16
+    # rows: values per chunk of rows (about 256 KiB of float32), and channels per tile.
+    ROW_CHUNK_VALUES = 65536
+    TILE = 256
+    TILE_ROWS = 32
+    # planar: contiguous values a task reads per sample (groups of channels for small planes)
+    GROUP_VALUES = 2048
+
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(FASTBN_OPENMP)
+
+
+def build_flags():
+    """Compiler flags, compiler version and vector instruction set the kernels were built with."""
+    return "%s (SIMD: %s; compiler %s)" % (FASTBN_CFLAGS.decode(), FASTBN_SIMD.decode(),
+                                          FASTBN_CC_VERSION.decode())
+
+
+def cpu_has_avx2_fma():
+    """True when this CPU runs AVX2 and FMA instructions."""
+    return bool(fastbn_cpu_avx2_fma())
+
+
+def omp_max_threads():
+    """omp_get_max_threads() of the calling thread (honours OMP_NUM_THREADS and threadpoolctl)."""
+    return omp_get_max_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void _chan_merge(double* n, double* mean, double* m2,
+                             double nb, double mb, double m2b) noexcept nogil:
+    """Merge (nb, mb, m2b) into the running (n, mean, m2) (Chan et al.'s pairwise update)."""
+    cdef double na = n[0]
+    cdef double tot = na + nb
+    cdef double delta
+    if nb == 0:
+        return
+    delta = mb - mean[0]
+    mean[0] = mean[0] + delta * (nb / tot)
+    m2[0] = m2[0] + m2b + delta * delta * (na * (nb / tot))
+    n[0] = tot
+
+
+# Accumulator lanes of the block reductions. Kept in a (never changed) module variable rather
+# than a compile-time constant: with a constant the compiler unrolls the lane loop and then
+# vectorizes across blocks with shuffles; with a run-time count it vectorizes the lane loop
+# itself, contiguously. Results depend on the lane count only, which is fixed.
+cdef Py_ssize_t _lanes = 16
+
+
+cdef inline double _lane_sum(const floating* a, Py_ssize_t lanes) noexcept nogil:
+    """Sum, in double and in lane order, of the accumulators a[0:lanes]."""
+    cdef double s = 0
+    cdef Py_ssize_t j
+    for j in range(lanes):
+        s = s + a[j]
+    return s
+
+
+cdef inline void _block_stats(const floating* p, Py_ssize_t length,
+                              double* mean, double* m2) noexcept nogil:
+    """Mean and centred sum of squares of p[0:length] (length <= BLOCK), in two passes over
+    the block while it sits in L1.
+
+    Pass one gives the block mean m; pass two sums d = x - m and d*d, and the correction
+    m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. The accumulator lanes have
+    the data's type, so the lane loops vectorize at full width; with at most BLOCK/lanes
+    terms per lane their rounding stays far below the data's resolution, and blocks are
+    merged in double.
+    """
+    cdef floating acc[MAX_LANES]
+    cdef floating sq[MAX_LANES]
+    cdef floating d, bm
+    cdef double s, s1, s2, dd
+    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t i, j, nfull = length // lanes
+    cdef const floating* q
+    for j in range(lanes):
+        acc[j] = 0
+    for i in range(nfull):
+        q = p + i * lanes
+        for j in range(lanes):
+            acc[j] = acc[j] + q[j]
+    s = _lane_sum(acc, lanes)
+    for i in range(nfull * lanes, length):
+        s = s + p[i]
+    bm = <floating>(s / length)
+    for j in range(lanes):
+        acc[j] = 0
+        sq[j] = 0
+    for i in range(nfull):
+        q = p + i * lanes
+        for j in range(lanes):
+            d = q[j] - bm
+            acc[j] = acc[j] + d
+            sq[j] = sq[j] + d * d
+    s1 = _lane_sum(acc, lanes)
+    s2 = _lane_sum(sq, lanes)
+    for i in range(nfull * lanes, length):
+        dd = p[i] - bm
+        s1 = s1 + dd
+        s2 = s2 + dd * dd
+    mean[0] = bm + s1 / length
+    s2 = s2 - s1 * (s1 / length)
+    m2[0] = s2 if s2 > 0 else 0.0
+
+
+cdef inline void _block_sums(const floating* g, const floating* x, Py_ssize_t length,
+                             floating mean, double* sum_g, double* dot) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)) over one run (length <= BLOCK) to sum_g, dot.
+
+    `mean` is the channel mean rounded to the data type; the caller corrects the dot for
+    the rounding (dot -= (mean64 - mean) * sum_g), so (x - mean) keeps its low digits.
+    """
+    cdef floating acc[MAX_LANES]
+    cdef floating dt[MAX_LANES]
+    cdef double s, t
+    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t i, j, nfull = length // lanes
+    cdef const floating* gq
+    cdef const floating* xq
+    for j in range(lanes):
+        acc[j] = 0
+        dt[j] = 0
+    for i in range(nfull):
+        gq = g + i * lanes
+        xq = x + i * lanes
+        for j in range(lanes):
+            acc[j] = acc[j] + gq[j]
+            dt[j] = dt[j] + gq[j] * (xq[j] - mean)
+    s = _lane_sum(acc, lanes)
+    t = _lane_sum(dt, lanes)
+    for i in range(nfull * lanes, length):
+        s = s + g[i]
+        t = t + <double>g[i] * <double>(x[i] - mean)
+    sum_g[0] = sum_g[0] + s
+    dot[0] = dot[0] + t
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
+                         double mean, double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift, (x - mean) in double."""
+    cdef Py_ssize_t i
+    for i in range(length):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
+cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                         double mean, double a, double k1, double k2) noexcept nogil:
+    """dx = (g - k1 - (x - mean) * k2) * a."""
+    cdef Py_ssize_t i
+    for i in range(length):
+        dx[i] = <floating>((g[i] - k1 - (x[i] - mean) * k2) * a)
+
+
+cdef struct Coef:
+    # inputs (weight, bias: NULL means 1 and 0)
+    const double* weight
+    const double* bias
+    double eps
+    # Batch Renormalization (renorm != 0): r and d from the running mean/std before the update
+    int renorm
+    const double* run_mean
+    const double* run_std
+    double rmin
+    double rmax
+    double dmax
+    # outputs, length C
+    double* mean
+    double* var
+    double* invstd
+    double* scale
+    double* shift
+    double* r
+    double* d
+
+
+cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
+    if v < lo:
+        return lo
+    if v > hi:
+        return hi
+    return v
+
+
+cdef inline void _set_coef(Coef* cf, Py_ssize_t c, double mean, double var) noexcept nogil:
+    """Store the statistics of channel c and the scale/shift of its normalization."""
+    cdef double invstd = 1.0 / sqrt(var + cf.eps)
+    cdef double w = cf.weight[c] if cf.weight != NULL else 1.0
+    cdef double b = cf.bias[c] if cf.bias != NULL else 0.0
+    cdef double r, d
+    cf.mean[c] = mean
+    cf.var[c] = var
+    cf.invstd[c] = invstd
+    if cf.renorm:
+        # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running stats
+        r = _clip(sqrt(var + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
+        d = _clip((mean - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
+        cf.r[c] = r
+        cf.d[c] = d
+        cf.scale[c] = w * r * invstd
+        cf.shift[c] = w * d + b
+    else:
+        cf.scale[c] = w * invstd
+        cf.shift[c] = b
+
+
+# ---------------------------------------------------------------------------------------------
+# Planar (N, C, S): chunking of one channel
+# ---------------------------------------------------------------------------------------------
+# A channel is N runs of S values. Each run is cut into `pieces` blocks of nearly equal length
+# (<= BLOCK); the channel's N * pieces blocks are grouped into `nchunk` consecutive chunks.
+
+cdef struct Planar:
+    Py_ssize_t N
+    Py_ssize_t C
+    Py_ssize_t S
+    Py_ssize_t pieces
+    Py_ssize_t nblock
+    Py_ssize_t nchunk
+
+
+cdef Planar _planar(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept:
+    cdef Planar p
+    p.N = N
+    p.C = C
+    p.S = S
+    p.pieces = (S + BLOCK - 1) // BLOCK if S > 0 else 1
+    p.nblock = N * p.pieces
+    p.nchunk = p.nblock if p.nblock < MAX_CHUNKS else MAX_CHUNKS
+    if p.nchunk < 1:
+        p.nchunk = 1
+    return p
+
+
+cdef inline void _piece(const Planar* p, Py_ssize_t c, Py_ssize_t b,
+                        Py_ssize_t* offset, Py_ssize_t* length) noexcept nogil:
+    """Offset and length of block b of channel c."""
+    cdef Py_ssize_t n = b // p.pieces
+    cdef Py_ssize_t q = b % p.pieces
+    cdef Py_ssize_t lo = (p.S * q) // p.pieces
+    cdef Py_ssize_t hi = (p.S * (q + 1)) // p.pieces
+    offset[0] = (n * p.C + c) * p.S + lo
+    length[0] = hi - lo
+
+
+cdef inline Py_ssize_t _chunk_lo(const Planar* p, Py_ssize_t k) noexcept nogil:
+    return (p.nblock * k) // p.nchunk
+
+
+cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssize_t c0,
+                                     Py_ssize_t c1, Py_ssize_t k, double* part) noexcept nogil:
+    """(count, mean, m2) of chunk k of each channel in [c0, c1), into part[3 * (c*nchunk + k)].
+
+    Blocks are visited block-major, channel-minor: for small planes the runs of
+    neighbouring channels are adjacent in memory, so the group streams through DRAM.
+    Each channel still sees its own blocks in the same order, whatever the group.
+    """
+    cdef Py_ssize_t b, c, off, length
+    cdef double bmean, bm2
+    cdef double* q
+    for c in range(c0, c1):
+        q = part + 3 * (c * p.nchunk + k)
+        q[0] = 0
+        q[1] = 0
+        q[2] = 0
+    for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
+        for c in range(c0, c1):
+            _piece(p, c, b, &off, &length)
+            if length > 0:
+                q = part + 3 * (c * p.nchunk + k)
+                _block_stats(x + off, length, &bmean, &bm2)
+                _chan_merge(&q[0], &q[1], &q[2], <double>length, bmean, bm2)
+
+
+cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
+                                      Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
+                                      const Coef* cf) noexcept nogil:
+    cdef Py_ssize_t b, c, off, length
+    for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
+        for c in range(c0, c1):
+            _piece(p, c, b, &off, &length)
+            _affine(x + off, y + off, length, cf.mean[c], cf.scale[c], cf.shift[c])
+
+
+cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
+                              double* mean, double* var) noexcept nogil:
+    """Merge nchunk (count, mean, m2) triples in order; biased variance."""
+    cdef double n = 0, m = 0, m2 = 0
+    cdef Py_ssize_t k
+    for k in range(nchunk):
+        _chan_merge(&n, &m, &m2, part[3 * k], part[3 * k + 1], part[3 * k + 2])
+    mean[0] = m
+    var[0] = m2 / n if n > 0 else 0.0
+
+
+cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t S, int nthreads) noexcept nogil:
+    """Channels per task: enough that a task reads >= GROUP_VALUES contiguous values per
+    sample, but at least one task per thread. Results do not depend on it."""
+    cdef Py_ssize_t g = (GROUP_VALUES + S - 1) // S
+    cdef Py_ssize_t most = (C + nthreads - 1) // nthreads
+    if g > most:
+        g = most
+    return g if g > 0 else 1
+
+
+# Each prange body below is one call, so that every local is private to its thread.
+
+cdef void _planar_train_group(const Planar* p, const floating* x, floating* y, Coef* cf,
+                              double* part, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Statistics of channels [c0, c1), then their normalization while still in cache."""
+    cdef Py_ssize_t k, c
+    cdef double mean, var
+    for k in range(p.nchunk):
+        _planar_chunk_stats(p, x, c0, c1, k, part)
+    for c in range(c0, c1):
+        _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &mean, &var)
+        _set_coef(cf, c, mean, var)
+    for k in range(p.nchunk):
+        _planar_chunk_affine(p, x, y, c0, c1, k, cf)
+
+
+cdef void _planar_train_coef(const Planar* p, Coef* cf, const double* part,
+                             Py_ssize_t c) noexcept nogil:
+    cdef double mean, var
+    _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &mean, &var)
+    _set_coef(cf, c, mean, var)
+
+
+cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* cf,
+                        double* part, int nthreads) noexcept nogil:
+    cdef Py_ssize_t g, c, t, ntask = p.C * p.nchunk
+    cdef Py_ssize_t gs = _group_size(p.C, p.S, nthreads)
+    cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
+    if nthreads == 1:
+        for g in range(ngroup):
+            _planar_train_group(p, x, y, cf, part, g * gs,
+                                (g + 1) * gs if (g + 1) * gs < p.C else p.C)
+    elif p.C >= nthreads:
+        # whole channels per thread
+        for g in prange(ngroup, num_threads=nthreads, schedule="dynamic"):
+            _planar_train_group(p, x, y, cf, part, g * gs,
+                                (g + 1) * gs if (g + 1) * gs < p.C else p.C)
+    else:
+        # fewer channels than threads: a team of threads per channel, one chunk per task
+        with parallel(num_threads=nthreads):
+            for t in prange(ntask, schedule="static"):
+                _planar_chunk_stats(p, x, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk, part)
+            _barrier()
+            for c in prange(p.C, schedule="static"):
+                _planar_train_coef(p, cf, part, c)
+            _barrier()
+            for t in prange(ntask, schedule="static"):
+                _planar_chunk_affine(p, x, y, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk, cf)
+
+
+cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const double* mean,
+                        const double* scale, const double* shift, int nthreads) noexcept nogil:
+    cdef Py_ssize_t run
+    if nthreads == 1:
+        for run in range(p.N * p.C):
+            _affine(x + run * p.S, y + run * p.S, p.S, mean[run % p.C], scale[run % p.C],
+                    shift[run % p.C])
+    else:
+        for run in prange(p.N * p.C, num_threads=nthreads, schedule="static"):
+            _affine(x + run * p.S, y + run * p.S, p.S, mean[run % p.C], scale[run % p.C],
+                    shift[run % p.C])
+
+
+cdef struct Grad:
+    # inputs, length C (weight: NULL means 1)
+    const double* mean
+    const double* invstd
+    const double* weight
+    int training
+    double m            # values per channel
+    # outputs, length C
+    double* dweight
+    double* dbias
+    double* a           # dx = (g - k1 - (x - mean) * k2) * a
+    double* k1
+    double* k2
+
+
+cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot,
+                            double mean_lo) noexcept nogil:
+    """dweight, dbias and the dx constants of channel c from its two sums.
+
+    `dot` was taken around the mean rounded to the data type; mean_lo = mean - rounded.
+    """
+    cdef double istd = gd.invstd[c]
+    dot = dot - mean_lo * sum_g
+    gd.dweight[c] = dot * istd
+    gd.dbias[c] = sum_g
+    gd.a[c] = istd * gd.weight[c] if gd.weight != NULL else istd
+    if gd.training:
+        gd.k1[c] = sum_g / gd.m
+        gd.k2[c] = dot / gd.m * istd * istd
+    else:
+        gd.k1[c] = 0.0
+        gd.k2[c] = 0.0
+
+
+cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
+                                    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
+                                    const double* mean, double* part) noexcept nogil:
+    """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)]."""
+    cdef Py_ssize_t b, c, off, length
+    cdef double* q
+    for c in range(c0, c1):
+        q = part + 2 * (c * p.nchunk + k)
+        q[0] = 0
+        q[1] = 0
+    for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
+        for c in range(c0, c1):
+            _piece(p, c, b, &off, &length)
+            q = part + 2 * (c * p.nchunk + k)
+            _block_sums(g + off, x + off, length, <floating>mean[c], &q[0], &q[1])
+
+
+cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
+                                  floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
+                                  const Grad* gd) noexcept nogil:
+    cdef Py_ssize_t b, c, off, length
+    for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
+        for c in range(c0, c1):
+            _piece(p, c, b, &off, &length)
+            _dx_run(g + off, x + off, dx + off, length, gd.mean[c], gd.a[c], gd.k1[c], gd.k2[c])
+
+
+cdef void _planar_grad_coef(const Planar* p, const floating* x, Grad* gd, const double* part,
+                            Py_ssize_t c) noexcept nogil:
+    cdef double sum_g = 0, dot = 0
+    cdef Py_ssize_t k
+    for k in range(p.nchunk):
+        sum_g = sum_g + part[2 * (c * p.nchunk + k)]
+        dot = dot + part[2 * (c * p.nchunk + k) + 1]
+    _grad_coef(gd, c, sum_g, dot, gd.mean[c] - <double><floating>gd.mean[c])
+
+
+cdef void _planar_backward_group(const Planar* p, const floating* g, const floating* x,
+                                 floating* dx, Grad* gd, double* part, Py_ssize_t c0,
+                                 Py_ssize_t c1) noexcept nogil:
+    """The fused sums of channels [c0, c1), then their dx while dy and x are in cache."""
+    cdef Py_ssize_t k, c
+    for k in range(p.nchunk):
+        _planar_chunk_sums(p, g, x, c0, c1, k, gd.mean, part)
+    for c in range(c0, c1):
+        _planar_grad_coef(p, x, gd, part, c)
+    for k in range(p.nchunk):
+        _planar_chunk_dx(p, g, x, dx, c0, c1, k, gd)
+
+
+cdef void _planar_backward(const Planar* p, const floating* g, const floating* x, floating* dx,
+                           Grad* gd, double* part, int nthreads) noexcept nogil:
+    cdef Py_ssize_t gi, c, t, ntask = p.C * p.nchunk
+    cdef Py_ssize_t gs = _group_size(p.C, p.S, nthreads)
+    cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
+    if nthreads == 1:
+        for gi in range(ngroup):
+            _planar_backward_group(p, g, x, dx, gd, part, gi * gs,
+                                   (gi + 1) * gs if (gi + 1) * gs < p.C else p.C)
+    elif p.C >= nthreads:
+        for gi in prange(ngroup, num_threads=nthreads, schedule="dynamic"):
+            _planar_backward_group(p, g, x, dx, gd, part, gi * gs,
+                                   (gi + 1) * gs if (gi + 1) * gs < p.C else p.C)
+    else:
+        with parallel(num_threads=nthreads):
+            for t in prange(ntask, schedule="static"):
+                _planar_chunk_sums(p, g, x, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk,
+                                   gd.mean, part)
+            _barrier()
+            for c in prange(p.C, schedule="static"):
+                _planar_grad_coef(p, x, gd, part, c)
+            _barrier()
+            for t in prange(ntask, schedule="static"):
+                _planar_chunk_dx(p, g, x, dx, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk, gd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows (R, C): chunks of rows, C-length partials per chunk, merged in chunk order
+# ---------------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
+    if rpc < TILE_ROWS:
+        rpc = TILE_ROWS
+    return rpc - rpc % TILE_ROWS
+
+
+cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                            double* cmean, double* cm2) noexcept nogil:
+    """Per-channel mean and m2 of rows [r0, r1), tile by tile (TILE_ROWS rows x TILE channels,
+    read twice while in L1), tiles merged into cmean/cm2 in double in row order."""
+    cdef floating acc[TILE]
+    cdef floating s1[TILE]
+    cdef floating s2[TILE]
+    cdef floating bm[TILE]
+    cdef floating d
+    cdef Py_ssize_t c0, nt, c, r, b0, b1, it, ib
+    cdef Py_ssize_t ntile = (C + TILE - 1) // TILE
+    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    cdef double nb, n, tot, delta, bmean, bm2, t1
+    cdef const floating* row
+    for it in range(ntile):
+        c0 = it * TILE
+        nt = C - c0 if C - c0 < TILE else TILE
+        n = 0
+        for ib in range(nrb):
+            b0 = r0 + ib * TILE_ROWS
+            b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
+            nb = <double>(b1 - b0)
+            for c in range(nt):
+                acc[c] = 0
+                s1[c] = 0
+                s2[c] = 0
+            for r in range(b0, b1):
+                row = x + r * C + c0
+                for c in range(nt):
+                    acc[c] = acc[c] + row[c]
+            for c in range(nt):
+                bm[c] = <floating>(acc[c] / nb)
+            for r in range(b0, b1):
+                row = x + r * C + c0
+                for c in range(nt):
+                    d = row[c] - bm[c]
+                    s1[c] = s1[c] + d
+                    s2[c] = s2[c] + d * d
+            tot = n + nb
+            for c in range(nt):
+                t1 = s1[c]
+                bmean = bm[c] + t1 / nb
+                bm2 = s2[c] - t1 * (t1 / nb)
+                if bm2 < 0:
+                    bm2 = 0
+                if n == 0:
+                    cmean[c0 + c] = bmean
+                    cm2[c0 + c] = bm2
+                else:
+                    delta = bmean - cmean[c0 + c]
+                    cmean[c0 + c] = cmean[c0 + c] + delta * (nb / tot)
+                    cm2[c0 + c] = cm2[c0 + c] + bm2 + delta * delta * (n * (nb / tot))
+            n = tot
+
+
+cdef void _rows_train_coef(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
+                           Py_ssize_t rpc, Py_ssize_t nchunk, Py_ssize_t c) noexcept nogil:
+    """Merge the chunk partials of channel c in chunk order."""
+    cdef double n = 0, m = 0, m2 = 0
+    cdef Py_ssize_t k, r0
+    for k in range(nchunk):
+        r0 = k * rpc
+        _chan_merge(&n, &m, &m2, <double>((r0 + rpc if r0 + rpc < R else R) - r0),
+                    part[2 * k * C + c], part[(2 * k + 1) * C + c])
+    _set_coef(cf, c, m, m2 / n)
+
+
+cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                       Py_ssize_t r1, const double* mean, const double* scale,
+                       const double* shift) noexcept nogil:
+    """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
+    memory; four rows share each load of the per-channel coefficients."""
+    cdef Py_ssize_t c, r = r0
+    cdef const floating* x0
+    cdef const floating* x1
+    cdef const floating* x2
+    cdef const floating* x3
+    cdef floating* y0
+    cdef floating* y1
+    cdef floating* y2
+    cdef floating* y3
+    cdef double m, a, b
+    while r + 4 <= r1:
+        x0 = x + r * C
+        x1 = x0 + C
+        x2 = x1 + C
+        x3 = x2 + C
+        y0 = y + r * C
+        y1 = y0 + C
+        y2 = y1 + C
+        y3 = y2 + C
+        for c in range(C):
+            m = mean[c]
+            a = scale[c]
+            b = shift[c]
+            y0[c] = <floating>((x0[c] - m) * a + b)
+            y1[c] = <floating>((x1[c] - m) * a + b)
+            y2[c] = <floating>((x2[c] - m) * a + b)
+            y3[c] = <floating>((x3[c] - m) * a + b)
+        r = r + 4
+    while r < r1:
+        x0 = x + r * C
+        y0 = y + r * C
+        for c in range(C):
+            y0[c] = <floating>((x0[c] - mean[c]) * scale[c] + shift[c])
+        r = r + 1
+
+
+cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C, Coef* cf,
+                      double* part, int nthreads) noexcept nogil:
+    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t k, c
+    if nthreads == 1:
+        for k in range(nchunk):
+            _rows_chunk_stats(x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                              part + 2 * k * C, part + (2 * k + 1) * C)
+        for c in range(C):
+            _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
+        for k in range(nchunk):
+            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                         cf.mean, cf.scale, cf.shift)
+        return
+    with parallel(num_threads=nthreads):
+        for k in prange(nchunk, schedule="static"):
+            _rows_chunk_stats(x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                              part + 2 * k * C, part + (2 * k + 1) * C)
+        _barrier()
+        for c in prange(C, schedule="static"):
+            _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
+        _barrier()
+        for k in prange(nchunk, schedule="static"):
+            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                         cf.mean, cf.scale, cf.shift)
+
+
+cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
+                      const double* mean, const double* scale, const double* shift,
+                      int nthreads) noexcept nogil:
+    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t k
+    if nthreads == 1:
+        for k in range(nchunk):
+            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                         mean, scale, shift)
+        return
+    for k in prange(nchunk, num_threads=nthreads, schedule="static"):
+        _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                     mean, scale, shift)
+
+
+cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
+                           Py_ssize_t r1, const double* mean, double* sg,
+                           double* sd) noexcept nogil:
+    """Per-channel sum(g) and sum(g * (x - mean_rounded)) of rows [r0, r1) in one pass,
+    TILE_ROWS rows at a time in the data's type, added into sg/sd in double."""
+    cdef floating acc[TILE]
+    cdef floating dt[TILE]
+    cdef floating mf[TILE]
+    cdef Py_ssize_t c0, nt, c, r, b0, b1, it, ib
+    cdef Py_ssize_t ntile = (C + TILE - 1) // TILE
+    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    cdef const floating* xr
+    cdef const floating* gr
+    for c in range(C):
+        sg[c] = 0
+        sd[c] = 0
+    for it in range(ntile):
+        c0 = it * TILE
+        nt = C - c0 if C - c0 < TILE else TILE
+        for c in range(nt):
+            mf[c] = <floating>mean[c0 + c]
+        for ib in range(nrb):
+            b0 = r0 + ib * TILE_ROWS
+            b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
+            for c in range(nt):
+                acc[c] = 0
+                dt[c] = 0
+            for r in range(b0, b1):
+                xr = x + r * C + c0
+                gr = g + r * C + c0
+                for c in range(nt):
+                    acc[c] = acc[c] + gr[c]
+                    dt[c] = dt[c] + gr[c] * (xr[c] - mf[c])
+            for c in range(nt):
+                sg[c0 + c] = sg[c0 + c] + acc[c]
+                sd[c0 + c] = sd[c0 + c] + dt[c]
+
+
+cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ssize_t C,
+                          Py_ssize_t nchunk, Py_ssize_t c) noexcept nogil:
+    cdef double sum_g = 0, dot = 0
+    cdef Py_ssize_t k
+    for k in range(nchunk):
+        sum_g = sum_g + part[2 * k * C + c]
+        dot = dot + part[(2 * k + 1) * C + c]
+    _grad_coef(gd, c, sum_g, dot, gd.mean[c] - <double><floating>gd.mean[c])
+
+
+cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
+    """dx on rows [r0, r1), in row order; two rows share each coefficient load."""
+    cdef Py_ssize_t c, r = r0
+    cdef const double* mean = gd.mean
+    cdef const double* a = gd.a
+    cdef const double* k1 = gd.k1
+    cdef const double* k2 = gd.k2
+    cdef const floating* g0
+    cdef const floating* g1
+    cdef const floating* x0
+    cdef const floating* x1
+    cdef floating* d0
+    cdef floating* d1
+    cdef double m, aa, kk1, kk2
+    while r + 2 <= r1:
+        g0 = g + r * C
+        g1 = g0 + C
+        x0 = x + r * C
+        x1 = x0 + C
+        d0 = dx + r * C
+        d1 = d0 + C
+        for c in range(C):
+            m = mean[c]
+            aa = a[c]
+            kk1 = k1[c]
+            kk2 = k2[c]
+            d0[c] = <floating>((g0[c] - kk1 - (x0[c] - m) * kk2) * aa)
+            d1[c] = <floating>((g1[c] - kk1 - (x1[c] - m) * kk2) * aa)
+        r = r + 2
+    while r < r1:
+        g0 = g + r * C
+        x0 = x + r * C
+        d0 = dx + r * C
+        for c in range(C):
+            d0[c] = <floating>((g0[c] - k1[c] - (x0[c] - mean[c]) * k2[c]) * a[c])
+        r = r + 1
+
+
+cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
+                         Py_ssize_t C, Grad* gd, double* part, int nthreads) noexcept nogil:
+    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t k, c
+    if nthreads == 1:
+        for k in range(nchunk):
+            _rows_chunk_sums(g, x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                             gd.mean, part + 2 * k * C, part + (2 * k + 1) * C)
+        for c in range(C):
+            _rows_grad_coef(x, gd, part, C, nchunk, c)
+        for k in range(nchunk):
+            _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
+        return
+    with parallel(num_threads=nthreads):
+        for k in prange(nchunk, schedule="static"):
+            _rows_chunk_sums(g, x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                             gd.mean, part + 2 * k * C, part + (2 * k + 1) * C)
+        _barrier()
+        for c in prange(C, schedule="static"):
+            _rows_grad_coef(x, gd, part, C, nchunk, c)
+        _barrier()
+        for k in prange(nchunk, schedule="static"):
+            _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points, called by fastbn/functional.py with validated, canonical arrays.
+# Arrays are taken as raw pointers (no buffer acquisition: small calls stay cheap); each entry
+# re-checks what would make a pointer unsafe, so a wrong internal call raises, never crashes.
+# ---------------------------------------------------------------------------------------------
+
+cnp.import_array()
+
+
+cdef Py_ssize_t _partials(int kind, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept:
+    """Doubles of scratch for the per-chunk partial results."""
+    cdef Planar p
+    cdef Py_ssize_t rpc
+    if kind == 0:
+        p = _planar(N, C, S)
+        return 3 * C * p.nchunk
+    rpc = _rows_per_chunk(C)
+    return 2 * C * ((N + rpc - 1) // rpc)
+
+
+cdef int _data_kind(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
+    """0 for float32, 1 for float64; checks x and y are contiguous, same dtype, `size` long."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError("kernel data must be float32 or float64")
+    if cnp.PyArray_TYPE(y) != t:
+        raise TypeError("kernel input and output dtypes differ")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)):
+        raise ValueError("kernel arrays must be C-contiguous")
+    if cnp.PyArray_SIZE(x) != size or cnp.PyArray_SIZE(y) != size:
+        raise ValueError("kernel arrays do not match the shape")
+    if not cnp.PyArray_ISWRITEABLE(y):
+        raise ValueError("kernel output is read-only")
+    return 0 if t == cnp.NPY_FLOAT32 else 1
+
+
+cdef double* _vec(object a, Py_ssize_t n, bint optional=False) except? NULL:
+    """Pointer to a C-contiguous float64 array of at least n values (NULL for None if optional)."""
+    cdef cnp.ndarray arr
+    if a is None:
+        if optional:
+            return NULL
+        raise ValueError("kernel vector missing")
+    arr = <cnp.ndarray?>a
+    if (cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT64 or not cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            or cnp.PyArray_SIZE(arr) < n):
+        raise ValueError("kernel vectors must be C-contiguous float64 of the channel count")
+    return <double*>cnp.PyArray_DATA(arr)
+
+
+cdef void _check_dims(int kind, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                      int nthreads) except *:
+    if kind not in (0, 1) or N < 1 or C < 1 or S < 1 or nthreads < 1:
+        raise ValueError("bad kernel dimensions")
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
+                  int nthreads):
+    """Training forward on a canonical view.
+
+    kind 0: x is planar (N, C, S); kind 1: x is rows (N, C) and S is 1. x, y: C-contiguous,
+    one float dtype (y may be x). weight, bias: float64 (C,) or None. stats: float64 (5, C),
+    receives mean, biased var, invstd, scale, shift. renorm: None, or (running_mean,
+    running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays, for Batch
+    Renormalization.
+    """
+    cdef Coef cf
+    cdef Planar p
+    cdef int fl
+    cdef double* part
+    _check_dims(kind, N, C, S, nthreads)
+    fl = _data_kind(x, y, N * C * S)
+    cf.weight = _vec(weight, C, True)
+    cf.bias = _vec(bias, C, True)
+    cf.eps = eps
+    cf.mean = _vec(stats, 5 * C)
+    cf.var = cf.mean + C
+    cf.invstd = cf.mean + 2 * C
+    cf.scale = cf.mean + 3 * C
+    cf.shift = cf.mean + 4 * C
+    cf.renorm = 0
+    if renorm is not None:
+        cf.renorm = 1
+        cf.run_mean = _vec(renorm[0], C)
+        cf.run_std = _vec(renorm[1], C)
+        cf.r = _vec(renorm[2], C)
+        cf.d = _vec(renorm[3], C)
+        cf.rmin = renorm[4]
+        cf.rmax = renorm[5]
+        cf.dmax = renorm[6]
+    p = _planar(N, C, S)
+    part = <double*>malloc(_partials(kind, N, C, S) * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            if kind == 0 and fl == 0:
+                _planar_train(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
+                              &cf, part, nthreads)
+            elif kind == 0:
+                _planar_train(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
+                              &cf, part, nthreads)
+            elif fl == 0:
+                _rows_train(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
+                            &cf, part, nthreads)
+            else:
+                _rows_train(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
+                            &cf, part, nthreads)
+    finally:
+        free(part)
+
+
+def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
+                  int nthreads):
+    """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
+    (see train_forward); the per-channel vectors are float64 (C,), weight/bias may be None."""
+    cdef Planar p
+    cdef int fl
+    cdef Py_ssize_t c
+    cdef const double* rm
+    cdef const double* rv
+    cdef const double* w
+    cdef const double* b
+    cdef double* coef
+    _check_dims(kind, N, C, S, nthreads)
+    fl = _data_kind(x, y, N * C * S)
+    rm = _vec(running_mean, C)
+    rv = _vec(running_var, C)
+    w = _vec(weight, C, True)
+    b = _vec(bias, C, True)
+    p = _planar(N, C, S)
+    coef = <double*>malloc(2 * C * sizeof(double))
+    if coef == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for c in range(C):
+                coef[c] = (w[c] if w != NULL else 1.0) / sqrt(rv[c] + eps)
+                coef[C + c] = b[c] if b != NULL else 0.0
+            if kind == 0 and fl == 0:
+                _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
+                              rm, coef, coef + C, nthreads)
+            elif kind == 0:
+                _planar_infer(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
+                              rm, coef, coef + C, nthreads)
+            elif fl == 0:
+                _rows_infer(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
+                            rm, coef, coef + C, nthreads)
+            else:
+                _rows_infer(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
+                            rm, coef, coef + C, nthreads)
+    finally:
+        free(coef)
+
+
+def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t N,
+             Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
+             cnp.ndarray grads, int nthreads):
+    """dx (may be g itself), and dweight, dbias into grads (float64 (2, C)) on a canonical
+    view (see train_forward); mean, invstd float64 (C,), weight float64 (C,) or None."""
+    cdef Planar p
+    cdef Grad gd
+    cdef int fl
+    cdef double* part
+    _check_dims(kind, N, C, S, nthreads)
+    fl = _data_kind(x, dx, N * C * S)
+    if _data_kind(g, dx, N * C * S) != fl:
+        raise TypeError("kernel gradient dtype differs")
+    gd.mean = _vec(mean, C)
+    gd.invstd = _vec(invstd, C)
+    gd.weight = _vec(weight, C, True)
+    gd.training = training
+    gd.m = <double>(N * S)
+    gd.dweight = _vec(grads, 2 * C)
+    gd.dbias = gd.dweight + C
+    p = _planar(N, C, S)
+    part = <double*>malloc((_partials(kind, N, C, S) + 3 * C) * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    gd.a = part + _partials(kind, N, C, S)
+    gd.k1 = gd.a + C
+    gd.k2 = gd.a + 2 * C
+    try:
+        with nogil:
+            if kind == 0 and fl == 0:
+                _planar_backward(&p, <float*>cnp.PyArray_DATA(g), <float*>cnp.PyArray_DATA(x),
+                                 <float*>cnp.PyArray_DATA(dx), &gd, part, nthreads)
+            elif kind == 0:
+                _planar_backward(&p, <double*>cnp.PyArray_DATA(g), <double*>cnp.PyArray_DATA(x),
+                                 <double*>cnp.PyArray_DATA(dx), &gd, part, nthreads)
+            elif fl == 0:
+                _rows_backward(<float*>cnp.PyArray_DATA(g), <float*>cnp.PyArray_DATA(x),
+                               <float*>cnp.PyArray_DATA(dx), N, C, &gd, part, nthreads)
+            else:
+                _rows_backward(<double*>cnp.PyArray_DATA(g), <double*>cnp.PyArray_DATA(x),
+                               <double*>cnp.PyArray_DATA(dx), N, C, &gd, part, nthreads)
+    finally:
+        free(part)
