@@ -482,6 +482,17 @@ class Scale:
         ------
         TypeError, ValueError
             x not of the layer's dtype, wrong channel count; a blob of the wrong shape/dtype.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastbn.caffe import Scale
+        >>> sc = Scale(2)
+        >>> sc.blobs[0][:] = [2.0, -1.0]
+        >>> sc.forward(np.ones((3, 2), np.float32))
+        array([[ 2., -1.],
+               [ 2., -1.],
+               [ 2., -1.]], dtype=float32)
         """
         x = _check_input("x", x, self.channels, self.dtype)
         blobs = self._checked("blobs")
@@ -509,6 +520,16 @@ class Scale:
             No forward has run yet.
         TypeError, ValueError
             dy of the wrong dtype or shape.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastbn.caffe import Scale
+        >>> sc = Scale(1, dtype=np.float64)
+        >>> _ = sc.forward(np.array([[1.0], [2.0]]))
+        >>> _ = sc.backward(np.ones((2, 1))); _ = sc.backward(np.ones((2, 1)))
+        >>> sc.diffs[0]                 # sum(dy * x) = 3, twice
+        array([6.])
         """
         if self._x is None:
             raise RuntimeError("backward needs a forward first (no saved input)")
