@@ -80,18 +80,15 @@ cdef extern from *:
 cdef extern from *:
     """
     #ifdef _OPENMP
-    static int fastbn_thread_slot(void) { return omp_get_thread_num(); }
     /* orphaned barrier: binds to the enclosing parallel region (Cython's prange inside a
        parallel block is "omp for nowait", so phases are ordered explicitly) */
     static void fastbn_barrier(void) {
         #pragma omp barrier
     }
     #else
-    static int fastbn_thread_slot(void) { return 0; }
     static void fastbn_barrier(void) { }
     #endif
     """
-    int _thread_slot "fastbn_thread_slot"() noexcept nogil
     void _barrier "fastbn_barrier"() noexcept nogil
 
 

@@ -1,0 +1,398 @@
+"""Core functional API: fastbn against its NumPy reference and against PyTorch's float64
+autograd, the accuracy traps, memory orders, in-place use and thread-count invariance."""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import reference as ref
+
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = (np.float32, np.float64)
+# odd sizes: C = 1, HW = 1, C not a multiple of the vector width, every ndim from 2 to 5
+SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7), (16, 1, 10, 10),
+          (3, 130, 1, 1), (2, 33, 40, 40), (1, 5, 3000), (600, 3), (7, 1)]
+TORCH_SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7),
+                (16, 1, 10, 10), (3, 130, 1, 1)]
+
+
+def nchw_to(layout, shape):
+    """An NCHW shape in the given layout."""
+    if layout == "NHWC" and len(shape) > 2:
+        return (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    return shape
+
+
+def channels(shape, layout):
+    return shape[1] if layout == "NCHW" else shape[-1]
+
+
+def tol(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def data(shape, layout, dtype, seed=0, offset=0.5):
+    rng = np.random.default_rng(seed)
+    s = nchw_to(layout, shape)
+    C = channels(s, layout)
+    x = (rng.standard_normal(s) * 2 + offset).astype(dtype)
+    dy = rng.standard_normal(s).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.uniform(-1, 1, C).astype(dtype)
+    return x, dy, w, b
+
+
+def values_per_channel(shape, layout):
+    return int(np.prod(shape)) // channels(shape, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# against the NumPy reference
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_reference(shape, dtype, layout, affine):
+    x, dy, w, b = data(shape, layout, dtype)
+    s = x.shape
+    C = channels(s, layout)
+    if not affine:
+        w = b = None
+    where = f"{shape} {np.dtype(dtype).name} {layout} affine={affine}"
+    m = values_per_channel(s, layout)
+    if m > 1:
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        rm_r, rv_r = rm.copy(), rv.copy()
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout, running_mean=rm,
+                                                  running_var=rv, momentum=0.3)
+        y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b, layout=layout, running_mean=rm_r,
+                                                     running_var=rv_r, momentum=0.3)
+        np.testing.assert_allclose(y, y_r, **tol(dtype), err_msg=where)
+        # float32 data is summed in float32 lanes within a block (blocks merge in double)
+        stat_tol = dict(rtol=1e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12,
+                                                                                atol=1e-12)
+        np.testing.assert_allclose(mean, mean_r, **stat_tol, err_msg=where)
+        np.testing.assert_allclose(invstd, invstd_r, **stat_tol, err_msg=where)
+        np.testing.assert_allclose(rm, rm_r, **tol(dtype), err_msg=where)
+        np.testing.assert_allclose(rv, rv_r, **tol(dtype), err_msg=where)
+        assert y.dtype == x.dtype and mean.dtype == invstd.dtype == np.float64
+        for training in (True, False):
+            g = fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout,
+                                           training=training)
+            g_r = ref.batch_norm_backward(dy, x, mean, invstd, w, layout=layout,
+                                          training=training)
+            for a, a_r, name in zip(g, g_r, ("dx", "dweight", "dbias")):
+                scale = max(1.0, float(np.abs(a_r).max()))
+                np.testing.assert_allclose(a / scale, a_r / scale, **tol(dtype),
+                                           err_msg=f"{name} training={training} {where}")
+                assert a.dtype == x.dtype
+    rm = np.linspace(-1, 1, C)
+    rv = np.linspace(0.5, 2, C)
+    y = fastbn.batch_norm_infer(x, rm, rv, w, b, layout=layout)
+    y_r = ref.batch_norm_infer(x, rm, rv, w, b, layout=layout)
+    np.testing.assert_allclose(y, y_r, **tol(dtype), err_msg=where)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("order", ["F", "strided", "transposed", "readonly", "channels-last"])
+def test_memory_orders(order, layout):
+    """Non-contiguous, Fortran-ordered, read-only and channels-last-strided inputs work, and
+    the result keeps the input's memory order where the kernel ran on it directly."""
+    x, dy, w, b = data((4, 6, 9, 5), layout, np.float64)
+    if order == "F":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    elif order == "strided":
+        big = np.repeat(x, 2, axis=-1)
+        x, dy = big[..., ::2], np.repeat(dy, 2, axis=-1)[..., ::2]
+    elif order == "transposed":
+        x = np.ascontiguousarray(np.swapaxes(x, 2, 3)).swapaxes(2, 3)
+        dy = np.ascontiguousarray(np.swapaxes(dy, 2, 3)).swapaxes(2, 3)
+    elif order == "readonly":
+        x.flags.writeable = False
+        dy.flags.writeable = False
+    elif order == "channels-last":
+        # same shape, channel axis moved in memory (PyTorch's channels_last / NCHW-from-NHWC)
+        axis = 1 if layout == "NCHW" else 3
+        other = 3 if layout == "NCHW" else 1
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, axis, other)), other, axis)
+        dy = np.moveaxis(np.ascontiguousarray(np.moveaxis(dy, axis, other)), other, axis)
+        assert not x.flags.c_contiguous
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout)
+    y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b, layout=layout)
+    np.testing.assert_allclose(y, y_r, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mean, mean_r, rtol=1e-12, atol=1e-13)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+    dx_r, dw_r, db_r = ref.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+    np.testing.assert_allclose(dx, dx_r, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dw, dw_r, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, db_r, rtol=1e-10, atol=1e-12)
+    if order == "channels-last":
+        assert y.strides == x.strides and dx.strides == x.strides
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_and_out(layout, dtype):
+    x, dy, w, b = data((3, 5, 4, 6), layout, dtype)
+    y_r, mean, invstd = ref.batch_norm_train(x, w, b, layout=layout)
+    # out= a separate array
+    out = np.empty_like(x)
+    y, _, _ = fastbn.batch_norm_train(x, w, b, layout=layout, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, y_r, **tol(dtype))
+    # out=x: in place
+    xi = x.copy()
+    y, _, _ = fastbn.batch_norm_train(xi, w, b, layout=layout, out=xi)
+    assert y is xi
+    np.testing.assert_allclose(xi, y_r, **tol(dtype))
+    # inference in place
+    rm, rv = np.full(xi.shape[1 if layout == "NCHW" else -1], 0.25), np.full(
+        xi.shape[1 if layout == "NCHW" else -1], 4.0)
+    xi = x.copy()
+    fastbn.batch_norm_infer(xi, rm, rv, w, b, layout=layout, out=xi)
+    np.testing.assert_allclose(xi, ref.batch_norm_infer(x, rm, rv, w, b, layout=layout),
+                               **tol(dtype))
+    # backward in place over dy
+    dx_r = ref.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)[0]
+    g = dy.copy()
+    dx, _, _ = fastbn.batch_norm_backward(g, x, mean, invstd, w, layout=layout, out=g)
+    assert dx is g
+    np.testing.assert_allclose(g, dx_r, **tol(dtype))
+    # a non-contiguous out is filled too
+    out = np.empty(x.shape[::-1], dtype).T
+    fastbn.batch_norm_train(x, w, b, layout=layout, out=out)
+    np.testing.assert_allclose(out, y_r, **tol(dtype))
+
+
+def test_fold_batch_norm():
+    rng = np.random.default_rng(1)
+    rm, rv, w, b = rng.normal(size=4), rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4)
+    scale, shift = fastbn.fold_batch_norm(rm, rv, w, b, eps=1e-3)
+    x = rng.normal(size=(5, 4, 3))
+    np.testing.assert_allclose(x * scale[:, None] + shift[:, None],
+                               ref.batch_norm_infer(x, rm, rv, w, b, eps=1e-3), rtol=1e-12)
+    s32, _ = fastbn.fold_batch_norm(rm.astype(np.float32), rv.astype(np.float32))
+    assert s32.dtype == np.float32
+
+
+def test_zero_variance_and_eps_zero():
+    """A constant channel with eps=0: invstd is inf and y is NaN (0 * inf), as in PyTorch
+    and the reference; with eps > 0 it is exactly `bias`."""
+    x = np.ones((4, 2, 3))
+    x[:, 1] = np.arange(12).reshape(4, 3)
+    y, mean, invstd = fastbn.batch_norm_train(x, eps=0.0)
+    assert np.isinf(invstd[0]) and np.isnan(y[:, 0]).all()
+    assert np.isfinite(y[:, 1]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# against PyTorch's float64 autograd (acceptance 2 of the core issue)
+# --------------------------------------------------------------------------------------------
+
+def torch_bn(x, w, b, layout, training, rm, rv, momentum, dy):
+    """y, mean, invstd, dx, dw, db and the running stats from torch, in float64."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    xt = torch.tensor(np.moveaxis(x, -1, 1) if layout == "NHWC" else x,
+                      dtype=torch.float64, requires_grad=True)
+    C = xt.shape[1]
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True) if w is not None else None
+    bt = torch.tensor(b, dtype=torch.float64, requires_grad=True) if b is not None else None
+    rmt = torch.tensor(rm, dtype=torch.float64)
+    rvt = torch.tensor(rv, dtype=torch.float64)
+    y = F.batch_norm(xt, rmt, rvt, wt, bt, training=training, momentum=momentum, eps=1e-5)
+    g = torch.tensor(np.moveaxis(dy, -1, 1) if layout == "NHWC" else dy, dtype=torch.float64)
+    y.backward(g)
+    red = [0] + list(range(2, xt.ndim))
+    xd = xt.detach()
+    mean = xd.mean(dim=red) if training else rmt
+    var = xd.var(dim=red, unbiased=False) if training else rvt
+    invstd = 1 / torch.sqrt(var + 1e-5)
+
+    def back(a):
+        a = a.detach().numpy()
+        return np.moveaxis(a, 1, -1) if layout == "NHWC" else a
+
+    ones = torch.ones(C, dtype=torch.float64)
+    return dict(y=back(y), mean=mean.numpy(), invstd=invstd.numpy(), dx=back(xt.grad),
+                dw=(wt.grad if wt is not None else (g * (xd - mean.reshape([1, C] + [1] * (
+                    xd.ndim - 2))) * invstd.reshape([1, C] + [1] * (xd.ndim - 2))).sum(
+                    dim=red)).numpy(),
+                db=(bt.grad if bt is not None else g.sum(dim=red) * ones).numpy(),
+                rm=rmt.numpy(), rv=rvt.numpy())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TORCH_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_against_torch(shape, dtype, layout, affine, training):
+    x, dy, w, b = data(shape, layout, dtype, seed=3)
+    if not affine:
+        w = b = None
+    C = channels(x.shape, layout)
+    rm0 = np.linspace(-0.5, 0.5, C)
+    rv0 = np.linspace(0.5, 1.5, C)
+    t = torch_bn(x.astype(np.float64), None if w is None else w.astype(np.float64),
+                 None if b is None else b.astype(np.float64), layout, training,
+                 rm0.copy(), rv0.copy(), 0.1, dy.astype(np.float64))
+    rm, rv = rm0.copy(), rv0.copy()
+    if training:
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout, running_mean=rm,
+                                                  running_var=rv, momentum=0.1)
+    else:
+        y = fastbn.batch_norm_infer(x, rm, rv, w, b, layout=layout)
+        mean, invstd = rm, 1 / np.sqrt(rv + 1e-5)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout,
+                                            training=training)
+    f32 = dtype == np.float32
+    fwd = dict(rtol=2e-5, atol=2e-5) if f32 else dict(rtol=1e-10, atol=1e-10)
+    bwd = dict(rtol=1e-4, atol=1e-4) if f32 else dict(rtol=1e-10, atol=1e-10)
+    where = f"{shape} {np.dtype(dtype).name} {layout} affine={affine} training={training}"
+    np.testing.assert_allclose(y, t["y"], **fwd, err_msg=where)
+    np.testing.assert_allclose(mean, t["mean"], **fwd, err_msg=where)
+    np.testing.assert_allclose(invstd, t["invstd"], **fwd, err_msg=where)
+    np.testing.assert_allclose(rm, t["rm"], **fwd, err_msg=where)
+    np.testing.assert_allclose(rv, t["rv"], **fwd, err_msg=where)
+    for a, key in ((dx, "dx"), (dw, "dw"), (db, "db")):
+        scale = max(1.0, float(np.abs(t[key]).max()))
+        np.testing.assert_allclose(a / scale, t[key] / scale, **bwd, err_msg=f"{key} {where}")
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy on hard data (acceptance 3)
+# --------------------------------------------------------------------------------------------
+
+def y64(x, w=None, b=None, layout="NCHW"):
+    """The training output computed in float64 from the same float32 inputs."""
+    return ref.batch_norm_train(x.astype(np.float64), w, b, layout=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4, 1e5])
+def test_float32_accuracy_large_offset(layout, offset):
+    rng = np.random.default_rng(7)
+    shape = nchw_to(layout, (16, 8, 32, 32))
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
+    C = channels(shape, layout)
+    w = rng.uniform(0.5, 1.5, C)
+    b = rng.uniform(-1, 1, C)
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout)
+    exact, mean64, invstd64 = y64(x, w, b, layout)
+    eps32 = np.finfo(np.float32).eps
+    err = np.abs(y.astype(np.float64) - exact) / np.maximum(1.0, np.abs(exact))
+    assert err.max() <= 8 * eps32, f"max error {err.max() / eps32:.2f} eps at offset {offset}"
+    np.testing.assert_allclose(invstd, invstd64, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_constant_channel_gives_bias(layout):
+    shape = nchw_to(layout, (8, 3, 16, 16))
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if layout == "NCHW":
+        x[:, 1] = 1e7
+    else:
+        x[..., 1] = 1e7
+    b = np.array([0.25, -0.75, 3.0], np.float32)
+    y, mean, invstd = fastbn.batch_norm_train(x, np.full(3, 2.0, np.float32), b, layout=layout)
+    ych = y[:, 1] if layout == "NCHW" else y[..., 1]
+    assert mean[1] == 1e7
+    assert (ych == np.float32(-0.75)).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_backward_accuracy_offset(layout):
+    rng = np.random.default_rng(11)
+    shape = nchw_to(layout, (16, 8, 32, 32))
+    x = (rng.standard_normal(shape) + 1e4).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    C = channels(shape, layout)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    _, mean, invstd = fastbn.batch_norm_train(x, w, layout=layout)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout)
+    _, mean64, invstd64 = y64(x, layout=layout)
+    dx64, dw64, db64 = ref.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                               mean64, invstd64, w.astype(np.float64),
+                                               layout=layout)
+    for a, e in ((dx, dx64), (dw, dw64), (db, db64)):
+        rel = np.abs(a.astype(np.float64) - e).max() / np.abs(e).max()
+        assert rel <= 1e-4, rel
+
+
+# --------------------------------------------------------------------------------------------
+# thread-count invariance (acceptance 4)
+# --------------------------------------------------------------------------------------------
+
+THREAD_SHAPES = [(32, 3, 40, 40), (4, 1, 200, 200), (64, 40, 9, 9), (2048, 17), (2, 70, 3, 300)]
+
+
+def run_all(x, dy, w, b, layout, **kw):
+    y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout, **kw)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w, layout=layout, **kw)
+    yi = fastbn.batch_norm_infer(x, mean, 1 / invstd ** 2, w, b, layout=layout, **kw)
+    return y, mean, invstd, dx, dw, db, yi
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+def test_bit_identical_across_threads(shape, dtype, layout):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    x, dy, w, b = data(shape, layout, dtype, seed=5, offset=100.0)
+    one = run_all(x, dy, w, b, layout, num_threads=1)
+    two = run_all(x, dy, w, b, layout, num_threads=2)
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        lim1 = run_all(x, dy, w, b, layout)
+    with threadpoolctl.threadpool_limits(2, user_api="openmp"):
+        lim2 = run_all(x, dy, w, b, layout)
+    for results in (two, lim1, lim2):
+        for a, e, name in zip(results, one, ("y", "mean", "invstd", "dx", "dw", "db", "yi")):
+            assert np.array_equal(a, e), f"{name} differs across thread counts"
+
+
+def test_threads_api():
+    n = fastbn.get_num_threads()
+    assert n >= 1
+    try:
+        fastbn.set_num_threads(1)
+        assert fastbn.get_num_threads() == 1
+    finally:
+        fastbn.set_num_threads(None)
+    assert fastbn.get_num_threads() == n
+    with pytest.raises(ValueError, match="num_threads"):
+        fastbn.set_num_threads(0)
+
+
+def test_show_config(capsys):
+    fastbn.show_config()
+    out = capsys.readouterr().out
+    assert "openmp" in out and "cflags" in out and "threads" in out
+
+
+def test_kernel_variants_agree():
+    """The portable and AVX2 builds of the kernels both match the reference."""
+    import importlib
+    mods = ["fastbn._kernels"]
+    try:
+        importlib.import_module("fastbn._kernels_avx2")
+        from fastbn._kernels import cpu_has_avx2_fma
+        if cpu_has_avx2_fma():
+            mods.append("fastbn._kernels_avx2")
+    except ImportError:
+        pass
+    from fastbn import functional
+    saved = functional._kernels
+    x, dy, w, b = data((4, 9, 13, 11), "NCHW", np.float32, seed=2)
+    y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b)
+    try:
+        for name in mods:
+            functional._kernels = importlib.import_module(name)
+            y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+            np.testing.assert_allclose(y, y_r, rtol=2e-6, atol=2e-6, err_msg=name)
+            dx = fastbn.batch_norm_backward(dy, x, mean, invstd, w)[0]
+            np.testing.assert_allclose(
+                dx, ref.batch_norm_backward(dy, x, mean, invstd, w)[0], rtol=1e-4, atol=1e-5)
+    finally:
+        functional._kernels = saved
