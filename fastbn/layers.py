@@ -98,6 +98,14 @@ class _Norm:
         -------
         y : ndarray
             Shape and dtype of x.
+
+        Raises
+        ------
+        TypeError
+            x is not an array of the layer's dtype.
+        ValueError
+            Wrong channel count or ndim; in training, one value per channel. The layer's
+            state is unchanged then.
         """
         x = self._check_input(x)
         if self._uses_batch_stats():
@@ -339,9 +347,10 @@ def _clip_param(name, v):
     if callable(v):
         return v
     if isinstance(v, str):
-        if v != "paper":
-            raise ValueError(f"{name} must be a number, a callable of the step count or "
-                             f"'paper', got {v!r}")
+        if v != "paper" or name == "rmin":
+            choices = "a number or a callable of the step count" + (
+                "" if name == "rmin" else " or 'paper'")
+            raise ValueError(f"{name} must be {choices}, got {v!r}")
         return renorm.paper_schedules()[0 if name == "rmax" else 1]
     value = real_scalar(name, v)
     return lambda step: value

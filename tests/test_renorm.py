@@ -473,6 +473,8 @@ def test_rmin_keras_style():
     (dict(rmin=1.5), "rmin", ValueError),
     (dict(rmin=0.0), "rmin", ValueError),
     (dict(rmax="papers"), "rmax", ValueError),
+    (dict(rmin="paper"), "rmin", ValueError),
+    (dict(rmin="0.5"), "rmin", ValueError),
     (dict(rmax=lambda s: 0.5), "rmax", ValueError),
     (dict(momentum=2.0), "momentum", ValueError),
     (dict(eps=-1e-5), "eps", ValueError),
