@@ -81,6 +81,11 @@ def _load_tensor(path):
     return numpy_helper.to_array(t)
 
 
+def test_submodule_is_exported():
+    import fastbn
+    assert fastbn.onnx.batch_normalization is batch_normalization
+
+
 def test_pytorch_converted_models_found():
     assert len(PYTORCH_MODELS) >= 5
 

@@ -536,3 +536,17 @@ def test_linear_schedule():
         linear_schedule(1.0, 3.0, -1, 5)
     with pytest.raises(ValueError, match="start"):
         linear_schedule(float("nan"), 3.0, 0, 5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_thread_count_invariance(layout):
+    x, dy, w, b, rm, rs = make((4, 64, 9, 9), layout, dtype=np.float32)
+    res = []
+    for n in (1, 2, 3):
+        rm_n, rs_n = rm.copy(), rs.copy()
+        fwd = fastbn.batch_renorm_train(x, w, b, rm_n, rs_n, layout=layout, num_threads=n)
+        bwd = fastbn.batch_renorm_backward(dy, x, *fwd[1:], w, layout=layout, num_threads=n)
+        res.append(list(fwd) + list(bwd) + [rm_n, rs_n])
+    for other in res[1:]:
+        for u, v in zip(res[0], other):
+            np.testing.assert_array_equal(u, v)
