@@ -4,7 +4,11 @@ import pytest
 
 import fastbn
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:          # the torch comparisons skip; the layer's own tests still run
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 LAYOUTS = ("NCHW", "NHWC")
 SHAPES = [(8, 5), (4, 6, 7), (4, 6, 5, 5), (2, 3, 3, 4, 5)]
@@ -61,6 +65,7 @@ def assert_state(bn, tbn, tol, what):
 # --------------------------------------------------------------------------------------
 # Acceptance 1: four training steps, then eval, against torch
 # --------------------------------------------------------------------------------------
+@needs_torch
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("momentum", [0.1, 0.3, None])
@@ -101,6 +106,7 @@ def test_training_steps_match_torch(momentum, shape, layout):
     assert_state(bn, tbn, 1e-9, tag)
 
 
+@needs_torch
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
 def test_options_match_torch(affine, track, layout):
@@ -128,6 +134,7 @@ def test_options_match_torch(affine, track, layout):
             assert bn.weight is None and bn.weight_grad is None
 
 
+@needs_torch
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_float32_layer_matches_torch(layout):
     shape = (8, 16, 6, 6)
@@ -145,6 +152,7 @@ def test_float32_layer_matches_torch(layout):
         assert_close(bn.weight_grad, tbn.weight.grad.numpy(), 1e-4, "weight_grad float32")
 
 
+@needs_torch
 def test_load_torch_state_dict_then_eval():
     """A trained torch BatchNorm2d's state_dict, converted to NumPy, loads directly."""
     tbn = torch.nn.BatchNorm2d(5, momentum=0.2)
@@ -169,6 +177,7 @@ def test_load_torch_state_dict_then_eval():
         np.testing.assert_array_equal(bn2.state_dict()[k], v, err_msg=k)
 
 
+@needs_torch
 def test_cumulative_average_continues_from_loaded_count():
     """momentum=None weights the next batch by 1/(num_batches_tracked + 1), as torch does."""
     tbn = torch_bn(4, 3, momentum=None)
@@ -238,9 +247,9 @@ def test_state_dict_returns_copies():
 
 
 def test_one_value_per_channel_raises_like_torch():
-    tbn = torch.nn.BatchNorm1d(3)
-    with pytest.raises(ValueError):
-        tbn(torch.ones(1, 3))
+    if torch is not None:
+        with pytest.raises(ValueError):
+            torch.nn.BatchNorm1d(3)(torch.ones(1, 3))
     bn = fastbn.BatchNorm(3)
     state = bn.state_dict()
     x = np.ones((1, 3), np.float32)
