@@ -1,0 +1,27 @@
+"""The README's example runs, and its commands are the ones CI runs."""
+import pathlib
+import re
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_training_step_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README has no python example"
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["y"].shape == scope["x"].shape
+    assert np.isfinite(scope["dx"]).all()
+    # one SGD step on 0.5*||y - 1||^2 moves beta towards 1
+    assert (scope["beta"] > 0).all()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    test_cmd = [c for c in commands if "pytest" in c]
+    assert len(test_cmd) == 1
+    assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
