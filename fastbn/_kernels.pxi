@@ -21,7 +21,7 @@
 # inside that region, ordered by explicit barriers.
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport sqrt
+from libc.math cimport NAN, sqrt
 from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
@@ -104,9 +104,8 @@ cdef enum:
     # planar: at most this many chunks per channel (a channel is split among a team of
     # threads only when there are fewer channels than threads).
     MAX_CHUNKS = 16
-    # rows: values per chunk of rows (about 256 KiB of float32), and channels per tile.
+    # rows: values per chunk of rows (about 256 KiB of float32), and rows per statistics block.
     ROW_CHUNK_VALUES = 65536
-    TILE = 256
     TILE_ROWS = 32
     # planar: contiguous values a task reads per sample (groups of channels for small planes)
     GROUP_VALUES = 2048
@@ -600,57 +599,60 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t C) noexcept nogil:
 
 cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
                             double* cmean, double* cm2) noexcept nogil:
-    """Per-channel mean and m2 of rows [r0, r1), tile by tile (TILE_ROWS rows x TILE channels,
-    read twice while in L1), tiles merged into cmean/cm2 in double in row order."""
-    cdef floating acc[TILE]
-    cdef floating s1[TILE]
-    cdef floating s2[TILE]
-    cdef floating bm[TILE]
+    """Per-channel mean and m2 of rows [r0, r1), block by block: TILE_ROWS rows are read in
+    memory order (sum, then squared deviations from the block mean, the second pass from
+    cache) and each block is merged into cmean/cm2 in double, in row order."""
+    cdef floating* work = <floating*>malloc(4 * C * sizeof(floating))
+    cdef floating* acc = work
+    cdef floating* s1 = work + C
+    cdef floating* s2 = work + 2 * C
+    cdef floating* bm = work + 3 * C
     cdef floating d
-    cdef Py_ssize_t c0, nt, c, r, b0, b1, it, ib
-    cdef Py_ssize_t ntile = (C + TILE - 1) // TILE
+    cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
-    cdef double nb, n, tot, delta, bmean, bm2, t1
+    cdef double nb, n = 0, tot, delta, bmean, bm2, t1
     cdef const floating* row
-    for it in range(ntile):
-        c0 = it * TILE
-        nt = C - c0 if C - c0 < TILE else TILE
-        n = 0
-        for ib in range(nrb):
-            b0 = r0 + ib * TILE_ROWS
-            b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
-            nb = <double>(b1 - b0)
-            for c in range(nt):
-                acc[c] = 0
-                s1[c] = 0
-                s2[c] = 0
-            for r in range(b0, b1):
-                row = x + r * C + c0
-                for c in range(nt):
-                    acc[c] = acc[c] + row[c]
-            for c in range(nt):
-                bm[c] = <floating>(acc[c] / nb)
-            for r in range(b0, b1):
-                row = x + r * C + c0
-                for c in range(nt):
-                    d = row[c] - bm[c]
-                    s1[c] = s1[c] + d
-                    s2[c] = s2[c] + d * d
-            tot = n + nb
-            for c in range(nt):
-                t1 = s1[c]
-                bmean = bm[c] + t1 / nb
-                bm2 = s2[c] - t1 * (t1 / nb)
-                if bm2 < 0:
-                    bm2 = 0
-                if n == 0:
-                    cmean[c0 + c] = bmean
-                    cm2[c0 + c] = bm2
-                else:
-                    delta = bmean - cmean[c0 + c]
-                    cmean[c0 + c] = cmean[c0 + c] + delta * (nb / tot)
-                    cm2[c0 + c] = cm2[c0 + c] + bm2 + delta * delta * (n * (nb / tot))
-            n = tot
+    if work == NULL:           # out of memory: NaN statistics rather than a crash
+        for c in range(C):
+            cmean[c] = NAN
+            cm2[c] = NAN
+        return
+    for ib in range(nrb):
+        b0 = r0 + ib * TILE_ROWS
+        b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
+        nb = <double>(b1 - b0)
+        for c in range(C):
+            acc[c] = 0
+            s1[c] = 0
+            s2[c] = 0
+        for r in range(b0, b1):
+            row = x + r * C
+            for c in range(C):
+                acc[c] = acc[c] + row[c]
+        for c in range(C):
+            bm[c] = <floating>(acc[c] / nb)
+        for r in range(b0, b1):
+            row = x + r * C
+            for c in range(C):
+                d = row[c] - bm[c]
+                s1[c] = s1[c] + d
+                s2[c] = s2[c] + d * d
+        tot = n + nb
+        for c in range(C):
+            t1 = s1[c]
+            bmean = bm[c] + t1 / nb
+            bm2 = s2[c] - t1 * (t1 / nb)
+            if bm2 < 0:
+                bm2 = 0
+            if n == 0:
+                cmean[c] = bmean
+                cm2[c] = bm2
+            else:
+                delta = bmean - cmean[c]
+                cmean[c] = cmean[c] + delta * (nb / tot)
+                cm2[c] = cm2[c] + bm2 + delta * delta * (n * (nb / tot))
+        n = tot
+    free(work)
 
 
 cdef void _rows_train_coef(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
@@ -753,39 +755,41 @@ cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                            Py_ssize_t r1, const double* mean, double* sg,
                            double* sd) noexcept nogil:
-    """Per-channel sum(g) and sum(g * (x - mean_rounded)) of rows [r0, r1) in one pass,
-    TILE_ROWS rows at a time in the data's type, added into sg/sd in double."""
-    cdef floating acc[TILE]
-    cdef floating dt[TILE]
-    cdef floating mf[TILE]
-    cdef Py_ssize_t c0, nt, c, r, b0, b1, it, ib
-    cdef Py_ssize_t ntile = (C + TILE - 1) // TILE
+    """Per-channel sum(g) and sum(g * (x - mean_rounded)) of rows [r0, r1) in one pass in
+    memory order, TILE_ROWS rows at a time in the data's type, added into sg/sd in double."""
+    cdef floating* work = <floating*>malloc(3 * C * sizeof(floating))
+    cdef floating* acc = work
+    cdef floating* dt = work + C
+    cdef floating* mf = work + 2 * C
+    cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef const floating* xr
     cdef const floating* gr
+    if work == NULL:           # out of memory: NaN gradients rather than a crash
+        for c in range(C):
+            sg[c] = NAN
+            sd[c] = NAN
+        return
     for c in range(C):
         sg[c] = 0
         sd[c] = 0
-    for it in range(ntile):
-        c0 = it * TILE
-        nt = C - c0 if C - c0 < TILE else TILE
-        for c in range(nt):
-            mf[c] = <floating>mean[c0 + c]
-        for ib in range(nrb):
-            b0 = r0 + ib * TILE_ROWS
-            b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
-            for c in range(nt):
-                acc[c] = 0
-                dt[c] = 0
-            for r in range(b0, b1):
-                xr = x + r * C + c0
-                gr = g + r * C + c0
-                for c in range(nt):
-                    acc[c] = acc[c] + gr[c]
-                    dt[c] = dt[c] + gr[c] * (xr[c] - mf[c])
-            for c in range(nt):
-                sg[c0 + c] = sg[c0 + c] + acc[c]
-                sd[c0 + c] = sd[c0 + c] + dt[c]
+        mf[c] = <floating>mean[c]
+    for ib in range(nrb):
+        b0 = r0 + ib * TILE_ROWS
+        b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
+        for c in range(C):
+            acc[c] = 0
+            dt[c] = 0
+        for r in range(b0, b1):
+            xr = x + r * C
+            gr = g + r * C
+            for c in range(C):
+                acc[c] = acc[c] + gr[c]
+                dt[c] = dt[c] + gr[c] * (xr[c] - mf[c])
+        for c in range(C):
+            sg[c] = sg[c] + acc[c]
+            sd[c] = sd[c] + dt[c]
+    free(work)
 
 
 cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ssize_t C,
