@@ -19,13 +19,18 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
+    p.add_argument("--crossover", action="store_true",
+                   help="time 1 vs 2 threads on small inputs (where to stop forking threads)")
     args = p.parse_args(argv)
+    if args.crossover:
+        _bench.crossover()
+        return
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
     layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
     _bench.run(shapes=shapes, layouts=layouts, dtype=np.dtype(args.dtype).type,
                threads=args.threads, rounds=rounds, with_reference=not args.vs_torch,
-               roofline=not args.quick)
+               roofline=not args.quick, caffe=not args.vs_torch)
 
 
 if __name__ == "__main__":

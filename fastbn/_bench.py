@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import _config, functional, reference
+from . import _config, functional, reference, renorm
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
           (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
@@ -87,6 +87,14 @@ class Case:
         return lambda: functional.batch_norm_backward(self.dy, x, self.mean, self.invstd,
                                                       self.w, layout=L, num_threads=n)
 
+    def renorm_train(self):
+        """Batch Renormalization training forward (compared with "train")."""
+        x, L, n = self.x, self.layout, self.threads
+        rm = np.zeros(self.w.shape)
+        rs = np.ones(self.w.shape)
+        return lambda: renorm.batch_renorm_train(x, self.w, self.b, rm, rs, layout=L,
+                                                 num_threads=n)
+
     def ref(self, op):
         x, L = self.x, self.layout
         if op == "train":
@@ -149,7 +157,7 @@ def _fmt_ratio(r):
 
 
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
-        rounds=7, with_reference=True, with_torch=True, roofline=True, file=None):
+        rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, file=None):
     """Print the speed table; return its rows as dicts."""
     file = file or sys.stdout
     threads = _config.get_num_threads() if threads is None else threads
@@ -188,6 +196,13 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                 print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
                       f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
                       f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
+            t_bn, t_brn = interleaved([case.fast("train"), case.renorm_train()], rounds)
+            row = dict(shape=shape, layout=layout, op="brn_train", fastbn=t_brn, bn=t_bn,
+                       vs_bn=t_brn / t_bn)
+            rows.append(row)
+            print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
+                  f"batch_renorm_train / batch_norm_train: {row['vs_bn']:.2f}",
+                  file=file, flush=True)
             if roofline and nbytes > (8 << 20):
                 t_out, t_read, t_copy = interleaved(
                     [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
@@ -199,4 +214,35 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                       f"{row['roofline']:.2f}x of (read + copy)", file=file, flush=True)
             done += 1
             print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
+    if caffe:
+        from . import _bench_caffe
+        print("\nCaffe BatchNorm layer, NCHW: engine='fused' (fastbn kernels) vs engine='gemv' "
+              "(Caffe's BLAS call sequence)", file=file)
+        _bench_caffe.main(file=file, shapes=[s for s in shapes if len(s) == 4][:2], rounds=rounds)
     return rows
+
+
+def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
+              channels=16, rounds=200, file=None):
+    """Time 1 against 2 threads on small inputs, to place the serial threshold
+    (fastbn._config.SERIAL_BELOW), for training forward NCHW and NHWC, float32."""
+    file = file or sys.stdout
+    saved = _config.SERIAL_BELOW
+    _config.SERIAL_BELOW = 0
+    print(f"{'values':>8} {'layout':<6} {'1 thread us':>12} {'2 threads us':>13} {'2/1':>6}",
+          file=file)
+    try:
+        for size in sizes:
+            for layout in ("NCHW", "NHWC"):
+                shape = (4, channels, size // (4 * channels))
+                x, _, w, b = make_data(shape, layout, np.float32)
+                y = np.empty_like(x)
+                t1, t2 = interleaved(
+                    [lambda: functional.batch_norm_train(x, w, b, layout=layout, out=y,
+                                                         num_threads=1),
+                     lambda: functional.batch_norm_train(x, w, b, layout=layout, out=y,
+                                                         num_threads=2)], rounds)
+                print(f"{size:8d} {layout:<6} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} {t2 / t1:6.2f}",
+                      file=file, flush=True)
+    finally:
+        _config.SERIAL_BELOW = saved

@@ -57,12 +57,12 @@ def bench_rows(shapes=SHAPES, dtype=np.float32, rounds=5):
     return rows
 
 
-def main(file=None):
-    """Print :func:`bench_rows` for the default shapes (float32)."""
+def main(file=None, shapes=SHAPES, rounds=5):
+    """Print :func:`bench_rows` (float32)."""
     file = file or sys.stdout
     print(f"{'shape':<20} {'op':<14} {'fused ms':>9} {'gemv ms':>9} {'gemv/fused':>10}",
           file=file)
-    for r in bench_rows():
+    for r in bench_rows(shapes, rounds=rounds):
         print(f"{str(r['shape']):<20} {r['op']:<14} {r['fused'] * 1e3:9.3f} "
               f"{r['gemv'] * 1e3:9.3f} {r['ratio']:10.2f}", file=file, flush=True)
 
