@@ -144,6 +144,11 @@ cdef inline void _chan_merge(double* n, double* mean, double* m2,
     cdef double delta
     if nb == 0:
         return
+    if na == 0:                # a plain copy: delta**2 * 0 would be NaN for |mean| > 1e154
+        n[0] = nb
+        mean[0] = mb
+        m2[0] = m2b
+        return
     delta = mb - mean[0]
     mean[0] = mean[0] + delta * (nb / tot)
     m2[0] = m2[0] + m2b + delta * delta * (na * (nb / tot))
@@ -157,13 +162,11 @@ cdef inline void _chan_merge(double* n, double* mean, double* m2,
 cdef Py_ssize_t _lanes = LANES
 
 
-cdef inline double _lane_sum(const floating* a) noexcept nogil:
-    """Pairwise sum, in double and in a fixed order, of the LANES (16) accumulators: four
-    dependent additions deep instead of sixteen."""
-    return ((((<double>a[0] + a[8]) + (<double>a[4] + a[12]))
-             + ((<double>a[2] + a[10]) + (<double>a[6] + a[14])))
-            + (((<double>a[1] + a[9]) + (<double>a[5] + a[13]))
-               + ((<double>a[3] + a[11]) + (<double>a[7] + a[15]))))
+cdef inline double _lane_sum(const double* a) noexcept nogil:
+    """Pairwise sum, in a fixed order, of the LANES (16) accumulators: four dependent
+    additions deep instead of sixteen."""
+    return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
+            + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
 
 
 cdef inline void _block_stats(const floating* p, Py_ssize_t length,
@@ -172,15 +175,13 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
     the block while it sits in L1.
 
     Pass one gives the block mean m; pass two sums d = x - m and d*d, and the correction
-    m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. The accumulator lanes have
-    the data's type, so the lane loops vectorize at full width; with at most BLOCK/lanes
-    terms per lane their rounding stays far below the data's resolution, and blocks are
-    merged in double.
+    m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. Everything is accumulated in
+    double (no float32 overflow or underflow of the squares), in LANES independent lanes
+    that the compiler vectorizes without reassociating a sum.
     """
-    cdef floating acc[LANES]
-    cdef floating sq[LANES]
-    cdef floating d, bm
-    cdef double s, s1, s2, dd
+    cdef double acc[LANES]
+    cdef double sq[LANES]
+    cdef double s, s1, s2, bm, d
     cdef Py_ssize_t lanes = _lanes
     cdef Py_ssize_t i, j, nfull = length // lanes
     cdef const floating* q
@@ -193,7 +194,7 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
     s = _lane_sum(acc)
     for i in range(nfull * lanes, length):
         s = s + p[i]
-    bm = <floating>(s / length)
+    bm = s / length
     for j in range(lanes):
         acc[j] = 0
         sq[j] = 0
@@ -206,23 +207,20 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
     s1 = _lane_sum(acc)
     s2 = _lane_sum(sq)
     for i in range(nfull * lanes, length):
-        dd = p[i] - bm
-        s1 = s1 + dd
-        s2 = s2 + dd * dd
+        d = p[i] - bm
+        s1 = s1 + d
+        s2 = s2 + d * d
     mean[0] = bm + s1 / length
     s2 = s2 - s1 * (s1 / length)
     m2[0] = s2 if s2 > 0 else 0.0
 
 
 cdef inline void _block_sums(const floating* g, const floating* x, Py_ssize_t length,
-                             floating mean, double* sum_g, double* dot) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)) over one run (length <= BLOCK) to sum_g, dot.
-
-    `mean` is the channel mean rounded to the data type; the caller corrects the dot for
-    the rounding (dot -= (mean64 - mean) * sum_g), so (x - mean) keeps its low digits.
-    """
-    cdef floating acc[LANES]
-    cdef floating dt[LANES]
+                             double mean, double* sum_g, double* dot) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)) over one run (length <= BLOCK) to sum_g, dot, in
+    one pass, accumulated in double."""
+    cdef double acc[LANES]
+    cdef double dt[LANES]
     cdef double s, t
     cdef Py_ssize_t lanes = _lanes
     cdef Py_ssize_t i, j, nfull = length // lanes
@@ -241,7 +239,7 @@ cdef inline void _block_sums(const floating* g, const floating* x, Py_ssize_t le
     t = _lane_sum(dt)
     for i in range(nfull * lanes, length):
         s = s + g[i]
-        t = t + <double>g[i] * <double>(x[i] - mean)
+        t = t + g[i] * (x[i] - mean)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t
 
@@ -496,14 +494,9 @@ cdef struct Grad:
     double* k2
 
 
-cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot,
-                            double mean_lo) noexcept nogil:
-    """dweight, dbias and the dx constants of channel c from its two sums.
-
-    `dot` was taken around the mean rounded to the data type; mean_lo = mean - rounded.
-    """
+cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
+    """dweight, dbias and the dx constants of channel c from its two sums."""
     cdef double istd = gd.invstd[c]
-    dot = dot - mean_lo * sum_g
     gd.dweight[c] = dot * istd
     gd.dbias[c] = sum_g
     gd.a[c] = istd * gd.weight[c] if gd.weight != NULL else istd
@@ -529,7 +522,7 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         for c in range(c0, c1):
             _piece(p, c, b, &off, &length)
             q = part + 2 * (c * p.nchunk + k)
-            _block_sums(g + off, x + off, length, <floating>mean[c], &q[0], &q[1])
+            _block_sums(g + off, x + off, length, mean[c], &q[0], &q[1])
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
@@ -549,7 +542,7 @@ cdef void _planar_grad_coef(const Planar* p, const floating* x, Grad* gd, const 
     for k in range(p.nchunk):
         sum_g = sum_g + part[2 * (c * p.nchunk + k)]
         dot = dot + part[2 * (c * p.nchunk + k) + 1]
-    _grad_coef(gd, c, sum_g, dot, gd.mean[c] - <double><floating>gd.mean[c])
+    _grad_coef(gd, c, sum_g, dot)
 
 
 cdef void _planar_backward_group(const Planar* p, const floating* g, const floating* x,
@@ -606,13 +599,13 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
                             double* cmean, double* cm2) noexcept nogil:
     """Per-channel mean and m2 of rows [r0, r1), block by block: TILE_ROWS rows are read in
     memory order (sum, then squared deviations from the block mean, the second pass from
-    cache) and each block is merged into cmean/cm2 in double, in row order."""
-    cdef floating* work = <floating*>malloc(4 * C * sizeof(floating))
-    cdef floating* acc = work
-    cdef floating* s1 = work + C
-    cdef floating* s2 = work + 2 * C
-    cdef floating* bm = work + 3 * C
-    cdef floating d
+    cache), accumulated in double, and each block is merged into cmean/cm2 in row order."""
+    cdef double* work = <double*>malloc(4 * C * sizeof(double))
+    cdef double* acc = work
+    cdef double* s1 = work + C
+    cdef double* s2 = work + 2 * C
+    cdef double* bm = work + 3 * C
+    cdef double d
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double nb, n = 0, tot, delta, bmean, bm2, t1
@@ -635,7 +628,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
             for c in range(C):
                 acc[c] = acc[c] + row[c]
         for c in range(C):
-            bm[c] = <floating>(acc[c] / nb)
+            bm[c] = acc[c] / nb
         for r in range(b0, b1):
             row = x + r * C
             for c in range(C):
@@ -760,41 +753,20 @@ cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                            Py_ssize_t r1, const double* mean, double* sg,
                            double* sd) noexcept nogil:
-    """Per-channel sum(g) and sum(g * (x - mean_rounded)) of rows [r0, r1) in one pass in
-    memory order, TILE_ROWS rows at a time in the data's type, added into sg/sd in double."""
-    cdef floating* work = <floating*>malloc(3 * C * sizeof(floating))
-    cdef floating* acc = work
-    cdef floating* dt = work + C
-    cdef floating* mf = work + 2 * C
-    cdef Py_ssize_t c, r, b0, b1, ib
-    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    """Per-channel sum(g) and sum(g * (x - mean)) of rows [r0, r1), one pass in memory
+    order, accumulated in double."""
+    cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
-    if work == NULL:           # out of memory: NaN gradients rather than a crash
-        for c in range(C):
-            sg[c] = NAN
-            sd[c] = NAN
-        return
     for c in range(C):
         sg[c] = 0
         sd[c] = 0
-        mf[c] = <floating>mean[c]
-    for ib in range(nrb):
-        b0 = r0 + ib * TILE_ROWS
-        b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
+    for r in range(r0, r1):
+        xr = x + r * C
+        gr = g + r * C
         for c in range(C):
-            acc[c] = 0
-            dt[c] = 0
-        for r in range(b0, b1):
-            xr = x + r * C
-            gr = g + r * C
-            for c in range(C):
-                acc[c] = acc[c] + gr[c]
-                dt[c] = dt[c] + gr[c] * (xr[c] - mf[c])
-        for c in range(C):
-            sg[c] = sg[c] + acc[c]
-            sd[c] = sd[c] + dt[c]
-    free(work)
+            sg[c] = sg[c] + gr[c]
+            sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
 
 
 cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ssize_t C,
@@ -804,7 +776,7 @@ cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ss
     for k in range(nchunk):
         sum_g = sum_g + part[2 * k * C + c]
         dot = dot + part[(2 * k + 1) * C + c]
-    _grad_coef(gd, c, sum_g, dot, gd.mean[c] - <double><floating>gd.mean[c])
+    _grad_coef(gd, c, sum_g, dot)
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,

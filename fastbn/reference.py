@@ -39,7 +39,22 @@ def _affine(weight, bias, C):
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                      running_mean=None, running_var=None, momentum=0.1,
                      out=None, num_threads=None):
-    """Reference of :func:`fastbn.batch_norm_train`."""
+    """NumPy twin of :func:`fastbn.batch_norm_train` (same parameters, returns and errors).
+
+    Float64 arithmetic throughout: ``mean`` and the biased ``var`` over every axis but the
+    channel axis, ``invstd = 1/sqrt(var + eps)``, ``y = (x - mean) * invstd * weight + bias``,
+    and PyTorch's running update with the unbiased variance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y, mean, invstd = reference.batch_norm_train(x, eps=0.0)
+    >>> y, mean, invstd
+    (array([[-1., -1.],
+           [ 1.,  1.]]), array([2., 4.]), array([1. , 0.5]))
+    """
     x = data_array("x", x)
     axis, red = _axes(x, layout)
     C = x.shape[axis]
@@ -70,7 +85,16 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
 
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,
                      layout="NCHW", out=None, num_threads=None):
-    """Reference of :func:`fastbn.batch_norm_infer`."""
+    """NumPy twin of :func:`fastbn.batch_norm_infer` (same parameters, returns and errors).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> reference.batch_norm_infer(np.array([[3.0], [5.0]]), [1.0], [4.0], eps=0.0)
+    array([[1.],
+           [2.]])
+    """
     x = data_array("x", x)
     axis, _ = _axes(x, layout)
     C = x.shape[axis]
@@ -89,7 +113,18 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
                         out=None, num_threads=None):
-    """Reference of :func:`fastbn.batch_norm_backward`."""
+    """NumPy twin of :func:`fastbn.batch_norm_backward` (same parameters, returns and errors).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = reference.batch_norm_train(x, eps=0.0)
+    >>> reference.batch_norm_backward(np.array([[1.0], [0.0]]), x, mean, invstd)
+    (array([[0.],
+           [0.]]), array([-1.]), array([1.]))
+    """
     x = data_array("x", x)
     dy = data_array("dy", dy)
     same_shape("dy", dy, "x", x)
@@ -120,7 +155,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
-    """Reference of :func:`fastbn.fold_batch_norm`."""
+    """NumPy twin of :func:`fastbn.fold_batch_norm` (same parameters, returns and errors).
+
+    Examples
+    --------
+    >>> from fastbn import reference
+    >>> reference.fold_batch_norm([1.0], [4.0], eps=0.0)
+    (array([0.5]), array([-0.5]))
+    """
     rm_arr = np.asarray(running_mean)
     if rm_arr.ndim != 1:
         raise ValueError(f"running_mean must be 1-d (C,), got shape {rm_arr.shape}")
