@@ -2,12 +2,23 @@
 argument errors. It is the test oracle and the readable specification of what the
 kernels compute; it is not fast.
 """
+import functools
+
 import numpy as np
 
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
                         out_array, running_buffers, same_shape, thread_count)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
+
+
+def _quiet(func):
+    """NaN and inf propagate silently, as in the kernels (no RuntimeWarning)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return func(*args, **kwargs)
+    return wrapper
 
 
 def _axes(x, layout):
@@ -36,6 +47,7 @@ def _affine(weight, bias, C):
     return (np.ones(C) if w is None else w), (np.zeros(C) if b is None else b)
 
 
+@_quiet
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                      running_mean=None, running_var=None, momentum=0.1,
                      out=None, num_threads=None):
@@ -83,6 +95,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     return _write(y.astype(x.dtype), out), mean, invstd
 
 
+@_quiet
 def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,
                      layout="NCHW", out=None, num_threads=None):
     """NumPy twin of :func:`fastbn.batch_norm_infer` (same parameters, returns and errors).
@@ -111,6 +124,7 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     return _write(y.astype(x.dtype), out)
 
 
+@_quiet
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
                         out=None, num_threads=None):
     """NumPy twin of :func:`fastbn.batch_norm_backward` (same parameters, returns and errors).
@@ -154,6 +168,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
             sum_g.astype(x.dtype))
 
 
+@_quiet
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
     """NumPy twin of :func:`fastbn.fold_batch_norm` (same parameters, returns and errors).
 
