@@ -605,7 +605,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
     cdef double* s1 = work + C
     cdef double* s2 = work + 2 * C
     cdef double* bm = work + 3 * C
-    cdef double d
+    cdef double d, d1, d2, d3
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double nb, n = 0, tot, delta, bmean, bm2, t1
@@ -623,18 +623,39 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
             acc[c] = 0
             s1[c] = 0
             s2[c] = 0
-        for r in range(b0, b1):
+        # four rows per sweep: each accumulator load/store serves four values
+        r = b0
+        while r + 4 <= b1:
+            row = x + r * C
+            for c in range(C):
+                acc[c] = acc[c] + ((<double>row[c] + row[C + c])
+                                   + (<double>row[2 * C + c] + row[3 * C + c]))
+            r = r + 4
+        while r < b1:
             row = x + r * C
             for c in range(C):
                 acc[c] = acc[c] + row[c]
+            r = r + 1
         for c in range(C):
             bm[c] = acc[c] / nb
-        for r in range(b0, b1):
+        r = b0
+        while r + 4 <= b1:
+            row = x + r * C
+            for c in range(C):
+                d = row[c] - bm[c]
+                d1 = row[C + c] - bm[c]
+                d2 = row[2 * C + c] - bm[c]
+                d3 = row[3 * C + c] - bm[c]
+                s1[c] = s1[c] + ((d + d1) + (d2 + d3))
+                s2[c] = s2[c] + ((d * d + d1 * d1) + (d2 * d2 + d3 * d3))
+            r = r + 4
+        while r < b1:
             row = x + r * C
             for c in range(C):
                 d = row[c] - bm[c]
                 s1[c] = s1[c] + d
                 s2[c] = s2[c] + d * d
+            r = r + 1
         tot = n + nb
         for c in range(C):
             t1 = s1[c]
@@ -761,7 +782,18 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     for c in range(C):
         sg[c] = 0
         sd[c] = 0
-    for r in range(r0, r1):
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4
+    cdef double m
+    for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
+        xr = x + r * C
+        gr = g + r * C
+        for c in range(C):
+            m = mean[c]
+            sg[c] = sg[c] + ((<double>gr[c] + gr[C + c]) + (<double>gr[2 * C + c] + gr[3 * C + c]))
+            sd[c] = sd[c] + ((gr[c] * (xr[c] - m) + gr[C + c] * (xr[C + c] - m))
+                             + (gr[2 * C + c] * (xr[2 * C + c] - m)
+                                + gr[3 * C + c] * (xr[3 * C + c] - m)))
+    for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
         for c in range(C):
