@@ -1,0 +1,346 @@
+"""Fuzz every public fastbn entry point with hypothesis (not collected by pytest).
+
+Each hypothesis example builds a pool of arrays (valid and invalid dtypes, shapes, memory
+orders, values with NaN/inf/huge/tiny, views sharing memory) and makes several calls with
+arguments drawn from it. Invariants: the process never crashes; a call either returns or
+raises TypeError/ValueError (layers may also raise RuntimeError for a backward without a
+forward); on an error every array passed is unchanged; a functional call that returns agrees
+in shape/dtype with the reference, and in value when its inputs are finite and moderate.
+
+    python tests/fuzz_calls.py --calls 100000 [--seed 0]
+"""
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fastbn                                   # noqa: E402
+from fastbn import caffe, onnx, reference       # noqa: E402
+from conftest import Snapshot                   # noqa: E402
+
+CALLS = 0
+ERRORS = {}
+FAILURES = []
+
+DTYPES = [np.float32, np.float64, np.float32, np.float64, np.float16, np.int32, np.bool_,
+          np.complex64, object]
+SPECIAL = [np.nan, np.inf, -np.inf, 1e30, -1e-30, 0.0, 1e300]
+
+
+@st.composite
+def arrays(draw, shape=None, float_only=False):
+    if shape is None:
+        ndim = draw(st.sampled_from([0, 1, 2, 2, 3, 4, 4, 5]))
+        shape = tuple(draw(st.lists(st.sampled_from([0, 1, 1, 2, 3, 4, 7]), min_size=ndim,
+                                    max_size=ndim)))
+    dtype = draw(st.sampled_from(DTYPES[:4] if float_only else DTYPES))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    scale = draw(st.sampled_from([1e-30, 1e-3, 1.0, 1.0, 1e3, 1e30]))
+    base = np.asarray(rng.normal(size=shape)) * scale + draw(st.sampled_from([0.0, 0.0, 1e4, -1e6]))
+    if base.size and draw(st.integers(0, 3)) == 0:
+        base.flat[rng.integers(0, base.size)] = draw(st.sampled_from(SPECIAL))
+    with np.errstate(all="ignore"):
+        a = np.asarray(base.astype(dtype))
+    order = draw(st.sampled_from(["C", "F", "rev", "slice", "T", "ro"]))
+    if order == "F":
+        a = np.asfortranarray(a)
+    elif order == "rev" and a.ndim:
+        a = np.ascontiguousarray(a[::-1])[::-1]
+    elif order == "slice" and a.ndim:
+        big = np.zeros((a.shape[0] * 2,) + a.shape[1:], dtype=a.dtype)
+        big[::2] = a
+        a = big[::2]
+    elif order == "T" and a.ndim > 1:
+        a = np.ascontiguousarray(a.T).T
+    elif order == "ro":
+        a = a.copy()
+        a.flags.writeable = False
+    return a
+
+
+def _junk(draw, pool):
+    return draw(st.sampled_from(pool + [None, None, 0, -1, 1.5, np.nan, "NCHW", True, [1.0, 2.0],
+                                        1j, np.float32(2.0)]))
+
+
+def _count(fn):
+    global CALLS
+    CALLS += 1
+    return fn
+
+
+def _check_call(name, fn, args, kwargs, allowed=(TypeError, ValueError)):
+    snap = Snapshot(args, kwargs)
+    _count(fn)
+    try:
+        with np.errstate(all="ignore"):
+            res = fn(*args, **kwargs)
+    except allowed as e:
+        ERRORS[(name, type(e).__name__)] = ERRORS.get((name, type(e).__name__), 0) + 1
+        try:
+            snap.assert_unchanged()
+        except AssertionError as a:
+            raise AssertionError(f"{name}: {type(e).__name__}({e}) left an argument "
+                                 f"modified: {a}") from None
+        return e
+    ERRORS[(name, "ok")] = ERRORS.get((name, "ok"), 0) + 1
+    return res
+
+
+def _close(a, b, rtol):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    fin = np.isfinite(b)
+    return a.shape == b.shape and np.array_equal(np.isfinite(a), fin) and np.all(
+        np.abs(a[fin] - b[fin]) <= rtol * (1 + np.abs(b[fin])))
+
+
+def _moderate(*arrs):
+    for a in arrs:
+        if a is None:
+            continue
+        a = np.asarray(a)
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        with np.errstate(all="ignore"):
+            if not np.all(np.isfinite(a)) or np.abs(a).max() > 1e6 or np.abs(a).max() < 1e-6:
+                return False
+    return True
+
+
+@st.composite
+def channel_like(draw, C, pool, valid=False):
+    kind = draw(st.integers(0, 4 if valid else 9))
+    if kind < 6:
+        return draw(arrays(shape=(C,), float_only=kind < 5))
+    if kind < 8:
+        return draw(arrays())
+    return _junk(draw, pool)
+
+
+def fuzz_once(data):
+    draw = data.draw
+    # half of the examples are valid calls (so the kernels run), half anything goes
+    valid = draw(st.booleans())
+    if valid:
+        ndim = draw(st.integers(2, 5))
+        shape = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+        x = draw(arrays(shape=shape, float_only=True))
+    else:
+        x = draw(arrays(float_only=draw(st.integers(0, 4)) > 0))
+    layout = draw(st.sampled_from(["NCHW", "NHWC"] if valid else
+                                  ["NCHW", "NCHW", "NHWC", "NHWC", "nchw", None]))
+    C = 1
+    if x.ndim >= 2:
+        C = x.shape[1] if layout != "NHWC" else x.shape[-1]
+    pool = [x]
+    vec = lambda: draw(channel_like(C, pool, valid))     # noqa: E731
+    nt = draw(st.sampled_from([None, 1, 2, 3] if valid else [None, None, 1, 2, 3, 0, -1, 2.5]))
+    eps = draw(st.sampled_from([1e-5, 1e-5, 0.0, 1e-3] if valid else
+                               [1e-5, 1e-5, 0.0, 1e-3, -1.0, np.nan]))
+    out_kind = draw(st.sampled_from([None, None, "x", "fresh"] if valid else
+                                    [None, None, "x", "fresh", "bad", "overlap"]))
+
+    def make_out(like):
+        if out_kind == "x":
+            return like
+        if out_kind == "fresh" and isinstance(like, np.ndarray):
+            return np.empty_like(like)
+        if out_kind == "bad":
+            return draw(arrays())
+        if out_kind == "overlap" and isinstance(like, np.ndarray) and like.size > 1 \
+                and like.dtype.kind == "f":
+            buf = np.zeros(like.size + 1, like.dtype)
+            return buf[1:].reshape(like.shape)
+        return None
+
+    which = draw(st.sampled_from(["train", "infer", "backward", "fold", "renorm", "layer",
+                                  "renorm_layer", "onnx", "caffe", "scale", "fuse"]))
+    if which == "train":
+        w, b = vec(), vec()
+        rm, rv = (vec(), vec()) if draw(st.booleans()) else (None, None)
+        if rm is not None and isinstance(rm, np.ndarray) and rm.flags.writeable is False \
+                and draw(st.booleans()):
+            rm = rm.copy()
+        kw = dict(eps=eps, layout=layout, running_mean=rm, running_var=rv,
+                  momentum=draw(st.sampled_from([0.1, 0.0, 1.0, -0.5, 2.0])), out=make_out(x),
+                  num_threads=nt)
+        ref_kw = dict(kw, out=None,
+                      running_mean=rm.copy() if isinstance(rm, np.ndarray) else rm,
+                      running_var=rv.copy() if isinstance(rv, np.ndarray) else rv)
+        x_before = x.copy()
+        res = _check_call("batch_norm_train", fastbn.batch_norm_train, [x, w, b], kw)
+        if not isinstance(res, Exception) and _moderate(x_before, w, b) and C > 0:
+            try:
+                with np.errstate(all="ignore"):
+                    want = reference.batch_norm_train(x_before, w, b, **ref_kw)
+            except (TypeError, ValueError):
+                return
+            assert res[0].shape == x.shape and res[0].dtype == x.dtype
+            assert _close(res[1], want[1], 1e-5), "train mean"
+            if eps > 0:
+                assert _close(res[0], want[0], 1e-3), "train y"
+    elif which == "infer":
+        rm, rv, w, b = vec(), vec(), vec(), vec()
+        kw = dict(eps=eps, layout=layout, out=make_out(x), num_threads=nt)
+        x_before = x.copy()
+        res = _check_call("batch_norm_infer", fastbn.batch_norm_infer, [x, rm, rv, w, b], kw)
+        if not isinstance(res, Exception) and _moderate(x_before, rm, rv, w, b) and eps > 0:
+            with np.errstate(all="ignore"):
+                want = reference.batch_norm_infer(x_before, rm, rv, w, b, eps=eps, layout=layout)
+            if np.all(np.asarray(rv) >= 0):
+                assert _close(res, want, 1e-3), "infer y"
+    elif which == "backward":
+        g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
+                        float_only=True)) if x.ndim else draw(arrays())
+        if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
+            g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+        pool.append(g)
+        mean, invstd, w = vec(), vec(), vec()
+        kw = dict(training=draw(st.booleans()), layout=layout, out=make_out(g), num_threads=nt)
+        g_before, x_before = np.array(g, copy=True), x.copy()
+        res = _check_call("batch_norm_backward", fastbn.batch_norm_backward,
+                          [g, x, mean, invstd, w], kw)
+        if not isinstance(res, Exception) and _moderate(g_before, x_before, mean, invstd, w):
+            with np.errstate(all="ignore"):
+                want = reference.batch_norm_backward(g_before, x_before, mean, invstd, w,
+                                                     training=kw["training"], layout=layout)
+            assert res[0].shape == x.shape and res[2].dtype == x.dtype
+            assert _close(res[2], want[2], 1e-3), "backward dbias"
+    elif which == "fold":
+        _check_call("fold_batch_norm", fastbn.fold_batch_norm,
+                    [vec(), vec(), vec(), vec()], dict(eps=eps))
+    elif which == "renorm":
+        w, b, rm, rs = vec(), vec(), vec(), vec()
+        kw = dict(rmax=draw(st.sampled_from([3.0, 1.0, 0.5, np.inf])),
+                  dmax=draw(st.sampled_from([5.0, 0.0, -1.0])),
+                  momentum=draw(st.sampled_from([0.01, 1.5])), eps=eps, layout=layout,
+                  out=make_out(x), num_threads=nt)
+        res = _check_call("batch_renorm_train", fastbn.batch_renorm_train, [x, w, b, rm, rs], kw)
+        if not isinstance(res, Exception) and draw(st.booleans()):
+            y, mean, std, r, d = res
+            g = draw(arrays(shape=x.shape, float_only=True)).astype(x.dtype)
+            _check_call("batch_renorm_backward", fastbn.batch_renorm_backward,
+                        [g, x, mean, std, r, d, w],
+                        dict(layout=layout, out=make_out(g), num_threads=nt))
+        elif draw(st.booleans()):
+            _check_call("batch_renorm_backward", fastbn.batch_renorm_backward,
+                        [x, x, vec(), vec(), vec(), vec(), vec()],
+                        dict(layout=layout, num_threads=nt))
+    elif which in ("layer", "renorm_layer"):
+        nf = draw(st.sampled_from([C, C, 0, -1, 2.5, C + 1]))
+        kw = dict(eps=eps, layout=layout,
+                  dtype=draw(st.sampled_from([np.float32, np.float64, np.int32])))
+        if which == "layer":
+            kw.update(momentum=draw(st.sampled_from([0.1, None, 2.0])),
+                      affine=draw(st.booleans()),
+                      track_running_stats=draw(st.booleans()))
+            cls = fastbn.BatchNorm
+        else:
+            kw.update(rmax=draw(st.sampled_from([3.0, 0.5])), dmax=5.0)
+            cls = fastbn.BatchRenorm
+        layer = _check_call(cls.__name__, cls, [nf], kw)
+        if isinstance(layer, Exception):
+            return
+        allowed = (TypeError, ValueError, RuntimeError)
+        for _ in range(draw(st.integers(1, 3))):
+            op = draw(st.sampled_from(["fwd", "fwd", "bwd", "eval", "train", "state"]))
+            if op == "fwd":
+                _check_call(f"{cls.__name__}.forward", layer.forward, [x], {}, allowed)
+            elif op == "bwd":
+                _check_call(f"{cls.__name__}.backward", layer.backward,
+                            [draw(arrays(shape=x.shape, float_only=True))], {}, allowed)
+            elif op == "eval":
+                layer.eval()
+            elif op == "train":
+                layer.train()
+            else:
+                sd = layer.state_dict()
+                if sd and draw(st.booleans()):
+                    k = draw(st.sampled_from(sorted(sd)))
+                    sd = dict(sd)
+                    sd[k] = vec()
+                _check_call(f"{cls.__name__}.load_state_dict", layer.load_state_dict, [sd], {},
+                            allowed)
+    elif which == "onnx":
+        _check_call("onnx.batch_normalization", onnx.batch_normalization,
+                    [x, vec(), vec(), vec(), vec()],
+                    dict(epsilon=eps, momentum=draw(st.sampled_from([0.9, 0.0, 1.5])),
+                         training_mode=draw(st.sampled_from([0, 1, 2, True]))))
+    elif which == "caffe":
+        layer = _check_call("caffe.BatchNorm", caffe.BatchNorm, [draw(st.sampled_from([C, 0]))],
+                            dict(use_global_stats=draw(st.sampled_from([None, True, False])),
+                                 moving_average_fraction=draw(st.sampled_from([0.999, 1.5])),
+                                 eps=eps, engine=draw(st.sampled_from(["fused", "gemv", "x"])),
+                                 dtype=draw(st.sampled_from([np.float32, np.float64]))))
+        if isinstance(layer, Exception):
+            return
+        allowed = (TypeError, ValueError, RuntimeError)
+        for _ in range(draw(st.integers(1, 3))):
+            if draw(st.booleans()):
+                _check_call("caffe.BatchNorm.forward", layer.forward, [x],
+                            dict(phase=draw(st.sampled_from(["TRAIN", "TEST", "x"])),
+                                 out=make_out(x)), allowed)
+            else:
+                _check_call("caffe.BatchNorm.backward", layer.backward,
+                            [draw(arrays(shape=x.shape, float_only=True))], {}, allowed)
+    elif which == "scale":
+        layer = _check_call("caffe.Scale", caffe.Scale, [draw(st.sampled_from([C, 0, -2]))],
+                            dict(bias_term=draw(st.booleans()),
+                                 dtype=draw(st.sampled_from([np.float32, np.float64]))))
+        if isinstance(layer, Exception):
+            return
+        allowed = (TypeError, ValueError, RuntimeError)
+        _check_call("caffe.Scale.forward", layer.forward, [x], {}, allowed)
+        _check_call("caffe.Scale.backward", layer.backward,
+                    [draw(arrays(shape=x.shape, float_only=True))], {}, allowed)
+    else:
+        wshape = draw(st.sampled_from([(C, 3, 2, 2), (C, 4), (C,), (C + 1, 2), ()]))
+        _check_call("fuse_conv_bn", fastbn.fuse_conv_bn,
+                    [draw(arrays(shape=wshape)), vec(), vec(), vec(), vec(), vec(), eps], {})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=100000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t0 = time.time()
+    batch = 2000
+
+    @settings(max_examples=batch, deadline=None, database=None, derandomize=False,
+              phases=[Phase.generate, Phase.shrink],
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data):
+        fuzz_once(data)
+
+    rounds = 0
+    while CALLS < args.calls:
+        np.random.seed(args.seed + rounds)
+        import random
+        random.seed(args.seed + rounds)
+        try:
+            run()
+        except Exception:
+            FAILURES.append(traceback.format_exc())
+            print(FAILURES[-1], flush=True)
+        rounds += 1
+        print(f"round {rounds}: {CALLS} calls, {time.time() - t0:.0f} s, "
+              f"{len(FAILURES)} failing rounds", flush=True)
+    print(f"\n{CALLS} calls in {time.time() - t0:.0f} s; failures: {len(FAILURES)}")
+    for (name, kind), n in sorted(ERRORS.items()):
+        print(f"  {name:<32} {kind:<12} {n}")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
