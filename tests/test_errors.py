@@ -356,3 +356,228 @@ def test_plan_cache_distinguishes_dtypes():
     x = np.arange(4, dtype=np.float32).reshape(2, 2)[:, ::2]    # float32, strides (8, 8)
     y, mean, invstd = fastbn.batch_norm_train(x)
     np.testing.assert_allclose(mean, [1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch Renormalization, ONNX, conv+BN fusion, layers and Caffe layers
+# ---------------------------------------------------------------------------------------------
+
+def _renorm_args(**kw):
+    x = kw.pop("x", None)
+    x = _x() if x is None else x
+    args = [x, kw.pop("weight", _vec(seed=2)), kw.pop("bias", _vec(seed=3)),
+            kw.pop("running_mean", _vec(seed=4)), kw.pop("running_std", _vec(seed=5, positive=True))]
+    return args, kw
+
+
+def _renorm_bwd_args(**kw):
+    x = kw.pop("x", None)
+    x = _x() if x is None else x
+    dy = kw.pop("dy", None)
+    dy = _x(seed=9) if dy is None else dy
+    args = [dy, x] + [kw.pop(n, _vec(seed=s, positive=True))
+                      for n, s in (("mean", 6), ("std", 7), ("r", 8), ("d", 10))]
+    args.append(kw.pop("weight", _vec(seed=2)))
+    return args, kw
+
+
+def _onnx_args(**kw):
+    X = kw.pop("X", None)
+    X = _x() if X is None else X
+    args = [X] + [kw.pop(n, _vec(seed=s, positive=True))
+                  for n, s in (("scale", 2), ("B", 3), ("input_mean", 4), ("input_var", 5))]
+    return args, kw
+
+
+def _fuse_args(**kw):
+    w = kw.pop("weight", None)
+    w = _x(np.float32, (C, 4, 3, 3)) if w is None else w
+    args = [w] + [kw.pop(n, _vec(seed=s, positive=True))
+                  for n, s in (("bias", 1), ("running_mean", 4), ("running_var", 5),
+                               ("bn_weight", 2), ("bn_bias", 3))]
+    args.append(kw.pop("eps", 1e-5))
+    return args, kw
+
+
+OTHER = {
+    "batch_renorm_train": (lambda: fastbn.batch_renorm_train, _renorm_args),
+    "batch_renorm_backward": (lambda: fastbn.batch_renorm_backward, _renorm_bwd_args),
+    "onnx.batch_normalization": (lambda: fastbn.onnx.batch_normalization, _onnx_args),
+    "fuse_conv_bn": (lambda: fastbn.fuse_conv_bn, _fuse_args),
+}
+
+
+def _other_cases():
+    cases = []
+
+    def add(fn, cid, make, exc, name):
+        cases.append(pytest.param(fn, make, exc, name, id=f"{fn}-{cid}"))
+
+    fn = "batch_renorm_train"
+    for dt in (np.int32, np.bool_, np.complex64, object):
+        add(fn, f"x-{np.dtype(dt).name}", lambda dt=dt: {"x": _x().astype(dt)}, TypeError, "x")
+    add(fn, "x-1d", lambda: {"x": _x(shape=(12,))}, ValueError, "x")
+    add(fn, "one-value", lambda: {"x": _x(shape=(1, C, 1))}, ValueError, "x")
+    add(fn, "empty", lambda: {"x": _x(shape=(0, C, 2))}, ValueError, "x")
+    for rname in ("running_mean", "running_std"):
+        add(fn, f"{rname}-None", lambda r=rname: {r: None}, ValueError, rname)
+        add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C + 1, positive=True)}, ValueError,
+            rname)
+        add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, np.int64)}, TypeError, rname)
+        add(fn, f"{rname}-readonly", lambda r=rname: {r: _readonly(_vec(positive=True))},
+            ValueError, rname)
+    add(fn, "weight-len", lambda: {"weight": _vec(C - 1)}, ValueError, "weight")
+    add(fn, "bias-int", lambda: {"bias": np.arange(C)}, TypeError, "bias")
+    add(fn, "rmax-below-1", lambda: {"rmax": 0.5}, ValueError, "rmax")
+    add(fn, "dmax-negative", lambda: {"dmax": -1.0}, ValueError, "dmax")
+    add(fn, "momentum", lambda: {"momentum": 1.5}, ValueError, "momentum")
+    add(fn, "eps", lambda: {"eps": -1.0}, ValueError, "eps")
+    add(fn, "layout", lambda: {"layout": "NCWH"}, ValueError, "layout")
+    add(fn, "num_threads", lambda: {"num_threads": 0}, ValueError, "num_threads")
+    add(fn, "out-shape", lambda: {"out": np.zeros((N, C, H, W + 1), np.float32)}, ValueError,
+        "out")
+    add(fn, "out-overlap-x", lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError,
+        "out")
+    add(fn, "inplace-bad-rmax", lambda: (lambda x: {"x": x, "out": x, "rmax": 0.0})(_x()),
+        ValueError, "rmax")
+
+    fn = "batch_renorm_backward"
+    add(fn, "dy-shape", lambda: {"dy": _x(shape=(N, C, H, W + 1))}, ValueError, "dy")
+    add(fn, "dy-dtype", lambda: {"dy": _x(np.float64)}, TypeError, "dy")
+    add(fn, "x-int", lambda: {"x": _x().astype(np.int32)}, TypeError, "x")
+    for v in ("mean", "std", "r", "d"):
+        add(fn, f"{v}-len", lambda v=v: {v: _vec(C + 1)}, ValueError, v)
+        add(fn, f"{v}-int", lambda v=v: {v: np.ones(C, np.int32)}, TypeError, v)
+    add(fn, "weight-len", lambda: {"weight": _vec(C + 1)}, ValueError, "weight")
+    add(fn, "out-is-x", lambda: (lambda x: {"x": x, "out": x})(_x()), ValueError, "out")
+    add(fn, "layout", lambda: {"layout": "HWCN"}, ValueError, "layout")
+
+    fn = "onnx.batch_normalization"
+    add(fn, "X-int", lambda: {"X": _x().astype(np.int64)}, TypeError, "X")
+    add(fn, "X-1d", lambda: {"X": _x(shape=(7,))}, ValueError, "X")
+    for v in ("scale", "B", "input_mean", "input_var"):
+        add(fn, f"{v}-len", lambda v=v: {v: _vec(C + 1)}, ValueError, v)
+        add(fn, f"{v}-None", lambda v=v: {v: None}, ValueError, v)
+        add(fn, f"{v}-int", lambda v=v: {v: np.ones(C, np.int32)}, TypeError, v)
+    cases.append(pytest.param(
+        fn, lambda: {"epsilon": -1.0}, ValueError, "epsilon", id=f"{fn}-epsilon",
+        marks=pytest.mark.xfail(strict=True, reason="fastbn.onnx validates epsilon with "
+                                "eps_value(epsilon) and the message says 'eps', not the ONNX "
+                                "argument name 'epsilon'")))
+    add(fn, "momentum", lambda: {"momentum": 1.5}, ValueError, "momentum")
+    add(fn, "training_mode", lambda: {"training_mode": 2}, ValueError, "training_mode")
+    add(fn, "training-one-value", lambda: {"X": _x(shape=(1, C)), "training_mode": 1},
+        ValueError, "X")
+
+    fn = "fuse_conv_bn"
+    add(fn, "weight-int", lambda: {"weight": np.ones((C, 2), np.int32)}, TypeError, "weight")
+    add(fn, "weight-0d", lambda: {"weight": np.float32(1.0)}, ValueError, "weight")
+    for v in ("bias", "running_mean", "running_var", "bn_weight", "bn_bias"):
+        add(fn, f"{v}-len", lambda v=v: {v: _vec(C + 1)}, ValueError, v)
+    add(fn, "running_var-complex", lambda: {"running_var": np.ones(C, complex)}, TypeError,
+        "running_var")
+    add(fn, "eps", lambda: {"eps": -1.0}, ValueError, "eps")
+    return cases
+
+
+@pytest.mark.parametrize("fn, make, exc, name", _other_cases())
+def test_bad_input_other_entry_points(fn, make, exc, name):
+    get, build = OTHER[fn]
+    args, kwargs = build(**make())
+    snap = Snapshot(args, kwargs)
+    with pytest.raises(exc) as info:
+        get()(*args, **kwargs)
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    assert re.search(rf"(?<![A-Za-z_]){re.escape(name)}(?![A-Za-z_])", str(info.value)), \
+        f"message does not name {name!r}: {info.value}"
+    snap.assert_unchanged()
+
+
+def _layer_state(layer):
+    """Every array the layer holds (parameters, running statistics, gradients, blobs)."""
+    return {k: v for k, v in vars(layer).items() if isinstance(v, np.ndarray)} | {
+        f"blobs{i}": b for i, b in enumerate(getattr(layer, "blobs", []) or [])} | {
+        f"diffs{i}": b for i, b in enumerate(getattr(layer, "diffs", []) or [])}
+
+
+LAYER_CASES = [
+    # (constructor, kwargs, exc, name)
+    ("BatchNorm", (0,), {}, ValueError, "num_features"),
+    ("BatchNorm", (2.5,), {}, TypeError, "num_features"),
+    ("BatchNorm", (C,), {"eps": -1.0}, ValueError, "eps"),
+    ("BatchNorm", (C,), {"momentum": 2.0}, ValueError, "momentum"),
+    ("BatchNorm", (C,), {"layout": "CHW"}, ValueError, "layout"),
+    ("BatchNorm", (C,), {"dtype": np.int32}, TypeError, "dtype"),
+    ("BatchRenorm", (C,), {"rmax": 0.5}, ValueError, "rmax"),
+    ("BatchRenorm", (C,), {"dmax": -1.0}, ValueError, "dmax"),
+    ("BatchRenorm", (0,), {}, ValueError, "num_features"),
+    ("caffe.BatchNorm", (0,), {}, ValueError, "channels"),
+    ("caffe.BatchNorm", (C,), {"engine": "blas"}, ValueError, "engine"),
+    ("caffe.BatchNorm", (C,), {"moving_average_fraction": 1.5}, ValueError,
+     "moving_average_fraction"),
+    ("caffe.BatchNorm", (C,), {"eps": np.nan}, ValueError, "eps"),
+    ("caffe.Scale", (-1,), {}, ValueError, "channels"),
+]
+
+
+def _layer_cls(name):
+    return getattr(fastbn.caffe, name.split(".")[1]) if name.startswith("caffe.") \
+        else getattr(fastbn, name)
+
+
+@pytest.mark.parametrize("cls, args, kwargs, exc, name", LAYER_CASES,
+                         ids=[f"{c[0]}-{c[4]}-{i}" for i, c in enumerate(LAYER_CASES)])
+def test_bad_layer_arguments(cls, args, kwargs, exc, name):
+    with pytest.raises(exc, match=rf"(?<![A-Za-z_]){name}(?![A-Za-z_])") as info:
+        _layer_cls(cls)(*args, **kwargs)
+    assert type(info.value) is exc
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm", "BatchRenorm"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_failed_layer_calls_leave_state_unchanged(cls, layout):
+    layer = _layer_cls(cls)(C, layout=layout)
+    shape = (N, C, H, W) if layout == "NCHW" else (N, H, W, C)
+    x = _x(shape=shape)
+    layer.forward(x)
+    layer.backward(_x(shape=shape, seed=5))          # gradients now non-zero
+    for bad, exc, name in [(_x(shape=shape[:-1] + (shape[-1] + 1,)) if layout == "NHWC"
+                            else _x(shape=(N, C + 1, H, W)), ValueError, "x"),
+                           (x.astype(np.int32), TypeError, "x"),
+                           (_x(shape=(1, C)), ValueError, "x"),
+                           (_x(shape=(N,)), ValueError, "x")]:
+        state = Snapshot(_layer_state(layer), bad)
+        with pytest.raises(exc, match=rf"(?<![A-Za-z_]){name}(?![A-Za-z_])"):
+            layer.forward(bad)
+        state.assert_unchanged()
+    state = Snapshot(_layer_state(layer))
+    with pytest.raises(ValueError, match="dy"):
+        layer.backward(_x(shape=(N, C, H, W + 2)))
+    state.assert_unchanged()
+    # a failed call does not disturb the next good one
+    y = layer.forward(x)
+    assert y.shape == x.shape and np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("engine", ["fused", "gemv"])
+def test_failed_caffe_calls_leave_blobs_unchanged(engine):
+    layer = fastbn.caffe.BatchNorm(C, engine=engine)
+    x = _x()
+    layer.forward(x, phase="TRAIN")
+    cases = [((_x(shape=(N, C + 1, H)),), {}, ValueError, "bottom"),
+             ((x,), {"phase": "VALIDATE"}, ValueError, "phase"),
+             ((x,), {"out": np.zeros(x.shape, np.float64)}, ValueError, "out"),
+             ((x,), {"out": _readonly(np.zeros(x.shape, np.float32))}, ValueError, "out"),
+             ((x.astype(np.float64),), {}, TypeError, "bottom")]
+    for args, kwargs, exc, name in cases:
+        snap = Snapshot(_layer_state(layer), args, kwargs)
+        with pytest.raises(exc, match=rf"(?<![A-Za-z_]){name}(?![A-Za-z_])"):
+            layer.forward(*args, **kwargs)
+        snap.assert_unchanged()
+    scale = fastbn.caffe.Scale(C, bias_term=True)
+    snap = Snapshot(_layer_state(scale))
+    with pytest.raises(ValueError, match="x"):
+        scale.forward(_x(shape=(N, C + 1, H)))
+    with pytest.raises(RuntimeError):
+        scale.backward(x)
+    snap.assert_unchanged()
