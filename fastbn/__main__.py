@@ -7,7 +7,7 @@ import argparse
 
 import numpy as np
 
-from . import _bench
+from . import _bench, _config
 
 
 def main(argv=None):
@@ -19,6 +19,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
+    p.add_argument("--markdown", metavar="FILE", default=None,
+                   help="also write the table as Markdown to FILE")
     p.add_argument("--crossover", action="store_true",
                    help="time 1 vs 2 threads on small inputs (where to stop forking threads)")
     args = p.parse_args(argv)
@@ -28,9 +30,14 @@ def main(argv=None):
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
     layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
-    _bench.run(shapes=shapes, layouts=layouts, dtype=np.dtype(args.dtype).type,
-               threads=args.threads, rounds=rounds, with_reference=not args.vs_torch,
-               roofline=not args.quick, caffe=not args.vs_torch)
+    dtype = np.dtype(args.dtype).type
+    threads = args.threads or _config.get_num_threads()
+    rows = _bench.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=threads,
+                      rounds=rounds, with_reference=not args.vs_torch, roofline=not args.quick,
+                      caffe=not args.vs_torch)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(_bench.markdown(rows, threads, dtype) + "\n")
 
 
 if __name__ == "__main__":

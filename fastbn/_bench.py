@@ -246,3 +246,31 @@ def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 
                       file=file, flush=True)
     finally:
         _config.SERIAL_BELOW = saved
+
+
+def markdown(rows, threads, dtype=np.float32):
+    """The speed table as Markdown (for README.md and docs/performance.rst)."""
+    ms = lambda t: "-" if not np.isfinite(t) else f"{t * 1e3:.3f}"
+    ratio = lambda r: "-" if not np.isfinite(r) else f"{r:.2f}"
+    lines = [f"{np.dtype(dtype).name}, {threads} threads; times in ms (best of the interleaved "
+             "rounds); speed-up = NumPy reference / fastbn; vs torch = fastbn / PyTorch "
+             "(lower is better)", "",
+             "| shape | layout | op | fastbn | reference | torch | speed-up | vs torch |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    extra = []
+    for r in rows:
+        shape = "(" + ", ".join(str(v) for v in r["shape"]) + ")"
+        if r["op"] in OPS:
+            lines.append(f"| {shape} | {r['layout']} | {r['op']} | {ms(r['fastbn'])} | "
+                         f"{ms(r['ref'])} | {ms(r['torch'])} | {ratio(r['speedup'])} | "
+                         f"{ratio(r['vs_torch'])} |")
+        elif r["op"] == "brn_train":
+            extra.append(f"| {shape} | {r['layout']} | batch_renorm_train / batch_norm_train "
+                         f"| {ratio(r['vs_bn'])} |")
+        elif r["op"] == "train_out":
+            extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
+                         f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "
+                         f"{ms(r['copy'])}) |")
+    if extra:
+        lines += ["", "| shape | layout | comparison | ratio |", "|---|---|---|---|"] + extra
+    return "\n".join(lines)
