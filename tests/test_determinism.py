@@ -59,6 +59,12 @@ def _kernels(x, layout):
         out["backward-eval"] = fastbn.batch_norm_backward(
             g, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, layout=layout,
             num_threads=num_threads)
+        rm2, rs2 = rm.copy(), np.sqrt(rv)
+        out["renorm"] = fastbn.batch_renorm_train(x, w, b, rm2, rs2, layout=layout,
+                                                  num_threads=num_threads) + (rm2, rs2)
+        _, m, s, r, d = out["renorm"][:5]
+        out["renorm-backward"] = fastbn.batch_renorm_backward(g, x, m, s, r, d, w, layout=layout,
+                                                              num_threads=num_threads)
         return out
     return run
 
@@ -113,3 +119,24 @@ def test_odd_thread_counts_and_in_place(layout):
     dgot = fastbn.batch_norm_backward(gi, x, mean, invstd, layout=layout, out=gi, num_threads=2)
     assert dgot[0] is gi
     _assert_identical({"b": dref}, {"b": dgot}, "backward in place, 2 threads")
+
+
+@pytest.mark.parametrize("engine", ["fused", "gemv"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_caffe_engines_thread_invariance(engine, dtype):
+    # the gemv engine runs BLAS: threadpool_limits bounds its threads as well as OpenMP's
+    x = _make((8, 3, 64, 48), dtype, 3)
+    g = _make((8, 3, 64, 48), dtype, 4)
+
+    def run():
+        layer = fastbn.caffe.BatchNorm(3, engine=engine, dtype=dtype)
+        y = layer.forward(x, phase="TRAIN").copy()
+        dx = layer.backward(g).copy()
+        yt = layer.forward(x, phase="TEST").copy()
+        return {"c": (y, dx, yt) + tuple(b.copy() for b in layer.blobs)}
+
+    with threadpool_limits(limits=1):
+        one = run()
+    with threadpool_limits(limits=2):
+        _assert_identical(one, run(), f"caffe {engine}, 2 threads")
+    _assert_identical(one, run(), f"caffe {engine}, default threads")
