@@ -253,11 +253,17 @@ cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
 
 
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                         double mean, double a, double k1, double k2) noexcept nogil:
-    """dx = (g - k1 - (x - mean) * k2) * a."""
+                         double mean, double a, double k1, double k2,
+                         int training) noexcept nogil:
+    """dx = (g - k1 - (x - mean) * k2) * a in training; dx = g * a with fixed statistics
+    (x is not read then: a NaN in x must not reach dx)."""
     cdef Py_ssize_t i
-    for i in range(length):
-        dx[i] = <floating>((g[i] - k1 - (x[i] - mean) * k2) * a)
+    if training:
+        for i in range(length):
+            dx[i] = <floating>((g[i] - k1 - (x[i] - mean) * k2) * a)
+    else:
+        for i in range(length):
+            dx[i] = <floating>(g[i] * a)
 
 
 cdef struct Coef:
@@ -532,7 +538,8 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             _piece(p, c, b, &off, &length)
-            _dx_run(g + off, x + off, dx + off, length, gd.mean[c], gd.a[c], gd.k1[c], gd.k2[c])
+            _dx_run(g + off, x + off, dx + off, length, gd.mean[c], gd.a[c], gd.k1[c], gd.k2[c],
+                    gd.training)
 
 
 cdef void _planar_grad_coef(const Planar* p, const floating* x, Grad* gd, const double* part,
@@ -826,6 +833,13 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     cdef floating* d0
     cdef floating* d1
     cdef double m, aa, kk1, kk2
+    if not gd.training:        # fixed statistics: dx = g * a, x is not read
+        for r in range(r0, r1):
+            g0 = g + r * C
+            d0 = dx + r * C
+            for c in range(C):
+                d0[c] = <floating>(g0[c] * a[c])
+        return
     while r + 2 <= r1:
         g0 = g + r * C
         g1 = g0 + C

@@ -29,7 +29,7 @@ PLANAR, ROWS = 0, 1
 # the row count and S is 1).
 Plan = namedtuple("Plan", "kind perm inv N C S")
 
-_plans = {}            # (shape, strides, layout) -> (Plan, whether x itself fits it)
+_plans = {}            # (shape, strides, itemsize, layout) -> (Plan, whether x itself fits it)
 
 
 def _candidates(ndim, axis, layout):
@@ -63,7 +63,7 @@ def _make_plan(shape, axis, kind, perm):
 
 def _plan(x, axis, layout):
     """Pick the canonical view of x: (plan, C-contiguous data), copying only if needed."""
-    key = (x.shape, x.strides, layout)
+    key = (x.shape, x.strides, x.itemsize, layout)
     hit = _plans.get(key)
     if hit is None:
         cands = _candidates(x.ndim, axis, layout)

@@ -8,7 +8,7 @@ statistics are returned as new arrays.
 import numpy as np
 
 from . import functional
-from ._validate import channel_axis, channel_vector, data_array, momentum_value
+from ._validate import channel_axis, channel_vector, data_array, eps_value, momentum_value
 
 __all__ = ["batch_normalization"]
 
@@ -84,6 +84,7 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
         channel_vector(name, v, C, optional=False)
     mean_in = channel_vector("input_mean", input_mean, C, optional=False)
     var_in = channel_vector("input_var", input_var, C, optional=False)
+    epsilon = eps_value(epsilon, name="epsilon")
     momentum = momentum_value(momentum)
     training = _training_mode(training_mode)
     if not training:

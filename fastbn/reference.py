@@ -146,13 +146,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     axis, red = _axes(x, layout)
     C = x.shape[axis]
+    out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
+                    "invstd": invstd, "weight": weight}, may_alias=("dy",))
     mean = channel_vector("mean", mean, C, optional=False)
     invstd = channel_vector("invstd", invstd, C, optional=False)
     w = channel_vector("weight", weight, C)
     w = np.ones(C) if w is None else w
     thread_count(num_threads, lambda: 1)
-    out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
-                    "invstd": invstd, "weight": weight}, may_alias=("dy",))
     g = dy.astype(np.float64)
     xc = x.astype(np.float64) - _bc(mean, x, axis)
     m = x.size // C if C else 0

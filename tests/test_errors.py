@@ -98,11 +98,7 @@ BAD_DTYPES = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex12
 
 
 # Known gaps of fastbn/reference.py (the oracle), kept visible as strict xfails.
-REFERENCE_GAPS = {
-    ("batch_norm_backward", "out-overlaps-mean"):
-        "reference.batch_norm_backward checks out= against its float64 copies of mean/invstd, "
-        "not the caller's arrays, so an out= overlapping the caller's mean is accepted",
-}
+REFERENCE_GAPS = {}
 
 
 def _cases():
@@ -348,9 +344,6 @@ def test_readonly_and_list_inputs_are_accepted():
     snap.assert_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="fastbn.functional caches plans by (shape, strides, "
-                   "layout) without the dtype: a float32 view whose strides equal a cached "
-                   "contiguous float64 array's is sent to the kernel uncopied and rejected")
 def test_plan_cache_distinguishes_dtypes():
     fastbn.batch_norm_train(np.zeros((2, 1)))                   # float64, strides (8, 8)
     x = np.arange(4, dtype=np.float32).reshape(2, 2)[:, ::2]    # float32, strides (8, 8)
@@ -460,10 +453,7 @@ def _other_cases():
         add(fn, f"{v}-None", lambda v=v: {v: None}, ValueError, v)
         add(fn, f"{v}-int", lambda v=v: {v: np.ones(C, np.int32)}, TypeError, v)
     cases.append(pytest.param(
-        fn, lambda: {"epsilon": -1.0}, ValueError, "epsilon", id=f"{fn}-epsilon",
-        marks=pytest.mark.xfail(strict=True, reason="fastbn.onnx validates epsilon with "
-                                "eps_value(epsilon) and the message says 'eps', not the ONNX "
-                                "argument name 'epsilon'")))
+        fn, lambda: {"epsilon": -1.0}, ValueError, "epsilon", id=f"{fn}-epsilon"))
     add(fn, "momentum", lambda: {"momentum": 1.5}, ValueError, "momentum")
     add(fn, "training_mode", lambda: {"training_mode": 2}, ValueError, "training_mode")
     add(fn, "training-one-value", lambda: {"X": _x(shape=(1, C)), "training_mode": 1},
