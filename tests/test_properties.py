@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastbn
-from fastbn import functional, reference
+from fastbn import reference
 
 pytestmark = [
     # hypothesis' failure report imports a module that warns; keep failures readable
@@ -161,12 +161,6 @@ def _assert_close(name, got, ref, bound, dtype, skip=None, ulps=2, bound32=None)
 
 def _call_both(fn, args, kwargs, ref_args, ref_kwargs):
     """(fast result or exception, reference result or exception)."""
-    # fastbn.functional caches plans by (shape, strides, layout) without the dtype, so a
-    # float32 view with a float64 array's strides gets a wrong plan (see
-    # test_errors.py::test_plan_cache_distinguishes_dtypes); start each example afresh
-    plans = getattr(functional, "_plans", None)
-    if plans is not None:
-        plans.clear()
     res = []
     for f, a, k in ((getattr(fastbn, fn), args, kwargs),
                     (getattr(reference, fn), ref_args, ref_kwargs)):
