@@ -104,9 +104,13 @@ cdef enum:
     # planar: at most this many chunks per channel (a channel is split among a team of
     # threads only when there are fewer channels than threads).
     MAX_CHUNKS = 16
-    # rows: values per chunk of rows (about 256 KiB of float32), and rows per statistics block.
-    ROW_CHUNK_VALUES = 65536
+    # rows: values per chunk of rows (64 KiB of float32, so two threads share even small
+    # inputs), and rows per statistics block.
+    ROW_CHUNK_VALUES = 16384
     TILE_ROWS = 32
+    # at least this many rows per chunk, so wide rows do not make a chunk's C-length
+    # partials as large as its data
+    MIN_CHUNK_ROWS = 128
     # planar: contiguous values a task reads per sample (groups of channels for small planes)
     GROUP_VALUES = 2048
 
@@ -169,10 +173,10 @@ cdef inline double _lane_sum(const double* a) noexcept nogil:
             + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
 
 
-cdef inline void _block_stats(const floating* p, Py_ssize_t length,
-                              double* mean, double* m2) noexcept nogil:
-    """Mean and centred sum of squares of p[0:length] (length <= BLOCK), in two passes over
-    the block while it sits in L1.
+cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
+                              double* m2) noexcept nogil:
+    """Mean and centred sum of squares of one block (pc.nrun runs of pc.length values,
+    pc.stride apart; at most BLOCK values), in two passes while the block sits in L1.
 
     Pass one gives the block mean m; pass two sums d = x - m and d*d, and the correction
     m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. Everything is accumulated in
@@ -181,67 +185,78 @@ cdef inline void _block_stats(const floating* p, Py_ssize_t length,
     """
     cdef double acc[LANES]
     cdef double sq[LANES]
-    cdef double s, s1, s2, bm, d
+    cdef double s = 0, s1 = 0, s2 = 0, bm, d
+    cdef double count = <double>(pc.length * pc.nrun)
     cdef Py_ssize_t lanes = _lanes
-    cdef Py_ssize_t i, j, nfull = length // lanes
+    cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
     cdef const floating* q
+    cdef const floating* run
     for j in range(lanes):
         acc[j] = 0
-    for i in range(nfull):
-        q = p + i * lanes
-        for j in range(lanes):
-            acc[j] = acc[j] + q[j]
-    s = _lane_sum(acc)
-    for i in range(nfull * lanes, length):
-        s = s + p[i]
-    bm = s / length
+    for k in range(pc.nrun):
+        run = p + k * pc.stride
+        for i in range(nfull):
+            q = run + i * lanes
+            for j in range(lanes):
+                acc[j] = acc[j] + q[j]
+        for i in range(nfull * lanes, pc.length):
+            s = s + run[i]
+    s = s + _lane_sum(acc)
+    bm = s / count
     for j in range(lanes):
         acc[j] = 0
         sq[j] = 0
-    for i in range(nfull):
-        q = p + i * lanes
-        for j in range(lanes):
-            d = q[j] - bm
-            acc[j] = acc[j] + d
-            sq[j] = sq[j] + d * d
-    s1 = _lane_sum(acc)
-    s2 = _lane_sum(sq)
-    for i in range(nfull * lanes, length):
-        d = p[i] - bm
-        s1 = s1 + d
-        s2 = s2 + d * d
-    mean[0] = bm + s1 / length
-    s2 = s2 - s1 * (s1 / length)
-    m2[0] = s2 if s2 > 0 else 0.0
+    for k in range(pc.nrun):
+        run = p + k * pc.stride
+        for i in range(nfull):
+            q = run + i * lanes
+            for j in range(lanes):
+                d = q[j] - bm
+                acc[j] = acc[j] + d
+                sq[j] = sq[j] + d * d
+        for i in range(nfull * lanes, pc.length):
+            d = run[i] - bm
+            s1 = s1 + d
+            s2 = s2 + d * d
+    s1 = s1 + _lane_sum(acc)
+    s2 = s2 + _lane_sum(sq)
+    mean[0] = bm + s1 / count
+    s2 = s2 - s1 * (s1 / count)
+    if s2 < 0:                 # rounding only; a NaN must stay NaN
+        s2 = 0.0
+    m2[0] = s2
 
 
-cdef inline void _block_sums(const floating* g, const floating* x, Py_ssize_t length,
-                             double mean, double* sum_g, double* dot) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)) over one run (length <= BLOCK) to sum_g, dot, in
-    one pass, accumulated in double."""
+cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, double mean,
+                             double* sum_g, double* dot) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
+    accumulated in double."""
     cdef double acc[LANES]
     cdef double dt[LANES]
-    cdef double s, t
+    cdef double s = 0, t = 0
     cdef Py_ssize_t lanes = _lanes
-    cdef Py_ssize_t i, j, nfull = length // lanes
+    cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
     cdef const floating* gq
     cdef const floating* xq
+    cdef const floating* gr
+    cdef const floating* xr
     for j in range(lanes):
         acc[j] = 0
         dt[j] = 0
-    for i in range(nfull):
-        gq = g + i * lanes
-        xq = x + i * lanes
-        for j in range(lanes):
-            acc[j] = acc[j] + gq[j]
-            dt[j] = dt[j] + gq[j] * (xq[j] - mean)
-    s = _lane_sum(acc)
-    t = _lane_sum(dt)
-    for i in range(nfull * lanes, length):
-        s = s + g[i]
-        t = t + g[i] * (x[i] - mean)
-    sum_g[0] = sum_g[0] + s
-    dot[0] = dot[0] + t
+    for k in range(pc.nrun):
+        gr = g + k * pc.stride
+        xr = x + k * pc.stride
+        for i in range(nfull):
+            gq = gr + i * lanes
+            xq = xr + i * lanes
+            for j in range(lanes):
+                acc[j] = acc[j] + gq[j]
+                dt[j] = dt[j] + gq[j] * (xq[j] - mean)
+        for i in range(nfull * lanes, pc.length):
+            s = s + gr[i]
+            t = t + gr[i] * (xr[i] - mean)
+    sum_g[0] = sum_g[0] + (s + _lane_sum(acc))
+    dot[0] = dot[0] + (t + _lane_sum(dt))
 
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
@@ -321,14 +336,18 @@ cdef inline void _set_coef(Coef* cf, Py_ssize_t c, double mean, double var) noex
 # ---------------------------------------------------------------------------------------------
 # Planar (N, C, S): chunking of one channel
 # ---------------------------------------------------------------------------------------------
-# A channel is N runs of S values. Each run is cut into `pieces` blocks of nearly equal length
-# (<= BLOCK); the channel's N * pieces blocks are grouped into `nchunk` consecutive chunks.
+# A channel is N runs of S values (one per sample), C*S values apart. A block is either a
+# part of one long run (S > BLOCK: each run is cut into `pieces` parts of nearly equal
+# length) or `runs` consecutive short runs (S <= BLOCK: up to BLOCK values in all), so every
+# block holds at most BLOCK values and costs one merge. The channel's `nblock` blocks are
+# grouped into `nchunk` consecutive chunks. All of it depends on the shape only.
 
 cdef struct Planar:
     Py_ssize_t N
     Py_ssize_t C
     Py_ssize_t S
-    Py_ssize_t pieces
+    Py_ssize_t pieces       # blocks per run (long runs)
+    Py_ssize_t runs         # runs per block (short runs)
     Py_ssize_t nblock
     Py_ssize_t nchunk
 
@@ -338,28 +357,48 @@ cdef Planar _planar(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept:
     p.N = N
     p.C = C
     p.S = S
-    p.pieces = (S + BLOCK - 1) // BLOCK if S > 0 else 1
-    p.nblock = N * p.pieces
+    if S > BLOCK:
+        p.pieces = (S + BLOCK - 1) // BLOCK
+        p.runs = 1
+        p.nblock = N * p.pieces
+    else:
+        p.pieces = 1
+        p.runs = BLOCK // S if S > 0 else 1
+        if p.runs > N:
+            p.runs = N if N > 0 else 1
+        p.nblock = (N + p.runs - 1) // p.runs
     p.nchunk = p.nblock if p.nblock < MAX_CHUNKS else MAX_CHUNKS
     if p.nchunk < 1:
         p.nchunk = 1
     return p
 
 
-cdef inline void _piece(const Planar* p, Py_ssize_t c, Py_ssize_t b,
-                        Py_ssize_t* offset, Py_ssize_t* length) noexcept nogil:
-    """Offset and length of block b of channel c."""
+cdef struct Piece:
+    Py_ssize_t offset       # of the first value
+    Py_ssize_t length       # values per run
+    Py_ssize_t nrun         # runs
+    Py_ssize_t stride       # between runs (C * S)
+
+
+cdef inline Piece _piece(const Planar* p, Py_ssize_t c, Py_ssize_t b) noexcept nogil:
+    """Block b of channel c."""
+    cdef Piece r
     cdef Py_ssize_t n, q, lo, hi
-    if p.pieces == 1:          # the common case (planes up to BLOCK values): no divisions
-        offset[0] = (b * p.C + c) * p.S
-        length[0] = p.S
-        return
+    r.stride = p.C * p.S
+    if p.pieces == 1:
+        n = b * p.runs
+        r.offset = (n * p.C + c) * p.S
+        r.length = p.S
+        r.nrun = p.runs if n + p.runs <= p.N else p.N - n
+        return r
     n = b // p.pieces
     q = b - n * p.pieces
     lo = (p.S * q) // p.pieces
     hi = (p.S * (q + 1)) // p.pieces
-    offset[0] = (n * p.C + c) * p.S + lo
-    length[0] = hi - lo
+    r.offset = (n * p.C + c) * p.S + lo
+    r.length = hi - lo
+    r.nrun = 1
+    return r
 
 
 cdef inline Py_ssize_t _chunk_lo(const Planar* p, Py_ssize_t k) noexcept nogil:
@@ -374,7 +413,8 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
     neighbouring channels are adjacent in memory, so the group streams through DRAM.
     Each channel still sees its own blocks in the same order, whatever the group.
     """
-    cdef Py_ssize_t b, c, off, length
+    cdef Py_ssize_t b, c
+    cdef Piece pc
     cdef double bmean, bm2
     cdef double* q
     for c in range(c0, c1):
@@ -384,21 +424,24 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
         q[2] = 0
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
-            _piece(p, c, b, &off, &length)
-            if length > 0:
+            pc = _piece(p, c, b)
+            if pc.length > 0:
                 q = part + 3 * (c * p.nchunk + k)
-                _block_stats(x + off, length, &bmean, &bm2)
-                _chan_merge(&q[0], &q[1], &q[2], <double>length, bmean, bm2)
+                _block_stats(x + pc.offset, pc, &bmean, &bm2)
+                _chan_merge(&q[0], &q[1], &q[2], <double>(pc.length * pc.nrun), bmean, bm2)
 
 
 cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
                                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                       const Coef* cf) noexcept nogil:
-    cdef Py_ssize_t b, c, off, length
+    cdef Py_ssize_t b, c, r
+    cdef Piece pc
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
-            _piece(p, c, b, &off, &length)
-            _affine(x + off, y + off, length, cf.mean[c], cf.scale[c], cf.shift[c])
+            pc = _piece(p, c, b)
+            for r in range(pc.nrun):
+                _affine(x + pc.offset + r * pc.stride, y + pc.offset + r * pc.stride,
+                        pc.length, cf.mean[c], cf.scale[c], cf.shift[c])
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -518,7 +561,8 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part) noexcept nogil:
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)]."""
-    cdef Py_ssize_t b, c, off, length
+    cdef Py_ssize_t b, c
+    cdef Piece pc
     cdef double* q
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
@@ -526,20 +570,23 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         q[1] = 0
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
-            _piece(p, c, b, &off, &length)
+            pc = _piece(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
-            _block_sums(g + off, x + off, length, mean[c], &q[0], &q[1])
+            _block_sums(g + pc.offset, x + pc.offset, pc, mean[c], &q[0], &q[1])
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
                                   floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                   const Grad* gd) noexcept nogil:
-    cdef Py_ssize_t b, c, off, length
+    cdef Py_ssize_t b, c, r, off
+    cdef Piece pc
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
-            _piece(p, c, b, &off, &length)
-            _dx_run(g + off, x + off, dx + off, length, gd.mean[c], gd.a[c], gd.k1[c], gd.k2[c],
-                    gd.training)
+            pc = _piece(p, c, b)
+            for r in range(pc.nrun):
+                off = pc.offset + r * pc.stride
+                _dx_run(g + off, x + off, dx + off, pc.length, gd.mean[c], gd.a[c], gd.k1[c],
+                        gd.k2[c], gd.training)
 
 
 cdef void _planar_grad_coef(const Planar* p, const floating* x, Grad* gd, const double* part,
@@ -597,8 +644,8 @@ cdef void _planar_backward(const Planar* p, const floating* g, const floating* x
 
 cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t C) noexcept nogil:
     cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
-    if rpc < TILE_ROWS:
-        rpc = TILE_ROWS
+    if rpc < MIN_CHUNK_ROWS:
+        rpc = MIN_CHUNK_ROWS
     return rpc - rpc % TILE_ROWS
 
 
