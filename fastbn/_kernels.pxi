@@ -1137,3 +1137,78 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
                                <double*>cnp.PyArray_DATA(dx), N, C, &gd, part, nthreads)
     finally:
         free(part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-bandwidth yardsticks for the speed table: one read pass and one copy pass over an
+# array, split over the same threads as the kernels (the "roofline" of training forward).
+# ---------------------------------------------------------------------------------------------
+
+cdef double _read_range(const float* x, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef float acc[LANES]
+    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t i, j, nfull = (hi - lo) // lanes
+    cdef const float* q
+    cdef double s = 0
+    for j in range(lanes):
+        acc[j] = 0
+    for i in range(nfull):
+        q = x + lo + i * lanes
+        for j in range(lanes):
+            acc[j] = acc[j] + q[j]
+    for i in range(lo + nfull * lanes, hi):
+        s = s + x[i]
+    for j in range(lanes):
+        s = s + acc[j]
+    return s
+
+
+cdef void _copy_range(const float* x, float* y, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        y[i] = x[i]
+
+
+def read_pass(cnp.ndarray x, int nthreads):
+    """Sum a C-contiguous float32 array once (memory-bandwidth yardstick); returns the sum."""
+    cdef Py_ssize_t n, t, nt = nthreads
+    cdef double* part
+    cdef double total = 0
+    cdef const float* p
+    if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("read_pass takes a C-contiguous float32 array")
+    if nthreads < 1:
+        raise ValueError("nthreads must be >= 1")
+    n = cnp.PyArray_SIZE(x)
+    p = <const float*>cnp.PyArray_DATA(x)
+    part = <double*>malloc(nt * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for t in prange(nt, num_threads=nthreads, schedule="static"):
+                part[t] = _read_range(p, n * t // nt, n * (t + 1) // nt)
+            for t in range(nt):
+                total = total + part[t]
+    finally:
+        free(part)
+    return total
+
+
+def copy_pass(cnp.ndarray x, cnp.ndarray y, int nthreads):
+    """Copy a C-contiguous float32 array into another of its size (bandwidth yardstick)."""
+    cdef Py_ssize_t n, t, nt = nthreads
+    cdef const float* p
+    cdef float* q
+    if (cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(y) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(x) or not cnp.PyArray_IS_C_CONTIGUOUS(y)
+            or cnp.PyArray_SIZE(x) != cnp.PyArray_SIZE(y) or not cnp.PyArray_ISWRITEABLE(y)):
+        raise ValueError("copy_pass takes two C-contiguous float32 arrays of one size")
+    if nthreads < 1:
+        raise ValueError("nthreads must be >= 1")
+    n = cnp.PyArray_SIZE(x)
+    p = <const float*>cnp.PyArray_DATA(x)
+    q = <float*>cnp.PyArray_DATA(y)
+    with nogil:
+        for t in prange(nt, num_threads=nthreads, schedule="static"):
+            _copy_range(p, q, n * t // nt, n * (t + 1) // nt)

@@ -396,3 +396,20 @@ def test_kernel_variants_agree():
                 dx, ref.batch_norm_backward(dy, x, mean, invstd, w)[0], rtol=1e-4, atol=1e-5)
     finally:
         functional._kernels = saved
+
+
+def test_bandwidth_yardsticks():
+    """The read and copy passes behind the speed table's roofline rows."""
+    from fastbn import functional
+    k = functional._kernels
+    x = np.random.default_rng(4).random(300_007).astype(np.float32)
+    y = np.empty_like(x)
+    for n in (1, 2):
+        assert k.read_pass(x, n) == pytest.approx(float(x.astype(np.float64).sum()), rel=1e-5)
+        y[:] = 0
+        k.copy_pass(x, y, n)
+        assert np.array_equal(x, y)
+    with pytest.raises(ValueError, match="float32"):
+        k.read_pass(x.astype(np.float64), 1)
+    with pytest.raises(ValueError, match="float32"):
+        k.copy_pass(x, y[:-1], 1)
