@@ -399,6 +399,7 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     eps = eps_value(eps)
     dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight, bias)
                              if a is not None])
-    scale = w / np.sqrt(rv + eps)
-    shift = b - rm * scale
+    with np.errstate(divide="ignore", invalid="ignore"):   # var + eps == 0 gives inf/NaN
+        scale = w / np.sqrt(rv + eps)
+        shift = b - rm * scale
     return scale.astype(dtype), shift.astype(dtype)

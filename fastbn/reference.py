@@ -78,7 +78,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                     "running_mean": running_mean, "running_var": running_var},
                     may_alias=("x",))
-    m = x.size // C if C else 0
+    m = int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     if m <= 1:
         raise ValueError(f"x must have more than 1 value per channel in training, got shape "
                          f"{x.shape}")
