@@ -111,8 +111,8 @@ cdef enum:
     # at least this many rows per chunk, so wide rows do not make a chunk's C-length
     # partials as large as its data
     MIN_CHUNK_ROWS = 128
-    # planar: contiguous values a task reads per sample (groups of channels for small planes)
-    GROUP_VALUES = 2048
+    # planar: contiguous values a task reads per sample (groups of channels, short planes)
+    GROUP_VALUES = 16384
 
 
 def openmp_enabled():
@@ -166,11 +166,26 @@ cdef inline void _chan_merge(double* n, double* mean, double* m2,
 cdef Py_ssize_t _lanes = LANES
 
 
-cdef inline double _lane_sum(const double* a) noexcept nogil:
-    """Pairwise sum, in a fixed order, of the LANES (16) accumulators: four dependent
-    additions deep instead of sixteen."""
-    return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
-            + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
+cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
+    """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for the usual 16 lanes
+    (four dependent additions deep), in lane order otherwise."""
+    cdef double s = 0
+    cdef Py_ssize_t j
+    if lanes == LANES:
+        return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
+                + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
+    for j in range(lanes):
+        s = s + a[j]
+    return s
+
+
+cdef inline Py_ssize_t _block_lanes(Piece pc) noexcept nogil:
+    """Accumulator lanes for a block: LANES across one long run, or one lane per position
+    of a run when the block is several short runs (the runs are then summed like the rows
+    of a matrix, which vectorizes along the run however short it is)."""
+    if pc.nrun > 1 and pc.length >= 4:
+        return pc.length
+    return _lanes
 
 
 cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
@@ -180,14 +195,14 @@ cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
 
     Pass one gives the block mean m; pass two sums d = x - m and d*d, and the correction
     m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. Everything is accumulated in
-    double (no float32 overflow or underflow of the squares), in LANES independent lanes
-    that the compiler vectorizes without reassociating a sum.
+    double (no float32 overflow or underflow of the squares), in independent lanes that the
+    compiler vectorizes without reassociating a sum.
     """
-    cdef double acc[LANES]
-    cdef double sq[LANES]
+    cdef double acc[BLOCK]
+    cdef double sq[BLOCK]
     cdef double s = 0, s1 = 0, s2 = 0, bm, d
     cdef double count = <double>(pc.length * pc.nrun)
-    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t lanes = _block_lanes(pc)
     cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
     cdef const floating* q
     cdef const floating* run
@@ -201,7 +216,7 @@ cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
                 acc[j] = acc[j] + q[j]
         for i in range(nfull * lanes, pc.length):
             s = s + run[i]
-    s = s + _lane_sum(acc)
+    s = s + _lane_sum(acc, lanes)
     bm = s / count
     for j in range(lanes):
         acc[j] = 0
@@ -218,8 +233,8 @@ cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
             d = run[i] - bm
             s1 = s1 + d
             s2 = s2 + d * d
-    s1 = s1 + _lane_sum(acc)
-    s2 = s2 + _lane_sum(sq)
+    s1 = s1 + _lane_sum(acc, lanes)
+    s2 = s2 + _lane_sum(sq, lanes)
     mean[0] = bm + s1 / count
     s2 = s2 - s1 * (s1 / count)
     if s2 < 0:                 # rounding only; a NaN must stay NaN
@@ -230,11 +245,11 @@ cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
 cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, double mean,
                              double* sum_g, double* dot) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
-    accumulated in double."""
-    cdef double acc[LANES]
-    cdef double dt[LANES]
+    accumulated in double (lanes as in _block_stats)."""
+    cdef double acc[BLOCK]
+    cdef double dt[BLOCK]
     cdef double s = 0, t = 0
-    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t lanes = _block_lanes(pc)
     cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
     cdef const floating* gq
     cdef const floating* xq
@@ -255,8 +270,8 @@ cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, dou
         for i in range(nfull * lanes, pc.length):
             s = s + gr[i]
             t = t + gr[i] * (xr[i] - mean)
-    sum_g[0] = sum_g[0] + (s + _lane_sum(acc))
-    dot[0] = dot[0] + (t + _lane_sum(dt))
+    sum_g[0] = sum_g[0] + (s + _lane_sum(acc, lanes))
+    dot[0] = dot[0] + (t + _lane_sum(dt, lanes))
 
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
@@ -456,10 +471,16 @@ cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
 
 
 cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t S, int nthreads) noexcept nogil:
-    """Channels per task: enough that a task reads >= GROUP_VALUES contiguous values per
-    sample, but at least one task per thread. Results do not depend on it."""
-    cdef Py_ssize_t g = (GROUP_VALUES + S - 1) // S
-    cdef Py_ssize_t most = (C + nthreads - 1) // nthreads
+    """Channels per task. Long planes (S > BLOCK) go one channel at a time: each sample's
+    plane is already a long contiguous stream, and the channel stays in L2 between its
+    statistics and its normalization. Short planes are grouped so that a task reads about
+    GROUP_VALUES contiguous values per sample, keeping at least four tasks per thread.
+    Results do not depend on it."""
+    cdef Py_ssize_t g, most
+    if S > BLOCK:
+        return 1
+    g = (GROUP_VALUES + S - 1) // S
+    most = (C + 4 * nthreads - 1) // (4 * nthreads)
     if g > most:
         g = most
     return g if g > 0 else 1
