@@ -152,11 +152,16 @@ def interleaved(funcs, rounds, budget=None):
 
 
 def _fmt_ms(t):
-    return "-" if not np.isfinite(t) else f"{t * 1e3:9.3f}"
+    return f"{'-':>9}" if not np.isfinite(t) else f"{t * 1e3:9.3f}"
 
 
 def _fmt_ratio(r):
-    return "-" if not np.isfinite(r) else f"{r:6.2f}"
+    return f"{'-':>6}" if not np.isfinite(r) else f"{r:6.2f}"
+
+
+def _ratio(a, b):
+    """a / b, NaN when either time is missing (a column that was not measured)."""
+    return a / b if np.isfinite(a) and np.isfinite(b) else float("nan")
 
 
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
@@ -167,7 +172,7 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
     torch = _torch() if with_torch else None
     if torch is not None:
         torch.set_num_threads(threads)
-    _config.show_config()
+    _config.show_config(file=file)
     print(f"  {'threads used':<16} {threads}", file=file)
     print(f"  {'torch':<16} {torch.__version__ if torch is not None else 'not installed'}",
           file=file)
@@ -194,7 +199,8 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                 t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
                          if with_reference else np.inf)
                 row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
-                           torch=t_peer, speedup=t_ref / t_fast, vs_torch=t_fast / t_peer)
+                           torch=t_peer, speedup=_ratio(t_ref, t_fast),
+                           vs_torch=_ratio(t_fast, t_peer))
                 rows.append(row)
                 print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
                       f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "

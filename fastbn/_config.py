@@ -89,8 +89,13 @@ def config():
     }
 
 
-def show_config():
+def show_config(file=None):
     """Print build information: OpenMP on/off, threads, compiler and flags.
+
+    Parameters
+    ----------
+    file : file-like, optional
+        Where to print (default: standard output).
 
     Examples
     --------
@@ -99,7 +104,7 @@ def show_config():
     fastbn ...
     """
     cfg = config()
-    print(f"fastbn {cfg['fastbn']}")
+    print(f"fastbn {cfg['fastbn']}", file=file)
     for key in ("python", "numpy", "platform", "cpu_count", "openmp", "threads",
                 "OMP_NUM_THREADS", "compiler", "kernels", "cflags"):
-        print(f"  {key:<16} {cfg[key]}")
+        print(f"  {key:<16} {cfg[key]}", file=file)

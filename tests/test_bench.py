@@ -1,0 +1,50 @@
+"""The speed table machinery behind `python -m fastbn` runs, with and without PyTorch."""
+import io
+
+import numpy as np
+import pytest
+
+from fastbn import _bench
+from fastbn import __main__ as main
+
+
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_run_small_table(with_torch):
+    if with_torch:
+        pytest.importorskip("torch")
+    out = io.StringIO()
+    rows = _bench.run(shapes=[(8, 32, 8, 8), (33, 64, 32, 32)], layouts=("NCHW", "NHWC"),
+                      rounds=1, with_torch=with_torch, caffe=False, file=out)
+    text = out.getvalue()
+    assert "openmp" in text and "(8, 32, 8, 8)" in text
+    ops = {(r["shape"], r["layout"], r["op"]) for r in rows}
+    for layout in ("NCHW", "NHWC"):
+        for op in ("train", "infer", "backward", "brn_train"):
+            assert ((8, 32, 8, 8), layout, op) in ops
+        assert ((33, 64, 32, 32), layout, "train_out") in ops      # roofline row (8 MB)
+    timed = [r for r in rows if r["op"] in _bench.OPS]
+    assert all(r["fastbn"] > 0 and r["ref"] > 0 for r in timed)
+    if with_torch:
+        assert all(np.isfinite(r["vs_torch"]) for r in timed)
+    else:
+        assert all(np.isnan(r["vs_torch"]) for r in timed)
+    md = _bench.markdown(rows, threads=2)
+    assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 4
+
+
+def test_make_data_layouts():
+    x, dy, w, b = _bench.make_data((2, 3, 4, 5), "NHWC", np.float32)
+    assert x.shape == dy.shape == (2, 4, 5, 3) and w.shape == b.shape == (3,)
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+
+
+def test_main_quick_args(monkeypatch):
+    seen = {}
+
+    def fake_run(**kw):
+        seen.update(kw)
+        return []
+    monkeypatch.setattr(_bench, "run", fake_run)
+    main.main(["--quick", "--layout", "NHWC", "--threads", "1", "--dtype", "float64"])
+    assert seen["shapes"] == _bench.QUICK_SHAPES and seen["layouts"] == ("NHWC",)
+    assert seen["threads"] == 1 and seen["dtype"] is np.float64 and seen["rounds"] == 3
