@@ -168,15 +168,27 @@ cdef Py_ssize_t _lanes = LANES
 
 cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
     """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for the usual 16 lanes
-    (four dependent additions deep), in lane order otherwise."""
-    cdef double s = 0
-    cdef Py_ssize_t j
+    (four dependent additions deep), eight interleaved partial sums otherwise."""
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0
+    cdef Py_ssize_t j = 0
     if lanes == LANES:
         return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
                 + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
-    for j in range(lanes):
-        s = s + a[j]
-    return s
+    # eight interleaved partial sums: the additions overlap instead of forming one chain
+    while j + 8 <= lanes:
+        s0 = s0 + a[j]
+        s1 = s1 + a[j + 1]
+        s2 = s2 + a[j + 2]
+        s3 = s3 + a[j + 3]
+        s4 = s4 + a[j + 4]
+        s5 = s5 + a[j + 5]
+        s6 = s6 + a[j + 6]
+        s7 = s7 + a[j + 7]
+        j = j + 8
+    while j < lanes:
+        s0 = s0 + a[j]
+        j = j + 1
+    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
 
 
 cdef inline Py_ssize_t _block_lanes(Piece pc) noexcept nogil:
