@@ -1,9 +1,12 @@
 """fastbn: Batch Normalization on NumPy arrays, as fast as the CPU's memory allows.
 
 Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
-:func:`batch_norm_backward`, :func:`fold_batch_norm`; threads: :func:`get_num_threads`,
-:func:`set_num_threads`; build facts: :func:`show_config`. :mod:`fastbn.reference` is the
-plain NumPy twin of every kernel.
+:func:`batch_norm_backward`, :func:`fold_batch_norm`, Batch Renormalization
+(:func:`batch_renorm_train`, :func:`batch_renorm_backward`) and :func:`fuse_conv_bn`;
+threads: :func:`get_num_threads`, :func:`set_num_threads`; build facts: :func:`show_config`.
+Stateful layers with PyTorch-compatible state: :class:`BatchNorm`, :class:`BatchRenorm`.
+Framework conventions: :mod:`fastbn.caffe` (BatchNorm + Scale), :mod:`fastbn.onnx`.
+:mod:`fastbn.reference` is the plain NumPy twin of the functional kernels.
 """
 __version__ = "0.1.0"
 
