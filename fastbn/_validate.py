@@ -43,6 +43,9 @@ def channel_vector(name, a, C, *, optional=True):
         if optional:
             return None
         raise ValueError(f"{name} is required")
+    if (type(a) is np.ndarray and a.dtype == np.float64 and a.shape == (C,)
+            and a.flags.c_contiguous):
+        return a               # the common case, read as it is
     a = np.asarray(a)
     _float_dtype(name, a)
     if a.shape != (C,):

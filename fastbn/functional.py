@@ -347,7 +347,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     plan, xc = _plan(x, axis, layout)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
-    grads = np.zeros((2, C))
+    grads = np.empty((2, C)) if x.size else np.zeros((2, C))
     if x.size:
         _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean64, invstd64, w,
                           training, grads, nthreads)
