@@ -1,8 +1,9 @@
 """Speed of the Caffe BatchNorm layer's two engines (``engine="fused"`` vs ``"gemv"``).
 
-Both engines run interleaved in one process (fastbn._bench.interleaved), on the same data
-from fastbn._bench.make_data, writing into preallocated outputs (as Caffe's top and bottom
-blobs are), so the ratio is fair on a noisy machine. ``python -m fastbn._bench_caffe``
+Both engines run in one process, one after the other (each the best of its rounds), on the
+same data from fastbn._bench.make_data, writing into preallocated outputs (as Caffe's top
+and bottom blobs are). They are not interleaved: OpenBLAS's threads spin for a while after
+each gemv call and would slow the fused engine's threads that follow. ``python -m fastbn._bench_caffe``
 prints the rows.
 """
 import sys
@@ -51,7 +52,11 @@ def bench_rows(shapes=SHAPES, dtype=np.float32, rounds=5):
                for bn, top in zip(layers, tops)]
         bwd = [lambda bn=bn, dx=dx: bn.backward(dy, out=dx) for bn, dx in zip(layers, diffs)]
         for op, funcs in (("forward TRAIN", fwd), ("backward", bwd)):
-            t_fused, t_gemv = interleaved(funcs, rounds)
+            # one engine after the other, not interleaved: after a BLAS call OpenBLAS's
+            # threads keep spinning for a while and would steal the cores from the fused
+            # engine's OpenMP threads (on 2 cores that made small fused calls 20x slower)
+            t_fused = interleaved(funcs[:1], rounds)[0]
+            t_gemv = interleaved(funcs[1:], rounds)[0]
             rows.append(dict(shape=tuple(shape), dtype=np.dtype(dtype).name, op=op,
                              fused=t_fused, gemv=t_gemv, ratio=t_gemv / t_fused))
     return rows
