@@ -43,6 +43,28 @@ OPENMP_PROBE = textwrap.dedent(
 )
 
 
+def probe(source, cflags, lflags=None):
+    """Whether `source` compiles with `cflags` and, when `lflags` is given, also links with
+    them and runs successfully."""
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    tmp = tempfile.mkdtemp(prefix="fastbn-probe-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+        if lflags is not None:
+            exe = os.path.join(tmp, "probe")
+            compiler.link_executable(objs, exe, extra_postargs=lflags)
+            subprocess.run([exe], check=True, capture_output=True, timeout=60)
+        return True
+    except Exception:  # any failure means: not usable with these flags
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def openmp_flags():
     """Compile, link and run a tiny OpenMP program; return (compile, link) flags or ([], [])."""
     if NO_OPENMP:
@@ -53,46 +75,19 @@ def openmp_flags():
         candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
-    compiler = new_compiler()
-    customize_compiler(compiler)
-    tmp = tempfile.mkdtemp(prefix="fastbn-omp-")
-    try:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write(OPENMP_PROBE)
-        for cflags, lflags in candidates:
-            try:
-                objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
-                exe = os.path.join(tmp, "probe")
-                compiler.link_executable(objs, exe, extra_postargs=lflags)
-                subprocess.run([exe], check=True, capture_output=True, timeout=60)
-            except Exception:  # any failure means: no usable OpenMP with these flags
-                continue
+    for cflags, lflags in candidates:
+        if probe(OPENMP_PROBE, cflags, lflags):
             return cflags, lflags
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     warnings.warn("fastbn: OpenMP not available; building serial kernels (one thread)")
     return [], []
 
 
-omp_cflags, omp_lflags = openmp_flags()
-
-
 def compiles_with(flags):
-    """Whether the C compiler accepts `flags` (used for the AVX2 kernel variant)."""
-    compiler = new_compiler()
-    customize_compiler(compiler)
-    tmp = tempfile.mkdtemp(prefix="fastbn-flags-")
-    try:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write("int main(void) { return 0; }\n")
-        compiler.compile([src], output_dir=tmp, extra_postargs=flags)
-        return True
-    except Exception:  # the compiler refused the flags
-        return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Whether the C compiler accepts `flags` (the AVX2 variant, GCC's vectorizer --param)."""
+    return probe("int main(void) { return 0; }\n", flags)
+
+
+omp_cflags, omp_lflags = openmp_flags()
 
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
