@@ -156,6 +156,10 @@ def out_array(out, shape, dtype, inputs, may_alias=(), name="out"):
     for arg, a in inputs.items():
         if a is None or not isinstance(a, np.ndarray):
             continue
+        if a is out and arg in may_alias:
+            continue
+        if not np.may_share_memory(out, a):      # the common case: a cheap bounds check
+            continue
         if arg in may_alias and _same_view(out, a):
             continue
         if overlaps(out, a):
