@@ -99,7 +99,9 @@ ctypedef fused floating:
 # Values per statistics block: a block is read twice (sum, then squared deviations) while it
 # sits in L1, so DRAM sees it once. 1024 float32 = 4 KiB; 64 terms per accumulator lane.
 cdef enum:
-    LANES = 16
+    # accumulator lanes across a long run: the lane arrays live in L1, so each lane's
+    # additions wait on a store-to-load round trip; 32 lanes keep eight vector chains busy
+    LANES = 32
     BLOCK = 1024
     # planar: at most this many chunks per channel (a channel is split among a team of
     # threads only when there are fewer channels than threads).
@@ -167,11 +169,11 @@ cdef Py_ssize_t _lanes = LANES
 
 
 cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
-    """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for the usual 16 lanes
-    (four dependent additions deep), eight interleaved partial sums otherwise."""
+    """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for 16 lanes (four
+    dependent additions deep), eight interleaved partial sums otherwise."""
     cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0
     cdef Py_ssize_t j = 0
-    if lanes == LANES:
+    if lanes == 16:
         return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
                 + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
     # eight interleaved partial sums: the additions overlap instead of forming one chain
