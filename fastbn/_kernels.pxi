@@ -202,58 +202,80 @@ cdef inline Py_ssize_t _block_lanes(Piece pc) noexcept nogil:
     return _lanes
 
 
+cdef inline double _cancel_limit(const floating* p) noexcept nogil:
+    """Largest accepted s2 / m2 of a shifted one-pass block (see _block_stats): the one-pass
+    m2 keeps a relative error below about 40 * limit * 2**-53, 5e-12 for float32 data (far
+    under its precision) and 1e-13 for float64."""
+    if floating is float:
+        return 1024.0
+    else:
+        return 16.0
+
+
 cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
                               double* m2) noexcept nogil:
     """Mean and centred sum of squares of one block (pc.nrun runs of pc.length values,
-    pc.stride apart; at most BLOCK values), in two passes while the block sits in L1.
+    pc.stride apart; at most BLOCK values).
 
-    Pass one gives the block mean m; pass two sums d = x - m and d*d, and the correction
-    m2 = sum(d^2) - sum(d)^2/L removes what rounding left in m. Everything is accumulated in
-    double (no float32 overflow or underflow of the squares), in independent lanes that the
-    compiler vectorizes without reassociating a sum.
+    One pass sums d = x - K and d*d about the block's first value K, in double lanes that
+    the compiler vectorizes without reassociating a sum: m2 = sum(d^2) - sum(d)^2/L. That
+    subtraction cancels when K lies many standard deviations from the block mean (an
+    outlier first value, a large offset with a small spread): if sum(d^2) exceeds m2 by
+    more than _cancel_limit, the block is done again in two passes (mean first, then
+    deviations from it, while the block sits in L1). The choice depends on the data only,
+    so results stay the same for any thread count; a NaN or inf always takes the two-pass
+    route, which keeps it.
     """
     cdef double acc[BLOCK]
     cdef double sq[BLOCK]
-    cdef double s = 0, s1 = 0, s2 = 0, bm, d
+    cdef double s = 0, s1 = 0, s2 = 0, bm, d, v
     cdef double count = <double>(pc.length * pc.nrun)
     cdef Py_ssize_t lanes = _block_lanes(pc)
     cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
     cdef const floating* q
     cdef const floating* run
-    for j in range(lanes):
-        acc[j] = 0
-    for k in range(pc.nrun):
-        run = p + k * pc.stride
-        for i in range(nfull):
-            q = run + i * lanes
+    cdef int two_pass
+    bm = p[0]
+    for two_pass in range(2):
+        if two_pass:           # the mean first, then deviations from it
             for j in range(lanes):
-                acc[j] = acc[j] + q[j]
-        for i in range(nfull * lanes, pc.length):
-            s = s + run[i]
-    s = s + _lane_sum(acc, lanes)
-    bm = s / count
-    for j in range(lanes):
-        acc[j] = 0
-        sq[j] = 0
-    for k in range(pc.nrun):
-        run = p + k * pc.stride
-        for i in range(nfull):
-            q = run + i * lanes
-            for j in range(lanes):
-                d = q[j] - bm
-                acc[j] = acc[j] + d
-                sq[j] = sq[j] + d * d
-        for i in range(nfull * lanes, pc.length):
-            d = run[i] - bm
-            s1 = s1 + d
-            s2 = s2 + d * d
-    s1 = s1 + _lane_sum(acc, lanes)
-    s2 = s2 + _lane_sum(sq, lanes)
+                acc[j] = 0
+            s = 0
+            for k in range(pc.nrun):
+                run = p + k * pc.stride
+                for i in range(nfull):
+                    q = run + i * lanes
+                    for j in range(lanes):
+                        acc[j] = acc[j] + q[j]
+                for i in range(nfull * lanes, pc.length):
+                    s = s + run[i]
+            bm = (s + _lane_sum(acc, lanes)) / count
+            s1 = 0
+            s2 = 0
+        for j in range(lanes):
+            acc[j] = 0
+            sq[j] = 0
+        for k in range(pc.nrun):
+            run = p + k * pc.stride
+            for i in range(nfull):
+                q = run + i * lanes
+                for j in range(lanes):
+                    d = q[j] - bm
+                    acc[j] = acc[j] + d
+                    sq[j] = sq[j] + d * d
+            for i in range(nfull * lanes, pc.length):
+                d = run[i] - bm
+                s1 = s1 + d
+                s2 = s2 + d * d
+        s1 = s1 + _lane_sum(acc, lanes)
+        s2 = s2 + _lane_sum(sq, lanes)
+        v = s2 - s1 * (s1 / count)
+        if two_pass or v * _cancel_limit(p) >= s2:
+            break
     mean[0] = bm + s1 / count
-    s2 = s2 - s1 * (s1 / count)
-    if s2 < 0:                 # rounding only; a NaN must stay NaN
-        s2 = 0.0
-    m2[0] = s2
+    if v < 0:                  # rounding only; a NaN must stay NaN
+        v = 0.0
+    m2[0] = v
 
 
 cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, double mean,
@@ -484,7 +506,12 @@ cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
     var[0] = m2 / n if n > 0 else 0.0
 
 
-cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t S, int nthreads) noexcept nogil:
+cdef Py_ssize_t _group_total = 1 << 30
+def _set_group_total(Py_ssize_t v):
+    global _group_total
+    _group_total = v
+
+cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S, int nthreads) noexcept nogil:
     """Channels per task. Long planes (S > BLOCK) go one channel at a time: each sample's
     plane is already a long contiguous stream, and the channel stays in L2 between its
     statistics and its normalization. Short planes are grouped so that a task reads about
@@ -494,6 +521,8 @@ cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t S, int nthreads) noe
     if S > BLOCK:
         return 1
     g = (GROUP_VALUES + S - 1) // S
+    if g * N * S > _group_total:
+        g = _group_total // (N * S)
     most = (C + 4 * nthreads - 1) // (4 * nthreads)
     if g > most:
         g = most
@@ -526,7 +555,7 @@ cdef void _planar_train_coef(const Planar* p, Coef* cf, const double* part,
 cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* cf,
                         double* part, int nthreads) noexcept nogil:
     cdef Py_ssize_t g, c, t, ntask = p.C * p.nchunk
-    cdef Py_ssize_t gs = _group_size(p.C, p.S, nthreads)
+    cdef Py_ssize_t gs = _group_size(p.C, p.N, p.S, nthreads)
     cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
     if nthreads == 1:
         for g in range(ngroup):
@@ -650,7 +679,7 @@ cdef void _planar_backward_group(const Planar* p, const floating* g, const float
 cdef void _planar_backward(const Planar* p, const floating* g, const floating* x, floating* dx,
                            Grad* gd, double* part, int nthreads) noexcept nogil:
     cdef Py_ssize_t gi, c, t, ntask = p.C * p.nchunk
-    cdef Py_ssize_t gs = _group_size(p.C, p.S, nthreads)
+    cdef Py_ssize_t gs = _group_size(p.C, p.N, p.S, nthreads)
     cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
     if nthreads == 1:
         for gi in range(ngroup):
