@@ -149,7 +149,10 @@ def _assert_close(name, got, ref, bound, dtype, skip=None, ulps=2, bound32=None)
             tol = tol + REL32 * np.asarray(bound32, dtype=np.float64)
         check = np.ones(ref.shape, bool) if skip is None else ~skip
         fin_r, fin_g = np.isfinite(ref), np.isfinite(got)
-        bad = check & (fin_r != fin_g)
+        # a finite reference may round to infinity within the tolerance (a float32 running
+        # mean of huge float64 data: an error of 1e-16 * max|x| is already past 3.4e38)
+        may_overflow = fin_r & np.isinf(got) & (np.abs(ref) + tol >= np.finfo(dtype).max)
+        bad = check & (fin_r != fin_g) & ~may_overflow
         assert not bad.any(), f"{name}: finiteness differs at {np.argwhere(bad)[:5].tolist()}: " \
             f"got {got[bad][:5]}, reference {ref[bad][:5]}"
         both = check & fin_r & fin_g
@@ -247,7 +250,8 @@ def test_train_matches_reference(data):
         kappa = xmax * ir
         wv = np.ones(C) if w is None else w.astype(np.float64)
         bv = np.zeros(C) if b is None else b.astype(np.float64)
-        ybound = (np.abs(x0.astype(np.float64)) + _bc(np.abs(mr), x0.ndim, axis)) \
+        # the mean carries an error relative to the channel's largest |x|, not to |mean|
+        ybound = (np.abs(x0.astype(np.float64)) + _bc(np.abs(mr) + xmax, x0.ndim, axis)) \
             * _bc(np.abs(wv) * ir, x0.ndim, axis) + _bc(np.abs(bv), x0.ndim, axis)
     b32 = {}
     if dtype == np.float32:
