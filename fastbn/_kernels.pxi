@@ -583,17 +583,30 @@ cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* c
                 _planar_chunk_affine(p, x, y, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk, cf)
 
 
+cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py_ssize_t r0,
+                             Py_ssize_t r1, const double* mean, const double* scale,
+                             const double* shift) noexcept nogil:
+    """Inference on runs [r0, r1) of the (N*C) runs; the channel is stepped, not divided
+    out per run (an integer division per 49-value run costs as much as the run)."""
+    cdef Py_ssize_t run, c = r0 % p.C
+    for run in range(r0, r1):
+        _affine(x + run * p.S, y + run * p.S, p.S, mean[c], scale[c], shift[c])
+        c = c + 1
+        if c == p.C:
+            c = 0
+
+
 cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const double* mean,
                         const double* scale, const double* shift, int nthreads) noexcept nogil:
-    cdef Py_ssize_t run
+    cdef Py_ssize_t t, nrun = p.N * p.C
+    cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
+    cdef Py_ssize_t ntask = (nrun + per - 1) // per
     if nthreads == 1:
-        for run in range(p.N * p.C):
-            _affine(x + run * p.S, y + run * p.S, p.S, mean[run % p.C], scale[run % p.C],
-                    shift[run % p.C])
+        _planar_infer_runs(p, x, y, 0, nrun, mean, scale, shift)
     else:
-        for run in prange(p.N * p.C, num_threads=nthreads, schedule="static"):
-            _affine(x + run * p.S, y + run * p.S, p.S, mean[run % p.C], scale[run % p.C],
-                    shift[run % p.C])
+        for t in prange(ntask, num_threads=nthreads, schedule="static"):
+            _planar_infer_runs(p, x, y, t * per, (t + 1) * per if (t + 1) * per < nrun else nrun,
+                               mean, scale, shift)
 
 
 cdef struct Grad:
@@ -1078,6 +1091,25 @@ cdef double* _vec(object a, Py_ssize_t n, bint optional=False) except? NULL:
     return <double*>cnp.PyArray_DATA(arr)
 
 
+cdef const double* _param(object a, Py_ssize_t n, double* scratch,
+                          bint optional=False) except? NULL:
+    """A per-channel input read as double: a C-contiguous float64 array is read in place, a
+    float32 one is converted into scratch (n doubles), so float32 models pay no NumPy
+    conversion per call. NULL for None if optional."""
+    cdef cnp.ndarray arr
+    cdef const float* f
+    cdef Py_ssize_t i
+    if a is None or cnp.PyArray_TYPE(<cnp.ndarray?>a) != cnp.NPY_FLOAT32:
+        return _vec(a, n, optional)
+    arr = <cnp.ndarray>a
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_SIZE(arr) < n:
+        raise ValueError("kernel vectors must be C-contiguous, of the channel count")
+    f = <const float*>cnp.PyArray_DATA(arr)
+    for i in range(n):
+        scratch[i] = f[i]
+    return scratch
+
+
 cdef void _check_dims(int kind, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       int nthreads) except *:
     if kind not in (0, 1) or N < 1 or C < 1 or S < 1 or nthreads < 1:
@@ -1090,7 +1122,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
     """Training forward on a canonical view.
 
     kind 0: x is planar (N, C, S); kind 1: x is rows (N, C) and S is 1. x, y: C-contiguous,
-    one float dtype (y may be x). weight, bias: float64 (C,) or None. stats: float64 (5, C),
+    one float dtype (y may be x). weight, bias: float32 or float64 (C,), or None. stats:
+    float64 (5, C),
     receives mean, biased var, invstd, scale, shift. renorm: None, or (running_mean,
     running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays, for Batch
     Renormalization.
@@ -1099,31 +1132,32 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
     cdef Planar p
     cdef int fl
     cdef double* part
+    cdef Py_ssize_t npart = _partials(kind, N, C, S)
     _check_dims(kind, N, C, S, nthreads)
     fl = _data_kind(x, y, N * C * S)
-    cf.weight = _vec(weight, C, True)
-    cf.bias = _vec(bias, C, True)
-    cf.eps = eps
-    cf.mean = _vec(stats, 5 * C)
-    cf.var = cf.mean + C
-    cf.invstd = cf.mean + 2 * C
-    cf.scale = cf.mean + 3 * C
-    cf.shift = cf.mean + 4 * C
-    cf.renorm = 0
-    if renorm is not None:
-        cf.renorm = 1
-        cf.run_mean = _vec(renorm[0], C)
-        cf.run_std = _vec(renorm[1], C)
-        cf.r = _vec(renorm[2], C)
-        cf.d = _vec(renorm[3], C)
-        cf.rmin = renorm[4]
-        cf.rmax = renorm[5]
-        cf.dmax = renorm[6]
     p = _planar(N, C, S)
-    part = <double*>malloc(_partials(kind, N, C, S) * sizeof(double))
+    part = <double*>malloc((npart + 2 * C) * sizeof(double))
     if part == NULL:
         raise MemoryError()
     try:
+        cf.weight = _param(weight, C, part + npart, True)
+        cf.bias = _param(bias, C, part + npart + C, True)
+        cf.eps = eps
+        cf.mean = _vec(stats, 5 * C)
+        cf.var = cf.mean + C
+        cf.invstd = cf.mean + 2 * C
+        cf.scale = cf.mean + 3 * C
+        cf.shift = cf.mean + 4 * C
+        cf.renorm = 0
+        if renorm is not None:
+            cf.renorm = 1
+            cf.run_mean = _vec(renorm[0], C)
+            cf.run_std = _vec(renorm[1], C)
+            cf.r = _vec(renorm[2], C)
+            cf.d = _vec(renorm[3], C)
+            cf.rmin = renorm[4]
+            cf.rmax = renorm[5]
+            cf.dmax = renorm[6]
         with nogil:
             if kind == 0 and fl == 0:
                 _planar_train(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
@@ -1145,7 +1179,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
                   Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
                   int nthreads):
     """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
-    (see train_forward); the per-channel vectors are float64 (C,), weight/bias may be None."""
+    (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
+    may be None."""
     cdef Planar p
     cdef int fl
     cdef Py_ssize_t c
@@ -1156,15 +1191,15 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
     cdef double* coef
     _check_dims(kind, N, C, S, nthreads)
     fl = _data_kind(x, y, N * C * S)
-    rm = _vec(running_mean, C)
-    rv = _vec(running_var, C)
-    w = _vec(weight, C, True)
-    b = _vec(bias, C, True)
     p = _planar(N, C, S)
-    coef = <double*>malloc(2 * C * sizeof(double))
+    coef = <double*>malloc(6 * C * sizeof(double))
     if coef == NULL:
         raise MemoryError()
     try:
+        rm = _param(running_mean, C, coef + 2 * C)
+        rv = _param(running_var, C, coef + 3 * C)
+        w = _param(weight, C, coef + 4 * C, True)
+        b = _param(bias, C, coef + 5 * C, True)
         with nogil:
             for c in range(C):
                 coef[c] = (w[c] if w != NULL else 1.0) / sqrt(rv[c] + eps)
@@ -1189,7 +1224,8 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
              cnp.ndarray grads, int nthreads):
     """dx (may be g itself), and dweight, dbias into grads (float64 (2, C)) on a canonical
-    view (see train_forward); mean, invstd float64 (C,), weight float64 (C,) or None."""
+    view (see train_forward); mean, invstd, weight: float32 or float64 (C,), weight may be
+    None."""
     cdef Planar p
     cdef Grad gd
     cdef int fl
@@ -1198,21 +1234,21 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
     fl = _data_kind(x, dx, N * C * S)
     if _data_kind(g, dx, N * C * S) != fl:
         raise TypeError("kernel gradient dtype differs")
-    gd.mean = _vec(mean, C)
-    gd.invstd = _vec(invstd, C)
-    gd.weight = _vec(weight, C, True)
     gd.training = training
     gd.m = <double>(N * S)
     gd.dweight = _vec(grads, 2 * C)
     gd.dbias = gd.dweight + C
     p = _planar(N, C, S)
-    part = <double*>malloc((_partials(kind, N, C, S) + 3 * C) * sizeof(double))
+    part = <double*>malloc((_partials(kind, N, C, S) + 6 * C) * sizeof(double))
     if part == NULL:
         raise MemoryError()
     gd.a = part + _partials(kind, N, C, S)
     gd.k1 = gd.a + C
     gd.k2 = gd.a + 2 * C
     try:
+        gd.mean = _param(mean, C, gd.a + 3 * C)
+        gd.invstd = _param(invstd, C, gd.a + 4 * C)
+        gd.weight = _param(weight, C, gd.a + 5 * C, True)
         with nogil:
             if kind == 0 and fl == 0:
                 _planar_backward(&p, <float*>cnp.PyArray_DATA(g), <float*>cnp.PyArray_DATA(x),

@@ -53,6 +53,16 @@ def channel_vector(name, a, C, *, optional=True):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
+def kernel_vector(name, a, C, *, optional=True):
+    """A per-channel input handed straight to a kernel: a C-contiguous float32 or float64
+    (C,) array is returned as it is (the kernels read float32 into double themselves),
+    anything else goes through :func:`channel_vector`."""
+    if (type(a) is np.ndarray and a.shape == (C,) and a.dtype in DATA_DTYPES
+            and a.flags.c_contiguous):
+        return a
+    return channel_vector(name, a, C, optional=optional)
+
+
 def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
     """Check a pair of running-statistic buffers that will be updated in place."""
     if (running_mean is None) != (running_var is None):

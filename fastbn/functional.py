@@ -17,8 +17,8 @@ import numpy as np
 
 from ._dispatch import kernels as _kernels
 from ._config import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        out_array, running_buffers, same_shape)
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, kernel_vector,
+                        momentum_value, out_array, running_buffers, same_shape)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -123,8 +123,8 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     C = x.shape[axis]
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     eps = eps_value(eps)
-    w = channel_vector("weight", weight, C)
-    b = channel_vector("bias", bias, C)
+    w = kernel_vector("weight", weight, C)
+    b = kernel_vector("bias", bias, C)
     if out is not None:
         inputs = {"x": x, "weight": weight, "bias": bias}
         inputs.update(extra_inputs or {})
@@ -258,11 +258,11 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    rm = channel_vector("running_mean", running_mean, C, optional=False)
-    rv = channel_vector("running_var", running_var, C, optional=False)
+    rm = kernel_vector("running_mean", running_mean, C, optional=False)
+    rv = kernel_vector("running_var", running_var, C, optional=False)
     eps = eps_value(eps)
-    w = channel_vector("weight", weight, C)
-    b = channel_vector("bias", bias, C)
+    w = kernel_vector("weight", weight, C)
+    b = kernel_vector("bias", bias, C)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
                         {"x": x, "running_mean": running_mean, "running_var": running_var,
@@ -335,9 +335,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    mean64 = channel_vector("mean", mean, C, optional=False)
-    invstd64 = channel_vector("invstd", invstd, C, optional=False)
-    w = channel_vector("weight", weight, C)
+    mean_k = kernel_vector("mean", mean, C, optional=False)
+    invstd_k = kernel_vector("invstd", invstd, C, optional=False)
+    w = kernel_vector("weight", weight, C)
     training = bool(training)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
@@ -349,7 +349,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
     grads = np.empty((2, C)) if x.size else np.zeros((2, C))
     if x.size:
-        _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean64, invstd64, w,
+        _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean_k, invstd_k, w,
                           training, grads, nthreads)
     grads = grads.astype(x.dtype, copy=False)
     return _finish(dx, dxc, direct, plan), grads[0], grads[1]
