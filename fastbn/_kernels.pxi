@@ -113,10 +113,10 @@ cdef enum:
     # at least this many rows per chunk, so wide rows do not make a chunk's C-length
     # partials as large as its data
     MIN_CHUNK_ROWS = 128
-    # rows: channel counts from which the kernels sweep several rows at a time (all of
-    # them), and below which the statistics do (see _wide_rows)
+    # rows: the kernels sweep several rows at a time from WIDE_ROWS channels on, and the
+    # reductions also below NARROW_ROWS (see _multi_rows)
     WIDE_ROWS = 1024
-    NARROW_ROWS = 128
+    NARROW_ROWS = 64
     # planar: contiguous values a task reads per sample (groups of channels, short planes)
     GROUP_VALUES = 16384
     # planar: inputs of at most CACHED_VALUES values are taken to stay in the last-level
@@ -734,15 +734,17 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t C) noexcept nogil:
     return rpc - rpc % TILE_ROWS
 
 
-cdef inline bint _wide_rows(Py_ssize_t C) noexcept nogil:
-    """Whether the rows kernels update several rows per sweep over the channels.
+cdef inline bint _multi_rows(Py_ssize_t C, bint reduction) noexcept nogil:
+    """Whether a rows kernel updates several rows per sweep over the channels.
 
     One row at a time reads x as a single sequential stream, which the hardware prefetchers
-    follow best; several rows per sweep share each load of the per-channel coefficients and
-    accumulators, which only pays once those arrays outgrow L1 (measured: one row is 1.5-3x
-    faster for C = 128 to 512, sweeps of several rows are 1.3-1.5x faster for C >= 1024).
+    follow best; several rows per sweep share each load of the per-channel coefficients or
+    accumulators. That pays once those arrays outgrow L1 (C >= WIDE_ROWS), and in the
+    reductions for narrow rows (C < NARROW_ROWS), whose accumulator chains are short.
+    Measured: one row per sweep is 1.5-3x faster for C = 128 to 512, several rows per sweep
+    1.3-1.5x faster for C >= 1024, and for C = 32 statistics 1.2-1.5x faster.
     """
-    return C >= WIDE_ROWS
+    return C >= WIDE_ROWS or (reduction and C < NARROW_ROWS)
 
 
 cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_ssize_t b0,
@@ -779,9 +781,9 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
     cdef double d, d1, d2, d3, k
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
-    cdef double nb, n = 0, tot, delta, bmean, bm2, t1
+    cdef double nb, n = 0, tot, delta, t1, wb, wn
     cdef double limit = _cancel_limit(x)
-    cdef bint wide = _wide_rows(C) or C < NARROW_ROWS
+    cdef bint wide = _multi_rows(C, True)
     cdef const floating* row
     if work == NULL:           # out of memory: NaN statistics rather than a crash
         for c in range(C):
@@ -816,22 +818,28 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
                 s1[c] = s1[c] + d
                 s2[c] = s2[c] + d * d
             r = r + 1
-        tot = n + nb
+        # the tile's mean into s1 and m2 into K, in straight loops the compiler vectorizes;
+        # then the rare channels whose one-pass sums cancelled, in two passes
         for c in range(C):
             t1 = s1[c]
-            bm2 = s2[c] - t1 * (t1 / nb)
-            if bm2 * limit >= s2[c]:
-                bmean = K[c] + t1 / nb
-            else:
-                _rows_tile_two_pass(x, C, c, b0, b1, &bmean, &bm2)
-            if n == 0:
-                cmean[c] = bmean
-                cm2[c] = bm2
-            else:
-                delta = bmean - cmean[c]
-                cmean[c] = cmean[c] + delta * (nb / tot)
-                cm2[c] = cm2[c] + bm2 + delta * delta * (n * (nb / tot))
-        n = tot
+            s1[c] = K[c] + t1 / nb
+            K[c] = s2[c] - t1 * (t1 / nb)
+        for c in range(C):
+            if not (K[c] * limit >= s2[c]):
+                _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &K[c])
+        if n == 0:
+            for c in range(C):
+                cmean[c] = s1[c]
+                cm2[c] = K[c]
+        else:
+            tot = n + nb
+            wb = nb / tot
+            wn = n * wb
+            for c in range(C):
+                delta = s1[c] - cmean[c]
+                cmean[c] = cmean[c] + delta * wb
+                cm2[c] = cm2[c] + K[c] + delta * delta * wn
+        n = n + nb
     free(work)
 
 
@@ -853,7 +861,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
     memory; for wide rows, four rows share each load of the per-channel coefficients."""
     cdef Py_ssize_t c, r = r0
-    cdef bint wide = _wide_rows(C)
+    cdef bint wide = _multi_rows(C, False)
     cdef const floating* x0
     cdef const floating* x1
     cdef const floating* x2
@@ -944,7 +952,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     for c in range(C):
         sg[c] = 0
         sd[c] = 0
-    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if _wide_rows(C) or C < NARROW_ROWS else r0
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if _multi_rows(C, True) else r0
     cdef double m
     for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
@@ -995,7 +1003,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
             for c in range(C):
                 d0[c] = <floating>(g0[c] * a[c])
         return
-    while r + 2 <= r1 and _wide_rows(C):
+    while r + 2 <= r1 and _multi_rows(C, False):
         g0 = g + r * C
         g1 = g0 + C
         x0 = x + r * C
