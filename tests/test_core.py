@@ -288,6 +288,24 @@ def test_float32_accuracy_large_offset(layout, offset):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_outlier_first_value_of_every_block(layout):
+    """The statistics sum deviations from each block's first value in one pass and redo a
+    block in two passes when that would cancel: with an outlier at the start of every block
+    (a 32x32 plane is one block; a rows tile is 32 rows), float64 results stay exact to a
+    few ulps, far under the one-pass error (about 1e-13 here)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 32, 32))
+    x[:, :, 0, 0] = 1e3
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        x.reshape(-1, 3)[::32] = 1e3
+    _, mean, invstd = fastbn.batch_norm_train(x, layout=layout)
+    _, mean64, invstd64 = ref.batch_norm_train(x, layout=layout)
+    np.testing.assert_allclose(mean, mean64, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(invstd, invstd64, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_constant_channel_gives_bias(layout):
     shape = nchw_to(layout, (8, 3, 16, 16))
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
