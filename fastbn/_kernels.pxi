@@ -727,11 +727,18 @@ cdef void _planar_backward(const Planar* p, const floating* g, const floating* x
 # Rows (R, C): chunks of rows, C-length partials per chunk, merged in chunk order
 # ---------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t C) noexcept nogil:
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    """Rows per chunk: about ROW_CHUNK_VALUES values and at least MIN_CHUNK_ROWS rows, with
+    the chunk count rounded up to a multiple of 4 and the rows spread evenly over the
+    chunks, so that 2 or 4 threads get equal shares. Depends on the shape only."""
     cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
+    cdef Py_ssize_t nchunk
     if rpc < MIN_CHUNK_ROWS:
         rpc = MIN_CHUNK_ROWS
-    return rpc - rpc % TILE_ROWS
+    nchunk = (R + rpc - 1) // rpc
+    if nchunk > 1:
+        nchunk = nchunk + (-nchunk) % 4
+    return (R + nchunk - 1) // nchunk if nchunk > 0 else rpc
 
 
 cdef inline bint _multi_rows(Py_ssize_t C, bint reduction) noexcept nogil:
@@ -899,7 +906,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
 
 cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C, Coef* cf,
                       double* part, int nthreads) noexcept nogil:
-    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k, c
     if nthreads == 1:
@@ -928,7 +935,7 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
 cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const double* mean, const double* scale, const double* shift,
                       int nthreads) noexcept nogil:
-    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
     if nthreads == 1:
@@ -1029,7 +1036,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
 
 cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
                          Py_ssize_t C, Grad* gd, double* part, int nthreads) noexcept nogil:
-    cdef Py_ssize_t rpc = _rows_per_chunk(C)
+    cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k, c
     if nthreads == 1:
@@ -1069,7 +1076,7 @@ cdef Py_ssize_t _partials(int kind, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) no
     if kind == 0:
         p = _planar(N, C, S)
         return 3 * C * p.nchunk
-    rpc = _rows_per_chunk(C)
+    rpc = _rows_per_chunk(N, C)
     return 2 * C * ((N + rpc - 1) // rpc)
 
 
