@@ -13,13 +13,20 @@ DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def channel_axis(layout, ndim):
     """Index of the channel axis for `layout` ('NCHW': 1, 'NHWC': last)."""
+    if layout == "NCHW" and type(layout) is str:
+        return 1
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
     return 1 if layout == "NCHW" else ndim - 1
 
 
+_FLOAT32, _FLOAT64 = DATA_DTYPES
+
+
 def data_array(name, a):
     """A float32/float64 array of ndim >= 2 (not copied)."""
+    if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64) and a.ndim >= 2:
+        return a               # the common case, without the general checks below
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
     if a.dtype not in DATA_DTYPES:
@@ -57,9 +64,10 @@ def kernel_vector(name, a, C, *, optional=True):
     """A per-channel input handed straight to a kernel: a C-contiguous float32 or float64
     (C,) array is returned as it is (the kernels read float32 into double themselves),
     anything else goes through :func:`channel_vector`."""
-    if (type(a) is np.ndarray and a.shape == (C,) and a.dtype in DATA_DTYPES
-            and a.flags.c_contiguous):
-        return a
+    if type(a) is np.ndarray and a.shape == (C,):
+        dt = a.dtype           # native float32/float64 dtypes are singletons
+        if (dt is _FLOAT32 or dt is _FLOAT64) and (C <= 1 or a.strides[0] == dt.itemsize):
+            return a
     return channel_vector(name, a, C, optional=optional)
 
 
