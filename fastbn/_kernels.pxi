@@ -1285,6 +1285,48 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
         free(part)
 
 
+cdef bint _running_ok(object buf, Py_ssize_t C):
+    cdef cnp.ndarray a
+    if type(buf) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>buf
+    return ((cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a)
+            and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == C)
+
+
+cdef void _blend(cnp.ndarray buf, const double* batch, double scale, double momentum,
+                 Py_ssize_t C):
+    """buf <- momentum * (batch * scale) + (1 - momentum) * buf, in double."""
+    cdef Py_ssize_t c
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(buf) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(buf)
+        for c in range(C):
+            f[c] = <float>(momentum * (batch[c] * scale) + (1.0 - momentum) * <double>f[c])
+    else:
+        d = <double*>cnp.PyArray_DATA(buf)
+        for c in range(C):
+            d[c] = momentum * (batch[c] * scale) + (1.0 - momentum) * d[c]
+
+
+def update_running(running_mean, running_var, cnp.ndarray stats, double momentum,
+                   double unbias):
+    """The running-statistics update of training forward, in one C loop per buffer:
+    running_mean <- (1 - momentum) * running_mean + momentum * stats[0] and the same for
+    running_var with stats[1] * unbias, computed in double and stored in the buffer's
+    dtype. Returns False, writing nothing, unless both buffers are writable C-contiguous
+    float32/float64 vectors of the channel count (the caller then updates them itself)."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(stats, 1) if cnp.PyArray_NDIM(stats) == 2 else -1
+    cdef const double* st = _vec(stats, 2 * C) if C >= 0 else NULL
+    if st == NULL or not (_running_ok(running_mean, C) and _running_ok(running_var, C)):
+        return False
+    _blend(<cnp.ndarray>running_mean, st, 1.0, momentum, C)
+    _blend(<cnp.ndarray>running_var, st + C, unbias, momentum, C)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory-bandwidth yardsticks for the speed table: one read pass and one copy pass over an
 # array, split over the same threads as the kernels (the "roofline" of training forward).

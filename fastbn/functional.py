@@ -210,7 +210,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     y, mean, var, invstd, M = _train(
         x, weight, bias, eps, layout, out, num_threads,
         extra_inputs={"running_mean": running_mean, "running_var": running_var})
-    if running_mean is not None:
+    # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
+    # the kernel updates contiguous float buffers in one loop, NumPy any other
+    if running_mean is not None and C and not _kernels.update_running(
+            running_mean, running_var, mean.base, momentum, M / (M - 1.0)):
         _update_running(running_mean, mean, momentum)
         _update_running(running_var, var * (M / (M - 1.0)), momentum)
     return y, mean, invstd

@@ -287,6 +287,30 @@ def test_float32_accuracy_large_offset(layout, offset):
     np.testing.assert_allclose(invstd, invstd64, rtol=1e-6)
 
 
+@pytest.mark.parametrize("buf_dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_running_update_any_buffer(buf_dtype, strided):
+    """Contiguous float buffers are updated by the kernel module, others by NumPy: both give
+    momentum * batch + (1 - momentum) * running, computed in float64."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 5, 3, 3))
+    start_m, start_v = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
+    bufs = []
+    for start in (start_m, start_v):
+        b = np.zeros(10 if strided else 5, buf_dtype)
+        b = b[::2] if strided else b
+        b[...] = start
+        bufs.append(b)
+    _, mean, invstd = fastbn.batch_norm_train(x, running_mean=bufs[0], running_var=bufs[1],
+                                              momentum=0.25)
+    var = x.var(axis=(0, 2, 3), ddof=1)
+    want_m = 0.25 * mean + 0.75 * start_m.astype(buf_dtype).astype(np.float64)
+    want_v = 0.25 * var + 0.75 * start_v.astype(buf_dtype).astype(np.float64)
+    tol = 1e-6 if buf_dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(bufs[0], want_m, rtol=tol)
+    np.testing.assert_allclose(bufs[1], want_v, rtol=tol)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_outlier_first_value_of_every_block(layout):
     """The statistics sum deviations from each block's first value in one pass and redo a
