@@ -327,14 +327,14 @@ cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
 
 
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                         double mean, double a, double k1, double k2,
+                         double mean, double a, double kx, double k0,
                          int training) noexcept nogil:
-    """dx = (g - k1 - (x - mean) * k2) * a in training; dx = g * a with fixed statistics
-    (x is not read then: a NaN in x must not reach dx)."""
+    """dx = g * a + (x - mean) * kx + k0 in training (two multiply-adds per value);
+    dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach dx)."""
     cdef Py_ssize_t i
     if training:
         for i in range(length):
-            dx[i] = <floating>((g[i] - k1 - (x[i] - mean) * k2) * a)
+            dx[i] = <floating>(g[i] * a + ((x[i] - mean) * kx + k0))
     else:
         for i in range(length):
             dx[i] = <floating>(g[i] * a)
@@ -623,9 +623,9 @@ cdef struct Grad:
     # outputs, length C
     double* dweight
     double* dbias
-    double* a           # dx = (g - k1 - (x - mean) * k2) * a
-    double* k1
-    double* k2
+    double* a           # dx = g * a + (x - mean) * kx + k0
+    double* kx
+    double* k0
 
 
 cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
@@ -633,13 +633,15 @@ cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) no
     cdef double istd = gd.invstd[c]
     gd.dweight[c] = dot * istd
     gd.dbias[c] = sum_g
-    gd.a[c] = istd * gd.weight[c] if gd.weight != NULL else istd
+    cdef double a = istd * gd.weight[c] if gd.weight != NULL else istd
+    gd.a[c] = a
     if gd.training:
-        gd.k1[c] = sum_g / gd.m
-        gd.k2[c] = dot / gd.m * istd * istd
+        # dx = (g - sum_g/m - (x - mean) * dot/m * istd^2) * a
+        gd.k0[c] = -(sum_g / gd.m) * a
+        gd.kx[c] = -(dot / gd.m * istd * istd) * a
     else:
-        gd.k1[c] = 0.0
-        gd.k2[c] = 0.0
+        gd.k0[c] = 0.0
+        gd.kx[c] = 0.0
 
 
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
@@ -670,8 +672,8 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
             pc = _piece(p, c, b)
             for r in range(pc.nrun):
                 off = pc.offset + r * pc.stride
-                _dx_run(g + off, x + off, dx + off, pc.length, gd.mean[c], gd.a[c], gd.k1[c],
-                        gd.k2[c], gd.training)
+                _dx_run(g + off, x + off, dx + off, pc.length, gd.mean[c], gd.a[c], gd.kx[c],
+                        gd.k0[c], gd.training)
 
 
 cdef void _planar_grad_coef(const Planar* p, const floating* x, Grad* gd, const double* part,
@@ -994,15 +996,15 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     cdef Py_ssize_t c, r = r0
     cdef const double* mean = gd.mean
     cdef const double* a = gd.a
-    cdef const double* k1 = gd.k1
-    cdef const double* k2 = gd.k2
+    cdef const double* kx = gd.kx
+    cdef const double* k0 = gd.k0
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* x0
     cdef const floating* x1
     cdef floating* d0
     cdef floating* d1
-    cdef double m, aa, kk1, kk2
+    cdef double m, aa, kkx, kk0
     if not gd.training:        # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
@@ -1020,17 +1022,17 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
         for c in range(C):
             m = mean[c]
             aa = a[c]
-            kk1 = k1[c]
-            kk2 = k2[c]
-            d0[c] = <floating>((g0[c] - kk1 - (x0[c] - m) * kk2) * aa)
-            d1[c] = <floating>((g1[c] - kk1 - (x1[c] - m) * kk2) * aa)
+            kkx = kx[c]
+            kk0 = k0[c]
+            d0[c] = <floating>(g0[c] * aa + ((x0[c] - m) * kkx + kk0))
+            d1[c] = <floating>(g1[c] * aa + ((x1[c] - m) * kkx + kk0))
         r = r + 2
     while r < r1:
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
         for c in range(C):
-            d0[c] = <floating>((g0[c] - k1[c] - (x0[c] - mean[c]) * k2[c]) * a[c])
+            d0[c] = <floating>(g0[c] * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
         r = r + 1
 
 
@@ -1262,8 +1264,8 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
     if part == NULL:
         raise MemoryError()
     gd.a = part + _partials(kind, N, C, S)
-    gd.k1 = gd.a + C
-    gd.k2 = gd.a + 2 * C
+    gd.kx = gd.a + C
+    gd.k0 = gd.a + 2 * C
     try:
         gd.mean = _param(mean, C, gd.a + 3 * C)
         gd.invstd = _param(invstd, C, gd.a + 4 * C)
