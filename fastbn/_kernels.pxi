@@ -226,13 +226,13 @@ cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
     pc.stride apart; at most BLOCK values).
 
     One pass sums d = x - K and d*d about the block's first value K, in double lanes that
-    the compiler vectorizes without reassociating a sum: m2 = sum(d^2) - sum(d)^2/L. That
-    subtraction cancels when K lies many standard deviations from the block mean (an
-    outlier first value, a large offset with a small spread): if sum(d^2) exceeds m2 by
-    more than _cancel_limit, the block is done again in two passes (mean first, then
-    deviations from it, while the block sits in L1). The choice depends on the data only,
-    so results stay the same for any thread count; a NaN or inf always takes the two-pass
-    route, which keeps it.
+    the compiler vectorizes without reassociating a sum: m2 = sum(d^2) - sum(d)^2/L. The
+    subtraction loses the digits of sum(d^2) / m2 = 1 + L (K - mean)^2 / m2, and since K is
+    one of the block's values, (K - mean)^2 <= m2: at most log2(L + 1) bits of double's 53,
+    whatever the size of the mean. A block whose ratio exceeds _cancel_limit (float64 data,
+    which keeps more digits, with an outlier first value), or whose sums are not finite, is
+    done again in two passes: its mean first, then deviations from it, while it sits in L1.
+    The choice depends on the data only, so results stay the same for any thread count.
     """
     cdef double acc[BLOCK]
     cdef double sq[BLOCK]
@@ -590,8 +590,7 @@ cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* c
 cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py_ssize_t r0,
                              Py_ssize_t r1, const double* mean, const double* scale,
                              const double* shift) noexcept nogil:
-    """Inference on runs [r0, r1) of the (N*C) runs; the channel is stepped, not divided
-    out per run (an integer division per 49-value run costs as much as the run)."""
+    """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along."""
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
         _affine(x + run * p.S, y + run * p.S, p.S, mean[c], scale[c], shift[c])
