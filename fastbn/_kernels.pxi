@@ -1111,6 +1111,32 @@ cdef double* _vec(object a, Py_ssize_t n, bint optional=False) except? NULL:
     return <double*>cnp.PyArray_DATA(arr)
 
 
+cdef inline bint _param_ok(object a, Py_ssize_t C):
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return False
+    arr = <cnp.ndarray>a
+    t = cnp.PyArray_TYPE(arr)
+    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(arr) == 1
+            and cnp.PyArray_DIM(arr, 0) == C and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr))
+
+
+def params_ok(Py_ssize_t C, Py_ssize_t required, *params):
+    """True when every per-channel input can go to a kernel as it is: a C-contiguous,
+    native float32 or float64 array of shape (C,), the first `required` of them present
+    (the others may be None). The caller validates and converts otherwise."""
+    cdef Py_ssize_t i
+    for i in range(len(params)):
+        if params[i] is None:
+            if i < required:
+                return False
+        elif not _param_ok(params[i], C):
+            return False
+    return True
+
+
 cdef const double* _param(object a, Py_ssize_t n, double* scratch,
                           bint optional=False) except? NULL:
     """A per-channel input read as double: a C-contiguous float64 array is read in place, a

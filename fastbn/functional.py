@@ -123,8 +123,11 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     C = x.shape[axis]
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     eps = eps_value(eps)
-    w = kernel_vector("weight", weight, C)
-    b = kernel_vector("bias", bias, C)
+    if _kernels.params_ok(C, 0, weight, bias):
+        w, b = weight, bias
+    else:
+        w = kernel_vector("weight", weight, C)
+        b = kernel_vector("bias", bias, C)
     if out is not None:
         inputs = {"x": x, "weight": weight, "bias": bias}
         inputs.update(extra_inputs or {})
@@ -261,11 +264,14 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    rm = kernel_vector("running_mean", running_mean, C, optional=False)
-    rv = kernel_vector("running_var", running_var, C, optional=False)
+    if _kernels.params_ok(C, 2, running_mean, running_var, weight, bias):
+        rm, rv, w, b = running_mean, running_var, weight, bias
+    else:
+        rm = kernel_vector("running_mean", running_mean, C, optional=False)
+        rv = kernel_vector("running_var", running_var, C, optional=False)
+        w = kernel_vector("weight", weight, C)
+        b = kernel_vector("bias", bias, C)
     eps = eps_value(eps)
-    w = kernel_vector("weight", weight, C)
-    b = kernel_vector("bias", bias, C)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
                         {"x": x, "running_mean": running_mean, "running_var": running_var,
@@ -338,9 +344,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    mean_k = kernel_vector("mean", mean, C, optional=False)
-    invstd_k = kernel_vector("invstd", invstd, C, optional=False)
-    w = kernel_vector("weight", weight, C)
+    if _kernels.params_ok(C, 2, mean, invstd, weight):
+        mean_k, invstd_k, w = mean, invstd, weight
+    else:
+        mean_k = kernel_vector("mean", mean, C, optional=False)
+        invstd_k = kernel_vector("invstd", invstd, C, optional=False)
+        w = kernel_vector("weight", weight, C)
     training = bool(training)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
