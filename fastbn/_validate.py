@@ -121,6 +121,8 @@ MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 
 def thread_count(num_threads, default):
     """Resolve num_threads (None -> default()) to an int in [1, MAX_THREADS]."""
+    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
+        return num_threads     # the common case
     if num_threads is None:
         return min(max(1, int(default())), MAX_THREADS)
     if isinstance(num_threads, (bool, np.bool_)):
