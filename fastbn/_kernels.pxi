@@ -1269,29 +1269,34 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
              cnp.ndarray grads, int nthreads):
-    """dx (may be g itself), and dweight, dbias into grads (float64 (2, C)) on a canonical
-    view (see train_forward); mean, invstd, weight: float32 or float64 (C,), weight may be
-    None."""
+    """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
+    or float32: computed in double, rounded once) on a canonical view (see train_forward);
+    mean, invstd, weight: float32 or float64 (C,), weight may be None."""
     cdef Planar p
     cdef Grad gd
     cdef int fl
     cdef double* part
+    cdef float* grads32 = NULL
+    cdef Py_ssize_t c
     _check_dims(kind, N, C, S, nthreads)
     fl = _data_kind(x, dx, N * C * S)
     if _data_kind(g, dx, N * C * S) != fl:
         raise TypeError("kernel gradient dtype differs")
+    if (cnp.PyArray_TYPE(grads) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(grads)
+            and cnp.PyArray_SIZE(grads) >= 2 * C and cnp.PyArray_ISWRITEABLE(grads)):
+        grads32 = <float*>cnp.PyArray_DATA(grads)
     gd.training = training
     gd.m = <double>(N * S)
-    gd.dweight = _vec(grads, 2 * C)
-    gd.dbias = gd.dweight + C
     p = _planar(N, C, S)
-    part = <double*>malloc((_partials(kind, N, C, S) + 6 * C) * sizeof(double))
+    part = <double*>malloc((_partials(kind, N, C, S) + 8 * C) * sizeof(double))
     if part == NULL:
         raise MemoryError()
     gd.a = part + _partials(kind, N, C, S)
     gd.kx = gd.a + C
     gd.k0 = gd.a + 2 * C
     try:
+        gd.dweight = gd.a + 6 * C if grads32 != NULL else _vec(grads, 2 * C)
+        gd.dbias = gd.dweight + C
         gd.mean = _param(mean, C, gd.a + 3 * C)
         gd.invstd = _param(invstd, C, gd.a + 4 * C)
         gd.weight = _param(weight, C, gd.a + 5 * C, True)
@@ -1308,6 +1313,9 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int kind, Py_ssize_t 
             else:
                 _rows_backward(<double*>cnp.PyArray_DATA(g), <double*>cnp.PyArray_DATA(x),
                                <double*>cnp.PyArray_DATA(dx), N, C, &gd, part, nthreads)
+            if grads32 != NULL:
+                for c in range(2 * C):
+                    grads32[c] = <float>gd.dweight[c]
     finally:
         free(part)
 

@@ -359,11 +359,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     plan, xc = _plan(x, axis, layout)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
-    grads = np.empty((2, C)) if x.size else np.zeros((2, C))
+    grads = np.empty((2, C), x.dtype) if x.size else np.zeros((2, C), x.dtype)
     if x.size:
         _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean_k, invstd_k, w,
                           training, grads, nthreads)
-    grads = grads.astype(x.dtype, copy=False)
     return _finish(dx, dxc, direct, plan), grads[0], grads[1]
 
 
