@@ -1330,6 +1330,20 @@ cdef bint _running_ok(object buf, Py_ssize_t C):
             and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == C)
 
 
+def running_pair_ok(running_mean, running_var, Py_ssize_t C):
+    """True when both running buffers are writable C-contiguous float32/float64 vectors of
+    the channel count whose bytes do not overlap (the common case, checked at C speed; the
+    caller validates anything else in full)."""
+    cdef char* a
+    cdef char* b
+    if not (_running_ok(running_mean, C) and _running_ok(running_var, C)):
+        return False
+    a = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
+    b = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_var)
+    return (a + cnp.PyArray_NBYTES(<cnp.ndarray>running_mean) <= b
+            or b + cnp.PyArray_NBYTES(<cnp.ndarray>running_var) <= a)
+
+
 cdef void _blend(cnp.ndarray buf, const double* batch, double scale, double momentum,
                  Py_ssize_t C):
     """buf <- momentum * (batch * scale) + (1 - momentum) * buf, in double."""

@@ -208,7 +208,8 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    running_buffers(running_mean, running_var, C)
+    if running_mean is None or not _kernels.running_pair_ok(running_mean, running_var, C):
+        running_buffers(running_mean, running_var, C)
     momentum = momentum_value(momentum)
     y, mean, var, invstd, M = _train(
         x, weight, bias, eps, layout, out, num_threads,
