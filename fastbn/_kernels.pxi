@@ -1172,7 +1172,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
     float64 (5, C),
     receives mean, biased var, invstd, scale, shift. renorm: None, or (running_mean,
     running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays, for Batch
-    Renormalization.
+    Renormalization (running_mean and running_std may also be float32).
     """
     cdef Coef cf
     cdef Planar p
@@ -1182,7 +1182,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
     _check_dims(kind, N, C, S, nthreads)
     fl = _data_kind(x, y, N * C * S)
     p = _planar(N, C, S)
-    part = <double*>malloc((npart + 2 * C) * sizeof(double))
+    part = <double*>malloc((npart + 4 * C) * sizeof(double))
     if part == NULL:
         raise MemoryError()
     try:
@@ -1197,8 +1197,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
         cf.renorm = 0
         if renorm is not None:
             cf.renorm = 1
-            cf.run_mean = _vec(renorm[0], C)
-            cf.run_std = _vec(renorm[1], C)
+            cf.run_mean = _param(renorm[0], C, part + npart + 2 * C)
+            cf.run_std = _param(renorm[1], C, part + npart + 3 * C)
             cf.r = _vec(renorm[2], C)
             cf.d = _vec(renorm[3], C)
             cf.rmin = renorm[4]
@@ -1342,6 +1342,64 @@ def running_pair_ok(running_mean, running_var, Py_ssize_t C):
     b = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_var)
     return (a + cnp.PyArray_NBYTES(<cnp.ndarray>running_mean) <= b
             or b + cnp.PyArray_NBYTES(<cnp.ndarray>running_var) <= a)
+
+
+def finite_positive(a, Py_ssize_t C):
+    """True when a is a C-contiguous float32/float64 vector of C finite values > 0."""
+    cdef Py_ssize_t c
+    cdef const float* f
+    cdef const double* d
+    if not _param_ok(a, C):
+        return False
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
+        f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>a)
+        for c in range(C):
+            if not (f[c] > 0 and f[c] <= 3.4028234663852886e38):
+                return False
+    else:
+        d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>a)
+        for c in range(C):
+            if not (d[c] > 0 and d[c] <= 1.7976931348623157e308):
+                return False
+    return True
+
+
+cdef void _nudge(cnp.ndarray buf, const double* batch, double momentum,
+                 Py_ssize_t C):
+    """buf <- buf + momentum * (batch - buf), in double."""
+    cdef Py_ssize_t c
+    cdef double m
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_TYPE(buf) == cnp.NPY_FLOAT32:
+        f = <float*>cnp.PyArray_DATA(buf)
+        for c in range(C):
+            m = f[c]
+            f[c] = <float>(m + momentum * (batch[c] - m))
+    else:
+        d = <double*>cnp.PyArray_DATA(buf)
+        for c in range(C):
+            m = d[c]
+            d[c] = m + momentum * (batch[c] - m)
+
+
+def renorm_update(running_mean, running_std, cnp.ndarray stats, double momentum, double eps,
+                  cnp.ndarray std):
+    """The running update of Batch Renormalization's training forward, in C:
+    std <- sqrt(var + eps) (float64 (C,)), then running_mean += momentum * (mean -
+    running_mean) and running_std += momentum * (std - running_std), in double, stored in
+    the buffers' dtype. The buffers must pass running_pair_ok."""
+    cdef Py_ssize_t c, C = cnp.PyArray_DIM(stats, 1) if cnp.PyArray_NDIM(stats) == 2 else -1
+    cdef const double* st
+    cdef double* sd
+    if C < 0 or not running_pair_ok(running_mean, running_std, C):
+        raise ValueError("renorm_update takes the running buffers running_pair_ok accepts")
+    st = _vec(stats, 2 * C)
+    sd = _vec(std, C)
+    for c in range(C):
+        sd[c] = sqrt(st[C + c] + eps)
+    _nudge(<cnp.ndarray>running_mean, st, momentum, C)
+    _nudge(<cnp.ndarray>running_std, sd, momentum, C)
 
 
 cdef void _blend(cnp.ndarray buf, const double* batch, double scale, double momentum,

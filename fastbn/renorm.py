@@ -45,9 +45,17 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
     for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
         if buf is None:
             raise ValueError(f"{name} is required (a writable float array of shape ({C},))")
-    running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
-    mu = channel_vector("running_mean", running_mean, C, optional=False)
-    sigma = positive_vector("running_std", running_std, C)
+    kernels = functional._kernels
+    # the common case, checked at C speed: contiguous float buffers, disjoint, running_std
+    # finite and > 0; the kernel reads them before they are updated, in C, after it
+    fast = (kernels.running_pair_ok(running_mean, running_std, C)
+            and kernels.finite_positive(running_std, C))
+    if fast:
+        mu, sigma = running_mean, running_std
+    else:
+        running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
+        mu = channel_vector("running_mean", running_mean, C, optional=False)
+        sigma = positive_vector("running_std", running_std, C)
     rmin, rmax, dmax = _check_clipping(rmin, rmax, dmax)
     momentum = momentum_value(momentum)
     r = np.empty(C)
@@ -56,9 +64,13 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
         x, weight, bias, eps, layout, out, num_threads,
         renorm=(mu, sigma, r, d, rmin, rmax, dmax),
         extra_inputs={"running_mean": running_mean, "running_std": running_std})
-    std = np.sqrt(var + float(eps))
-    running_mean[...] = mu + momentum * (mean - mu)
-    running_std[...] = sigma + momentum * (std - sigma)
+    if fast and C:
+        std = np.empty(C)
+        kernels.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
+    else:
+        std = np.sqrt(var + float(eps))
+        running_mean[...] = mu + momentum * (mean - mu)
+        running_std[...] = sigma + momentum * (std - sigma)
     return y, mean, std, r, d
 
 

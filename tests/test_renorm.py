@@ -225,6 +225,34 @@ def test_noncontiguous_and_readonly_inputs():
             assert_close(u, v, 1e-14, "memory order")
 
 
+@pytest.mark.parametrize("buf_dtype", [np.float32, np.float64])
+def test_running_update_fast_and_general_paths_agree(buf_dtype):
+    """Contiguous float buffers are updated in C, others by NumPy: same values."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 4, 3, 3))
+    start_m, start_s = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    results = []
+    for strided in (False, True):
+        bufs = []
+        for start in (start_m, start_s):
+            b = np.zeros(8 if strided else 4, buf_dtype)
+            b = b[::2] if strided else b
+            b[...] = start
+            bufs.append(b)
+        out = fastbn.batch_renorm_train(x, None, None, bufs[0], bufs[1], rmax=1.5, dmax=0.5,
+                                        momentum=0.3)
+        results.append((out, bufs))
+    (out_a, bufs_a), (out_b, bufs_b) = results
+    for a, b in zip(out_a, out_b):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
+    tol = 1e-7 if buf_dtype == np.float32 else 1e-14
+    for a, b in zip(bufs_a, bufs_b):
+        np.testing.assert_allclose(a, b, rtol=tol)
+    mean, std = out_a[1], out_a[2]
+    m0 = start_m.astype(buf_dtype).astype(np.float64)
+    np.testing.assert_allclose(bufs_a[0], m0 + 0.3 * (mean - m0), rtol=tol)
+
+
 def test_inputs_not_modified():
     x, dy, w, b, rm, rs = make((4, 6, 5, 5), "NHWC")
     saved = [a.copy() for a in (x, dy, w, b)]
