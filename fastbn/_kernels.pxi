@@ -604,6 +604,11 @@ cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const d
     cdef Py_ssize_t t, nrun = p.N * p.C
     cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
     cdef Py_ssize_t ntask = (nrun + per - 1) // per
+    # tasks of about GROUP_VALUES values, their count rounded up to a multiple of 4 and the
+    # runs spread evenly, so that 2 or 4 threads get equal shares
+    ntask = (ntask + 3) // 4 * 4
+    per = (nrun + ntask - 1) // ntask
+    ntask = (nrun + per - 1) // per
     if nthreads == 1:
         _planar_infer_runs(p, x, y, 0, nrun, mean, scale, shift)
     else:
@@ -738,7 +743,7 @@ cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t R, Py_ssize_t C) noexcept nogi
         rpc = MIN_CHUNK_ROWS
     nchunk = (R + rpc - 1) // rpc
     if nchunk > 1:
-        nchunk = nchunk + (-nchunk) % 4
+        nchunk = (nchunk + 3) // 4 * 4
     return (R + nchunk - 1) // nchunk if nchunk > 0 else rpc
 
 
