@@ -21,6 +21,7 @@
 # inside that region, ordered by explicit barriers.
 
 from cython.parallel cimport parallel, prange
+from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport NAN, sqrt
 from libc.stdlib cimport free, malloc
 
@@ -1359,12 +1360,12 @@ def finite_positive(a, Py_ssize_t C):
     if cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
         f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>a)
         for c in range(C):
-            if not (f[c] > 0 and f[c] <= 3.4028234663852886e38):
+            if not (f[c] > 0 and f[c] <= FLT_MAX):
                 return False
     else:
         d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>a)
         for c in range(C):
-            if not (d[c] > 0 and d[c] <= 1.7976931348623157e308):
+            if not (d[c] > 0 and d[c] <= DBL_MAX):
                 return False
     return True
 
