@@ -60,17 +60,6 @@ def channel_vector(name, a, C, *, optional=True):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def kernel_vector(name, a, C, *, optional=True):
-    """A per-channel input handed straight to a kernel: a C-contiguous float32 or float64
-    (C,) array is returned as it is (the kernels read float32 into double themselves),
-    anything else goes through :func:`channel_vector`."""
-    if type(a) is np.ndarray and a.shape == (C,):
-        dt = a.dtype           # native float32/float64 dtypes are singletons
-        if (dt is _FLOAT32 or dt is _FLOAT64) and (C <= 1 or a.strides[0] == dt.itemsize):
-            return a
-    return channel_vector(name, a, C, optional=optional)
-
-
 def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
     """Check a pair of running-statistic buffers that will be updated in place."""
     if (running_mean is None) != (running_var is None):

@@ -17,8 +17,8 @@ import numpy as np
 
 from ._dispatch import kernels as _kernels
 from ._config import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, kernel_vector,
-                        momentum_value, out_array, running_buffers, same_shape)
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
+                        out_array, running_buffers, same_shape)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -126,8 +126,8 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     if _kernels.params_ok(C, 0, weight, bias):
         w, b = weight, bias
     else:
-        w = kernel_vector("weight", weight, C)
-        b = kernel_vector("bias", bias, C)
+        w = channel_vector("weight", weight, C)
+        b = channel_vector("bias", bias, C)
     if out is not None:
         inputs = {"x": x, "weight": weight, "bias": bias}
         inputs.update(extra_inputs or {})
@@ -268,10 +268,10 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     if _kernels.params_ok(C, 2, running_mean, running_var, weight, bias):
         rm, rv, w, b = running_mean, running_var, weight, bias
     else:
-        rm = kernel_vector("running_mean", running_mean, C, optional=False)
-        rv = kernel_vector("running_var", running_var, C, optional=False)
-        w = kernel_vector("weight", weight, C)
-        b = kernel_vector("bias", bias, C)
+        rm = channel_vector("running_mean", running_mean, C, optional=False)
+        rv = channel_vector("running_var", running_var, C, optional=False)
+        w = channel_vector("weight", weight, C)
+        b = channel_vector("bias", bias, C)
     eps = eps_value(eps)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
@@ -348,9 +348,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     if _kernels.params_ok(C, 2, mean, invstd, weight):
         mean_k, invstd_k, w = mean, invstd, weight
     else:
-        mean_k = kernel_vector("mean", mean, C, optional=False)
-        invstd_k = kernel_vector("invstd", invstd, C, optional=False)
-        w = kernel_vector("weight", weight, C)
+        mean_k = channel_vector("mean", mean, C, optional=False)
+        invstd_k = channel_vector("invstd", invstd, C, optional=False)
+        w = channel_vector("weight", weight, C)
     training = bool(training)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,

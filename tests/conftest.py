@@ -43,3 +43,15 @@ def split_channels(a, layout):
     axis = 1 if layout == "NCHW" else a.ndim - 1
     return [np.asarray(np.take(a, c, axis=axis), dtype=np.float64).ravel()
             for c in range(a.shape[axis])]
+
+
+def running_buffers(starts, dtype, strided):
+    """Writable (C,) buffers holding `starts` in `dtype`: contiguous, or every other element
+    of a twice-as-long array (strided) -- the two paths of the running-statistics update."""
+    bufs = []
+    for start in starts:
+        b = np.zeros(2 * len(start) if strided else len(start), dtype)
+        b = b[::2] if strided else b
+        b[...] = start
+        bufs.append(b)
+    return bufs

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from conftest import running_buffers
 from fastbn import reference as ref
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -295,12 +296,7 @@ def test_running_update_any_buffer(buf_dtype, strided):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, 5, 3, 3))
     start_m, start_v = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
-    bufs = []
-    for start in (start_m, start_v):
-        b = np.zeros(10 if strided else 5, buf_dtype)
-        b = b[::2] if strided else b
-        b[...] = start
-        bufs.append(b)
+    bufs = running_buffers((start_m, start_v), buf_dtype, strided)
     _, mean, invstd = fastbn.batch_norm_train(x, running_mean=bufs[0], running_var=bufs[1],
                                               momentum=0.25)
     var = x.var(axis=(0, 2, 3), ddof=1)

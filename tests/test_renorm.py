@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from conftest import running_buffers
 from fastbn.renorm import linear_schedule, paper_schedules
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -233,12 +234,7 @@ def test_running_update_fast_and_general_paths_agree(buf_dtype):
     start_m, start_s = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
     results = []
     for strided in (False, True):
-        bufs = []
-        for start in (start_m, start_s):
-            b = np.zeros(8 if strided else 4, buf_dtype)
-            b = b[::2] if strided else b
-            b[...] = start
-            bufs.append(b)
+        bufs = running_buffers((start_m, start_s), buf_dtype, strided)
         out = fastbn.batch_renorm_train(x, None, None, bufs[0], bufs[1], rmax=1.5, dmax=0.5,
                                         momentum=0.3)
         results.append((out, bufs))
