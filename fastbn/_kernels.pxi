@@ -221,98 +221,153 @@ cdef inline double _cancel_limit(const floating* p) noexcept nogil:
         return 16.0
 
 
+cdef inline Py_ssize_t _block_steps(Piece pc, Py_ssize_t lanes, Py_ssize_t* step) noexcept nogil:
+    """A block as a number of steps of `lanes` consecutive values, step[0] apart: the
+    lane-sized pieces of one long run, or the runs themselves when each run is one group of
+    lanes. Runs shorter than 4 values have no steps (they are summed one value at a time)."""
+    if pc.nrun == 1:
+        step[0] = lanes
+        return pc.length // lanes
+    step[0] = pc.stride
+    return pc.nrun if lanes == pc.length else 0
+
+
+cdef inline Py_ssize_t _stepped(Piece pc, Py_ssize_t lanes, Py_ssize_t nstep) noexcept nogil:
+    """Values of each run covered by the steps; the rest of each run is summed one by one."""
+    if pc.nrun == 1:
+        return nstep * lanes
+    return pc.length if nstep > 0 else 0
+
+
+cdef inline void _devs_quad(const floating* q, Py_ssize_t step, Py_ssize_t lanes, double bm,
+                            double* acc, double* sq) noexcept nogil:
+    """Four steps at q, q + step, ... into the lanes: acc += sum of d, sq += sum of d^2 over
+    the four, d = x - bm. Each lane is read and written once for four values."""
+    cdef Py_ssize_t j
+    cdef double d0, d1, d2, d3
+    for j in range(lanes):
+        d0 = q[j] - bm
+        d1 = q[j + step] - bm
+        d2 = q[j + 2 * step] - bm
+        d3 = q[j + 3 * step] - bm
+        acc[j] = acc[j] + ((d0 + d1) + (d2 + d3))
+        sq[j] = sq[j] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+
+
+cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, double* acc,
+                           double* sq) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double d
+    for j in range(lanes):
+        d = q[j] - bm
+        acc[j] = acc[j] + d
+        sq[j] = sq[j] + d * d
+
+
+cdef inline void _block_devs(const floating* p, Piece pc, double bm, double* s1,
+                             double* s2) noexcept nogil:
+    """s1 = sum(x - bm) and s2 = sum((x - bm)^2) over one block, one pass, in double lanes
+    that the compiler vectorizes without reassociating any lane's sum."""
+    cdef double acc[BLOCK]
+    cdef double sq[BLOCK]
+    cdef double t1 = 0, t2 = 0, d
+    cdef Py_ssize_t lanes = _block_lanes(pc)
+    cdef Py_ssize_t step, nstep = _block_steps(pc, lanes, &step)
+    cdef Py_ssize_t nquad = nstep // 4 if pc.nrun > 1 else 0
+    cdef Py_ssize_t i, j, k
+    cdef const floating* run
+    for j in range(lanes):
+        acc[j] = 0
+        sq[j] = 0
+    for i in range(nquad):
+        _devs_quad(p + 4 * i * step, step, lanes, bm, acc, sq)
+    for i in range(4 * nquad, nstep):
+        _devs_one(p + i * step, lanes, bm, acc, sq)
+    for k in range(pc.nrun):
+        run = p + k * pc.stride
+        for i in range(_stepped(pc, lanes, nstep), pc.length):
+            d = run[i] - bm
+            t1 = t1 + d
+            t2 = t2 + d * d
+    s1[0] = t1 + _lane_sum(acc, lanes)
+    s2[0] = t2 + _lane_sum(sq, lanes)
+
+
 cdef inline void _block_stats(const floating* p, Piece pc, double* mean,
                               double* m2) noexcept nogil:
     """Mean and centred sum of squares of one block (pc.nrun runs of pc.length values,
     pc.stride apart; at most BLOCK values).
 
-    One pass sums d = x - K and d*d about the block's first value K, in double lanes that
-    the compiler vectorizes without reassociating a sum: m2 = sum(d^2) - sum(d)^2/L. The
-    subtraction loses the digits of sum(d^2) / m2 = 1 + L (K - mean)^2 / m2, and since K is
-    one of the block's values, (K - mean)^2 <= m2: at most log2(L + 1) bits of double's 53,
-    whatever the size of the mean. A block whose ratio exceeds _cancel_limit (float64 data,
-    which keeps more digits, with an outlier first value), or whose sums are not finite, is
-    done again in two passes: its mean first, then deviations from it, while it sits in L1.
+    One pass sums d = x - K and d*d about the block's first value K (_block_devs):
+    m2 = sum(d^2) - sum(d)^2/L. The subtraction loses the digits of
+    sum(d^2) / m2 = 1 + L (K - mean)^2 / m2, and since K is one of the block's values,
+    (K - mean)^2 <= m2: at most log2(L + 1) bits of double's 53, whatever the size of the
+    mean. A block whose ratio exceeds _cancel_limit (float64 data, which keeps more digits,
+    with an outlier first value), or whose sums are not finite, is summed again about the
+    mean of the first pass while it sits in L1; the ratio is then close to 1.
     The choice depends on the data only, so results stay the same for any thread count.
     """
-    cdef double acc[BLOCK]
-    cdef double sq[BLOCK]
-    cdef double s = 0, s1 = 0, s2 = 0, bm, d, v
+    cdef double s1, s2, v
     cdef double count = <double>(pc.length * pc.nrun)
-    cdef Py_ssize_t lanes = _block_lanes(pc)
-    cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
-    cdef const floating* q
-    cdef const floating* run
-    cdef int two_pass
-    bm = p[0]
-    for two_pass in range(2):
-        if two_pass:           # the mean first, then deviations from it
-            for j in range(lanes):
-                acc[j] = 0
-            s = 0
-            for k in range(pc.nrun):
-                run = p + k * pc.stride
-                for i in range(nfull):
-                    q = run + i * lanes
-                    for j in range(lanes):
-                        acc[j] = acc[j] + q[j]
-                for i in range(nfull * lanes, pc.length):
-                    s = s + run[i]
-            bm = (s + _lane_sum(acc, lanes)) / count
-            s1 = 0
-            s2 = 0
-        for j in range(lanes):
-            acc[j] = 0
-            sq[j] = 0
-        for k in range(pc.nrun):
-            run = p + k * pc.stride
-            for i in range(nfull):
-                q = run + i * lanes
-                for j in range(lanes):
-                    d = q[j] - bm
-                    acc[j] = acc[j] + d
-                    sq[j] = sq[j] + d * d
-            for i in range(nfull * lanes, pc.length):
-                d = run[i] - bm
-                s1 = s1 + d
-                s2 = s2 + d * d
-        s1 = s1 + _lane_sum(acc, lanes)
-        s2 = s2 + _lane_sum(sq, lanes)
+    cdef double bm = p[0]
+    _block_devs(p, pc, bm, &s1, &s2)
+    v = s2 - s1 * (s1 / count)
+    if not (v * _cancel_limit(p) >= s2):     # also when a sum is NaN or infinite
+        bm = bm + s1 / count
+        _block_devs(p, pc, bm, &s1, &s2)
         v = s2 - s1 * (s1 / count)
-        if two_pass or v * _cancel_limit(p) >= s2:
-            break
     mean[0] = bm + s1 / count
     if v < 0:                  # rounding only; a NaN must stay NaN
         v = 0.0
     m2[0] = v
 
 
+cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
+                            Py_ssize_t lanes, double mean, double* acc,
+                            double* dt) noexcept nogil:
+    """Four steps into the lanes: acc += sum of g, dt += sum of g * (x - mean)."""
+    cdef Py_ssize_t j
+    for j in range(lanes):
+        # in double: two floats would be added in float
+        acc[j] = acc[j] + ((<double>g[j] + g[j + step])
+                           + (<double>g[j + 2 * step] + g[j + 3 * step]))
+        dt[j] = dt[j] + ((g[j] * (x[j] - mean) + g[j + step] * (x[j + step] - mean))
+                         + (g[j + 2 * step] * (x[j + 2 * step] - mean)
+                            + g[j + 3 * step] * (x[j + 3 * step] - mean)))
+
+
+cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
+                           double mean, double* acc, double* dt) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(lanes):
+        acc[j] = acc[j] + g[j]
+        dt[j] = dt[j] + g[j] * (x[j] - mean)
+
+
 cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, double mean,
                              double* sum_g, double* dot) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
-    accumulated in double (lanes as in _block_stats)."""
+    accumulated in double (lanes and steps as in _block_devs)."""
     cdef double acc[BLOCK]
     cdef double dt[BLOCK]
     cdef double s = 0, t = 0
     cdef Py_ssize_t lanes = _block_lanes(pc)
-    cdef Py_ssize_t i, j, k, nfull = pc.length // lanes
-    cdef const floating* gq
-    cdef const floating* xq
+    cdef Py_ssize_t step, nstep = _block_steps(pc, lanes, &step)
+    cdef Py_ssize_t nquad = nstep // 4 if pc.nrun > 1 else 0
+    cdef Py_ssize_t i, j, k
     cdef const floating* gr
     cdef const floating* xr
     for j in range(lanes):
         acc[j] = 0
         dt[j] = 0
+    for i in range(nquad):
+        _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
+    for i in range(4 * nquad, nstep):
+        _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
     for k in range(pc.nrun):
         gr = g + k * pc.stride
         xr = x + k * pc.stride
-        for i in range(nfull):
-            gq = gr + i * lanes
-            xq = xr + i * lanes
-            for j in range(lanes):
-                acc[j] = acc[j] + gq[j]
-                dt[j] = dt[j] + gq[j] * (xq[j] - mean)
-        for i in range(nfull * lanes, pc.length):
+        for i in range(_stepped(pc, lanes, nstep), pc.length):
             s = s + gr[i]
             t = t + gr[i] * (xr[i] - mean)
     sum_g[0] = sum_g[0] + (s + _lane_sum(acc, lanes))

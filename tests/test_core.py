@@ -70,9 +70,8 @@ def test_matches_reference(shape, dtype, layout, affine):
         y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b, layout=layout, running_mean=rm_r,
                                                      running_var=rv_r, momentum=0.3)
         np.testing.assert_allclose(y, y_r, **tol(dtype), err_msg=where)
-        # float32 data is summed in float32 lanes within a block (blocks merge in double)
-        stat_tol = dict(rtol=1e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12,
-                                                                                atol=1e-12)
+        # statistics are accumulated in double for both dtypes
+        stat_tol = dict(rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(mean, mean_r, **stat_tol, err_msg=where)
         np.testing.assert_allclose(invstd, invstd_r, **stat_tol, err_msg=where)
         np.testing.assert_allclose(rm, rm_r, **tol(dtype), err_msg=where)
@@ -323,6 +322,24 @@ def test_outlier_first_value_of_every_block(layout):
     _, mean64, invstd64 = ref.batch_norm_train(x, layout=layout)
     np.testing.assert_allclose(mean, mean64, rtol=1e-14, atol=0)
     np.testing.assert_allclose(invstd, invstd64, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(8, 3, 7, 7), (2, 3, 64, 64)])
+def test_float32_gradient_sums_in_double(layout, shape):
+    """The backward's sum of dy is accumulated in double even for float32 data: with dy
+    alternating between 1 and 1 + 2**-23 and constant channels, dx = (dy - mean(dy)) * a
+    is all in the last bit of dy, so adding two float32 values in float32 (1 + (1 + 2**-23)
+    rounds to 2) would give dx = 0."""
+    shape = nchw_to(layout, shape)
+    x = np.full(shape, 3.0, np.float32)
+    dy = np.where(np.arange(x.size) % 2, np.float32(1 + 2.0**-23), np.float32(1)).astype(
+        np.float32).reshape(shape)
+    _, mean, invstd = fastbn.batch_norm_train(x, layout=layout)
+    dx, _, _ = fastbn.batch_norm_backward(dy, x, mean, invstd, layout=layout)
+    dx_r, _, _ = ref.batch_norm_backward(dy, x, mean, invstd, layout=layout)
+    assert np.abs(dx_r).min() > 0
+    np.testing.assert_allclose(dx, dx_r, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
