@@ -1,23 +1,38 @@
 """Pick the kernel module this CPU runs best.
 
-Both modules are compiled from fastbn/_kernels.pxi: `_kernels` for the portable baseline,
-`_kernels_avx2` with AVX2 + FMA (built on x86-64 only). Set FASTBN_SIMD=baseline to force
-the portable one (for comparisons and debugging). Results are bit-identical across thread
-counts within one module; the two modules may differ in the last bits (FMA rounds once).
+All modules are compiled from fastbn/_kernels.pxi: `_kernels` for the portable baseline, and
+on x86-64 `_kernels_avx2` (AVX2 + FMA) and `_kernels_avx512` (AVX-512 F/VL/DQ/BW with 512-bit
+vectors). FASTBN_SIMD (read at import) forces one: `baseline`, `avx2` or `avx512` (for
+comparisons and debugging; when this CPU cannot run it, the baseline). Results are
+bit-identical across thread counts within one module; modules may differ in the last bits
+(FMA rounds once, and the vector width changes how the compiler splits some loops).
 """
+import importlib
 import os
 
 from . import _kernels as _baseline
 
+# the best first
+_VARIANTS = (("avx512", "_kernels_avx512", _baseline.cpu_has_avx512),
+             ("avx2", "_kernels_avx2", _baseline.cpu_has_avx2_fma))
+
 
 def _select():
-    if os.environ.get("FASTBN_SIMD", "").lower() in ("baseline", "sse2", "none"):
+    wanted = os.environ.get("FASTBN_SIMD", "").lower()
+    if wanted in ("baseline", "sse2", "none"):
         return _baseline
-    try:
-        from . import _kernels_avx2
-    except ImportError:        # not built on this platform
-        return _baseline
-    return _kernels_avx2 if _baseline.cpu_has_avx2_fma() else _baseline
+    if wanted not in [name for name, _, _ in _VARIANTS]:
+        wanted = ""            # unset or unknown: the best this CPU runs
+    for name, module, cpu_runs in _VARIANTS:
+        if wanted and wanted != name:
+            continue
+        try:
+            mod = importlib.import_module("." + module, __package__)
+        except ImportError:    # not built on this platform
+            continue
+        if cpu_runs():
+            return mod
+    return _baseline
 
 
 kernels = _select()

@@ -1,8 +1,9 @@
 # Batch Normalization kernels: typed, GIL-free, OpenMP-parallel loops.
 #
-# This file is included by two extension modules built from the same code: _kernels (the
-# portable baseline instruction set) and _kernels_avx2 (compiled with -mavx2 -mfma on x86-64).
-# fastbn/_dispatch.py imports the best one the CPU runs.
+# This file is included by three extension modules built from the same code: _kernels (the
+# portable baseline instruction set), and on x86-64 _kernels_avx2 (-mavx2 -mfma) and
+# _kernels_avx512 (AVX-512 F/VL/DQ/BW, 512-bit vectors). fastbn/_dispatch.py imports the best
+# one the CPU runs.
 #
 # Every kernel works on one of two canonical C-contiguous views, chosen by fastbn/functional.py:
 #   planar (N, C, S): each (n, c) pair is one contiguous run of S values (NCHW memory, S > 1);
@@ -67,6 +68,17 @@ cdef extern from *:
         return 0;
     #endif
     }
+    /* the CPU and the operating system (which must save the 512-bit registers) */
+    static int fastbn_cpu_avx512(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return fastbn_cpu_avx2_fma() && __builtin_cpu_supports("avx512f")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw");
+    #else
+        return 0;
+    #endif
+    }
     #ifdef __VERSION__
     #define FASTBN_CC_VERSION __VERSION__
     #else
@@ -74,6 +86,7 @@ cdef extern from *:
     #endif
     """
     int fastbn_cpu_avx2_fma() noexcept nogil
+    int fastbn_cpu_avx512() noexcept nogil
     const char* FASTBN_CFLAGS
     const char* FASTBN_SIMD
     const char* FASTBN_CC_VERSION
@@ -140,6 +153,12 @@ def build_flags():
 def cpu_has_avx2_fma():
     """True when this CPU runs AVX2 and FMA instructions."""
     return bool(fastbn_cpu_avx2_fma())
+
+
+def cpu_has_avx512():
+    """True when this CPU (and its operating system) runs AVX-512 F, VL, DQ and BW, and AVX2
+    and FMA."""
+    return bool(fastbn_cpu_avx512())
 
 
 def omp_max_threads():

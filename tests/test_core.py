@@ -427,16 +427,19 @@ def test_show_config(capsys):
 
 
 def test_kernel_variants_agree():
-    """The portable and AVX2 builds of the kernels both match the reference."""
+    """Every build of the kernels this CPU runs (portable, AVX2, AVX-512) matches the
+    reference."""
     import importlib
+    from fastbn._kernels import cpu_has_avx2_fma, cpu_has_avx512
     mods = ["fastbn._kernels"]
-    try:
-        importlib.import_module("fastbn._kernels_avx2")
-        from fastbn._kernels import cpu_has_avx2_fma
-        if cpu_has_avx2_fma():
-            mods.append("fastbn._kernels_avx2")
-    except ImportError:
-        pass
+    for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
+                           ("fastbn._kernels_avx512", cpu_has_avx512)):
+        try:
+            importlib.import_module(name)
+        except ImportError:    # not built on this platform
+            continue
+        if cpu_runs():
+            mods.append(name)
     from fastbn import functional
     saved = functional._kernels
     x, dy, w, b = data((4, 9, 13, 11), "NCHW", np.float32, seed=2)
@@ -451,6 +454,37 @@ def test_kernel_variants_agree():
                 dx, ref.batch_norm_backward(dy, x, mean, invstd, w)[0], rtol=1e-4, atol=1e-5)
     finally:
         functional._kernels = saved
+
+
+@pytest.mark.parametrize("wanted", ["baseline", "avx2", "avx512", "", "no-such-isa"])
+def test_simd_variant_choice(wanted):
+    """FASTBN_SIMD picks the kernel module at import; unset or unknown means the best one
+    this CPU runs, and a variant this CPU cannot run falls back to the baseline."""
+    import os
+    import subprocess
+    import sys
+    from fastbn._kernels import cpu_has_avx2_fma, cpu_has_avx512
+
+    def built(name):
+        try:
+            __import__("fastbn." + name)
+            return True
+        except ImportError:
+            return False
+
+    best = ("_kernels_avx512" if built("_kernels_avx512") and cpu_has_avx512()
+            else "_kernels_avx2" if built("_kernels_avx2") and cpu_has_avx2_fma()
+            else "_kernels")
+    expected = {"baseline": "_kernels",
+                "avx2": ("_kernels_avx2" if built("_kernels_avx2") and cpu_has_avx2_fma()
+                         else "_kernels"),
+                "avx512": ("_kernels_avx512" if built("_kernels_avx512") and cpu_has_avx512()
+                           else "_kernels")}.get(wanted, best)
+    env = dict(os.environ, FASTBN_SIMD=wanted)
+    out = subprocess.run([sys.executable, "-c",
+                          "from fastbn import _config; print(_config.config()['kernels'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
 
 
 def test_bandwidth_yardsticks():
