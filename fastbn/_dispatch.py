@@ -24,14 +24,13 @@ def _select():
     if wanted not in [name for name, _, _ in _VARIANTS]:
         wanted = ""            # unset or unknown: the best this CPU runs
     for name, module, cpu_runs in _VARIANTS:
-        if wanted and wanted != name:
-            continue
+        if (wanted and wanted != name) or not cpu_runs():
+            continue           # never import a variant the CPU cannot run: its module
+                               # initialization itself may use the wider instructions
         try:
-            mod = importlib.import_module("." + module, __package__)
+            return importlib.import_module("." + module, __package__)
         except ImportError:    # not built on this platform
             continue
-        if cpu_runs():
-            return mod
     return _baseline
 
 
