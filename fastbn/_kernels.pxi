@@ -44,6 +44,19 @@ cdef extern from *:
 
 cdef extern from *:
     """
+    /* AVX-512's 32 vector registers hold the LANES sums of a long run (_devs_run); with
+       16 registers they would spill, so other builds keep their sums in memory lanes */
+    #if defined(__AVX512F__)
+    #define FASTBN_REGISTER_LANES 1
+    #else
+    #define FASTBN_REGISTER_LANES 0
+    #endif
+    """
+    bint REGISTER_LANES "FASTBN_REGISTER_LANES"
+
+
+cdef extern from *:
+    """
     #ifndef FASTBN_CFLAGS
     #define FASTBN_CFLAGS "?"
     #endif
@@ -113,8 +126,9 @@ ctypedef fused floating:
 # Values per statistics block: a block is read twice (sum, then squared deviations) while it
 # sits in L1, so DRAM sees it once. 1024 float32 = 4 KiB; 64 terms per accumulator lane.
 cdef enum:
-    # accumulator lanes across a long run: the lane arrays live in L1, so each lane's
-    # additions wait on a store-to-load round trip; 32 lanes keep eight vector chains busy
+    # accumulator lanes across a long run: in memory lanes (L1) each lane's additions wait
+    # on a store-to-load round trip, and 32 lanes keep eight vector chains busy; AVX-512
+    # builds hold the 32 lanes in registers instead (REGISTER_LANES)
     LANES = 32
     BLOCK = 1024
     # planar: at most this many chunks per channel (a channel is split among a team of
@@ -283,6 +297,28 @@ cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, doubl
         sq[j] = sq[j] + d * d
 
 
+cdef inline void _devs_run(const floating* q, Py_ssize_t nstep, double bm, double* acc,
+                           double* sq) noexcept nogil:
+    """nstep steps of LANES values of one run into acc[0:LANES], sq[0:LANES] (as _devs_one
+    on each step). The sums are kept in local arrays of constant size, which the compiler
+    holds in vector registers for the whole run."""
+    cdef double a[LANES]
+    cdef double s[LANES]
+    cdef double d
+    cdef Py_ssize_t i, j
+    for j in range(LANES):
+        a[j] = 0
+        s[j] = 0
+    for i in range(nstep):
+        for j in range(LANES):
+            d = q[i * LANES + j] - bm
+            a[j] = a[j] + d
+            s[j] = s[j] + d * d
+    for j in range(LANES):
+        acc[j] = a[j]
+        sq[j] = s[j]
+
+
 cdef inline void _block_devs(const floating* p, Piece pc, double bm, double* s1,
                              double* s2) noexcept nogil:
     """s1 = sum(x - bm) and s2 = sum((x - bm)^2) over one block, one pass, in double lanes
@@ -295,12 +331,15 @@ cdef inline void _block_devs(const floating* p, Piece pc, double bm, double* s1,
     cdef Py_ssize_t nquad = nstep // 4 if pc.nrun > 1 else 0
     cdef Py_ssize_t i, j, k
     cdef const floating* run
-    for j in range(lanes):
-        acc[j] = 0
-        sq[j] = 0
+    if REGISTER_LANES and pc.nrun == 1:
+        _devs_run(p, nstep, bm, acc, sq)
+    else:
+        for j in range(lanes):
+            acc[j] = 0
+            sq[j] = 0
     for i in range(nquad):
         _devs_quad(p + 4 * i * step, step, lanes, bm, acc, sq)
-    for i in range(4 * nquad, nstep):
+    for i in range(4 * nquad, nstep if not (REGISTER_LANES and pc.nrun == 1) else 0):
         _devs_one(p + i * step, lanes, bm, acc, sq)
     for k in range(pc.nrun):
         run = p + k * pc.stride
@@ -363,6 +402,25 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
         dt[j] = dt[j] + g[j] * (x[j] - mean)
 
 
+cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nstep,
+                           double mean, double* acc, double* dt) noexcept nogil:
+    """nstep steps of LANES values of one run into acc[0:LANES], dt[0:LANES] (as _sums_one
+    on each step), in register-held local sums as in _devs_run."""
+    cdef double a[LANES]
+    cdef double t[LANES]
+    cdef Py_ssize_t i, j
+    for j in range(LANES):
+        a[j] = 0
+        t[j] = 0
+    for i in range(nstep):
+        for j in range(LANES):
+            a[j] = a[j] + g[i * LANES + j]
+            t[j] = t[j] + g[i * LANES + j] * (x[i * LANES + j] - mean)
+    for j in range(LANES):
+        acc[j] = a[j]
+        dt[j] = t[j]
+
+
 cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, double mean,
                              double* sum_g, double* dot) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
@@ -376,12 +434,15 @@ cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, dou
     cdef Py_ssize_t i, j, k
     cdef const floating* gr
     cdef const floating* xr
-    for j in range(lanes):
-        acc[j] = 0
-        dt[j] = 0
+    if REGISTER_LANES and pc.nrun == 1:
+        _sums_run(g, x, nstep, mean, acc, dt)
+    else:
+        for j in range(lanes):
+            acc[j] = 0
+            dt[j] = 0
     for i in range(nquad):
         _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
-    for i in range(4 * nquad, nstep):
+    for i in range(4 * nquad, nstep if not (REGISTER_LANES and pc.nrun == 1) else 0):
         _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
     for k in range(pc.nrun):
         gr = g + k * pc.stride
