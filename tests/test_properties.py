@@ -196,14 +196,19 @@ def _channel_max(a, layout, centre=None):
         return np.abs(np.where(np.isfinite(a), a, 0)).max(axis=red, initial=0)
 
 
-@SETTINGS
-@given(st.data())
-def test_train_matches_reference(data):
+def _draw_input(data):
+    """A shape, layout and dtype, an input x0 of them, its channel axis and channel count."""
     shape, layout = data.draw(shapes())
     dtype = data.draw(st.sampled_from(DTYPES))
     x0 = data.draw(data_arrays(shape, dtype, layout))
     axis = _channel_axis(layout, len(shape))
-    C = shape[axis]
+    return shape, layout, dtype, x0, axis, shape[axis]
+
+
+@SETTINGS
+@given(st.data())
+def test_train_matches_reference(data):
+    shape, layout, dtype, x0, axis, C = _draw_input(data)
     inplace = data.draw(st.integers(0, 4)) == 0
     x = _arrange(data.draw, x0.copy(), writable=inplace)
     w = data.draw(vectors(C))
@@ -280,11 +285,7 @@ def test_train_matches_reference(data):
 @SETTINGS
 @given(st.data())
 def test_infer_matches_reference(data):
-    shape, layout = data.draw(shapes())
-    dtype = data.draw(st.sampled_from(DTYPES))
-    x0 = data.draw(data_arrays(shape, dtype, layout))
-    axis = _channel_axis(layout, len(shape))
-    C = shape[axis]
+    shape, layout, dtype, x0, axis, C = _draw_input(data)
     inplace = data.draw(st.integers(0, 4)) == 0
     x = _arrange(data.draw, x0.copy(), writable=inplace)
     xmax = _channel_max(x0, layout)
@@ -328,12 +329,8 @@ def test_infer_matches_reference(data):
 @SETTINGS
 @given(st.data())
 def test_backward_matches_reference(data):
-    shape, layout = data.draw(shapes())
-    dtype = data.draw(st.sampled_from(DTYPES))
-    x0 = data.draw(data_arrays(shape, dtype, layout))
+    shape, layout, dtype, x0, axis, C = _draw_input(data)
     g0 = data.draw(data_arrays(shape, dtype, layout, special=data.draw(st.booleans())))
-    axis = _channel_axis(layout, len(shape))
-    C = shape[axis]
     inplace = data.draw(st.integers(0, 4)) == 0
     x = _arrange(data.draw, x0.copy(), writable=False)
     g = _arrange(data.draw, g0.copy(), writable=inplace)
