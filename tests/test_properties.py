@@ -205,6 +205,18 @@ def _draw_input(data):
     return shape, layout, dtype, x0, axis, shape[axis]
 
 
+def _draw_out(data, shape, dtype, operand=None):
+    """The out= argument: None, a fresh array in some memory order, or (when given, for an
+    in-place call) the input operand itself."""
+    kind = data.draw(st.sampled_from([None, "fresh", "operand"] if operand is not None
+                                     else [None, "fresh"]))
+    if kind == "fresh":
+        out = _arrange(data.draw, np.full(shape, -7.0, dtype=dtype))
+        out.flags.writeable = True
+        return out
+    return operand if kind == "operand" else None
+
+
 @SETTINGS
 @given(st.data())
 def test_train_matches_reference(data):
@@ -219,13 +231,7 @@ def test_train_matches_reference(data):
     rdt = data.draw(st.sampled_from(DTYPES)) if running else None
     rm = np.linspace(-1, 1, C).astype(rdt) if running else None
     rv = np.linspace(0.5, 2, C).astype(rdt) if running else None
-    out_kind = data.draw(st.sampled_from([None, "fresh", "x"] if inplace else [None, "fresh"]))
-    out = None
-    if out_kind == "fresh":
-        out = _arrange(data.draw, np.full(shape, -7.0, dtype=dtype))
-        out.flags.writeable = True
-    elif out_kind == "x":
-        out = x
+    out = _draw_out(data, shape, dtype, x if inplace else None)
     nt = data.draw(st.sampled_from([None, 1, 2]))
     kw = dict(weight=w, bias=b, eps=eps, layout=layout, momentum=momentum, num_threads=nt)
     rkw = dict(kw, running_mean=None if rm is None else rm.copy(),
@@ -299,13 +305,7 @@ def test_infer_matches_reference(data):
     w = data.draw(vectors(C))
     b = data.draw(vectors(C, -1e3, 1e3))
     eps = data.draw(st.sampled_from([0.0, 1e-5, 1e-3]))
-    out_kind = data.draw(st.sampled_from([None, "fresh", "x"] if inplace else [None, "fresh"]))
-    out = None
-    if out_kind == "fresh":
-        out = _arrange(data.draw, np.full(shape, -7.0, dtype=dtype))
-        out.flags.writeable = True
-    elif out_kind == "x":
-        out = x
+    out = _draw_out(data, shape, dtype, x if inplace else None)
     kw = dict(weight=w, bias=b, eps=eps, layout=layout,
               num_threads=data.draw(st.sampled_from([None, 1, 2])))
     fast, ref = _call_both("batch_norm_infer", [x, rm, rv], dict(kw, out=out),
@@ -343,13 +343,7 @@ def test_backward_matches_reference(data):
         mean = xmax * rng.uniform(-1, 1, C)
         invstd = 1.0 / ((xmax + 1e-300) * rng.uniform(0.1, 10, C))
     w = data.draw(vectors(C))
-    out_kind = data.draw(st.sampled_from([None, "fresh", "dy"] if inplace else [None, "fresh"]))
-    out = None
-    if out_kind == "fresh":
-        out = _arrange(data.draw, np.full(shape, -7.0, dtype=dtype))
-        out.flags.writeable = True
-    elif out_kind == "dy":
-        out = g
+    out = _draw_out(data, shape, dtype, g if inplace else None)
     kw = dict(training=training, layout=layout,
               num_threads=data.draw(st.sampled_from([None, 1, 2])))
     fast, ref = _call_both("batch_norm_backward", [g, x, mean, invstd, w], dict(kw, out=out),
