@@ -11,7 +11,7 @@ LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (np.float32, np.float64)
 # odd sizes: C = 1, HW = 1, C not a multiple of the vector width, every ndim from 2 to 5
 SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7), (16, 1, 10, 10),
-          (3, 130, 1, 1), (2, 33, 40, 40), (1, 5, 3000), (600, 3), (7, 1)]
+          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (1, 5, 3000), (600, 3), (7, 1)]
 TORCH_SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7),
                 (16, 1, 10, 10), (3, 130, 1, 1)]
 
@@ -307,17 +307,19 @@ def test_running_update_any_buffer(buf_dtype, strided):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_outlier_first_value_of_every_block(layout):
+@pytest.mark.parametrize("C", [3, 100])
+def test_outlier_first_value_of_every_block(layout, C):
     """The statistics sum deviations from each block's first value in one pass and redo a
     block in two passes when that would cancel: with an outlier at the start of every block
     (a 32x32 plane is one block; a rows tile is 32 rows), float64 results stay within 1e-14
-    of the reference (with the two-pass fallback disabled, NCHW is off by 4.4e-14)."""
+    of the reference (with the two-pass fallback disabled, NCHW is off by 4.4e-14).
+    NHWC rows of 3 and of 100 channels both take the four-rows-per-sweep tiles."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((4, 3, 32, 32))
+    x = rng.standard_normal((4, C, 32, 32))
     x[:, :, 0, 0] = 1e3
     if layout == "NHWC":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        x.reshape(-1, 3)[::32] = 1e3
+        x.reshape(-1, C)[::32] = 1e3
     _, mean, invstd = fastbn.batch_norm_train(x, layout=layout)
     _, mean64, invstd64 = ref.batch_norm_train(x, layout=layout)
     np.testing.assert_allclose(mean, mean64, rtol=1e-14, atol=0)
