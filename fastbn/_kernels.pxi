@@ -872,18 +872,30 @@ cdef void _planar_backward(const Planar* p, const floating* g, const floating* x
 # Rows (R, C): chunks of rows, C-length partials per chunk, merged in chunk order
 # ---------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
-    """Rows per chunk: about ROW_CHUNK_VALUES values and at least MIN_CHUNK_ROWS rows, with
-    the chunk count rounded up to a multiple of 4 and the rows spread evenly over the
-    chunks, so that 2 or 4 threads get equal shares. Depends on the shape only."""
-    cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
-    cdef Py_ssize_t nchunk
-    if rpc < MIN_CHUNK_ROWS:
-        rpc = MIN_CHUNK_ROWS
-    nchunk = (R + rpc - 1) // rpc
+cdef inline Py_ssize_t _spread_rows(Py_ssize_t R, Py_ssize_t rpc) noexcept nogil:
+    """Rows per chunk for chunks of about rpc rows: the chunk count rounded up to a multiple
+    of 4 and the rows spread evenly over the chunks, so that 2 or 4 threads get equal
+    shares."""
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     if nchunk > 1:
         nchunk = (nchunk + 3) // 4 * 4
     return (R + nchunk - 1) // nchunk if nchunk > 0 else rpc
+
+
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    """Rows per chunk of the reductions: about ROW_CHUNK_VALUES values and at least
+    MIN_CHUNK_ROWS rows (see _spread_rows). Depends on the shape only; an input of at most
+    MIN_CHUNK_ROWS rows is one chunk, whose channels the threads split (see _rows_train)."""
+    cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
+    if rpc < MIN_CHUNK_ROWS:
+        rpc = MIN_CHUNK_ROWS
+    return _spread_rows(R, rpc)
+
+
+cdef inline Py_ssize_t _rows_per_task(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    """Rows per task of the normalizing passes, which keep no partials: about
+    ROW_CHUNK_VALUES values, however few the rows (see _spread_rows)."""
+    return _spread_rows(R, ROW_CHUNK_VALUES // C if C < ROW_CHUNK_VALUES else 1)
 
 
 cdef inline bint _multi_rows(Py_ssize_t C, Py_ssize_t reads) noexcept nogil:
@@ -928,16 +940,19 @@ cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_
     m2[0] = s2
 
 
-cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
-                            double* cmean, double* cm2, bint wide) noexcept nogil:
-    """Per-channel mean and m2 of rows [r0, r1), tile by tile: the TILE_ROWS rows of a tile
-    are read once in memory order, summing d = x - K and d*d in double about the tile's
-    first row K (as _block_stats does; a channel whose sums would cancel is redone in two
-    passes), and each tile is merged into cmean/cm2 in row order."""
-    cdef double* work = <double*>malloc(3 * C * sizeof(double))
+cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                            Py_ssize_t r0, Py_ssize_t r1, double* cmean, double* cm2,
+                            bint wide) noexcept nogil:
+    """Mean and m2 of channels [c0, c1) (of C) over rows [r0, r1), into cmean[c], cm2[c],
+    tile by tile: the TILE_ROWS rows of a tile are read once in memory order, summing
+    d = x - K and d*d in double about the tile's first row K (as _block_stats does; a
+    channel whose sums would cancel is redone in two passes), and each tile is merged into
+    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1)."""
+    cdef Py_ssize_t width = c1 - c0
+    cdef double* work = <double*>malloc(3 * width * sizeof(double))
     cdef double* K = work
-    cdef double* s1 = work + C
-    cdef double* s2 = work + 2 * C
+    cdef double* s1 = work + width
+    cdef double* s2 = work + 2 * width
     cdef double d, d1, d2, d3, k
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
@@ -945,23 +960,26 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
     cdef double limit = _cancel_limit(x)
     cdef const floating* row
     if work == NULL:           # out of memory: NaN statistics rather than a crash
-        for c in range(C):
+        for c in range(c0, c1):
             cmean[c] = NAN
             cm2[c] = NAN
         return
+    x = x + c0                 # channel c0 + c of row r is x[r * C + c] from here on
+    cmean = cmean + c0
+    cm2 = cm2 + c0
     for ib in range(nrb):
         b0 = r0 + ib * TILE_ROWS
         b1 = b0 + TILE_ROWS if b0 + TILE_ROWS < r1 else r1
         nb = <double>(b1 - b0)
         row = x + b0 * C
-        for c in range(C):
+        for c in range(width):
             K[c] = row[c]
             s1[c] = 0
             s2[c] = 0
         r = b0
         while wide and r + 4 <= b1:        # four rows per sweep
             row = x + r * C
-            for c in range(C):
+            for c in range(width):
                 k = K[c]
                 d = row[c] - k
                 d1 = row[C + c] - k
@@ -972,29 +990,29 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t r0, Py_s
             r = r + 4
         while r < b1:
             row = x + r * C
-            for c in range(C):
+            for c in range(width):
                 d = row[c] - K[c]
                 s1[c] = s1[c] + d
                 s2[c] = s2[c] + d * d
             r = r + 1
         # the tile's mean into s1 and m2 into K, in straight loops the compiler vectorizes;
         # then the rare channels whose one-pass sums cancelled, in two passes
-        for c in range(C):
+        for c in range(width):
             t1 = s1[c]
             s1[c] = K[c] + t1 / nb
             K[c] = s2[c] - t1 * (t1 / nb)
-        for c in range(C):
+        for c in range(width):
             if not (K[c] * limit >= s2[c]):
                 _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &K[c])
         if n == 0:
-            for c in range(C):
+            for c in range(width):
                 cmean[c] = s1[c]
                 cm2[c] = K[c]
         else:
             tot = n + nb
             wb = nb / tot
             wn = n * wb
-            for c in range(C):
+            for c in range(width):
                 delta = s1[c] - cmean[c]
                 cmean[c] = cmean[c] + delta * wb
                 cm2[c] = cm2[c] + K[c] + delta * delta * wn
@@ -1014,13 +1032,15 @@ cdef void _rows_train_coef(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_
     _set_coef(cf, c, m, m2 / n)
 
 
-cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                       Py_ssize_t r1, const double* mean, const double* scale,
-                       const double* shift) noexcept nogil:
-    """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
-    memory; for wide rows, four rows share each load of the per-channel coefficients."""
+cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t c0,
+                       Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const double* mean,
+                       const double* scale, const double* shift) noexcept nogil:
+    """y = (x - mean) * scale + shift on channels [c0, c1) (of C) of rows [r0, r1), in row
+    order so x streams through memory; for wide rows, four rows share each load of the
+    per-channel coefficients."""
     cdef Py_ssize_t c, r = r0
-    cdef bint wide = _multi_rows(C, 0)
+    cdef Py_ssize_t width = c1 - c0
+    cdef bint wide = _multi_rows(width, 0)
     cdef const floating* x0
     cdef const floating* x1
     cdef const floating* x2
@@ -1030,6 +1050,11 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     cdef floating* y2
     cdef floating* y3
     cdef double m, a, b
+    x = x + c0
+    y = y + c0
+    mean = mean + c0
+    scale = scale + c0
+    shift = shift + c0
     while wide and r + 4 <= r1:
         x0 = x + r * C
         x1 = x0 + C
@@ -1039,7 +1064,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
         y1 = y0 + C
         y2 = y1 + C
         y3 = y2 + C
-        for c in range(C):
+        for c in range(width):
             m = mean[c]
             a = scale[c]
             b = shift[c]
@@ -1051,65 +1076,109 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     while r < r1:
         x0 = x + r * C
         y0 = y + r * C
-        for c in range(C):
+        for c in range(width):
             y0[c] = <floating>((x0[c] - mean[c]) * scale[c] + shift[c])
         r = r + 1
+
+
+cdef inline Py_ssize_t _col_width(Py_ssize_t C, int nthreads) noexcept nogil:
+    """Channels per block when the threads of a rows kernel split the channels (all rows
+    are one chunk): an equal share rounded up to a multiple of 16, so that two threads never
+    write to the same 64-byte line of a row."""
+    cdef Py_ssize_t w = (C + nthreads - 1) // nthreads
+    return (w + 15) // 16 * 16
+
+
+cdef void _rows_stats_cols(const floating* x, Py_ssize_t R, Py_ssize_t C, Py_ssize_t c0,
+                           Py_ssize_t c1, Coef* cf, double* part, bint wide) noexcept nogil:
+    """Statistics and coefficients of channels [c0, c1) over all R rows as one chunk."""
+    cdef Py_ssize_t c
+    if c1 > C:
+        c1 = C
+    _rows_chunk_stats(x, C, c0, c1, 0, R, part, part + C, wide)
+    for c in range(c0, c1):
+        _rows_train_coef(cf, part, R, C, R, 1, c)
 
 
 cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C, Coef* cf,
                       double* part, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t cw = _col_width(C, nthreads)
+    cdef Py_ssize_t rpt = _rows_per_task(R, C)
     cdef Py_ssize_t k, c
     cdef bint wide = _multi_rows(C, R * C * <Py_ssize_t>sizeof(floating))
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_chunk_stats(x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_chunk_stats(x, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                               part + 2 * k * C, part + (2 * k + 1) * C, wide)
         for c in range(C):
             _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
         for k in range(nchunk):
-            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          cf.mean, cf.scale, cf.shift)
-        return
-    with parallel(num_threads=nthreads):
-        for k in prange(nchunk, schedule="static"):
-            _rows_chunk_stats(x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
-                              part + 2 * k * C, part + (2 * k + 1) * C, wide)
-        _barrier()
-        for c in prange(C, schedule="static"):
-            _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
-        _barrier()
-        for k in prange(nchunk, schedule="static"):
-            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
-                         cf.mean, cf.scale, cf.shift)
+    elif nchunk == 1:
+        # few rows of many channels (R <= MIN_CHUNK_ROWS): the threads split the channels
+        # for the statistics (each channel's arithmetic is that of the one-thread call),
+        # then the rows for the normalization (whole rows stream best)
+        with parallel(num_threads=nthreads):
+            for k in prange((C + cw - 1) // cw, schedule="static"):
+                _rows_stats_cols(x, R, C, k * cw, (k + 1) * cw, cf, part, wide)
+            _barrier()
+            for k in prange((R + rpt - 1) // rpt, schedule="static"):
+                _rows_affine(x, y, C, 0, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
+                             cf.mean, cf.scale, cf.shift)
+    else:
+        with parallel(num_threads=nthreads):
+            for k in prange(nchunk, schedule="static"):
+                _rows_chunk_stats(x, C, 0, C, k * rpc,
+                                  (k + 1) * rpc if (k + 1) * rpc < R else R,
+                                  part + 2 * k * C, part + (2 * k + 1) * C, wide)
+            _barrier()
+            for c in prange(C, schedule="static"):
+                _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
+            _barrier()
+            for k in prange(nchunk, schedule="static"):
+                _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                             cf.mean, cf.scale, cf.shift)
 
 
 cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const double* mean, const double* scale, const double* shift,
                       int nthreads) noexcept nogil:
-    cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
+    cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t cw = _col_width(C, nthreads)
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          mean, scale, shift)
-        return
-    for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
-                     mean, scale, shift)
+    elif nchunk == 1:          # few rows of many channels: the threads split the channels
+        for k in prange((C + cw - 1) // cw, num_threads=nthreads, schedule="static"):
+            _rows_affine(x, y, C, k * cw, (k + 1) * cw if (k + 1) * cw < C else C, 0, R,
+                         mean, scale, shift)
+    else:
+        for k in prange(nchunk, num_threads=nthreads, schedule="static"):
+            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                         mean, scale, shift)
 
 
-cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
-                           Py_ssize_t r1, const double* mean, double* sg,
-                           double* sd, bint wide) noexcept nogil:
-    """Per-channel sum(g) and sum(g * (x - mean)) of rows [r0, r1), one pass in memory
-    order, accumulated in double."""
+cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
+                           Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const double* mean,
+                           double* sg, double* sd, bint wide) noexcept nogil:
+    """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
+    sg[c], sd[c]: one pass in memory order, accumulated in double."""
     cdef Py_ssize_t c, r
+    cdef Py_ssize_t width = c1 - c0
     cdef const floating* xr
     cdef const floating* gr
-    for c in range(C):
+    g = g + c0
+    x = x + c0
+    mean = mean + c0
+    sg = sg + c0
+    sd = sd + c0
+    for c in range(width):
         sg[c] = 0
         sd[c] = 0
     cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if wide else r0
@@ -1117,7 +1186,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
         gr = g + r * C
-        for c in range(C):
+        for c in range(width):
             m = mean[c]
             sg[c] = sg[c] + ((<double>gr[c] + gr[C + c]) + (<double>gr[2 * C + c] + gr[3 * C + c]))
             sd[c] = sd[c] + ((gr[c] * (xr[c] - m) + gr[C + c] * (xr[C + c] - m))
@@ -1126,7 +1195,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
-        for c in range(C):
+        for c in range(width):
             sg[c] = sg[c] + gr[c]
             sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
 
@@ -1142,13 +1211,16 @@ cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ss
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
-    """dx on rows [r0, r1), in row order; two rows share each coefficient load."""
+                   Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
+                   const Grad* gd) noexcept nogil:
+    """dx on channels [c0, c1) (of C) of rows [r0, r1), in row order; for wide rows, two
+    rows share each coefficient load."""
     cdef Py_ssize_t c, r = r0
-    cdef const double* mean = gd.mean
-    cdef const double* a = gd.a
-    cdef const double* kx = gd.kx
-    cdef const double* k0 = gd.k0
+    cdef Py_ssize_t width = c1 - c0
+    cdef const double* mean = gd.mean + c0
+    cdef const double* a = gd.a + c0
+    cdef const double* kx = gd.kx + c0
+    cdef const double* k0 = gd.k0 + c0
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* x0
@@ -1156,21 +1228,24 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     cdef floating* d0
     cdef floating* d1
     cdef double m, aa, kkx, kk0
+    g = g + c0
+    x = x + c0
+    dx = dx + c0
     if not gd.training:        # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
             d0 = dx + r * C
-            for c in range(C):
+            for c in range(width):
                 d0[c] = <floating>(g0[c] * a[c])
         return
-    while r + 2 <= r1 and _multi_rows(C, 0):
+    while r + 2 <= r1 and _multi_rows(width, 0):
         g0 = g + r * C
         g1 = g0 + C
         x0 = x + r * C
         x1 = x0 + C
         d0 = dx + r * C
         d1 = d0 + C
-        for c in range(C):
+        for c in range(width):
             m = mean[c]
             aa = a[c]
             kkx = kx[c]
@@ -1182,36 +1257,63 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
-        for c in range(C):
+        for c in range(width):
             d0[c] = <floating>(g0[c] * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
         r = r + 1
+
+
+cdef void _rows_sums_cols(const floating* g, const floating* x, Py_ssize_t R, Py_ssize_t C,
+                          Py_ssize_t c0, Py_ssize_t c1, Grad* gd, double* part,
+                          bint wide) noexcept nogil:
+    """The two sums and the gradient coefficients of channels [c0, c1) over all R rows as
+    one chunk."""
+    cdef Py_ssize_t c
+    if c1 > C:
+        c1 = C
+    _rows_chunk_sums(g, x, C, c0, c1, 0, R, gd.mean, part, part + C, wide)
+    for c in range(c0, c1):
+        _rows_grad_coef(x, gd, part, C, 1, c)
 
 
 cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
                          Py_ssize_t C, Grad* gd, double* part, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t cw = _col_width(C, nthreads)
+    cdef Py_ssize_t rpt = _rows_per_task(R, C)
     cdef Py_ssize_t k, c
     cdef bint wide = _multi_rows(C, 2 * R * C * <Py_ssize_t>sizeof(floating))
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_chunk_sums(g, x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_chunk_sums(g, x, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                              gd.mean, part + 2 * k * C, part + (2 * k + 1) * C, wide)
         for c in range(C):
             _rows_grad_coef(x, gd, part, C, nchunk, c)
         for k in range(nchunk):
-            _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
-        return
-    with parallel(num_threads=nthreads):
-        for k in prange(nchunk, schedule="static"):
-            _rows_chunk_sums(g, x, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
-                             gd.mean, part + 2 * k * C, part + (2 * k + 1) * C, wide)
-        _barrier()
-        for c in prange(C, schedule="static"):
-            _rows_grad_coef(x, gd, part, C, nchunk, c)
-        _barrier()
-        for k in prange(nchunk, schedule="static"):
-            _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
+            _rows_dx(g, x, dx, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
+    elif nchunk == 1:
+        # few rows of many channels: channels split for the sums, rows for dx (as in
+        # _rows_train)
+        with parallel(num_threads=nthreads):
+            for k in prange((C + cw - 1) // cw, schedule="static"):
+                _rows_sums_cols(g, x, R, C, k * cw, (k + 1) * cw, gd, part, wide)
+            _barrier()
+            for k in prange((R + rpt - 1) // rpt, schedule="static"):
+                _rows_dx(g, x, dx, C, 0, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
+                         gd)
+    else:
+        with parallel(num_threads=nthreads):
+            for k in prange(nchunk, schedule="static"):
+                _rows_chunk_sums(g, x, C, 0, C, k * rpc,
+                                 (k + 1) * rpc if (k + 1) * rpc < R else R,
+                                 gd.mean, part + 2 * k * C, part + (2 * k + 1) * C, wide)
+            _barrier()
+            for c in prange(C, schedule="static"):
+                _rows_grad_coef(x, gd, part, C, nchunk, c)
+            _barrier()
+            for k in prange(nchunk, schedule="static"):
+                _rows_dx(g, x, dx, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                         gd)
 
 
 # ---------------------------------------------------------------------------------------------

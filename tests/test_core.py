@@ -11,7 +11,8 @@ LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (np.float32, np.float64)
 # odd sizes: C = 1, HW = 1, C not a multiple of the vector width, every ndim from 2 to 5
 SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7), (16, 1, 10, 10),
-          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (1, 5, 3000), (600, 3), (7, 1)]
+          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (100, 333), (1, 5, 3000), (600, 3),
+          (7, 1)]
 TORCH_SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7),
                 (16, 1, 10, 10), (3, 130, 1, 1)]
 
@@ -382,7 +383,10 @@ def test_float32_backward_accuracy_offset(layout):
 # thread-count invariance (acceptance 4)
 # --------------------------------------------------------------------------------------------
 
-THREAD_SHAPES = [(32, 3, 40, 40), (4, 1, 200, 200), (64, 40, 9, 9), (2048, 17), (2, 70, 3, 300)]
+# (100, 333) and NHWC (3, 700, 4, 4): at most 128 rows of many channels, whose statistics
+# the threads split by channels
+THREAD_SHAPES = [(32, 3, 40, 40), (4, 1, 200, 200), (64, 40, 9, 9), (2048, 17), (2, 70, 3, 300),
+                 (100, 333), (3, 700, 4, 4)]
 
 
 def run_all(x, dy, w, b, layout, **kw):
