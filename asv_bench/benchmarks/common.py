@@ -15,9 +15,10 @@ import time
 import numpy as np
 
 DTYPES = ["float32", "float64"]
-# A mid-size 4-D batch (one channel plane fits in L2), a fully connected (N, C) batch and a
-# small input that runs on one thread (where per-call overhead dominates).
-SHAPES = [(8, 64, 56, 56), (256, 1024), (8, 32, 8, 8)]
+# A mid-size 4-D batch (one channel plane fits in L2), two fully connected (N, C) batches
+# (the second has so few rows that its threads split the channels) and a small input that
+# runs on one thread (where per-call overhead dominates).
+SHAPES = [(8, 64, 56, 56), (256, 1024), (128, 2048), (8, 32, 8, 8)]
 LAYOUTS = ["NCHW", "NHWC"]
 
 PARAMS = [DTYPES, SHAPES, LAYOUTS]
