@@ -233,28 +233,31 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
 
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
               channels=16, rounds=200, file=None):
-    """Time 1 against 2 threads on small inputs, to place the serial threshold
-    (fastbn._config.SERIAL_BELOW), for training forward NCHW and NHWC, float32."""
+    """Time 1 against 2 threads on small inputs, to place the serial thresholds
+    (fastbn._config.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW for NHWC), for the training
+    forward and the backward, float32."""
     file = file or sys.stdout
-    saved = _config.SERIAL_BELOW
-    _config.SERIAL_BELOW = 0
-    print(f"{'values':>8} {'layout':<6} {'1 thread us':>12} {'2 threads us':>13} {'2/1':>6}",
-          file=file)
+    saved = _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR
+    _config.SERIAL_BELOW = _config.SERIAL_BELOW_PLANAR = 0
+    print(f"{'values':>8} {'layout':<6} {'op':<9} {'1 thread us':>12} {'2 threads us':>13} "
+          f"{'2/1':>6}", file=file)
     try:
         for size in sizes:
             for layout in ("NCHW", "NHWC"):
                 shape = (4, channels, size // (4 * channels))
-                x, _, w, b = make_data(shape, layout, np.float32)
+                x, dy, w, b = make_data(shape, layout, np.float32)
                 y = np.empty_like(x)
-                t1, t2 = interleaved(
-                    [lambda: functional.batch_norm_train(x, w, b, layout=layout, out=y,
-                                                         num_threads=1),
-                     lambda: functional.batch_norm_train(x, w, b, layout=layout, out=y,
-                                                         num_threads=2)], rounds)
-                print(f"{size:8d} {layout:<6} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} {t2 / t1:6.2f}",
-                      file=file, flush=True)
+                _, mean, invstd = functional.batch_norm_train(x, w, b, layout=layout)
+                ops = {"train": lambda n: functional.batch_norm_train(
+                           x, w, b, layout=layout, out=y, num_threads=n),
+                       "backward": lambda n: functional.batch_norm_backward(
+                           dy, x, mean, invstd, w, layout=layout, out=y, num_threads=n)}
+                for op, f in ops.items():
+                    t1, t2 = interleaved([lambda: f(1), lambda: f(2)], rounds)
+                    print(f"{size:8d} {layout:<6} {op:<9} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} "
+                          f"{t2 / t1:6.2f}", file=file, flush=True)
     finally:
-        _config.SERIAL_BELOW = saved
+        _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR = saved
 
 
 def markdown(rows, threads, dtype=np.float32):

@@ -136,8 +136,8 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
         raise ValueError(
             f"x must have more than 1 value per channel in training, got shape {x.shape} "
             f"({M} value(s) per channel)")
-    nthreads = effective_threads(num_threads, x.size)
     plan, xc = _plan(x, axis, layout)
+    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     stats = np.empty((5, C))
     if C:
@@ -277,8 +277,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
         out = out_array(out, x.shape, x.dtype,
                         {"x": x, "running_mean": running_mean, "running_var": running_var,
                          "weight": weight, "bias": bias}, may_alias=("x",))
-    nthreads = effective_threads(num_threads, x.size)
     plan, xc = _plan(x, axis, layout)
+    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
         _kernels.infer_forward(xc, yc, plan.kind, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads)
@@ -356,8 +356,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         out = out_array(out, x.shape, x.dtype,
                         {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
                         may_alias=("dy",))
-    nthreads = effective_threads(num_threads, x.size)
     plan, xc = _plan(x, axis, layout)
+    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
     grads = np.empty((2, C), x.dtype) if x.size else np.zeros((2, C), x.dtype)

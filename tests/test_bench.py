@@ -32,6 +32,20 @@ def test_run_small_table(with_torch):
     assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 4
 
 
+def test_crossover_table_restores_thresholds():
+    from fastbn import _config
+    saved = _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR
+    out = io.StringIO()
+    _bench.crossover(sizes=(1 << 12,), rounds=2, file=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[:3] == ["values", "layout", "op"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["4096", "NCHW", "train"], ["4096", "NCHW", "backward"],
+        ["4096", "NHWC", "train"], ["4096", "NHWC", "backward"]]
+    assert all(float(line.split()[-1]) > 0 for line in lines[1:])
+    assert (_config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR) == saved
+
+
 def test_make_data_layouts():
     x, dy, w, b = _bench.make_data((2, 3, 4, 5), "NHWC", np.float32)
     assert x.shape == dy.shape == (2, 4, 5, 3) and w.shape == b.shape == (3,)

@@ -426,6 +426,20 @@ def test_threads_api():
         fastbn.set_num_threads(0)
 
 
+def test_small_inputs_run_on_one_thread():
+    """Planar (NCHW) calls use their threads from SERIAL_BELOW_PLANAR values on, rows
+    (channels-last) calls from SERIAL_BELOW; an explicit num_threads is still validated."""
+    from fastbn import _config
+    planar, rows = _config.SERIAL_BELOW_PLANAR, _config.SERIAL_BELOW
+    assert planar < rows
+    for size, is_planar, want in ((planar - 1, True, 1), (planar, True, 2), (planar, False, 1),
+                                  (rows - 1, False, 1), (rows, False, 2)):
+        got = _config.effective_threads(2, size, is_planar)
+        assert got == (want if _config._OPENMP else 1), (size, is_planar)
+    with pytest.raises(ValueError, match="num_threads"):
+        _config.effective_threads(0, 10, True)
+
+
 def test_show_config(capsys):
     fastbn.show_config()
     out = capsys.readouterr().out
