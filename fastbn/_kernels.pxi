@@ -1035,15 +1035,13 @@ cdef void _rows_train_coef(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_
     _set_coef(cf, c, m, m2 / n)
 
 
-cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t c0,
-                       Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const double* mean,
-                       const double* scale, const double* shift) noexcept nogil:
-    """y = (x - mean) * scale + shift on channels [c0, c1) (of C) of rows [r0, r1), in row
-    order so x streams through memory; for wide rows, four rows share each load of the
-    per-channel coefficients."""
+cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                       Py_ssize_t r1, const double* mean, const double* scale,
+                       const double* shift) noexcept nogil:
+    """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
+    memory; for wide rows, four rows share each load of the per-channel coefficients."""
     cdef Py_ssize_t c, r = r0
-    cdef Py_ssize_t width = c1 - c0
-    cdef bint wide = _multi_rows(width, 0)
+    cdef bint wide = _multi_rows(C, 0)
     cdef const floating* x0
     cdef const floating* x1
     cdef const floating* x2
@@ -1053,11 +1051,6 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     cdef floating* y2
     cdef floating* y3
     cdef double m, a, b
-    x = x + c0
-    y = y + c0
-    mean = mean + c0
-    scale = scale + c0
-    shift = shift + c0
     while wide and r + 4 <= r1:
         x0 = x + r * C
         x1 = x0 + C
@@ -1067,7 +1060,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
         y1 = y0 + C
         y2 = y1 + C
         y3 = y2 + C
-        for c in range(width):
+        for c in range(C):
             m = mean[c]
             a = scale[c]
             b = shift[c]
@@ -1079,7 +1072,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     while r < r1:
         x0 = x + r * C
         y0 = y + r * C
-        for c in range(width):
+        for c in range(C):
             y0[c] = <floating>((x0[c] - mean[c]) * scale[c] + shift[c])
         r = r + 1
 
@@ -1118,7 +1111,7 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
         for c in range(C):
             _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
         for k in range(nchunk):
-            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          cf.mean, cf.scale, cf.shift)
     elif nchunk == 1:
         # few rows of many channels (R <= MIN_CHUNK_ROWS): the threads split the channels
@@ -1129,7 +1122,7 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
                 _rows_stats_cols(x, R, C, k * cw, (k + 1) * cw, cf, part, wide)
             _barrier()
             for k in prange((R + rpt - 1) // rpt, schedule="static"):
-                _rows_affine(x, y, C, 0, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
+                _rows_affine(x, y, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
                              cf.mean, cf.scale, cf.shift)
     else:
         with parallel(num_threads=nthreads):
@@ -1142,7 +1135,7 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
                 _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
             _barrier()
             for k in prange(nchunk, schedule="static"):
-                _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                              cf.mean, cf.scale, cf.shift)
 
 
@@ -1151,20 +1144,15 @@ cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
                       int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
-    cdef Py_ssize_t cw = _col_width(C, nthreads)
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+            _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          mean, scale, shift)
-    elif nchunk == 1:          # few rows of many channels: the threads split the channels
-        for k in prange((C + cw - 1) // cw, num_threads=nthreads, schedule="static"):
-            _rows_affine(x, y, C, k * cw, (k + 1) * cw if (k + 1) * cw < C else C, 0, R,
-                         mean, scale, shift)
-    else:
-        for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-            _rows_affine(x, y, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
-                         mean, scale, shift)
+        return
+    for k in prange(nchunk, num_threads=nthreads, schedule="static"):
+        _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                     mean, scale, shift)
 
 
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
@@ -1214,16 +1202,14 @@ cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ss
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
-                   const Grad* gd) noexcept nogil:
-    """dx on channels [c0, c1) (of C) of rows [r0, r1), in row order; for wide rows, two
-    rows share each coefficient load."""
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
+    """dx on rows [r0, r1), in row order; for wide rows, two rows share each coefficient
+    load."""
     cdef Py_ssize_t c, r = r0
-    cdef Py_ssize_t width = c1 - c0
-    cdef const double* mean = gd.mean + c0
-    cdef const double* a = gd.a + c0
-    cdef const double* kx = gd.kx + c0
-    cdef const double* k0 = gd.k0 + c0
+    cdef const double* mean = gd.mean
+    cdef const double* a = gd.a
+    cdef const double* kx = gd.kx
+    cdef const double* k0 = gd.k0
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* x0
@@ -1231,24 +1217,21 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     cdef floating* d0
     cdef floating* d1
     cdef double m, aa, kkx, kk0
-    g = g + c0
-    x = x + c0
-    dx = dx + c0
     if not gd.training:        # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
             d0 = dx + r * C
-            for c in range(width):
+            for c in range(C):
                 d0[c] = <floating>(g0[c] * a[c])
         return
-    while r + 2 <= r1 and _multi_rows(width, 0):
+    while r + 2 <= r1 and _multi_rows(C, 0):
         g0 = g + r * C
         g1 = g0 + C
         x0 = x + r * C
         x1 = x0 + C
         d0 = dx + r * C
         d1 = d0 + C
-        for c in range(width):
+        for c in range(C):
             m = mean[c]
             aa = a[c]
             kkx = kx[c]
@@ -1260,7 +1243,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
-        for c in range(width):
+        for c in range(C):
             d0[c] = <floating>(g0[c] * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
         r = r + 1
 
@@ -1293,7 +1276,7 @@ cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_
         for c in range(C):
             _rows_grad_coef(x, gd, part, C, nchunk, c)
         for k in range(nchunk):
-            _rows_dx(g, x, dx, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
+            _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
     elif nchunk == 1:
         # few rows of many channels: channels split for the sums, rows for dx (as in
         # _rows_train)
@@ -1302,7 +1285,7 @@ cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_
                 _rows_sums_cols(g, x, R, C, k * cw, (k + 1) * cw, gd, part, wide)
             _barrier()
             for k in prange((R + rpt - 1) // rpt, schedule="static"):
-                _rows_dx(g, x, dx, C, 0, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
+                _rows_dx(g, x, dx, C, k * rpt, (k + 1) * rpt if (k + 1) * rpt < R else R,
                          gd)
     else:
         with parallel(num_threads=nthreads):
@@ -1315,7 +1298,7 @@ cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_
                 _rows_grad_coef(x, gd, part, C, nchunk, c)
             _barrier()
             for k in prange(nchunk, schedule="static"):
-                _rows_dx(g, x, dx, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
+                _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          gd)
 
 
