@@ -3,7 +3,8 @@
     PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=1 --leak-check=full \
         python tests/valgrind_kernels.py
 
-Covers planar (NCHW, C >= threads and a team per channel), rows (NHWC, (N, C), HW = 1),
+Covers planar (NCHW, whole channels per thread and teams per channel), rows (NHWC, (N, C),
+HW = 1, and few rows whose channels the threads split),
 float32/float64, 1 and 2 threads (inputs above the serial threshold), out= and in place,
 tails shorter than the SIMD width, training/eval backward, Batch Renormalization, the
 layers, ONNX and both Caffe engines.
@@ -22,7 +23,8 @@ SHAPES = [
     ((2, 3, 5, 7), "NCHW"), ((3, 1, 17), "NCHW"), ((2, 5, 1, 1), "NCHW"), ((2, 1), "NCHW"),
     ((4, 2, 70, 130), "NCHW"), ((2, 1, 160, 130), "NCHW"), ((3, 4, 2100), "NCHW"),
     ((2, 5, 7, 3), "NHWC"), ((3, 17, 1), "NHWC"), ((40000, 1), "NHWC"), ((9000, 7), "NHWC"),
-    ((2, 600, 33, 2), "NHWC"), ((70, 530), "NCHW"),
+    ((2, 600, 33, 2), "NHWC"), ((70, 530), "NCHW"), ((2, 5, 7, 700), "NHWC"),
+    ((4, 5, 40, 40), "NCHW"),
 ]
 
 
