@@ -716,7 +716,7 @@ cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* c
     else:
         # fewer than 4 channels per thread, too few to share evenly (3 channels on 2 threads
         # leave one idle half the time): teams of threads per channel, one chunk per task.
-        # Measured at 2 threads, C = 3 to 6: training 0.87-0.97x, backward 0.84-0.96x of
+        # Measured at 2 threads, C = 3 to 7: training 0.82-1.00x, backward 0.79-0.97x of
         # whole channels per thread. The partials and their merge are the same either way.
         with parallel(num_threads=nthreads):
             for t in prange(ntask, schedule="static"):
