@@ -238,11 +238,19 @@ cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
     return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
 
 
+cdef inline bint _long_runs(Piece pc) noexcept nogil:
+    """Whether a block is summed run by run, each run in LANES lanes: one run, or fewer than
+    four runs of at least LANES values. One lane per position (the other way) pays off when
+    four runs share each update of a lane; with one to three runs every value would load
+    and store its lane, and the block would end summing as many lanes as a run is long."""
+    return pc.nrun == 1 or (pc.nrun < 4 and pc.length >= LANES)
+
+
 cdef inline Py_ssize_t _block_lanes(Piece pc) noexcept nogil:
-    """Accumulator lanes for a block: LANES across one long run, or one lane per position
-    of a run when the block is several short runs (the runs are then summed like the rows
+    """Accumulator lanes for a block: LANES across long runs, or one lane per position of a
+    run when the block is four or more short runs (the runs are then summed like the rows
     of a matrix, which vectorizes along the run however short it is)."""
-    if pc.nrun > 1 and pc.length >= 4:
+    if not _long_runs(pc) and pc.length >= 4:
         return pc.length
     return _lanes
 
@@ -259,9 +267,10 @@ cdef inline double _cancel_limit(const floating* p) noexcept nogil:
 
 cdef inline Py_ssize_t _block_steps(Piece pc, Py_ssize_t lanes, Py_ssize_t* step) noexcept nogil:
     """A block as a number of steps of `lanes` consecutive values, step[0] apart: the
-    lane-sized pieces of one long run, or the runs themselves when each run is one group of
-    lanes. Runs shorter than 4 values have no steps (they are summed one value at a time)."""
-    if pc.nrun == 1:
+    lane-sized pieces of each long run (the count is per run), or the runs themselves when
+    each run is one group of lanes. Runs shorter than 4 values have no steps (they are
+    summed one value at a time)."""
+    if _long_runs(pc):
         step[0] = lanes
         return pc.length // lanes
     step[0] = pc.stride
@@ -270,7 +279,7 @@ cdef inline Py_ssize_t _block_steps(Piece pc, Py_ssize_t lanes, Py_ssize_t* step
 
 cdef inline Py_ssize_t _stepped(Piece pc, Py_ssize_t lanes, Py_ssize_t nstep) noexcept nogil:
     """Values of each run covered by the steps; the rest of each run is summed one by one."""
-    if pc.nrun == 1:
+    if _long_runs(pc):
         return nstep * lanes
     return pc.length if nstep > 0 else 0
 
@@ -300,23 +309,26 @@ cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, doubl
         sq[j] = sq[j] + d * d
 
 
-cdef inline void _devs_run(const floating* q, Py_ssize_t nstep, double bm, double* acc,
-                           double* sq) noexcept nogil:
-    """nstep steps of LANES values of one run into acc[0:LANES], sq[0:LANES] (as _devs_one
-    on each step). The sums are kept in local arrays of constant size, which the compiler
-    holds in vector registers for the whole run."""
+cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride,
+                           Py_ssize_t nstep, double bm, double* acc, double* sq) noexcept nogil:
+    """nstep steps of LANES values of each of nrun runs (stride apart) into acc[0:LANES],
+    sq[0:LANES] (as _devs_one on each step, run after run). The sums are kept in local
+    arrays of constant size, which the compiler holds in vector registers throughout."""
     cdef double a[LANES]
     cdef double s[LANES]
     cdef double d
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j, k
+    cdef const floating* r
     for j in range(LANES):
         a[j] = 0
         s[j] = 0
-    for i in range(nstep):
-        for j in range(LANES):
-            d = q[i * LANES + j] - bm
-            a[j] = a[j] + d
-            s[j] = s[j] + d * d
+    for k in range(nrun):
+        r = q + k * stride
+        for i in range(nstep):
+            for j in range(LANES):
+                d = r[i * LANES + j] - bm
+                a[j] = a[j] + d
+                s[j] = s[j] + d * d
     for j in range(LANES):
         acc[j] = a[j]
         sq[j] = s[j]
@@ -331,19 +343,25 @@ cdef inline void _block_devs(const floating* p, Piece pc, double bm, double* s1,
     cdef double t1 = 0, t2 = 0, d
     cdef Py_ssize_t lanes = _block_lanes(pc)
     cdef Py_ssize_t step, nstep = _block_steps(pc, lanes, &step)
-    cdef Py_ssize_t nquad = nstep // 4 if pc.nrun > 1 else 0
+    cdef bint long_runs = _long_runs(pc)
+    cdef Py_ssize_t nquad = 0 if long_runs else nstep // 4
     cdef Py_ssize_t i, j, k
     cdef const floating* run
-    if REGISTER_LANES and pc.nrun == 1:
-        _devs_run(p, nstep, bm, acc, sq)
+    if REGISTER_LANES and long_runs:
+        _devs_run(p, pc.nrun, pc.stride, nstep, bm, acc, sq)
     else:
         for j in range(lanes):
             acc[j] = 0
             sq[j] = 0
-    for i in range(nquad):
-        _devs_quad(p + 4 * i * step, step, lanes, bm, acc, sq)
-    for i in range(4 * nquad, nstep if not (REGISTER_LANES and pc.nrun == 1) else 0):
-        _devs_one(p + i * step, lanes, bm, acc, sq)
+        if long_runs:
+            for k in range(pc.nrun):
+                for i in range(nstep):
+                    _devs_one(p + k * pc.stride + i * step, lanes, bm, acc, sq)
+        else:
+            for i in range(nquad):
+                _devs_quad(p + 4 * i * step, step, lanes, bm, acc, sq)
+            for i in range(4 * nquad, nstep):
+                _devs_one(p + i * step, lanes, bm, acc, sq)
     for k in range(pc.nrun):
         run = p + k * pc.stride
         for i in range(_stepped(pc, lanes, nstep), pc.length):
@@ -405,20 +423,26 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
         dt[j] = dt[j] + g[j] * (x[j] - mean)
 
 
-cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nstep,
-                           double mean, double* acc, double* dt) noexcept nogil:
-    """nstep steps of LANES values of one run into acc[0:LANES], dt[0:LANES] (as _sums_one
-    on each step), in register-held local sums as in _devs_run."""
+cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
+                           Py_ssize_t stride, Py_ssize_t nstep, double mean, double* acc,
+                           double* dt) noexcept nogil:
+    """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
+    _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
     cdef double a[LANES]
     cdef double t[LANES]
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j, k
+    cdef const floating* gr
+    cdef const floating* xr
     for j in range(LANES):
         a[j] = 0
         t[j] = 0
-    for i in range(nstep):
-        for j in range(LANES):
-            a[j] = a[j] + g[i * LANES + j]
-            t[j] = t[j] + g[i * LANES + j] * (x[i * LANES + j] - mean)
+    for k in range(nrun):
+        gr = g + k * stride
+        xr = x + k * stride
+        for i in range(nstep):
+            for j in range(LANES):
+                a[j] = a[j] + gr[i * LANES + j]
+                t[j] = t[j] + gr[i * LANES + j] * (xr[i * LANES + j] - mean)
     for j in range(LANES):
         acc[j] = a[j]
         dt[j] = t[j]
@@ -433,20 +457,27 @@ cdef inline void _block_sums(const floating* g, const floating* x, Piece pc, dou
     cdef double s = 0, t = 0
     cdef Py_ssize_t lanes = _block_lanes(pc)
     cdef Py_ssize_t step, nstep = _block_steps(pc, lanes, &step)
-    cdef Py_ssize_t nquad = nstep // 4 if pc.nrun > 1 else 0
-    cdef Py_ssize_t i, j, k
+    cdef bint long_runs = _long_runs(pc)
+    cdef Py_ssize_t nquad = 0 if long_runs else nstep // 4
+    cdef Py_ssize_t i, j, k, off
     cdef const floating* gr
     cdef const floating* xr
-    if REGISTER_LANES and pc.nrun == 1:
-        _sums_run(g, x, nstep, mean, acc, dt)
+    if REGISTER_LANES and long_runs:
+        _sums_run(g, x, pc.nrun, pc.stride, nstep, mean, acc, dt)
     else:
         for j in range(lanes):
             acc[j] = 0
             dt[j] = 0
-    for i in range(nquad):
-        _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
-    for i in range(4 * nquad, nstep if not (REGISTER_LANES and pc.nrun == 1) else 0):
-        _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
+        if long_runs:
+            for k in range(pc.nrun):
+                for i in range(nstep):
+                    off = k * pc.stride + i * step
+                    _sums_one(g + off, x + off, lanes, mean, acc, dt)
+        else:
+            for i in range(nquad):
+                _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
+            for i in range(4 * nquad, nstep):
+                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
     for k in range(pc.nrun):
         gr = g + k * pc.stride
         xr = x + k * pc.stride

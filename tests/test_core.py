@@ -11,8 +11,8 @@ LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (np.float32, np.float64)
 # odd sizes: C = 1, HW = 1, C not a multiple of the vector width, every ndim from 2 to 5
 SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7), (16, 1, 10, 10),
-          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (100, 333), (1, 5, 3000), (600, 3),
-          (7, 1)]
+          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (3, 5, 20, 20), (100, 333), (1, 5, 3000),
+          (600, 3), (7, 1)]
 TORCH_SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7),
                 (16, 1, 10, 10), (3, 130, 1, 1)]
 
@@ -309,14 +309,16 @@ def test_running_update_any_buffer(buf_dtype, strided):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("C", [3, 100])
-def test_outlier_first_value_of_every_block(layout, C):
+@pytest.mark.parametrize("side", [32, 20])
+def test_outlier_first_value_of_every_block(layout, C, side):
     """The statistics sum deviations from each block's first value in one pass and redo a
     block in two passes when that would cancel: with an outlier at the start of every block
-    (a 32x32 plane is one block; a rows tile is 32 rows), float64 results stay within 1e-14
-    of the reference (with the two-pass fallback disabled, NCHW is off by 4.4e-14).
+    (a 32x32 plane is one block, two 20x20 planes are one block summed run by run; a rows
+    tile is 32 rows), float64 results stay within 1e-14 of the reference (with the two-pass
+    fallback disabled, NCHW is off by 4.4e-14).
     NHWC rows of 3 and of 100 channels both take the four-rows-per-sweep tiles."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((4, C, 32, 32))
+    x = rng.standard_normal((4, C, side, side))
     x[:, :, 0, 0] = 1e3
     if layout == "NHWC":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -386,7 +388,7 @@ def test_float32_backward_accuracy_offset(layout):
 # (100, 333) and NHWC (3, 700, 4, 4): at most 128 rows of many channels, whose statistics
 # the threads split by channels
 THREAD_SHAPES = [(32, 3, 40, 40), (4, 1, 200, 200), (64, 40, 9, 9), (2048, 17), (2, 70, 3, 300),
-                 (100, 333), (3, 700, 4, 4)]
+                 (100, 333), (3, 700, 4, 4), (3, 40, 17, 17), (7, 6, 20, 20)]
 
 
 def run_all(x, dy, w, b, layout, **kw):
