@@ -415,6 +415,30 @@ def test_bit_identical_across_threads(shape, dtype, layout):
             assert np.array_equal(a, e), f"{name} differs across thread counts"
 
 
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (44, 1000, 7, 7)),
+                                          (np.float64, (11, 1000, 7, 7))], ids=str)
+def test_planar_inputs_beyond_cache(dtype, shape):
+    """A planar reduction that reads more than 8 MiB (CACHED_BYTES) cuts 49-value planes
+    into blocks of 8 runs (FAR_RUNS) instead of 20: float32 (44, 1000, 7, 7) in training
+    and backward, float64 (11, 1000, 7, 7) in the backward only (which reads dy and x).
+    The results match the reference and are the same on 1 and 2 threads."""
+    x, dy, w, b = data(shape, "NCHW", dtype, seed=7, offset=100.0)
+    one = run_all(x, dy, w, b, "NCHW", num_threads=1)
+    two = run_all(x, dy, w, b, "NCHW", num_threads=2)
+    names = ("y", "mean", "invstd", "dx", "dw", "db", "yi")
+    for a, e, name in zip(two, one, names):
+        assert np.array_equal(a, e), f"{name} differs across thread counts"
+    y, mean, invstd, dx, dw, db, _ = one
+    y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b)
+    np.testing.assert_allclose(y, y_r, **tol(dtype))
+    np.testing.assert_allclose(mean, mean_r, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(invstd, invstd_r, rtol=1e-12, atol=0)
+    for a, a_r, name in zip((dx, dw, db), ref.batch_norm_backward(dy, x, mean, invstd, w),
+                            ("dx", "dweight", "dbias")):
+        scale = max(1.0, float(np.abs(a_r).max()))
+        np.testing.assert_allclose(a / scale, a_r / scale, **tol(dtype), err_msg=name)
+
+
 def test_threads_api():
     n = fastbn.get_num_threads()
     assert n >= 1

@@ -3,8 +3,9 @@
     PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=1 --leak-check=full \
         python tests/valgrind_kernels.py
 
-Covers planar (NCHW, whole channels per thread and teams per channel), rows (NHWC, (N, C),
-HW = 1, and few rows whose channels the threads split),
+Covers planar (NCHW, whole channels per thread and teams per channel, blocks of a few runs,
+and the shorter blocks of inputs beyond the cache), rows (NHWC, (N, C), HW = 1, and few
+rows whose channels the threads split),
 float32/float64, 1 and 2 threads (inputs above the serial threshold), out= and in place,
 tails shorter than the SIMD width, training/eval backward, Batch Renormalization, the
 layers, ONNX and both Caffe engines.
@@ -24,7 +25,7 @@ SHAPES = [
     ((4, 2, 70, 130), "NCHW"), ((2, 1, 160, 130), "NCHW"), ((3, 4, 2100), "NCHW"),
     ((2, 5, 7, 3), "NHWC"), ((3, 17, 1), "NHWC"), ((40000, 1), "NHWC"), ((9000, 7), "NHWC"),
     ((2, 600, 33, 2), "NHWC"), ((70, 530), "NCHW"), ((2, 5, 7, 700), "NHWC"),
-    ((4, 5, 40, 40), "NCHW"),
+    ((4, 5, 40, 40), "NCHW"), ((3, 5, 20, 20), "NCHW"), ((22, 1000, 7, 7), "NCHW"),
 ]
 
 
