@@ -13,7 +13,7 @@
 # keep their low-order digits.
 #
 # Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
-# shape only, never on the thread count. Each chunk's partial result is computed by the same
+# shape and dtype only, never on the thread count. Each chunk's partial result is computed by the same
 # code whichever thread runs it, and partials are merged in chunk order. One thread or many,
 # the result is bit-identical.
 #
