@@ -570,6 +570,26 @@ cdef inline void _set_coef(Coef* cf, Py_ssize_t c, double mean, double var) noex
         cf.shift[c] = b
 
 
+cdef void _set_coefs(Coef* cf, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """_set_coef for channels [c0, c1) from cf.mean and cf.var, in straight loops over the
+    channels that the compiler vectorizes (same arithmetic, same results)."""
+    cdef Py_ssize_t c
+    if cf.renorm:
+        for c in range(c0, c1):
+            _set_coef(cf, c, cf.mean[c], cf.var[c])
+        return
+    for c in range(c0, c1):
+        cf.invstd[c] = 1.0 / sqrt(cf.var[c] + cf.eps)
+    if cf.weight != NULL:
+        for c in range(c0, c1):
+            cf.scale[c] = cf.weight[c] * cf.invstd[c]
+    else:
+        for c in range(c0, c1):
+            cf.scale[c] = cf.invstd[c]
+    for c in range(c0, c1):
+        cf.shift[c] = cf.bias[c] if cf.bias != NULL else 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Planar (N, C, S): chunking of one channel
 # ---------------------------------------------------------------------------------------------
@@ -1067,16 +1087,41 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     free(work)
 
 
-cdef void _rows_train_coef(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
-                           Py_ssize_t rpc, Py_ssize_t nchunk, Py_ssize_t c) noexcept nogil:
-    """Merge the chunk partials of channel c in chunk order."""
-    cdef double n = 0, m = 0, m2 = 0
-    cdef Py_ssize_t k, r0
+cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
+                            Py_ssize_t rpc, Py_ssize_t nchunk, Py_ssize_t c0,
+                            Py_ssize_t c1) noexcept nogil:
+    """Merge the chunk partials of channels [c0, c1) in chunk order (as _chan_merge), then
+    their coefficients. A chunk holds the same rows for every channel, so the merge weights
+    are shared and the loops run along the channels, which the compiler vectorizes."""
+    cdef double* mean = cf.mean
+    cdef double* m2 = cf.var             # the running m2 until the last division
+    cdef const double* pm
+    cdef const double* pv
+    cdef double n = 0, nb, tot, wb, wn, delta
+    cdef Py_ssize_t k, c, r0
+    if c1 > C:
+        c1 = C
     for k in range(nchunk):
         r0 = k * rpc
-        _chan_merge(&n, &m, &m2, <double>((r0 + rpc if r0 + rpc < R else R) - r0),
-                    part[2 * k * C + c], part[(2 * k + 1) * C + c])
-    _set_coef(cf, c, m, m2 / n)
+        nb = <double>((r0 + rpc if r0 + rpc < R else R) - r0)
+        pm = part + 2 * k * C
+        pv = part + (2 * k + 1) * C
+        if k == 0:
+            for c in range(c0, c1):
+                mean[c] = pm[c]
+                m2[c] = pv[c]
+        else:
+            tot = n + nb
+            wb = nb / tot
+            wn = n * wb
+            for c in range(c0, c1):
+                delta = pm[c] - mean[c]
+                mean[c] = mean[c] + delta * wb
+                m2[c] = m2[c] + pv[c] + delta * delta * wn
+        n = n + nb
+    for c in range(c0, c1):
+        m2[c] = m2[c] / n
+    _set_coefs(cf, c0, c1)
 
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
@@ -1132,12 +1177,10 @@ cdef inline Py_ssize_t _col_width(Py_ssize_t C, int nthreads) noexcept nogil:
 cdef void _rows_stats_cols(const floating* x, Py_ssize_t R, Py_ssize_t C, Py_ssize_t c0,
                            Py_ssize_t c1, Coef* cf, double* part, bint wide) noexcept nogil:
     """Statistics and coefficients of channels [c0, c1) over all R rows as one chunk."""
-    cdef Py_ssize_t c
     if c1 > C:
         c1 = C
     _rows_chunk_stats(x, C, c0, c1, 0, R, part, part + C, wide)
-    for c in range(c0, c1):
-        _rows_train_coef(cf, part, R, C, R, 1, c)
+    _rows_train_coefs(cf, part, R, C, R, 1, c0, c1)
 
 
 cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C, Coef* cf,
@@ -1146,14 +1189,13 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t cw = _col_width(C, nthreads)
     cdef Py_ssize_t rpt = _rows_per_task(R, C)
-    cdef Py_ssize_t k, c
+    cdef Py_ssize_t k
     cdef bint wide = _multi_rows(C, R * C * <Py_ssize_t>sizeof(floating))
     if nthreads == 1:
         for k in range(nchunk):
             _rows_chunk_stats(x, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                               part + 2 * k * C, part + (2 * k + 1) * C, wide)
-        for c in range(C):
-            _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
+        _rows_train_coefs(cf, part, R, C, rpc, nchunk, 0, C)
         for k in range(nchunk):
             _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                          cf.mean, cf.scale, cf.shift)
@@ -1175,8 +1217,8 @@ cdef void _rows_train(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
                                   (k + 1) * rpc if (k + 1) * rpc < R else R,
                                   part + 2 * k * C, part + (2 * k + 1) * C, wide)
             _barrier()
-            for c in prange(C, schedule="static"):
-                _rows_train_coef(cf, part, R, C, rpc, nchunk, c)
+            for k in prange((C + cw - 1) // cw, schedule="static"):
+                _rows_train_coefs(cf, part, R, C, rpc, nchunk, k * cw, (k + 1) * cw)
             _barrier()
             for k in prange(nchunk, schedule="static"):
                 _rows_affine(x, y, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
@@ -1235,14 +1277,38 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
             sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
 
 
-cdef void _rows_grad_coef(const floating* x, Grad* gd, const double* part, Py_ssize_t C,
-                          Py_ssize_t nchunk, Py_ssize_t c) noexcept nogil:
-    cdef double sum_g = 0, dot = 0
-    cdef Py_ssize_t k
+cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
+                           Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Add up the chunk sums of channels [c0, c1) in chunk order, then their dx constants
+    (as _grad_coef), in loops along the channels that the compiler vectorizes."""
+    cdef double* sum_g = gd.dbias
+    cdef double* dot = gd.dweight        # the dot until it is scaled by invstd
+    cdef const double* ps
+    cdef const double* pd
+    cdef double istd, a
+    cdef Py_ssize_t k, c
+    if c1 > C:
+        c1 = C
+    for c in range(c0, c1):
+        sum_g[c] = 0
+        dot[c] = 0
     for k in range(nchunk):
-        sum_g = sum_g + part[2 * k * C + c]
-        dot = dot + part[(2 * k + 1) * C + c]
-    _grad_coef(gd, c, sum_g, dot)
+        ps = part + 2 * k * C
+        pd = part + (2 * k + 1) * C
+        for c in range(c0, c1):
+            sum_g[c] = sum_g[c] + ps[c]
+            dot[c] = dot[c] + pd[c]
+    for c in range(c0, c1):
+        istd = gd.invstd[c]
+        a = istd * gd.weight[c] if gd.weight != NULL else istd
+        gd.a[c] = a
+        if gd.training:
+            gd.k0[c] = -(sum_g[c] / gd.m) * a
+            gd.kx[c] = -(dot[c] / gd.m * istd * istd) * a
+        else:
+            gd.k0[c] = 0.0
+            gd.kx[c] = 0.0
+        dot[c] = dot[c] * istd
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
@@ -1297,12 +1363,10 @@ cdef void _rows_sums_cols(const floating* g, const floating* x, Py_ssize_t R, Py
                           bint wide) noexcept nogil:
     """The two sums and the gradient coefficients of channels [c0, c1) over all R rows as
     one chunk."""
-    cdef Py_ssize_t c
     if c1 > C:
         c1 = C
     _rows_chunk_sums(g, x, C, c0, c1, 0, R, gd.mean, part, part + C, wide)
-    for c in range(c0, c1):
-        _rows_grad_coef(x, gd, part, C, 1, c)
+    _rows_grad_coefs(gd, part, C, 1, c0, c1)
 
 
 cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
@@ -1311,14 +1375,13 @@ cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t cw = _col_width(C, nthreads)
     cdef Py_ssize_t rpt = _rows_per_task(R, C)
-    cdef Py_ssize_t k, c
+    cdef Py_ssize_t k
     cdef bint wide = _multi_rows(C, 2 * R * C * <Py_ssize_t>sizeof(floating))
     if nthreads == 1:
         for k in range(nchunk):
             _rows_chunk_sums(g, x, C, 0, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
                              gd.mean, part + 2 * k * C, part + (2 * k + 1) * C, wide)
-        for c in range(C):
-            _rows_grad_coef(x, gd, part, C, nchunk, c)
+        _rows_grad_coefs(gd, part, C, nchunk, 0, C)
         for k in range(nchunk):
             _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R, gd)
     elif nchunk == 1:
@@ -1338,8 +1401,8 @@ cdef void _rows_backward(const floating* g, const floating* x, floating* dx, Py_
                                  (k + 1) * rpc if (k + 1) * rpc < R else R,
                                  gd.mean, part + 2 * k * C, part + (2 * k + 1) * C, wide)
             _barrier()
-            for c in prange(C, schedule="static"):
-                _rows_grad_coef(x, gd, part, C, nchunk, c)
+            for k in prange((C + cw - 1) // cw, schedule="static"):
+                _rows_grad_coefs(gd, part, C, nchunk, k * cw, (k + 1) * cw)
             _barrier()
             for k in prange(nchunk, schedule="static"):
                 _rows_dx(g, x, dx, C, k * rpc, (k + 1) * rpc if (k + 1) * rpc < R else R,
