@@ -773,8 +773,12 @@ cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* c
             _planar_train_group(p, x, y, cf, part, g * gs,
                                 (g + 1) * gs if (g + 1) * gs < p.C else p.C)
     elif p.C >= 4 * nthreads:
-        # whole channels per thread
-        for g in prange(ngroup, num_threads=nthreads, schedule="dynamic"):
+        # whole channels per thread, each thread one contiguous range of groups (static):
+        # measured against handing out groups one at a time (dynamic), 2 threads, float32:
+        # training 0.70-0.91x and backward 0.65-0.95x on (32, 256, 56, 56), (32, 512, 28, 28),
+        # (1, 256, 14, 14) and (1, 64, 56, 56), (32, 64, 112, 112) backward 0.90x;
+        # (32, 2048, 7, 7) within noise (0.76-1.10x over three runs)
+        for g in prange(ngroup, num_threads=nthreads, schedule="static"):
             _planar_train_group(p, x, y, cf, part, g * gs,
                                 (g + 1) * gs if (g + 1) * gs < p.C else p.C)
     else:
@@ -919,7 +923,7 @@ cdef void _planar_backward(const Planar* p, const floating* g, const floating* x
             _planar_backward_group(p, g, x, dx, gd, part, gi * gs,
                                    (gi + 1) * gs if (gi + 1) * gs < p.C else p.C)
     elif p.C >= 4 * nthreads:           # as in _planar_train
-        for gi in prange(ngroup, num_threads=nthreads, schedule="dynamic"):
+        for gi in prange(ngroup, num_threads=nthreads, schedule="static"):
             _planar_backward_group(p, g, x, dx, gd, part, gi * gs,
                                    (gi + 1) * gs if (gi + 1) * gs < p.C else p.C)
     else:
