@@ -13,9 +13,9 @@
 # keep their low-order digits.
 #
 # Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
-# shape and dtype only, never on the thread count. Each chunk's partial result is computed by the same
-# code whichever thread runs it, and partials are merged in chunk order. One thread or many,
-# the result is bit-identical.
+# shape and dtype only, never on the thread count. Each chunk's partial result is computed by
+# the same code whichever thread runs it, and partials are merged in chunk order. One thread
+# or many, the result is bit-identical.
 #
 # Parallel structure: one OpenMP parallel region per call (none at all for one thread). Phases
 # that must see every chunk's partial (merge, then normalize) are separate `prange` loops
