@@ -214,6 +214,27 @@ cdef inline void _chan_merge(double* n, double* mean, double* m2,
     n[0] = tot
 
 
+cdef inline void _chan_merge_all(double* mean, double* m2, const double* mb,
+                                 const double* m2b, Py_ssize_t width, double na,
+                                 double nb) noexcept nogil:
+    """_chan_merge of (nb, mb[c], m2b[c]) into the running (na, mean[c], m2[c]) for the
+    width channels c of a set of rows: the counts, and so the weights, are the same for
+    every channel, and the loop along the channels vectorizes."""
+    cdef Py_ssize_t c
+    cdef double wb, wn, delta
+    if na == 0:                # a plain copy (see _chan_merge)
+        for c in range(width):
+            mean[c] = mb[c]
+            m2[c] = m2b[c]
+        return
+    wb = nb / (na + nb)
+    wn = na * wb
+    for c in range(width):
+        delta = mb[c] - mean[c]
+        mean[c] = mean[c] + delta * wb
+        m2[c] = m2[c] + m2b[c] + delta * delta * wn
+
+
 # Accumulator lanes of the block reductions. Kept in a module variable (always LANES) rather
 # than the compile-time constant: with a constant the compiler unrolls the lane loop and then
 # vectorizes across blocks with shuffles; with a run-time count it vectorizes the lane loop
@@ -548,46 +569,29 @@ cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
     return v
 
 
-cdef inline void _set_coef(Coef* cf, Py_ssize_t c, double mean, double var) noexcept nogil:
-    """Store the statistics of channel c and the scale/shift of its normalization."""
-    cdef double invstd = 1.0 / sqrt(var + cf.eps)
-    cdef double w = cf.weight[c] if cf.weight != NULL else 1.0
-    cdef double b = cf.bias[c] if cf.bias != NULL else 0.0
-    cdef double r, d
-    cf.mean[c] = mean
-    cf.var[c] = var
-    cf.invstd[c] = invstd
-    if cf.renorm:
-        # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running stats
-        r = _clip(sqrt(var + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
-        d = _clip((mean - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
-        cf.r[c] = r
-        cf.d[c] = d
-        cf.scale[c] = w * r * invstd
-        cf.shift[c] = w * d + b
-    else:
-        cf.scale[c] = w * invstd
-        cf.shift[c] = b
-
-
 cdef void _set_coefs(Coef* cf, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """_set_coef for channels [c0, c1) from cf.mean and cf.var, in straight loops over the
-    channels that the compiler vectorizes (same arithmetic, same results)."""
+    """invstd and the scale/shift of the normalization of channels [c0, c1), from their
+    statistics in cf.mean and cf.var, in loops along the channels (vectorized when the
+    rows kernels pass many channels at once)."""
     cdef Py_ssize_t c
-    if cf.renorm:
-        for c in range(c0, c1):
-            _set_coef(cf, c, cf.mean[c], cf.var[c])
-        return
+    cdef double w, b, r, d
     for c in range(c0, c1):
         cf.invstd[c] = 1.0 / sqrt(cf.var[c] + cf.eps)
-    if cf.weight != NULL:
-        for c in range(c0, c1):
-            cf.scale[c] = cf.weight[c] * cf.invstd[c]
-    else:
-        for c in range(c0, c1):
-            cf.scale[c] = cf.invstd[c]
     for c in range(c0, c1):
-        cf.shift[c] = cf.bias[c] if cf.bias != NULL else 0.0
+        w = cf.weight[c] if cf.weight != NULL else 1.0
+        b = cf.bias[c] if cf.bias != NULL else 0.0
+        if cf.renorm:
+            # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running
+            # stats
+            r = _clip(sqrt(cf.var[c] + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
+            d = _clip((cf.mean[c] - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
+            cf.r[c] = r
+            cf.d[c] = d
+            cf.scale[c] = w * r * cf.invstd[c]
+            cf.shift[c] = w * d + b
+        else:
+            cf.scale[c] = w * cf.invstd[c]
+            cf.shift[c] = b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,21 +750,19 @@ cdef void _planar_train_group(const Planar* p, const floating* x, floating* y, C
                               double* part, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Statistics of channels [c0, c1), then their normalization while still in cache."""
     cdef Py_ssize_t k, c
-    cdef double mean, var
     for k in range(p.nchunk):
         _planar_chunk_stats(p, x, c0, c1, k, part)
     for c in range(c0, c1):
-        _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &mean, &var)
-        _set_coef(cf, c, mean, var)
+        _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &cf.mean[c], &cf.var[c])
+    _set_coefs(cf, c0, c1)
     for k in range(p.nchunk):
         _planar_chunk_affine(p, x, y, c0, c1, k, cf)
 
 
 cdef void _planar_train_coef(const Planar* p, Coef* cf, const double* part,
                              Py_ssize_t c) noexcept nogil:
-    cdef double mean, var
-    _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &mean, &var)
-    _set_coef(cf, c, mean, var)
+    _merge_stats(part + 3 * c * p.nchunk, p.nchunk, &cf.mean[c], &cf.var[c])
+    _set_coefs(cf, c, c + 1)
 
 
 cdef void _planar_train(const Planar* p, const floating* x, floating* y, Coef* cf,
@@ -1027,7 +1029,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     cdef double d, d1, d2, d3, k
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
-    cdef double nb, n = 0, tot, delta, t1, wb, wn
+    cdef double nb, n = 0, t1
     cdef double limit = _cancel_limit(x)
     cdef const floating* row
     if work == NULL:           # out of memory: NaN statistics rather than a crash
@@ -1075,18 +1077,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
         for c in range(width):
             if not (K[c] * limit >= s2[c]):
                 _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &K[c])
-        if n == 0:
-            for c in range(width):
-                cmean[c] = s1[c]
-                cm2[c] = K[c]
-        else:
-            tot = n + nb
-            wb = nb / tot
-            wn = n * wb
-            for c in range(width):
-                delta = s1[c] - cmean[c]
-                cmean[c] = cmean[c] + delta * wb
-                cm2[c] = cm2[c] + K[c] + delta * delta * wn
+        _chan_merge_all(cmean, cm2, s1, K, width, n, nb)
         n = n + nb
     free(work)
 
@@ -1095,36 +1086,21 @@ cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize
                             Py_ssize_t rpc, Py_ssize_t nchunk, Py_ssize_t c0,
                             Py_ssize_t c1) noexcept nogil:
     """Merge the chunk partials of channels [c0, c1) in chunk order (as _chan_merge), then
-    their coefficients. A chunk holds the same rows for every channel, so the merge weights
-    are shared and the loops run along the channels, which the compiler vectorizes."""
-    cdef double* mean = cf.mean
-    cdef double* m2 = cf.var             # the running m2 until the last division
-    cdef const double* pm
-    cdef const double* pv
-    cdef double n = 0, nb, tot, wb, wn, delta
+    their coefficients. A chunk holds the same rows for every channel, so the merge runs
+    along the channels (_chan_merge_all)."""
+    cdef double n = 0, nb
     cdef Py_ssize_t k, c, r0
     if c1 > C:
         c1 = C
     for k in range(nchunk):
         r0 = k * rpc
         nb = <double>((r0 + rpc if r0 + rpc < R else R) - r0)
-        pm = part + 2 * k * C
-        pv = part + (2 * k + 1) * C
-        if k == 0:
-            for c in range(c0, c1):
-                mean[c] = pm[c]
-                m2[c] = pv[c]
-        else:
-            tot = n + nb
-            wb = nb / tot
-            wn = n * wb
-            for c in range(c0, c1):
-                delta = pm[c] - mean[c]
-                mean[c] = mean[c] + delta * wb
-                m2[c] = m2[c] + pv[c] + delta * delta * wn
+        # cf.var holds the running m2 until the coefficients
+        _chan_merge_all(cf.mean + c0, cf.var + c0, part + 2 * k * C + c0,
+                        part + (2 * k + 1) * C + c0, c1 - c0, n, nb)
         n = n + nb
     for c in range(c0, c1):
-        m2[c] = m2[c] / n
+        cf.var[c] = cf.var[c] / n
     _set_coefs(cf, c0, c1)
 
 
@@ -1283,13 +1259,12 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
                            Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    """Add up the chunk sums of channels [c0, c1) in chunk order, then their dx constants
-    (as _grad_coef), in loops along the channels that the compiler vectorizes."""
-    cdef double* sum_g = gd.dbias
-    cdef double* dot = gd.dweight        # the dot until it is scaled by invstd
+    """Add up the chunk sums of channels [c0, c1) in chunk order, in loops along the
+    channels, then their dweight, dbias and dx constants (_grad_coef)."""
+    cdef double* sum_g = gd.dbias        # the running sums until _grad_coef
+    cdef double* dot = gd.dweight
     cdef const double* ps
     cdef const double* pd
-    cdef double istd, a
     cdef Py_ssize_t k, c
     if c1 > C:
         c1 = C
@@ -1303,16 +1278,7 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
             sum_g[c] = sum_g[c] + ps[c]
             dot[c] = dot[c] + pd[c]
     for c in range(c0, c1):
-        istd = gd.invstd[c]
-        a = istd * gd.weight[c] if gd.weight != NULL else istd
-        gd.a[c] = a
-        if gd.training:
-            gd.k0[c] = -(sum_g[c] / gd.m) * a
-            gd.kx[c] = -(dot[c] / gd.m * istd * istd) * a
-        else:
-            gd.k0[c] = 0.0
-            gd.kx[c] = 0.0
-        dot[c] = dot[c] * istd
+        _grad_coef(gd, c, sum_g[c], dot[c])
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
