@@ -1,8 +1,10 @@
 """Sphinx configuration for fastbn's documentation.
 
-Build: ``python -m sphinx -W -b html docs docs/_build/html`` (fastbn must be importable:
-installed, or built in place with ``python setup.py build_ext --inplace``).
+Build: ``python -m sphinx -W -b html docs docs/_build/html``. The checkout's own fastbn is
+documented when its extensions are built in place (``python setup.py build_ext
+--inplace``, or ``pip install -e .``); otherwise the installed fastbn is.
 """
+import glob
 import importlib
 import os
 import sys
@@ -11,9 +13,18 @@ from docutils import nodes
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
-# Prefer an in-place build of this checkout over any installed fastbn.
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-if os.path.isdir(os.path.join(ROOT, "fastbn")):
+
+
+def checkout_is_built(root):
+    """Whether `root` holds a fastbn package with its extensions built in place (then the
+    docs describe that tree); otherwise the installed fastbn is documented, since an
+    unbuilt source tree cannot be imported."""
+    pkg = os.path.join(root, "fastbn")
+    return any(glob.glob(os.path.join(pkg, "_kernels*" + ext)) for ext in (".so", ".pyd"))
+
+
+if checkout_is_built(ROOT):
     sys.path.insert(0, ROOT)
 
 import fastbn  # noqa: E402

@@ -44,7 +44,9 @@ def set_num_threads(n):
     Parameters
     ----------
     n : int or None
-        Threads to use (>= 1), or None.
+        Threads to use (>= 1), or None. Values above ``max(256, 4 * os.cpu_count())``
+        are capped there (results do not depend on the thread count, and OpenMP would
+        try to start every thread asked for).
 
     Raises
     ------

@@ -1400,6 +1400,12 @@ cdef Py_ssize_t _partials(int kind, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return 2 * C * ((N + rpc - 1) // rpc)
 
 
+cdef inline bint _native(cnp.ndarray a):
+    """Whether a's elements can be read through a plain C pointer: aligned, native byte
+    order."""
+    return cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISNOTSWAPPED(a)
+
+
 cdef int _data_kind(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
     """0 for float32, 1 for float64; checks x and y are contiguous, same dtype, `size` long."""
     cdef int t = cnp.PyArray_TYPE(x)
@@ -1407,8 +1413,9 @@ cdef int _data_kind(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
         raise TypeError("kernel data must be float32 or float64")
     if cnp.PyArray_TYPE(y) != t:
         raise TypeError("kernel input and output dtypes differ")
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)):
-        raise ValueError("kernel arrays must be C-contiguous")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
+            and _native(x) and _native(y)):
+        raise ValueError("kernel arrays must be C-contiguous, aligned, in native byte order")
     if cnp.PyArray_SIZE(x) != size or cnp.PyArray_SIZE(y) != size:
         raise ValueError("kernel arrays do not match the shape")
     if not cnp.PyArray_ISWRITEABLE(y):
@@ -1425,7 +1432,7 @@ cdef double* _vec(object a, Py_ssize_t n, bint optional=False) except? NULL:
         raise ValueError("kernel vector missing")
     arr = <cnp.ndarray?>a
     if (cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT64 or not cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            or cnp.PyArray_SIZE(arr) < n):
+            or not _native(arr) or cnp.PyArray_SIZE(arr) < n):
         raise ValueError("kernel vectors must be C-contiguous float64 of the channel count")
     return <double*>cnp.PyArray_DATA(arr)
 
@@ -1439,7 +1446,7 @@ cdef inline bint _param_ok(object a, Py_ssize_t C):
     t = cnp.PyArray_TYPE(arr)
     return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(arr) == 1
             and cnp.PyArray_DIM(arr, 0) == C and cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            and cnp.PyArray_ISNOTSWAPPED(arr))
+            and _native(arr))
 
 
 def params_ok(Py_ssize_t C, Py_ssize_t required, *params):
@@ -1467,8 +1474,9 @@ cdef const double* _param(object a, Py_ssize_t n, double* scratch,
     if a is None or cnp.PyArray_TYPE(<cnp.ndarray?>a) != cnp.NPY_FLOAT32:
         return _vec(a, n, optional)
     arr = <cnp.ndarray>a
-    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_SIZE(arr) < n:
-        raise ValueError("kernel vectors must be C-contiguous, of the channel count")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not _native(arr) or cnp.PyArray_SIZE(arr) < n:
+        raise ValueError("kernel vectors must be C-contiguous, aligned, native, of the "
+                         "channel count")
     f = <const float*>cnp.PyArray_DATA(arr)
     for i in range(n):
         scratch[i] = f[i]
@@ -1544,10 +1552,11 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
-                  int nthreads):
+                  int nthreads, bint divisor_is_std=False):
     """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
     (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
-    may be None."""
+    may be None. With divisor_is_std, running_var holds a standard deviation and
+    y = (x - running_mean) * weight / running_var + bias (eps is not used)."""
     cdef Planar p
     cdef int fl
     cdef Py_ssize_t c
@@ -1569,7 +1578,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int kind, Py_ssize_t N, Py_ssize
         b = _param(bias, C, coef + 5 * C, True)
         with nogil:
             for c in range(C):
-                coef[c] = (w[c] if w != NULL else 1.0) / sqrt(rv[c] + eps)
+                coef[c] = (w[c] if w != NULL else 1.0) / (rv[c] if divisor_is_std
+                                                          else sqrt(rv[c] + eps))
                 coef[C + c] = b[c] if b != NULL else 0.0
             if kind == 0 and fl == 0:
                 _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
@@ -1649,13 +1659,13 @@ cdef bint _running_ok(object buf, Py_ssize_t C):
         return False
     a = <cnp.ndarray>buf
     return ((cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64)
-            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a) and _native(a)
             and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == C)
 
 
 def running_pair_ok(running_mean, running_var, Py_ssize_t C):
     """True when both running buffers are writable C-contiguous float32/float64 vectors of
-    the channel count whose bytes do not overlap (the common case, checked at C speed; the
+    the channel count, aligned and in native byte order, whose bytes do not overlap (the common case, checked at C speed; the
     caller validates anything else in full)."""
     cdef char* a
     cdef char* b

@@ -23,12 +23,32 @@ def channel_axis(layout, ndim):
 _FLOAT32, _FLOAT64 = DATA_DTYPES
 
 
+def plain_array(name, a):
+    """a as a plain ndarray (array-likes converted, ndarray subclasses viewed as ndarray,
+    nothing copied). Masked arrays are refused: their mask would be silently ignored."""
+    if type(a) is np.ndarray:
+        return a
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must not be a masked array (fastbn cannot honour a mask); "
+                        f"pass {name}.filled(value) or {name}.data")
+    return np.asarray(a)
+
+
+def native(a):
+    """a in native byte order: a itself, or a converted copy of a byte-swapped array."""
+    if a.dtype.isnative:
+        return a
+    return a.astype(a.dtype.newbyteorder("="))
+
+
 def data_array(name, a):
-    """A float32/float64 array of ndim >= 2 (not copied)."""
+    """A float32/float64 array of ndim >= 2, in native byte order (not copied unless it
+    was byte-swapped)."""
     if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64) and a.ndim >= 2:
         return a               # the common case, without the general checks below
-    if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
+    a = plain_array(name, a)
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        a = native(a)
     if a.dtype not in DATA_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
     if a.ndim < 2:
@@ -51,13 +71,13 @@ def channel_vector(name, a, C, *, optional=True):
             return None
         raise ValueError(f"{name} is required")
     if (type(a) is np.ndarray and a.dtype == np.float64 and a.shape == (C,)
-            and a.flags.c_contiguous):
+            and a.flags.c_contiguous and a.flags.aligned):
         return a               # the common case, read as it is
-    a = np.asarray(a)
+    a = plain_array(name, a)
     _float_dtype(name, a)
     if a.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float64)
+    return np.require(a, np.float64, ("C", "A"))      # contiguous, aligned, native order
 
 
 def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
@@ -70,21 +90,43 @@ def running_buffers(running_mean, running_var, C, names=("running_mean", "runnin
         if not isinstance(buf, np.ndarray):
             raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                             f"got {type(buf).__name__}")
+        plain_array(name, buf)
         _float_dtype(name, buf)
         if buf.shape != (C,):
             raise ValueError(f"{name} must have shape ({C},), got {buf.shape}")
         if not buf.flags.writeable:
             raise ValueError(f"{name} must be writable (it is updated in place)")
+        if self_overlapping(buf):
+            raise ValueError(f"{name} must not have elements that share memory (a zero or "
+                             f"overlapping stride): it is updated in place")
     if np.shares_memory(running_mean, running_var):
         raise ValueError(f"{names[0]} and {names[1]} must not share memory")
 
 
 def real_scalar(name, v):
+    """A real number as a float: Python and NumPy reals and 0-d real arrays (not bools).
+    An integer too large for a float gives +-inf, which the callers' range checks refuse."""
     if type(v) is float:       # the common case, without the slower ABC check below
         return v
+    if type(v) is np.ndarray and v.ndim == 0:
+        v = v[()]              # a 0-d array is its scalar, as for num_threads
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def flag(name, v):
+    """A bool (Python or NumPy) as a Python bool; anything else is a TypeError, so that
+    "False", None, 0.0 or [] are never taken for a truth value."""
+    if v is True or v is False:
+        return v
+    if isinstance(v, np.bool_) or (type(v) is np.ndarray and v.ndim == 0
+                                   and v.dtype == np.bool_):
+        return bool(v)
+    raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
 
 
 def eps_value(eps, name="eps"):
@@ -101,10 +143,10 @@ def momentum_value(momentum, name="momentum"):
     return momentum
 
 
-# Largest team a kernel is started with. OpenMP creates every requested thread (and the
-# rows kernels size a per-thread workspace by the count), so an absurd request such as
-# num_threads=100000 would crash the process inside libgomp, and one >= 2**31 would not fit
-# the kernels' C int. Results do not depend on the thread count, so capping is harmless.
+# Largest team a kernel is started with. OpenMP creates every requested thread, so an
+# absurd request such as num_threads=100000 would crash the process inside libgomp, and one
+# >= 2**31 would not fit the kernels' C int. Results do not depend on the thread count, so
+# capping is harmless.
 MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 
 
@@ -129,6 +171,27 @@ def thread_count(num_threads, default):
 def same_shape(name, a, ref_name, ref):
     if a.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {a.shape}")
+
+
+def self_overlapping(a):
+    """True when two elements of a share a byte (a zero stride, or as_strided views whose
+    elements overlap). Exact for ordinary strides; a view whose strides interleave is
+    checked element by element when small, and counts as overlapping when large."""
+    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1)
+    extent = a.itemsize        # bytes spanned by one element, then by the inner dims
+    for st, n in dims:
+        if st < extent:
+            break
+        extent = st * (n - 1) + extent
+    else:
+        return False
+    if a.size > (1 << 20):
+        return True
+    offsets = np.zeros(1, np.int64)
+    for st, n in zip(a.strides, a.shape):
+        offsets = (offsets[:, None] + st * np.arange(n, dtype=np.int64)).ravel()
+    offsets.sort()
+    return bool(np.any(np.diff(offsets) < a.itemsize))
 
 
 def _same_view(a, b):
@@ -156,12 +219,19 @@ def out_array(out, shape, dtype, inputs, may_alias=(), name="out"):
         return None
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    plain_array(name, out)
     if out.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     if out.dtype != dtype:
+        if out.dtype.newbyteorder("=") == dtype:
+            raise ValueError(f"{name} must have dtype {np.dtype(dtype)} in native byte order, "
+                             f"got the byte-swapped {out.dtype.str}")
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writable")
+    if self_overlapping(out):
+        raise ValueError(f"{name} must not have elements that share memory (a zero or "
+                         f"overlapping stride)")
     for arg, a in inputs.items():
         if a is None or not isinstance(a, np.ndarray):
             continue
@@ -244,8 +314,11 @@ def layer_blob(name, a, shape, dtype):
     exactly `shape` and `dtype`, C-contiguous and writable."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    plain_array(name, a)
     if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+        order = " in native byte order" if a.dtype.newbyteorder("=") == dtype else ""
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}{order}, got {a.dtype.str}"
+                        if order else f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
     if a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
     if not a.flags.c_contiguous or not a.flags.writeable:

@@ -22,7 +22,8 @@ from collections import namedtuple
 import numpy as np
 
 from . import _caffe_gemv
-from ._validate import (channel_vector, choice, data_array, eps_value, float_dtype,
+from ._layer_threads import PerThreadState
+from ._validate import (channel_vector, choice, data_array, eps_value, flag, float_dtype,
                         layer_blob, momentum_value, optional_bool, out_array, positive_int,
                         same_shape)
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train
@@ -63,7 +64,7 @@ def _deliver(out, flat, shape):
     return out
 
 
-class BatchNorm:
+class BatchNorm(PerThreadState):
     """Caffe's BatchNorm layer: normalization with moving *sums* of the batch statistics.
 
     Training (``use_global_stats`` false) normalizes with the batch mean and biased
@@ -141,8 +142,7 @@ class BatchNorm:
         C = self.channels
         self.blobs = [np.zeros(C, self.dtype), np.zeros(C, self.dtype),
                       np.zeros(1, self.dtype)]
-        self._saved = None
-        self._bufs = {}
+        self._init_threads()
         self._zeros = np.zeros(C)
         self._ones = np.ones(C)
 
@@ -164,6 +164,14 @@ class BatchNorm:
                 if np.may_share_memory(self.blobs[i], self.blobs[j]):
                     raise ValueError(f"blobs[{j}] and blobs[{i}] must not share memory")
         return self.blobs
+
+    @property
+    def _bufs(self):
+        """The calling thread's scratch arrays: a forward leaves its backward's inputs there."""
+        bufs = self._saved_get("bufs")
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        return bufs
 
     def _buffer(self, name, shape, dtype=None, fill=None):
         """A scratch array kept between calls (reallocated when its shape changes)."""
@@ -259,19 +267,21 @@ class BatchNorm:
         if not ugs and m == 0:
             raise ValueError(f"bottom must have at least one value per channel to compute "
                              f"batch statistics, got shape {bottom.shape}")
-        if self.engine == "gemv":
-            if N * C > _BLAS_INT_MAX or S > _BLAS_INT_MAX:
-                raise ValueError(f"bottom of shape {bottom.shape} is too large for "
-                                 f"engine='gemv' (BLAS int dimensions); use engine='fused'")
-            return self._forward_gemv(bottom, out, ugs, N, S)
-        return self._forward_fused(bottom, out, ugs, m)
+        if self.engine == "gemv" and (N * C > _BLAS_INT_MAX or S > _BLAS_INT_MAX):
+            raise ValueError(f"bottom of shape {bottom.shape} is too large for "
+                             f"engine='gemv' (BLAS int dimensions); use engine='fused'")
+        forward = self._forward_gemv if self.engine == "gemv" else self._forward_fused
+        if ugs:
+            return forward(bottom, out, ugs, N, S)
+        with self._lock:       # a training forward updates the blobs
+            return forward(bottom, out, ugs, N, S)
 
-    def _forward_fused(self, bottom, out, ugs, m):
-        C = self.channels
+    def _forward_fused(self, bottom, out, ugs, N, S):
+        C, m = self.channels, N * S
         if ugs:
             mean, var = (a.astype(np.float64) for a in self.global_stats())
             y = batch_norm_infer(bottom, mean, var, eps=self.eps, out=out)
-            self._saved = _Saved(bottom.shape, True, "fused", None, var)
+            self._local.saved = _Saved(bottom.shape, True, "fused", None, var)
             return y
         if m == 1:
             # one value per channel: mean = x, var = 0 and y = 0 (Caffe allows this batch)
@@ -288,7 +298,7 @@ class BatchNorm:
         self._update_blobs(mean, unbiased)
         x_norm = self._buffer("x_norm", bottom.shape)
         np.copyto(x_norm, y)     # backward reads the output; later in-place layers may not
-        self._saved = _Saved(bottom.shape, False, "fused", invstd, None)
+        self._local.saved = _Saved(bottom.shape, False, "fused", invstd, None)
         return y
 
     def _gemv_buffers(self, N, S):
@@ -308,7 +318,7 @@ class BatchNorm:
         _caffe_gemv.forward(src, top, bufs["temp"], bufs["x_norm"], bufs["num_by_chans"],
                             bufs["mean"], bufs["variance"], bufs["ones_n"], bufs["ones_s"],
                             b0, b1, b2, N, C, S, ugs, self.moving_average_fraction, self.eps)
-        self._saved = _Saved(bottom.shape, ugs, "gemv", None, None)
+        self._local.saved = _Saved(bottom.shape, ugs, "gemv", None, None)
         return _deliver(out, top, bottom.shape)
 
     # ---- backward ------------------------------------------------------------------
@@ -349,9 +359,9 @@ class BatchNorm:
         array([[2.],
                [6.]])
         """
-        saved = self._saved
+        saved = self._saved_get("saved")
         if saved is None:
-            raise RuntimeError("backward needs a forward first (no saved state)")
+            raise RuntimeError("backward needs a forward first in this thread (no saved state)")
         top_diff = _check_input("top_diff", top_diff, self.channels, self.dtype)
         if top_diff.shape != saved.shape:
             raise ValueError(f"top_diff must have the shape of the last forward's bottom "
@@ -387,7 +397,7 @@ class BatchNorm:
         return _deliver(out, bd, saved.shape)
 
 
-class Scale:
+class Scale(PerThreadState):
     """Caffe's Scale layer (with its bias when ``bias_term``): ``y = x * gamma + beta``.
 
     Per channel on axis 1. Parameter gradients accumulate into :attr:`diffs` until
@@ -434,17 +444,14 @@ class Scale:
 
     def __init__(self, channels, *, bias_term=False, dtype=np.float32):
         self.channels = positive_int("channels", channels)
-        bias_term = optional_bool("bias_term", bias_term)
-        if bias_term is None:
-            raise TypeError("bias_term must be True or False, got None")
-        self.bias_term = bias_term
+        self.bias_term = flag("bias_term", bias_term)
         self.dtype = float_dtype("dtype", dtype)
         C = self.channels
         self.blobs = [np.ones(C, self.dtype)]
         if bias_term:
             self.blobs.append(np.zeros(C, self.dtype))
         self.diffs = [np.zeros(C, self.dtype) for _ in self.blobs]
-        self._x = None
+        self._init_threads()
         self._zeros = np.zeros(C)
         self._ones = np.ones(C)
 
@@ -499,7 +506,7 @@ class Scale:
         beta = blobs[1] if self.bias_term else None
         # variance 1 with eps 0 makes the kernel's scale exactly gamma
         y = batch_norm_infer(x, self._zeros, self._ones, blobs[0], beta, eps=0.0)
-        self._x = np.array(x, copy=True)
+        self._local.x = np.array(x, copy=True)
         return y
 
     def backward(self, dy):
@@ -531,17 +538,19 @@ class Scale:
         >>> sc.diffs[0]                 # sum(dy * x) = 3, twice
         array([6.])
         """
-        if self._x is None:
-            raise RuntimeError("backward needs a forward first (no saved input)")
+        x = self._saved_get("x")
+        if x is None:
+            raise RuntimeError("backward needs a forward first in this thread (no saved input)")
         dy = _check_input("dy", dy, self.channels, self.dtype)
-        same_shape("dy", dy, "the last forward's x", self._x)
+        same_shape("dy", dy, "the last forward's x", x)
         blobs = self._checked("blobs")
         diffs = self._checked("diffs")
-        dx, dgamma, dbeta = batch_norm_backward(dy, self._x, self._zeros, self._ones,
+        dx, dgamma, dbeta = batch_norm_backward(dy, x, self._zeros, self._ones,
                                                 blobs[0], training=False)
-        diffs[0] += dgamma
-        if self.bias_term:
-            diffs[1] += dbeta
+        with self._lock:
+            diffs[0] += dgamma
+            if self.bias_term:
+                diffs[1] += dbeta
         return dx
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from ._dispatch import kernels as _kernels
 from ._config import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        out_array, running_buffers, same_shape)
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag,
+                        momentum_value, out_array, running_buffers, same_shape)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -78,20 +78,20 @@ def _plan(x, axis, layout):
         _plans[key] = hit
     plan, fits = hit
     xt = x if plan.perm is None else x.transpose(plan.perm)
-    return plan, (xt if fits else np.ascontiguousarray(xt))
+    return plan, (xt if fits and x.flags.aligned else np.array(xt, order="C"))
 
 
 def _like(a, plan):
     """a (same shape as x) in the plan's C-contiguous order: no copy when its memory fits."""
     at = a if plan.perm is None else a.transpose(plan.perm)
-    return at if at.flags.c_contiguous else np.ascontiguousarray(at)
+    return at if at.flags.c_contiguous and at.flags.aligned else np.array(at, order="C")
 
 
 def _result(plan, shape, dtype, out):
     """(array to return, C-contiguous array the kernel writes into, written directly?)."""
     if out is not None:
         ot = out if plan.perm is None else out.transpose(plan.perm)
-        if ot.flags.c_contiguous:
+        if ot.flags.c_contiguous and ot.flags.aligned:
             return out, ot, True
         return out, np.empty(ot.shape, dtype=dtype), False
     if plan.perm is None:
@@ -262,6 +262,13 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     >>> float(y.max())
     0.0
     """
+    return _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_threads)
+
+
+def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_threads,
+           divisor_is_std=False):
+    """batch_norm_infer; with divisor_is_std, running_var is a standard deviation and
+    y = (x - running_mean) * weight / running_var + bias (Batch Renormalization's eval)."""
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -281,7 +288,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
-        _kernels.infer_forward(xc, yc, plan.kind, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads)
+        _kernels.infer_forward(xc, yc, plan.kind, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads,
+                               divisor_is_std)
     return _finish(y, yc, direct, plan)
 
 
@@ -351,7 +359,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         mean_k = channel_vector("mean", mean, C, optional=False)
         invstd_k = channel_vector("invstd", invstd, C, optional=False)
         w = channel_vector("weight", weight, C)
-    training = bool(training)
+    training = flag("training", training)
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
                         {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},

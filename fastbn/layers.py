@@ -4,48 +4,41 @@ Both are thin clients of the functional API: a forward picks the functional call
 mode (training statistics or running statistics), keeps what the backward needs, and
 updates the state; the math lives in :mod:`fastbn.functional` and :mod:`fastbn.renorm`.
 """
-import numbers
-
 import numpy as np
 
 from . import functional, renorm
-from ._validate import channel_axis, data_array, eps_value, momentum_value, real_scalar
+from ._layer_threads import PerThreadState
+from ._validate import (channel_axis, data_array, eps_value, flag, float_dtype, momentum_value,
+                        positive_int, real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
-
-def _num_features(n):
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"num_features must be an integer, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"num_features must be >= 1, got {n}")
-    return int(n)
+# num_batches_tracked is saved as PyTorch's int64 scalar: it saturates there
+_MAX_STEPS = np.iinfo(np.int64).max
 
 
-def _layer_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-class _Norm:
+class _Norm(PerThreadState):
     """State and bookkeeping shared by the layers.
 
     Subclasses list their buffers in ``_buffers`` and implement ``_forward_train`` /
-    ``_forward_eval``, each returning (y, backward closure).
+    ``_forward_eval``, each returning (y, backward closure). The closure holds everything
+    the backward needs (the input, statistics, a copy of the weight, the layout), so a
+    backward always belongs to its own forward.
+
+    Threads: what a forward saves for its backward is kept per Python thread, and the
+    updates of the layer's state (running statistics, num_batches_tracked, the gradient
+    sums) are made under a lock; see the threads section of the getting-started guide.
     """
 
     _buffers = ()
 
     def __init__(self, num_features, *, eps, momentum, affine, layout, dtype):
-        self.num_features = _num_features(num_features)
+        self.num_features = positive_int("num_features", num_features)
         self.eps = eps_value(eps)
         self.momentum = None if momentum is None else momentum_value(momentum)
-        self.affine = bool(affine)
-        channel_axis(layout, 2)
+        self.affine = flag("affine", affine)
         self.layout = layout
-        self.dtype = _layer_dtype(dtype)
+        self.dtype = float_dtype("dtype", dtype)
         C = self.num_features
         if self.affine:
             self.weight = np.ones(C, self.dtype)
@@ -56,12 +49,47 @@ class _Norm:
             self.weight = self.bias = self.weight_grad = self.bias_grad = None
         self.num_batches_tracked = 0
         self.training = True
-        self._backward = None
+        self._init_threads()
+
+    # ----- validated settings -------------------------------------------------------------
+    @property
+    def layout(self):
+        """Where the channel axis of the inputs is: "NCHW" (axis 1) or "NHWC" (last)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value):
+        channel_axis(value, 2)
+        self._layout = value
+
+    @property
+    def training(self):
+        """Whether forward uses batch statistics (set with :meth:`train` / :meth:`eval`)."""
+        return self._training
+
+    @training.setter
+    def training(self, value):
+        self._training = flag("training", value)
+
+    @property
+    def num_batches_tracked(self):
+        """Training forwards run so far (an int in [0, 2**63 - 1]; it stops there)."""
+        return self._num_batches_tracked
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value):
+        self._num_batches_tracked = _step_count(value)
 
     # ----- modes ------------------------------------------------------------------------
     def train(self, mode=True):
-        """Set training mode (``mode=True``) or evaluation mode; return the layer."""
-        self.training = bool(mode)
+        """Set training mode (``mode=True``) or evaluation mode; return the layer.
+
+        Raises
+        ------
+        TypeError
+            mode is not a bool.
+        """
+        self.training = flag("mode", mode)
         return self
 
     def eval(self):
@@ -84,6 +112,10 @@ class _Norm:
         if self.momentum is None:
             return 1.0 / (self.num_batches_tracked + 1)
         return self.momentum
+
+    def _count_step(self):
+        if self._num_batches_tracked < _MAX_STEPS:
+            self._num_batches_tracked += 1
 
     def forward(self, x):
         """Normalize x; keep what :meth:`backward` needs.
@@ -109,10 +141,11 @@ class _Norm:
         """
         x = self._check_input(x)
         if self._uses_batch_stats():
-            y, backward = self._forward_train(x)
+            with self._lock:   # the running statistics and the step count
+                y, backward = self._forward_train(x)
         else:
             y, backward = self._forward_eval(x)
-        self._backward = backward
+        self._local.backward = backward
         return y
 
     __call__ = forward
@@ -132,14 +165,16 @@ class _Norm:
         Raises
         ------
         RuntimeError
-            No forward has run yet.
+            No forward has run yet in this thread.
         """
-        if self._backward is None:
-            raise RuntimeError("backward called before forward")
-        dx, dweight, dbias = self._backward(dy)
+        backward = self._saved_get("backward")
+        if backward is None:
+            raise RuntimeError("backward called before forward (in this thread)")
+        dx, dweight, dbias = backward(dy)
         if self.affine:
-            self.weight_grad += dweight
-            self.bias_grad += dbias
+            with self._lock:
+                self.weight_grad += dweight
+                self.bias_grad += dbias
         return dx
 
     def zero_grad(self):
@@ -189,10 +224,13 @@ class _Norm:
         KeyError
             Missing or unexpected keys (strict).
         TypeError
-            A non-floating parameter or buffer, a non-integer num_batches_tracked.
+            A non-floating parameter or buffer, a num_batches_tracked that is not a number;
+            strict not a bool.
         ValueError
-            A value of the wrong shape, or a negative num_batches_tracked.
+            A value of the wrong shape; a num_batches_tracked that is not an integer, or
+            is negative or beyond int64.
         """
+        strict = flag("strict", strict)
         keys = self._state_keys()
         if strict:
             missing = [k for k in keys if k not in state_dict]
@@ -205,20 +243,19 @@ class _Norm:
         for k in keys:
             if k not in state_dict:
                 continue
-            v = np.asarray(state_dict[k])
+            v = state_dict[k]
             if k == "num_batches_tracked":
-                if v.dtype.kind not in "iu" or v.shape not in ((), (1,)):
-                    raise TypeError(f"num_batches_tracked must be an integer scalar, "
-                                    f"got dtype {v.dtype} shape {v.shape}")
-                n = int(v.reshape(()))
-                if n < 0:
-                    raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
-                new[k] = n
+                new[k] = _step_count(v, loaded=True)
                 continue
+            if isinstance(v, np.ma.MaskedArray):
+                raise TypeError(f"{k} must not be a masked array")
+            v = np.asarray(v)
             if v.dtype.kind != "f":
                 raise TypeError(f"{k} must be a floating-point array, got dtype {v.dtype}")
             if v.shape != (C,):
                 raise ValueError(f"{k} must have shape ({C},), got {v.shape}")
+            with np.errstate(over="ignore", under="ignore"):
+                v = v.astype(self.dtype)       # checked as it will be stored
             self._check_loaded(k, v)
             new[k] = v
         for k, v in new.items():
@@ -264,6 +301,7 @@ class BatchNorm(_Norm):
         Accumulated by :meth:`backward` until :meth:`zero_grad`.
     running_mean, running_var : ndarray (C,) or None
     num_batches_tracked : int
+        Training forwards so far; it stops at 2**63 - 1 (PyTorch saves it as an int64).
     training : bool
 
     Raises
@@ -293,7 +331,7 @@ class BatchNorm(_Norm):
                  track_running_stats=True, layout="NCHW", dtype=np.float32):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          layout=layout, dtype=dtype)
-        self.track_running_stats = bool(track_running_stats)
+        self.track_running_stats = flag("track_running_stats", track_running_stats)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
             self.running_var = np.ones(self.num_features, self.dtype)
@@ -315,31 +353,54 @@ class BatchNorm(_Norm):
 
     def _forward_train(self, x):
         update = self.training and self.track_running_stats
+        layout = self.layout
         y, mean, invstd = functional.batch_norm_train(
-            x, self.weight, self.bias, eps=self.eps, layout=self.layout,
+            x, self.weight, self.bias, eps=self.eps, layout=layout,
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None,
             momentum=self._factor() if update else 0.0)
         if update:
-            self.num_batches_tracked += 1
+            self._count_step()
         weight = None if self.weight is None else self.weight.copy()
 
         def backward(dy):
             return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=True,
-                                                  layout=self.layout)
+                                                  layout=layout)
         return y, backward
 
     def _forward_eval(self, x):
+        layout = self.layout
         y = functional.batch_norm_infer(x, self.running_mean, self.running_var, self.weight,
-                                        self.bias, eps=self.eps, layout=self.layout)
+                                        self.bias, eps=self.eps, layout=layout)
         mean = self.running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         weight = None if self.weight is None else self.weight.copy()
 
         def backward(dy):
             return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=False,
-                                                  layout=self.layout)
+                                                  layout=layout)
         return y, backward
+
+
+def _step_count(v, loaded=False):
+    """num_batches_tracked as an int in [0, 2**63 - 1] (PyTorch keeps it in an int64)."""
+    name = "num_batches_tracked"
+    if isinstance(v, np.ndarray) or loaded:
+        a = np.asarray(v)
+        if a.shape not in ((), (1,)):
+            raise ValueError(f"{name} must be a scalar, got shape {a.shape}")
+        v = a.reshape(())[()]
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got bool")
+    if isinstance(v, (int, np.integer)):
+        n = int(v)
+    elif isinstance(v, (float, complex, np.floating, np.complexfloating)):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    else:
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if not 0 <= n <= _MAX_STEPS:
+        raise ValueError(f"{name} must be in [0, 2**63 - 1] (an int64 count), got {n}")
+    return n
 
 
 def _clip_param(name, v):
@@ -352,8 +413,17 @@ def _clip_param(name, v):
                 "" if name == "rmin" else " or 'paper'")
             raise ValueError(f"{name} must be {choices}, got {v!r}")
         return renorm.paper_schedules()[0 if name == "rmax" else 1]
-    value = real_scalar(name, v)
-    return lambda step: value
+    return _Constant(real_scalar(name, v))
+
+
+class _Constant:
+    """A schedule that is one value at every step (a class, so the layer pickles)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step):
+        return self.value
 
 
 class BatchRenorm(_Norm):
@@ -391,6 +461,7 @@ class BatchRenorm(_Norm):
     running_mean, running_std : ndarray (C,)
         Initialized to 0 and 1.
     num_batches_tracked : int
+        Training forwards so far; it stops at 2**63 - 1 (PyTorch saves it as an int64).
         Training steps so far (the schedules' step count).
     training : bool
 
@@ -444,31 +515,34 @@ class BatchRenorm(_Norm):
 
     def _check_loaded(self, key, value):
         if key == "running_std" and not np.all(np.isfinite(value) & (value > 0)):
-            raise ValueError("running_std must hold finite values > 0")
+            raise ValueError(f"running_std must hold finite values > 0 in the layer's dtype "
+                             f"{self.dtype}, got {value!r}")
 
     def _forward_train(self, x):
         rmin, rmax, dmax = self.clipping()
+        layout = self.layout
         y, mean, std, r, d = renorm._renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
-            rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=self.layout,
+            rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=layout,
             out=None, num_threads=None)
-        self.num_batches_tracked += 1
+        self._count_step()
         weight = None if self.weight is None else self.weight.copy()
 
         def backward(dy):
-            return renorm.batch_renorm_backward(dy, x, mean, std, r, d, weight,
-                                                layout=self.layout)
+            return renorm.batch_renorm_backward(dy, x, mean, std, r, d, weight, layout=layout)
         return y, backward
 
     def _forward_eval(self, x):
+        layout = self.layout
         mean = self.running_mean.astype(np.float64)
         std = self.running_std.astype(np.float64)
-        # sqrt(std**2) == std exactly in binary floating point, so this is (x - mean) / std
-        y = functional.batch_norm_infer(x, mean, std * std, self.weight, self.bias, eps=0.0,
-                                        layout=self.layout)
+        # y = (x - mean) * (weight / std) + bias: std is divided by, never squared, so an
+        # extreme std (1e-200, 1e200) neither underflows nor overflows
+        y = functional._infer(x, mean, std, self.weight, self.bias, 0.0, layout, None, None,
+                              divisor_is_std=True)
         weight = None if self.weight is None else self.weight.copy()
 
         def backward(dy):
             return functional.batch_norm_backward(dy, x, mean, 1.0 / std, weight,
-                                                  training=False, layout=self.layout)
+                                                  training=False, layout=layout)
         return y, backward

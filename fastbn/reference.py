@@ -6,8 +6,8 @@ import functools
 
 import numpy as np
 
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        out_array, running_buffers, same_shape, thread_count)
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag,
+                        momentum_value, out_array, running_buffers, same_shape, thread_count)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -84,6 +84,9 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                          f"{x.shape}")
     xd = x.astype(np.float64)
     mean = xd.mean(axis=red)
+    # docs/math.rst: a NaN or an infinity in a channel makes its statistics NaN (the
+    # variance of a batch holding an infinity is undefined), not inf
+    mean[~np.isfinite(xd).all(axis=red)] = np.nan
     xc = xd - _bc(mean, x, axis)
     var = (xc * xc).mean(axis=red)                 # biased: normalization uses it
     invstd = 1.0 / np.sqrt(var + eps)
@@ -146,6 +149,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
     axis, red = _axes(x, layout)
     C = x.shape[axis]
+    training = flag("training", training)
     out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
                     "invstd": invstd, "weight": weight}, may_alias=("dy",))
     mean = channel_vector("mean", mean, C, optional=False)

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
@@ -49,7 +50,25 @@ def arrays(draw, shape=None, float_only=False):
         base.flat[rng.integers(0, base.size)] = draw(st.sampled_from(SPECIAL))
     with np.errstate(all="ignore"):
         a = np.asarray(base.astype(dtype))
-    order = draw(st.sampled_from(["C", "F", "rev", "slice", "T", "ro"]))
+    order = draw(st.sampled_from(["C", "F", "rev", "slice", "T", "ro", "swap", "alias",
+                                  "masked", "matrix", "unaligned"]))
+    if order == "swap":                   # the other byte order
+        a = a.astype(a.dtype.newbyteorder("S")) if a.dtype.kind != "O" else a
+    elif order == "alias" and a.ndim and a.size:   # writable, elements share memory
+        a = np.lib.stride_tricks.as_strided(
+            a, shape=a.shape, strides=tuple(draw(st.sampled_from([0, a.itemsize]))
+                                            for _ in a.shape), writeable=True)
+    elif order == "masked":
+        a = np.ma.masked_array(a, mask=np.zeros(a.shape, bool) if a.ndim else False)
+    elif order == "matrix" and a.ndim == 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            a = np.asmatrix(a)
+    elif order == "unaligned" and a.dtype.kind != "O":
+        buf = np.zeros(a.nbytes + 1, np.uint8)
+        u = np.frombuffer(buf.data, dtype=a.dtype, offset=1, count=a.size).reshape(a.shape)
+        u[...] = a
+        a = u
     if order == "F":
         a = np.asfortranarray(a)
     elif order == "rev" and a.ndim:
@@ -64,6 +83,14 @@ def arrays(draw, shape=None, float_only=False):
         a = a.copy()
         a.flags.writeable = False
     return a
+
+
+FLAGS = [True, False, np.bool_(True), np.bool_(False), "False", None, 0, 1, 0.0, []]
+
+
+def _flag(draw, valid):
+    """A flag argument: bools (NumPy's too), and when not valid anything truthy or falsy."""
+    return draw(st.sampled_from(FLAGS[:4] if valid else FLAGS))
 
 
 def _junk(draw, pool):
@@ -184,7 +211,8 @@ def fuzz_once(data):
                     want = reference.batch_norm_train(x_before, w, b, **ref_kw)
             except (TypeError, ValueError):
                 return
-            assert res[0].shape == x.shape and res[0].dtype == x.dtype
+            # byte-swapped data is converted: results are in native byte order
+            assert res[0].shape == x.shape and res[0].dtype == x.dtype.newbyteorder("=")
             assert _close(res[1], want[1], 1e-5), "train mean"
             if eps > 0:
                 assert _close(res[0], want[0], 1e-3), "train y"
@@ -202,10 +230,11 @@ def fuzz_once(data):
         g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
                         float_only=True)) if x.ndim else draw(arrays())
         if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
-            g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+            with np.errstate(all="ignore"):
+                g = g.astype(x.dtype) if x.dtype.kind == "f" else g
         pool.append(g)
         mean, invstd, w = vec(), vec(), vec()
-        kw = dict(training=draw(st.booleans()), layout=layout, out=make_out(g), num_threads=nt)
+        kw = dict(training=_flag(draw, valid), layout=layout, out=make_out(g), num_threads=nt)
         g_before, x_before = np.array(g, copy=True), x.copy()
         res = _check_call("batch_norm_backward", fastbn.batch_norm_backward,
                           [g, x, mean, invstd, w], kw)
@@ -213,7 +242,7 @@ def fuzz_once(data):
             with np.errstate(all="ignore"):
                 want = reference.batch_norm_backward(g_before, x_before, mean, invstd, w,
                                                      training=kw["training"], layout=layout)
-            assert res[0].shape == x.shape and res[2].dtype == x.dtype
+            assert res[0].shape == x.shape and res[2].dtype == x.dtype.newbyteorder("=")
             assert _close(res[2], want[2], 1e-3), "backward dbias"
     elif which == "fold":
         _check_call("fold_batch_norm", fastbn.fold_batch_norm,
@@ -241,8 +270,7 @@ def fuzz_once(data):
                   dtype=draw(st.sampled_from([np.float32, np.float64, np.int32])))
         if which == "layer":
             kw.update(momentum=draw(st.sampled_from([0.1, None, 2.0])),
-                      affine=draw(st.booleans()),
-                      track_running_stats=draw(st.booleans()))
+                      affine=_flag(draw, valid), track_running_stats=_flag(draw, valid))
             cls = fastbn.BatchNorm
         else:
             kw.update(rmax=draw(st.sampled_from([3.0, 0.5])), dmax=5.0)
@@ -261,7 +289,7 @@ def fuzz_once(data):
             elif op == "eval":
                 layer.eval()
             elif op == "train":
-                layer.train()
+                _check_call(f"{cls.__name__}.train", layer.train, [_flag(draw, valid)], {})
             else:
                 sd = layer.state_dict()
                 if sd and draw(st.booleans()):
@@ -294,7 +322,7 @@ def fuzz_once(data):
                             [draw(arrays(shape=x.shape, float_only=True))], {}, allowed)
     elif which == "scale":
         layer = _check_call("caffe.Scale", caffe.Scale, [draw(st.sampled_from([C, 0, -2]))],
-                            dict(bias_term=draw(st.booleans()),
+                            dict(bias_term=_flag(draw, valid),
                                  dtype=draw(st.sampled_from([np.float32, np.float64]))))
         if isinstance(layer, Exception):
             return

@@ -173,3 +173,35 @@ def test_sphinx_build_has_no_warnings_and_covers_the_api(tmp_path):
         if inspect.ismodule(getattr(fastbn, attr)) and f"fastbn.{attr}" not in modules:
             undocumented.append(f"fastbn.{attr} (module)")
     assert not undocumented, "not in the API reference: " + ", ".join(sorted(undocumented))
+
+
+def _conf_fastbn(tmp_path, with_extensions):
+    """Run docs/conf.py from a copy of the checkout in tmp_path (its fastbn/ holding the
+    Python sources, and the built extensions if asked) and return the fastbn it imported."""
+    import shutil
+    tree = tmp_path / "checkout"
+    (tree / "docs").mkdir(parents=True)
+    shutil.copy(os.path.join(DOCS, "conf.py"), tree / "docs" / "conf.py")
+    pkg = os.path.join(ROOT, "fastbn")
+    ignore = None if with_extensions else shutil.ignore_patterns("*.so", "*.pyd")
+    shutil.copytree(pkg, tree / "fastbn", ignore=ignore)
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); import fastbn; "
+            "print(fastbn.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tree / "docs" / "conf.py")],
+                          capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return os.path.realpath(proc.stdout.strip()), os.path.realpath(str(tree))
+
+
+@pytest.mark.skipif(not _pages(), reason="docs/ is not in this checkout")
+@pytest.mark.parametrize("built", [False, True])
+def test_docs_conf_documents_the_built_fastbn(tmp_path, built):
+    """docs/conf.py puts the checkout first only when its extensions are built there; an
+    unbuilt source tree (a fresh clone next to a `pip install .`) would not import."""
+    pytest.importorskip("sphinx")
+    if built and not any(f.endswith((".so", ".pyd")) for f in os.listdir(os.path.join(ROOT, "fastbn"))):
+        pytest.skip("this checkout has no in-place build to copy")
+    imported, tree = _conf_fastbn(tmp_path, built)
+    assert imported.startswith(tree + os.sep) == built, imported

@@ -45,6 +45,21 @@ def _restrided(x):
         x, shape=x.shape, strides=(x.strides[0], x.strides[1], i, i * x.shape[2]))
 
 
+def _self_overlapping(shape, kind, dtype=np.float32):
+    """A writable view of `shape` whose elements share memory: a zero stride, a stride of
+    half an element, or strides that interleave two axes."""
+    item = np.dtype(dtype).itemsize
+    base = np.zeros(4 * int(np.prod(shape)) + 8, dtype)
+    if kind == "zero":
+        strides = (0,) * len(shape)
+    elif kind == "half":
+        strides = tuple(item // 2 * int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+    else:                      # axis 0 steps by 2 elements, the last by 1: shape >= 3 wide
+        strides = (2 * item,) + (item * 7,) * (len(shape) - 2) + (item,)
+    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=strides,
+                                           writeable=True)
+
+
 def _train_args(**kw):
     x = kw.pop("x", None)
     x = _x() if x is None else x
@@ -142,6 +157,18 @@ def _cases():
         add(fn, "out-readonly", lambda: {"out": _readonly(np.zeros((N, C, H, W), np.float32))},
             ValueError, "out")
         add(fn, "out-list", lambda: {"out": np.zeros((N, C, H, W)).tolist()}, TypeError, "out")
+        # outputs whose elements alias each other, byte-swapped outputs, masked arrays
+        add(fn, "out-zero-stride", lambda: {"out": _self_overlapping((N, C, H, W), "zero")},
+            ValueError, "out")
+        add(fn, "out-half-stride", lambda: {"out": _self_overlapping((N, C, H, W), "half")},
+            ValueError, "out")
+        add(fn, "out-interleaved", lambda: {"out": _self_overlapping((N, C, H, W), "mixed")},
+            ValueError, "out")
+        add(fn, "out-byteswapped", lambda: {"out": np.zeros((N, C, H, W), ">f4")},
+            ValueError, "out")
+        add(fn, "out-masked", lambda: {"out": np.ma.zeros((N, C, H, W), np.float32)},
+            TypeError, "out")
+        add(fn, "x-masked", lambda: {"x": np.ma.masked_greater(_x(), 4.0)}, TypeError, "x")
         for wname in ("weight", "bias") if fn != "batch_norm_backward" else ("weight",):
             add(fn, f"{wname}-len-short", lambda w=wname: {w: _vec(C - 1)}, ValueError, wname)
             add(fn, f"{wname}-len-long", lambda w=wname: {w: _vec(C + 1)}, ValueError, wname)
@@ -150,10 +177,13 @@ def _cases():
             add(fn, f"{wname}-int", lambda w=wname: {w: np.arange(C)}, TypeError, wname)
             add(fn, f"{wname}-complex", lambda w=wname: {w: _vec().astype(complex)},
                 TypeError, wname)
+            add(fn, f"{wname}-masked", lambda w=wname: {w: np.ma.masked_less(_vec(), 0)},
+                TypeError, wname)
     # eps (every function that takes it)
     for fn in ("batch_norm_train", "batch_norm_infer", "fold_batch_norm"):
-        for e in (-1e-5, -np.inf, np.inf, np.nan):
-            add(fn, f"eps-{e}", lambda e=e: {"eps": e}, ValueError, "eps")
+        for e in (-1e-5, -np.inf, np.inf, np.nan, 10 ** 400, np.array(-1.0)):
+            label = "10**400" if isinstance(e, int) else repr(e)
+            add(fn, f"eps-{label}", lambda e=e: {"eps": e}, ValueError, "eps")
         for e in ("1e-5", None, 1j, [1e-5]):
             add(fn, f"eps-{e!r}", lambda e=e: {"eps": e}, TypeError, "eps")
 
@@ -174,6 +204,9 @@ def _cases():
         add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C + 1, positive=True)}, ValueError, rname)
         add(fn, f"{rname}-2d", lambda r=rname: {r: _vec(positive=True).reshape(C, 1)},
             ValueError, rname)
+        add(fn, f"{rname}-zero-stride", lambda r=rname: {r: _self_overlapping((C,), "zero")},
+            ValueError, rname)
+        add(fn, f"{rname}-masked", lambda r=rname: {r: np.ma.ones(C)}, TypeError, rname)
     add(fn, "running-shared", lambda: (lambda v: {"running_mean": v, "running_var": v})(
         _vec(positive=True)), ValueError, "running_mean")
     # empty batches and one value per channel in training
@@ -224,6 +257,9 @@ def _cases():
     for dt in BAD_DTYPES:
         add(fn, f"dy-{np.dtype(dt).name}", lambda dt=dt: {"dy": _x().astype(dt)}, TypeError, "dy")
     add(fn, "dy-1d", lambda: {"dy": _x(shape=(12,))}, ValueError, "dy")
+    add(fn, "dy-masked", lambda: {"dy": np.ma.masked_greater(_x(seed=9), 4.0)}, TypeError, "dy")
+    for t in ("False", "True", None, [], 0.0, 1, np.array([True])):
+        add(fn, f"training-{t!r}", lambda t=t: {"training": t}, TypeError, "training")
     for vname in ("mean", "invstd"):
         add(fn, f"{vname}-len-short", lambda v=vname: {v: _vec(C - 1)}, ValueError, vname)
         add(fn, f"{vname}-len-long", lambda v=vname: {v: _vec(C + 1)}, ValueError, vname)
@@ -433,6 +469,15 @@ def _other_cases():
         "out")
     add(fn, "inplace-bad-rmax", lambda: (lambda x: {"x": x, "out": x, "rmax": 0.0})(_x()),
         ValueError, "rmax")
+    for rname in ("running_mean", "running_std"):
+        add(fn, f"{rname}-zero-stride", lambda r=rname: {r: _self_overlapping((C,), "zero",
+                                                                             np.float64)},
+            ValueError, rname)
+        add(fn, f"{rname}-masked", lambda r=rname: {r: np.ma.ones(C)}, TypeError, rname)
+    add(fn, "out-zero-stride", lambda: {"out": _self_overlapping((N, C, H, W), "zero")},
+        ValueError, "out")
+    add(fn, "x-masked", lambda: {"x": np.ma.masked_greater(_x(), 4.0)}, TypeError, "x")
+    add(fn, "eps-huge", lambda: {"eps": 10 ** 400}, ValueError, "eps")
 
     fn = "batch_renorm_backward"
     add(fn, "dy-shape", lambda: {"dy": _x(shape=(N, C, H, W + 1))}, ValueError, "dy")
@@ -444,6 +489,10 @@ def _other_cases():
     add(fn, "weight-len", lambda: {"weight": _vec(C + 1)}, ValueError, "weight")
     add(fn, "out-is-x", lambda: (lambda x: {"x": x, "out": x})(_x()), ValueError, "out")
     add(fn, "layout", lambda: {"layout": "HWCN"}, ValueError, "layout")
+    add(fn, "out-zero-stride", lambda: {"out": _self_overlapping((N, C, H, W), "zero")},
+        ValueError, "out")
+    add(fn, "dy-masked", lambda: {"dy": np.ma.masked_greater(_x(seed=9), 4.0)}, TypeError,
+        "dy")
 
     fn = "onnx.batch_normalization"
     add(fn, "X-int", lambda: {"X": _x().astype(np.int64)}, TypeError, "X")
@@ -458,6 +507,8 @@ def _other_cases():
     add(fn, "training_mode", lambda: {"training_mode": 2}, ValueError, "training_mode")
     add(fn, "training-one-value", lambda: {"X": _x(shape=(1, C)), "training_mode": 1},
         ValueError, "X")
+    add(fn, "X-masked", lambda: {"X": np.ma.masked_greater(_x(), 4.0)}, TypeError, "X")
+    add(fn, "scale-masked", lambda: {"scale": np.ma.ones(C)}, TypeError, "scale")
 
     fn = "fuse_conv_bn"
     add(fn, "weight-int", lambda: {"weight": np.ones((C, 2), np.int32)}, TypeError, "weight")
@@ -507,6 +558,13 @@ LAYER_CASES = [
      "moving_average_fraction"),
     ("caffe.BatchNorm", (C,), {"eps": np.nan}, ValueError, "eps"),
     ("caffe.Scale", (-1,), {}, ValueError, "channels"),
+    # flags take bools only
+    ("BatchNorm", (C,), {"affine": 1}, TypeError, "affine"),
+    ("BatchNorm", (C,), {"track_running_stats": "False"}, TypeError, "track_running_stats"),
+    ("BatchRenorm", (C,), {"affine": None}, TypeError, "affine"),
+    ("caffe.BatchNorm", (C,), {"use_global_stats": "True"}, TypeError, "use_global_stats"),
+    ("caffe.Scale", (C,), {"bias_term": 1}, TypeError, "bias_term"),
+    ("caffe.Scale", (C,), {"bias_term": None}, TypeError, "bias_term"),
 ]
 
 

@@ -323,7 +323,10 @@ def test_backward_bad_input_leaves_grads():
     (lambda d: d.update(extra=np.zeros(3)), KeyError, "extra"),
     (lambda d: d.update(running_var=np.ones(4)), ValueError, "running_var"),
     (lambda d: d.update(weight=np.ones(3, np.int64)), TypeError, "weight"),
-    (lambda d: d.update(num_batches_tracked=np.array(1.5)), TypeError, "num_batches_tracked"),
+    (lambda d: d.update(num_batches_tracked=np.array(1.5)), ValueError, "num_batches_tracked"),
+    (lambda d: d.update(num_batches_tracked="3"), TypeError, "num_batches_tracked"),
+    (lambda d: d.update(num_batches_tracked=np.array(2**64 - 1, np.uint64)), ValueError,
+     "num_batches_tracked"),
     (lambda d: d.update(num_batches_tracked=np.array(-1)), ValueError, "num_batches_tracked"),
 ])
 def test_load_state_dict_errors_change_nothing(change, exc, name):
