@@ -26,6 +26,11 @@ def checkout_is_built(root):
 
 if checkout_is_built(ROOT):
     sys.path.insert(0, ROOT)
+else:
+    # `python -m sphinx` run from the checkout puts it on sys.path as "" or its path:
+    # drop it, so that `import fastbn` finds the installed package
+    sys.path[:] = [p for p in sys.path
+                   if os.path.abspath(p or os.curdir) != ROOT]
 
 import fastbn  # noqa: E402
 

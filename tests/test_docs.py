@@ -188,8 +188,9 @@ def _conf_fastbn(tmp_path, with_extensions):
     code = ("import runpy, sys; runpy.run_path(sys.argv[1]); import fastbn; "
             "print(fastbn.__file__)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # run from the checkout's root, as `python -m sphinx ... docs out` is: "" on sys.path
     proc = subprocess.run([sys.executable, "-c", code, str(tree / "docs" / "conf.py")],
-                          capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, cwd=str(tree), env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     return os.path.realpath(proc.stdout.strip()), os.path.realpath(str(tree))
