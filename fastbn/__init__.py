@@ -10,7 +10,8 @@ Framework conventions: :mod:`fastbn.caffe` (BatchNorm + Scale), :mod:`fastbn.onn
 """
 __version__ = "0.1.0"
 
-from ._config import get_num_threads, set_num_threads, show_config
+from ._config import show_config
+from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
 from .renorm import batch_renorm_backward, batch_renorm_train
 from .fusion import fuse_conv_bn

@@ -7,7 +7,7 @@ import argparse
 
 import numpy as np
 
-from . import _bench, _config
+from . import _bench, _threads
 
 
 def main(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
     rounds = args.rounds or (3 if args.quick else 7)
     layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
     dtype = np.dtype(args.dtype).type
-    threads = args.threads or _config.get_num_threads()
+    threads = args.threads or _threads.get_num_threads()
     rows = _bench.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=threads,
                       rounds=rounds, with_reference=not args.vs_torch, roofline=not args.quick,
                       caffe=not args.vs_torch)

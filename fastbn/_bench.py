@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import _config, functional, reference, renorm
+from . import _config, _threads, functional, reference, renorm
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
           (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
@@ -168,7 +168,7 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
         rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, file=None):
     """Print the speed table; return its rows as dicts."""
     file = file or sys.stdout
-    threads = _config.get_num_threads() if threads is None else threads
+    threads = _threads.get_num_threads() if threads is None else threads
     torch = _torch() if with_torch else None
     if torch is not None:
         torch.set_num_threads(threads)
@@ -234,11 +234,11 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
               channels=16, rounds=200, file=None):
     """Time 1 against 2 threads on small inputs, to place the serial thresholds
-    (fastbn._config.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW for NHWC), for the training
+    (fastbn._threads.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW_ROWS for NHWC), for the training
     forward and the backward, float32."""
     file = file or sys.stdout
-    saved = _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR
-    _config.SERIAL_BELOW = _config.SERIAL_BELOW_PLANAR = 0
+    saved = _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR
+    _threads.SERIAL_BELOW_ROWS = _threads.SERIAL_BELOW_PLANAR = 0
     print(f"{'values':>8} {'layout':<6} {'op':<9} {'1 thread us':>12} {'2 threads us':>13} "
           f"{'2/1':>6}", file=file)
     try:
@@ -257,7 +257,7 @@ def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 
                     print(f"{size:8d} {layout:<6} {op:<9} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} "
                           f"{t2 / t1:6.2f}", file=file, flush=True)
     finally:
-        _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR = saved
+        _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR = saved
 
 
 def markdown(rows, threads, dtype=np.float32):

@@ -26,6 +26,3 @@ cdef void _axpy(int n, floating alpha, const floating *x, int incx,
                 floating *y, int incy) noexcept nogil
 
 cdef void _copy(int n, const floating *x, int incx, floating *y, int incy) noexcept nogil
-
-cdef floating _dot(int n, const floating *x, int incx,
-                   const floating *y, int incy) noexcept nogil

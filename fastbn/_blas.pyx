@@ -4,7 +4,7 @@ C code cimports the ``_``-prefixed functions declared in ``_blas.pxd``. The Pyth
 functions below exist so the wrappers (in particular the row-major operand swap) can be
 tested against NumPy; they take C-contiguous arrays and call the same wrappers.
 """
-from scipy.linalg.cython_blas cimport (saxpy, daxpy, scopy, dcopy, sdot, ddot, sgemv, dgemv,
+from scipy.linalg.cython_blas cimport (saxpy, daxpy, scopy, dcopy, sgemv, dgemv,
                                        sger, dger, sscal, dscal)
 
 
@@ -66,14 +66,6 @@ cdef void _copy(int n, const floating *x, int incx, floating *y, int incy) noexc
         dcopy(&n, <double *> x, &incx, y, &incy)
 
 
-cdef floating _dot(int n, const floating *x, int incx,
-                   const floating *y, int incy) noexcept nogil:
-    """Return x.T @ y."""
-    if floating is float:
-        return sdot(&n, <float *> x, &incx, <float *> y, &incy)
-    else:
-        return ddot(&n, <double *> x, &incx, <double *> y, &incy)
-
 
 # Python-level entry points (tests): C-contiguous (row-major) operands.
 
@@ -125,11 +117,3 @@ def copy(const floating[::1] x, floating[::1] y):
         with nogil:
             _copy(<int> x.shape[0], &x[0], 1, &y[0], 1)
 
-
-def dot(const floating[::1] x, const floating[::1] y):
-    """Return x.T @ y."""
-    if x.shape[0] != y.shape[0]:
-        raise ValueError("dot: x and y must have the same length")
-    if not x.shape[0]:
-        return 0.0
-    return _dot(<int> x.shape[0], &x[0], 1, &y[0], 1)

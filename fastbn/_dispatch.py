@@ -1,6 +1,6 @@
 """Pick the kernel module this CPU runs best.
 
-All modules are compiled from fastbn/_kernels.pxi: `_kernels` for the portable baseline, and
+All modules are compiled from fastbn/kernels/all.pxi: `_kernels` for the portable baseline, and
 on x86-64 `_kernels_avx2` (AVX2 + FMA) and `_kernels_avx512` (AVX-512 F/VL/DQ/BW with 512-bit
 vectors). FASTBN_SIMD (read at import) forces one: `baseline`, `avx2` or `avx512` (for
 comparisons and debugging; when this CPU cannot run it, the baseline). Results are
@@ -11,10 +11,11 @@ import importlib
 import os
 
 from . import _kernels as _baseline
+from . import _support
 
 # the best first
-_VARIANTS = (("avx512", "_kernels_avx512", _baseline.cpu_has_avx512),
-             ("avx2", "_kernels_avx2", _baseline.cpu_has_avx2_fma))
+_VARIANTS = (("avx512", "_kernels_avx512", _support.cpu_has_avx512),
+             ("avx2", "_kernels_avx2", _support.cpu_has_avx2_fma))
 
 
 def _select():

@@ -1,2 +1,2 @@
-# The kernels built for the portable baseline instruction set (see _kernels.pxi).
-include "_kernels.pxi"
+# The kernels built for the portable baseline instruction set (see kernels/all.pxi).
+include "kernels/all.pxi"

@@ -3,7 +3,6 @@ caller owns is written. Every error names the argument and what was expected."""
 import math
 import numbers
 import operator
-import os
 
 import numpy as np
 
@@ -94,13 +93,27 @@ def running_buffers(running_mean, running_var, C, names=("running_mean", "runnin
         _float_dtype(name, buf)
         if buf.shape != (C,):
             raise ValueError(f"{name} must have shape ({C},), got {buf.shape}")
-        if not buf.flags.writeable:
-            raise ValueError(f"{name} must be writable (it is updated in place)")
-        if self_overlapping(buf):
-            raise ValueError(f"{name} must not have elements that share memory (a zero or "
-                             f"overlapping stride): it is updated in place")
+        writable_target(name, buf, " (it is updated in place)")
     if np.shares_memory(running_mean, running_var):
         raise ValueError(f"{names[0]} and {names[1]} must not share memory")
+
+
+def fold_arguments(running_mean, running_var, weight, bias, eps):
+    """The arguments of fold_batch_norm as float64 (C,) vectors (weight 1 and bias 0 when
+    None), eps, and the common floating dtype of the arrays given."""
+    rm_arr = np.asarray(running_mean)
+    if rm_arr.ndim != 1:
+        raise ValueError(f"running_mean must be 1-d (C,), got shape {rm_arr.shape}")
+    C = rm_arr.shape[0]
+    rm = channel_vector("running_mean", running_mean, C, optional=False)
+    rv = channel_vector("running_var", running_var, C, optional=False)
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    eps = eps_value(eps)
+    dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight,
+                                                            bias) if a is not None])
+    return (rm, rv, np.ones(C) if w is None else w, np.zeros(C) if b is None else b, eps,
+            dtype)
 
 
 def real_scalar(name, v):
@@ -143,29 +156,14 @@ def momentum_value(momentum, name="momentum"):
     return momentum
 
 
-# Largest team a kernel is started with. OpenMP creates every requested thread, so an
-# absurd request such as num_threads=100000 would crash the process inside libgomp, and one
-# >= 2**31 would not fit the kernels' C int. Results do not depend on the thread count, so
-# capping is harmless.
-MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
-
-
-def thread_count(num_threads, default):
-    """Resolve num_threads (None -> default()) to an int in [1, MAX_THREADS]."""
-    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
-        return num_threads     # the common case
-    if num_threads is None:
-        return min(max(1, int(default())), MAX_THREADS)
-    if isinstance(num_threads, (bool, np.bool_)):
-        raise TypeError("num_threads must be an integer, got bool")
-    try:
-        n = operator.index(num_threads)
-    except TypeError:
-        raise TypeError(
-            f"num_threads must be an integer, got {type(num_threads).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
-    return min(n, MAX_THREADS)
+def gradient_pair(dy, x):
+    """The (dy, x) of a backward: data arrays of one shape and one dtype."""
+    x = data_array("x", x)
+    dy = data_array("dy", dy)
+    same_shape("dy", dy, "x", x)
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    return dy, x
 
 
 def same_shape(name, a, ref_name, ref):
@@ -192,6 +190,15 @@ def self_overlapping(a):
         offsets = (offsets[:, None] + st * np.arange(n, dtype=np.int64)).ravel()
     offsets.sort()
     return bool(np.any(np.diff(offsets) < a.itemsize))
+
+
+def writable_target(name, a, why=""):
+    """Check an array fastbn writes into: writable, and no two elements in the same memory."""
+    if not a.flags.writeable:
+        raise ValueError(f"{name} must be writable{why}")
+    if self_overlapping(a):
+        raise ValueError(f"{name} must not have elements that share memory (a zero or "
+                         f"overlapping stride){why}")
 
 
 def _same_view(a, b):
@@ -227,11 +234,7 @@ def out_array(out, shape, dtype, inputs, may_alias=(), name="out"):
             raise ValueError(f"{name} must have dtype {np.dtype(dtype)} in native byte order, "
                              f"got the byte-swapped {out.dtype.str}")
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} must be writable")
-    if self_overlapping(out):
-        raise ValueError(f"{name} must not have elements that share memory (a zero or "
-                         f"overlapping stride)")
+    writable_target(name, out)
     for arg, a in inputs.items():
         if a is None or not isinstance(a, np.ndarray):
             continue
@@ -256,6 +259,20 @@ def scalar_at_least(name, v, lo, *, hi=None):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
     return v
+
+
+def clipping(rmin, rmax, dmax):
+    """Batch Renormalization's clipping bounds (rmin, rmax, dmax): rmax >= 1, dmax >= 0 and
+    rmin in (0, 1], None meaning 1 / rmax."""
+    rmax = scalar_at_least("rmax", rmax, 1.0)
+    dmax = scalar_at_least("dmax", dmax, 0.0)
+    if rmin is None:
+        rmin = 1.0 / rmax
+    else:
+        rmin = scalar_at_least("rmin", rmin, 0.0, hi=1.0)
+        if rmin == 0.0:
+            raise ValueError("rmin must be > 0 (r = 0 would cancel the normalized input), got 0.0")
+    return rmin, rmax, dmax
 
 
 def positive_vector(name, a, C):

@@ -520,11 +520,12 @@ class Scale(PerThreadState):
         Returns
         -------
         dx : ndarray
+            ``dy * gamma`` per channel.
 
         Raises
         ------
         RuntimeError
-            No forward has run yet.
+            No forward has run yet in this thread.
         TypeError, ValueError
             dy of the wrong dtype or shape.
 

@@ -15,19 +15,21 @@ from collections import namedtuple
 
 import numpy as np
 
+from . import _support
 from ._dispatch import kernels as _kernels
-from ._config import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag,
-                        momentum_value, out_array, running_buffers, same_shape)
+from ._threads import effective_threads
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
+                        gradient_pair, momentum_value, out_array, running_buffers)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
-PLANAR, ROWS = 0, 1
+# the canonical views, as the kernels name them
+PLANAR, ROWS = int(_kernels.View.PLANAR), int(_kernels.View.ROWS)
 
-# kind: PLANAR or ROWS; perm: x.transpose(perm) is the C-contiguous canonical order (None when
+# view: PLANAR or ROWS; perm: x.transpose(perm) is the C-contiguous canonical order (None when
 # that is x's own order); inv: the inverse permutation; N, C, S: planar dims (for ROWS, N is
 # the row count and S is 1).
-Plan = namedtuple("Plan", "kind perm inv N C S")
+Plan = namedtuple("Plan", "view perm inv N C S")
 
 _plans = {}            # (shape, strides, itemsize, layout) -> (Plan, whether x itself fits it)
 
@@ -42,7 +44,7 @@ def _candidates(ndim, axis, layout):
     return [planar, rows, planar_one]
 
 
-def _make_plan(shape, axis, kind, perm):
+def _make_plan(shape, axis, view, perm):
     C = shape[axis]
     size = 1
     for s in shape:
@@ -50,7 +52,7 @@ def _make_plan(shape, axis, kind, perm):
     inv = tuple(int(i) for i in np.argsort(perm))
     if perm == tuple(range(len(shape))):
         perm = inv = None
-    if kind == ROWS or C == 0:
+    if view == ROWS or C == 0:
         return Plan(ROWS, perm, inv, size // C if C else 0, C, 1)
     first = perm[0] if perm is not None else 0
     N = shape[first] if first != axis else 1
@@ -67,9 +69,9 @@ def _plan(x, axis, layout):
     hit = _plans.get(key)
     if hit is None:
         cands = _candidates(x.ndim, axis, layout)
-        for kind, perm in cands:
+        for view, perm in cands:
             if x.transpose(perm).flags.c_contiguous:
-                hit = (_make_plan(x.shape, axis, kind, perm), True)
+                hit = (_make_plan(x.shape, axis, view, perm), True)
                 break
         else:
             hit = (_make_plan(x.shape, axis, *cands[0]), False)
@@ -123,7 +125,7 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     C = x.shape[axis]
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     eps = eps_value(eps)
-    if _kernels.params_ok(C, 0, weight, bias):
+    if _support.params_ok(C, 0, weight, bias):
         w, b = weight, bias
     else:
         w = channel_vector("weight", weight, C)
@@ -137,11 +139,11 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
             f"x must have more than 1 value per channel in training, got shape {x.shape} "
             f"({M} value(s) per channel)")
     plan, xc = _plan(x, axis, layout)
-    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
+    nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     stats = np.empty((5, C))
     if C:
-        _kernels.train_forward(xc, yc, plan.kind, plan.N, C, plan.S, w, b, eps, stats, renorm,
+        _kernels.train_forward(xc, yc, plan.view, plan.N, C, plan.S, w, b, eps, stats, renorm,
                                nthreads)
     return _finish(y, yc, direct, plan), stats[0], stats[1], stats[2], M
 
@@ -208,7 +210,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    if running_mean is None or not _kernels.running_pair_ok(running_mean, running_var, C):
+    if running_mean is None or not _support.running_pair_ok(running_mean, running_var, C):
         running_buffers(running_mean, running_var, C)
     momentum = momentum_value(momentum)
     y, mean, var, invstd, M = _train(
@@ -216,7 +218,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
         extra_inputs={"running_mean": running_mean, "running_var": running_var})
     # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
     # the kernel updates contiguous float buffers in one loop, NumPy any other
-    if running_mean is not None and C and not _kernels.update_running(
+    if running_mean is not None and C and not _support.update_running(
             running_mean, running_var, mean.base, momentum, M / (M - 1.0)):
         _update_running(running_mean, mean, momentum)
         _update_running(running_var, var * (M / (M - 1.0)), momentum)
@@ -272,7 +274,7 @@ def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_thr
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    if _kernels.params_ok(C, 2, running_mean, running_var, weight, bias):
+    if _support.params_ok(C, 2, running_mean, running_var, weight, bias):
         rm, rv, w, b = running_mean, running_var, weight, bias
     else:
         rm = channel_vector("running_mean", running_mean, C, optional=False)
@@ -285,10 +287,10 @@ def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_thr
                         {"x": x, "running_mean": running_mean, "running_var": running_var,
                          "weight": weight, "bias": bias}, may_alias=("x",))
     plan, xc = _plan(x, axis, layout)
-    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
+    nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
-        _kernels.infer_forward(xc, yc, plan.kind, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads,
+        _kernels.infer_forward(xc, yc, plan.view, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads,
                                divisor_is_std)
     return _finish(y, yc, direct, plan)
 
@@ -346,14 +348,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     >>> float(np.abs(dx).max()) < 1e-12, db
     (True, array([128., 128., 128.]))
     """
-    x = data_array("x", x)
-    dy = data_array("dy", dy)
-    same_shape("dy", dy, "x", x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    dy, x = gradient_pair(dy, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
-    if _kernels.params_ok(C, 2, mean, invstd, weight):
+    if _support.params_ok(C, 2, mean, invstd, weight):
         mean_k, invstd_k, w = mean, invstd, weight
     else:
         mean_k = channel_vector("mean", mean, C, optional=False)
@@ -365,12 +363,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
                         {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
                         may_alias=("dy",))
     plan, xc = _plan(x, axis, layout)
-    nthreads = effective_threads(num_threads, x.size, plan.kind == PLANAR)
+    nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
     grads = np.empty((2, C), x.dtype) if x.size else np.zeros((2, C), x.dtype)
     if x.size:
-        _kernels.backward(gc, xc, dxc, plan.kind, plan.N, C, plan.S, mean_k, invstd_k, w,
+        _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
                           training, grads, nthreads)
     return _finish(dx, dxc, direct, plan), grads[0], grads[1]
 
@@ -406,19 +404,7 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     >>> fastbn.fold_batch_norm(np.array([1.0, 2.0]), np.array([4.0, 1.0]), eps=0.0)
     (array([0.5, 1. ]), array([-0.5, -2. ]))
     """
-    rm_arr = np.asarray(running_mean)
-    if rm_arr.ndim != 1:
-        raise ValueError(f"running_mean must be 1-d (C,), got shape {rm_arr.shape}")
-    C = rm_arr.shape[0]
-    rm = channel_vector("running_mean", running_mean, C, optional=False)
-    rv = channel_vector("running_var", running_var, C, optional=False)
-    w = channel_vector("weight", weight, C)
-    b = channel_vector("bias", bias, C)
-    w = np.ones(C) if w is None else w
-    b = np.zeros(C) if b is None else b
-    eps = eps_value(eps)
-    dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight, bias)
-                             if a is not None])
+    rm, rv, w, b, eps, dtype = fold_arguments(running_mean, running_var, weight, bias, eps)
     with np.errstate(divide="ignore", invalid="ignore"):   # var + eps == 0 gives inf/NaN
         scale = w / np.sqrt(rv + eps)
         shift = b - rm * scale

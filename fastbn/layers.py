@@ -8,8 +8,8 @@ import numpy as np
 
 from . import functional, renorm
 from ._layer_threads import PerThreadState
-from ._validate import (channel_axis, data_array, eps_value, flag, float_dtype, momentum_value,
-                        positive_int, real_scalar)
+from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
+                        momentum_value, positive_int, real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -511,7 +511,7 @@ class BatchRenorm(_Norm):
         """(rmin, rmax, dmax) used at `step` (default: the next training step)."""
         step = self.num_batches_tracked if step is None else step
         rmin = None if self.rmin is None else self.rmin(step)
-        return renorm._check_clipping(rmin, self.rmax(step), self.dmax(step))
+        return clipping(rmin, self.rmax(step), self.dmax(step))
 
     def _check_loaded(self, key, value):
         if key == "running_std" and not np.all(np.isfinite(value) & (value > 0)):

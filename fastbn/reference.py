@@ -6,10 +6,13 @@ import functools
 
 import numpy as np
 
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag,
-                        momentum_value, out_array, running_buffers, same_shape, thread_count)
+from ._threads import thread_count
+from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
+                        fold_arguments, gradient_pair, momentum_value, out_array, positive_vector,
+                        running_buffers)
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm",
+           "batch_renorm_train", "batch_renorm_backward"]
 
 
 def _quiet(func):
@@ -47,6 +50,20 @@ def _affine(weight, bias, C):
     return (np.ones(C) if w is None else w), (np.zeros(C) if b is None else b)
 
 
+def _centred_batch(x, axis, red):
+    """(x - mean in float64, the batch mean, values per channel) of a training batch."""
+    m = int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
+    if m <= 1:
+        raise ValueError(f"x must have more than 1 value per channel in training, got shape "
+                         f"{x.shape}")
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=red)
+    # docs/math.rst: a NaN or an infinity in a channel makes its statistics NaN (the
+    # variance of a batch holding an infinity is undefined), not inf
+    mean[~np.isfinite(xd).all(axis=red)] = np.nan
+    return xd - _bc(mean, x, axis), mean, m
+
+
 @_quiet
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                      running_mean=None, running_var=None, momentum=0.1,
@@ -78,16 +95,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                     "running_mean": running_mean, "running_var": running_var},
                     may_alias=("x",))
-    m = int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
-    if m <= 1:
-        raise ValueError(f"x must have more than 1 value per channel in training, got shape "
-                         f"{x.shape}")
-    xd = x.astype(np.float64)
-    mean = xd.mean(axis=red)
-    # docs/math.rst: a NaN or an infinity in a channel makes its statistics NaN (the
-    # variance of a batch holding an infinity is undefined), not inf
-    mean[~np.isfinite(xd).all(axis=red)] = np.nan
-    xc = xd - _bc(mean, x, axis)
+    xc, mean, m = _centred_batch(x, axis, red)
     var = (xc * xc).mean(axis=red)                 # biased: normalization uses it
     invstd = 1.0 / np.sqrt(var + eps)
     y = xc * _bc(invstd * w, x, axis) + _bc(b, x, axis)
@@ -142,11 +150,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     (array([[0.],
            [0.]]), array([-1.]), array([1.]))
     """
-    x = data_array("x", x)
-    dy = data_array("dy", dy)
-    same_shape("dy", dy, "x", x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    dy, x = gradient_pair(dy, x)
     axis, red = _axes(x, layout)
     C = x.shape[axis]
     training = flag("training", training)
@@ -182,15 +186,102 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     >>> reference.fold_batch_norm([1.0], [4.0], eps=0.0)
     (array([0.5]), array([-0.5]))
     """
-    rm_arr = np.asarray(running_mean)
-    if rm_arr.ndim != 1:
-        raise ValueError(f"running_mean must be 1-d (C,), got shape {rm_arr.shape}")
-    C = rm_arr.shape[0]
-    rm = channel_vector("running_mean", running_mean, C, optional=False)
-    rv = channel_vector("running_var", running_var, C, optional=False)
+    rm, rv, w, b, eps, dtype = fold_arguments(running_mean, running_var, weight, bias, eps)
+    # from the definition y(x) = (x - mean) / sqrt(var + eps) * weight + bias = x*scale + shift:
+    # scale is dy/dx, shift is y(0)
+    std = np.sqrt(rv + eps)
+    scale = w / std
+    shift = (0.0 - rm) / std * w + b
+    return scale.astype(dtype), shift.astype(dtype)
+
+
+@_quiet
+def batch_renorm_train(x, weight, bias, running_mean, running_std, *, rmax=3.0, dmax=5.0,
+                       momentum=0.01, eps=1e-5, layout="NCHW", out=None, num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_renorm_train` (same parameters, returns and errors).
+
+    Float64 arithmetic from the paper's definitions: ``std = sqrt(var + eps)`` of the batch,
+    ``r = clip(std / running_std, 1/rmax, rmax)``, ``d = clip((mean - running_mean) /
+    running_std, -dmax, dmax)`` from the running statistics before the update,
+    ``y = weight * ((x - mean) / std * r + d) + bias``, then
+    ``running += momentum * (batch - running)`` for the mean and the std.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> rm, rs = np.zeros(1), np.ones(1)
+    >>> y, mean, std, r, d = reference.batch_renorm_train(x, None, None, rm, rs, eps=0.0)
+    >>> y.ravel(), r, d, rm
+    (array([1., 3.]), array([1.]), array([2.]), array([0.02]))
+    """
+    x = data_array("x", x)
+    axis, red = _axes(x, layout)
+    C = x.shape[axis]
+    for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
+        if buf is None:
+            raise ValueError(f"{name} is required (a writable float array of shape ({C},))")
+    running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
+    mu = channel_vector("running_mean", running_mean, C, optional=False)
+    sigma = positive_vector("running_std", running_std, C)
+    rmin, rmax, dmax = clipping(None, rmax, dmax)
+    momentum = momentum_value(momentum)
     w, b = _affine(weight, bias, C)
     eps = eps_value(eps)
-    dtype = np.result_type(*[np.asarray(a).dtype for a in (running_mean, running_var, weight,
-                                                            bias) if a is not None])
-    scale = w / np.sqrt(rv + eps)
-    return scale.astype(dtype), (b - rm * scale).astype(dtype)
+    thread_count(num_threads, lambda: 1)
+    out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
+                    "running_mean": running_mean, "running_std": running_std},
+                    may_alias=("x",))
+    xc, mean, _ = _centred_batch(x, axis, red)
+    std = np.sqrt((xc * xc).mean(axis=red) + eps)
+    r = np.clip(std / sigma, rmin, rmax)
+    d = np.clip((mean - mu) / sigma, -dmax, dmax)
+    y = _bc(w, x, axis) * (xc / _bc(std, x, axis) * _bc(r, x, axis) + _bc(d, x, axis)) \
+        + _bc(b, x, axis)
+    running_mean[...] = mu + momentum * (mean - mu)
+    running_std[...] = sigma + momentum * (std - sigma)
+    return _write(y.astype(x.dtype), out), mean, std, r, d
+
+
+@_quiet
+def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW", out=None,
+                          num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_renorm_backward` (same parameters, returns and
+    errors).
+
+    With r and d held constant, ``xhat0 = (x - mean) / std`` and ``g = dy``:
+    ``dx = weight * r / std * (g - mean(g) - xhat0 * mean(g * xhat0))``,
+    ``dweight = sum(g * (r * xhat0 + d))``, ``dbias = sum(g)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> reference.batch_renorm_backward(np.array([[1.0], [0.0]]), x, [2.0], [1.0], [2.0],
+    ...                                 [0.5])
+    (array([[0.],
+           [0.]]), array([-1.5]), array([1.]))
+    """
+    dy, x = gradient_pair(dy, x)
+    axis, red = _axes(x, layout)
+    C = x.shape[axis]
+    mean64 = channel_vector("mean", mean, C, optional=False)
+    std64 = positive_vector("std", std, C)
+    r64 = channel_vector("r", r, C, optional=False)
+    d64 = channel_vector("d", d, C, optional=False)
+    w = channel_vector("weight", weight, C)
+    w = np.ones(C) if w is None else w
+    thread_count(num_threads, lambda: 1)
+    out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean, "std": std,
+                    "r": r, "d": d, "weight": weight}, may_alias=("dy",))
+    g = dy.astype(np.float64)
+    xh0 = (x.astype(np.float64) - _bc(mean64, x, axis)) / _bc(std64, x, axis)
+    m = x.size // C if C else 0
+    mg = g.mean(axis=red) if m else np.zeros(C)
+    mgx = (g * xh0).mean(axis=red) if m else np.zeros(C)
+    dx = _bc(w * r64 / std64, x, axis) * (g - _bc(mg, x, axis) - xh0 * _bc(mgx, x, axis))
+    dweight = (g * (_bc(r64, x, axis) * xh0 + _bc(d64, x, axis))).sum(axis=red)
+    return (_write(dx.astype(x.dtype), out), dweight.astype(x.dtype),
+            g.sum(axis=red).astype(x.dtype))

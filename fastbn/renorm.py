@@ -17,23 +17,12 @@ This module also holds the rmax / dmax schedules used by :class:`fastbn.BatchRen
 """
 import numpy as np
 
-from . import functional
-from ._validate import (channel_axis, channel_vector, data_array, momentum_value, out_array,
-                        positive_vector, real_scalar, running_buffers, same_shape, scalar_at_least)
+from . import _support, functional
+from ._validate import (channel_axis, channel_vector, clipping, data_array, gradient_pair,
+                        momentum_value, out_array, positive_vector, real_scalar, running_buffers,
+                        scalar_at_least)
 
 __all__ = ["batch_renorm_train", "batch_renorm_backward", "linear_schedule", "paper_schedules"]
-
-
-def _check_clipping(rmin, rmax, dmax):
-    rmax = scalar_at_least("rmax", rmax, 1.0)
-    dmax = scalar_at_least("dmax", dmax, 0.0)
-    if rmin is None:
-        rmin = 1.0 / rmax
-    else:
-        rmin = scalar_at_least("rmin", rmin, 0.0, hi=1.0)
-        if rmin == 0.0:
-            raise ValueError("rmin must be > 0 (r = 0 would cancel the normalized input), got 0.0")
-    return rmin, rmax, dmax
 
 
 def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
@@ -45,18 +34,17 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
     for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
         if buf is None:
             raise ValueError(f"{name} is required (a writable float array of shape ({C},))")
-    kernels = functional._kernels
     # the common case, checked at C speed: contiguous float buffers, disjoint, running_std
     # finite and > 0; the kernel reads them before they are updated, in C, after it
-    fast = (kernels.running_pair_ok(running_mean, running_std, C)
-            and kernels.finite_positive(running_std, C))
+    fast = (_support.running_pair_ok(running_mean, running_std, C)
+            and _support.finite_positive(running_std, C))
     if fast:
         mu, sigma = running_mean, running_std
     else:
         running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
         mu = channel_vector("running_mean", running_mean, C, optional=False)
         sigma = positive_vector("running_std", running_std, C)
-    rmin, rmax, dmax = _check_clipping(rmin, rmax, dmax)
+    rmin, rmax, dmax = clipping(rmin, rmax, dmax)
     momentum = momentum_value(momentum)
     r = np.empty(C)
     d = np.empty(C)
@@ -66,7 +54,7 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
         extra_inputs={"running_mean": running_mean, "running_std": running_std})
     if fast and C:
         std = np.empty(C)
-        kernels.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
+        _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
     else:
         std = np.sqrt(var + float(eps))
         running_mean[...] = mu + momentum * (mean - mu)
@@ -156,25 +144,22 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
 
     Parameters
     ----------
-    dy : ndarray
-        Gradient of the output, shape and dtype of x.
-    x : ndarray, float32 or float64
-        The forward's input.
+    dy, x : ndarray, float32 or float64
+        The gradient of the forward's output, and the forward's input (one shape and
+        dtype).
     mean, std, r, d : array_like (C,)
         As returned by :func:`batch_renorm_train`; std must be finite and > 0.
     weight : array_like (C,), optional
         None means 1.
-    layout : {"NCHW", "NHWC"}
-    out : ndarray, optional
-        Where to write dx; may be ``dy`` itself (in place).
-    num_threads : int, optional
+    layout, out, num_threads
+        As for :func:`fastbn.batch_norm_backward` (``out`` may be ``dy`` itself).
 
     Returns
     -------
     dx : ndarray
-        Shape and dtype of x.
+        The gradient of x, in x's shape and dtype.
     dweight, dbias : ndarray (C,)
-        In x's dtype (returned also when weight is None).
+        In x's dtype, also without a weight.
 
     Raises
     ------
@@ -195,11 +180,7 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     >>> bool(np.allclose(dweight, 128 * d))
     True
     """
-    x = data_array("x", x)
-    dy = data_array("dy", dy)
-    same_shape("dy", dy, "x", x)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
+    dy, x = gradient_pair(dy, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
     channel_vector("mean", mean, C, optional=False)

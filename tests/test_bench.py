@@ -33,8 +33,8 @@ def test_run_small_table(with_torch):
 
 
 def test_crossover_table_restores_thresholds():
-    from fastbn import _config
-    saved = _config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR
+    from fastbn import _threads
+    saved = _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR
     out = io.StringIO()
     _bench.crossover(sizes=(1 << 12,), rounds=2, file=out)
     lines = out.getvalue().splitlines()
@@ -43,7 +43,7 @@ def test_crossover_table_restores_thresholds():
         ["4096", "NCHW", "train"], ["4096", "NCHW", "backward"],
         ["4096", "NHWC", "train"], ["4096", "NHWC", "backward"]]
     assert all(float(line.split()[-1]) > 0 for line in lines[1:])
-    assert (_config.SERIAL_BELOW, _config.SERIAL_BELOW_PLANAR) == saved
+    assert (_threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR) == saved
 
 
 def test_make_data_layouts():

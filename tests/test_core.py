@@ -4,17 +4,13 @@ import numpy as np
 import pytest
 
 import fastbn
+from cases import ORACLE, THREADS, TORCH, ids
 from conftest import running_buffers
 from fastbn import reference as ref
 
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = (np.float32, np.float64)
-# odd sizes: C = 1, HW = 1, C not a multiple of the vector width, every ndim from 2 to 5
-SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7), (16, 1, 10, 10),
-          (3, 130, 1, 1), (2, 33, 40, 40), (3, 100, 5, 5), (3, 5, 20, 20), (100, 333),
-          (1, 5, 3000), (600, 3), (7, 1)]
-TORCH_SHAPES = [(4, 3), (5, 7, 9), (3, 4, 5, 6), (2, 3, 4, 5, 3), (8, 17, 7, 7),
-                (16, 1, 10, 10), (3, 130, 1, 1)]
+# the shared cases (tests/cases.py): odd sizes, every ndim, every kernel branch
 
 
 def nchw_to(layout, shape):
@@ -51,9 +47,8 @@ def values_per_channel(shape, layout):
 # against the NumPy reference
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape, layout", [(c.nchw, c.layout) for c in ORACLE], ids=ids(ORACLE))
 @pytest.mark.parametrize("affine", [True, False])
 def test_matches_reference(shape, dtype, layout, affine):
     x, dy, w, b = data(shape, layout, dtype)
@@ -224,9 +219,8 @@ def torch_bn(x, w, b, layout, training, rm, rv, momentum, dy):
                 rm=rmt.numpy(), rv=rvt.numpy())
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", TORCH_SHAPES, ids=str)
+@pytest.mark.parametrize("shape, layout", [(c.nchw, c.layout) for c in TORCH], ids=ids(TORCH))
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 def test_against_torch(shape, dtype, layout, affine, training):
@@ -385,10 +379,6 @@ def test_float32_backward_accuracy_offset(layout):
 # thread-count invariance (acceptance 4)
 # --------------------------------------------------------------------------------------------
 
-# (100, 333) and NHWC (3, 700, 4, 4): at most 128 rows of many channels, whose statistics
-# the threads split by channels
-THREAD_SHAPES = [(32, 3, 40, 40), (4, 1, 200, 200), (64, 40, 9, 9), (2048, 17), (2, 70, 3, 300),
-                 (100, 333), (3, 700, 4, 4), (3, 40, 17, 17), (7, 6, 20, 20)]
 
 
 def run_all(x, dy, w, b, layout, **kw):
@@ -398,9 +388,9 @@ def run_all(x, dy, w, b, layout, **kw):
     return y, mean, invstd, dx, dw, db, yi
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+@pytest.mark.parametrize("shape, layout", [(c.nchw, c.layout) for c in THREADS],
+                         ids=ids(THREADS))
 def test_bit_identical_across_threads(shape, dtype, layout):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     x, dy, w, b = data(shape, layout, dtype, seed=5, offset=100.0)
@@ -454,16 +444,17 @@ def test_threads_api():
 
 def test_small_inputs_run_on_one_thread():
     """Planar (NCHW) calls use their threads from SERIAL_BELOW_PLANAR values on, rows
-    (channels-last) calls from SERIAL_BELOW; an explicit num_threads is still validated."""
-    from fastbn import _config
-    planar, rows = _config.SERIAL_BELOW_PLANAR, _config.SERIAL_BELOW
+    (channels-last) calls from SERIAL_BELOW_ROWS; an explicit num_threads is still
+    validated."""
+    from fastbn import _threads
+    planar, rows = _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS
     assert planar < rows
     for size, is_planar, want in ((planar - 1, True, 1), (planar, True, 2), (planar, False, 1),
                                   (rows - 1, False, 1), (rows, False, 2)):
-        got = _config.effective_threads(2, size, is_planar)
-        assert got == (want if _config._OPENMP else 1), (size, is_planar)
+        got = _threads.effective_threads(2, size, is_planar)
+        assert got == (want if _threads.OPENMP else 1), (size, is_planar)
     with pytest.raises(ValueError, match="num_threads"):
-        _config.effective_threads(0, 10, True)
+        _threads.effective_threads(0, 10, True)
 
 
 def test_show_config(capsys):
@@ -477,7 +468,7 @@ def test_kernel_variants_agree():
     reference."""
     import importlib
     import importlib.util
-    from fastbn._kernels import cpu_has_avx2_fma, cpu_has_avx512
+    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
     mods = ["fastbn._kernels"]
     for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
                            ("fastbn._kernels_avx512", cpu_has_avx512)):
@@ -508,7 +499,7 @@ def test_simd_variant_choice(wanted):
     import os
     import subprocess
     import sys
-    from fastbn._kernels import cpu_has_avx2_fma, cpu_has_avx512
+    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
 
     def built(name):           # without importing it (see test_kernel_variants_agree)
         return importlib.util.find_spec("fastbn." + name) is not None

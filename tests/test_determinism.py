@@ -8,24 +8,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import fastbn
+from cases import THREADS
 
-# (shape, layout): NCHW planar with C >= 2 and C = 1; NHWC rows; (N, C); HW = 1; a
+# (shape, layout): every case of tests/cases.py that runs on several threads, and a
 # channels-last array described as NCHW (rows kernel, no copy)
-CASES = [
-    ((8, 3, 64, 48), "NCHW"),
-    ((16, 1, 64, 64), "NCHW"),
-    ((3, 1, 200, 130), "NCHW"),
-    ((40, 2, 40, 41), "NCHW"),
-    ((8, 48, 64, 3), "NHWC"),
-    ((16, 64, 64, 1), "NHWC"),
-    ((2, 33, 31, 70), "NHWC"),
-    ((70000, 3), "NCHW"),
-    ((140000, 1), "NHWC"),
-    ((9000, 17), "NHWC"),
-    ((40000, 3, 1, 1), "NCHW"),
-    ((40000, 1, 1, 3), "NHWC"),
-    ("channels-last-NCHW", "NCHW"),
-]
+CASES = [(c.shape, c.layout) for c in THREADS] + [("channels-last-NCHW", "NCHW")]
 DTYPES = [np.float32, np.float64]
 
 

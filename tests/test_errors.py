@@ -431,6 +431,9 @@ def _fuse_args(**kw):
 OTHER = {
     "batch_renorm_train": (lambda: fastbn.batch_renorm_train, _renorm_args),
     "batch_renorm_backward": (lambda: fastbn.batch_renorm_backward, _renorm_bwd_args),
+    "reference.batch_renorm_train": (lambda: reference.batch_renorm_train, _renorm_args),
+    "reference.batch_renorm_backward": (lambda: reference.batch_renorm_backward,
+                                        _renorm_bwd_args),
     "onnx.batch_normalization": (lambda: fastbn.onnx.batch_normalization, _onnx_args),
     "fuse_conv_bn": (lambda: fastbn.fuse_conv_bn, _fuse_args),
 }
@@ -441,6 +444,9 @@ def _other_cases():
 
     def add(fn, cid, make, exc, name):
         cases.append(pytest.param(fn, make, exc, name, id=f"{fn}-{cid}"))
+        if fn.startswith("batch_renorm"):      # the NumPy twin raises the same errors
+            cases.append(pytest.param("reference." + fn, make, exc, name,
+                                      id=f"reference.{fn}-{cid}"))
 
     fn = "batch_renorm_train"
     for dt in (np.int32, np.bool_, np.complex64, object):

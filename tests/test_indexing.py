@@ -46,12 +46,12 @@ def test_plan_of_huge_shapes(shape, layout):
     size = int(np.prod(shape, dtype=np.int64))
     assert size > 2 ** 31
     axis = 1 if layout == "NCHW" else len(shape) - 1
-    for kind, perm in cands(len(shape), axis, layout):
-        plan = make(shape, axis, kind, perm)
+    for view, perm in cands(len(shape), axis, layout):
+        plan = make(shape, axis, view, perm)
         assert plan.C == shape[axis]
         assert plan.N * plan.C * plan.S == size
         assert all(isinstance(v, (int, np.integer)) for v in (plan.N, plan.C, plan.S))
-        if plan.kind == functional.ROWS:
+        if plan.view == functional.ROWS:
             assert plan.S == 1
 
 

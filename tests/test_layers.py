@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from cases import LAYER_SHAPES
 
 try:
     import torch
@@ -11,7 +12,7 @@ except ImportError:          # the torch comparisons skip; the layer's own tests
 needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 LAYOUTS = ("NCHW", "NHWC")
-SHAPES = [(8, 5), (4, 6, 7), (4, 6, 5, 5), (2, 3, 3, 4, 5)]
+SHAPES = LAYER_SHAPES
 
 
 def torch_bn(ndim, C, **kwargs):

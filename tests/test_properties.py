@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fastbn
+from cases import CASES
 from fastbn import reference
 
 pytestmark = [
@@ -47,8 +48,15 @@ def _bc(v, ndim, axis):
     return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
+# the small cases of tests/cases.py (every ndim, C = 1, HW = 1, odd channel counts)
+SMALL_CASES = [c for c in CASES if np.prod(c.nchw) <= 4096]
+
+
 @st.composite
 def shapes(draw, min_values=0):
+    if draw(st.integers(0, 3)) == 0:               # one of the shared cases
+        case = draw(st.sampled_from(SMALL_CASES))
+        return case.shape, case.layout
     ndim = draw(st.integers(2, 5))
     layout = draw(st.sampled_from(["NCHW", "NHWC"]))
     dims = draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim))
@@ -399,7 +407,18 @@ def test_fold_matches_reference_and_infer(data):
     sr, hr = reference.fold_batch_norm(rm, rv, w, b, eps=eps)
     assert scale.dtype == sr.dtype and shift.dtype == hr.dtype
     np.testing.assert_array_equal(scale, sr)
-    np.testing.assert_array_equal(shift, hr)
+    # the reference folds from the definition (shift = y(0)), fastbn as bias - mean * scale:
+    # a few roundings apart, relative to the terms that cancel
+    if C:
+        w64 = np.ones(C) if w is None else np.asarray(w, np.float64)
+        b64 = np.zeros(C) if b is None else np.asarray(b, np.float64)
+        terms = np.abs(b64) + np.abs(np.asarray(rm, np.float64) * w64 / np.sqrt(
+            np.asarray(rv, np.float64) + eps))
+        bound = 4 * np.finfo(shift.dtype).eps * terms
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(shift.astype(np.float64) - hr.astype(np.float64))
+        assert np.all((diff <= bound) | (np.isnan(shift) & np.isnan(hr))
+                      | (shift == hr)), (shift, hr)
     # folding is inference: x * scale + shift == batch_norm_infer(x) (up to roundings)
     if C and np.all(rv + eps > 0):
         x = np.random.default_rng(C).normal(size=(3, C))

@@ -479,7 +479,7 @@ def test_zero_d_arrays_are_scalars_everywhere():
 
 
 def test_set_num_threads_cap():
-    cap = fastbn._validate.MAX_THREADS
+    cap = fastbn._threads.MAX_THREADS
     try:
         fastbn.set_num_threads(10 ** 9)
         assert fastbn.get_num_threads() == cap

@@ -3,12 +3,14 @@ import numpy as np
 import pytest
 
 import fastbn
+from cases import LAYER_SHAPES
 from conftest import running_buffers
+from fastbn import reference
 from fastbn.renorm import linear_schedule, paper_schedules
 
 LAYOUTS = ("NCHW", "NHWC")
 CLIPS = [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)]
-SHAPES = [(8, 5), (4, 6, 7), (4, 6, 5, 5), (2, 3, 3, 4, 5)]
+SHAPES = LAYER_SHAPES
 
 
 def to_layout(a, layout):
@@ -87,15 +89,33 @@ def assert_close(got, want, tol, what):
     assert err <= tol, f"{what}: max rel err {err:.3g} > {tol}"
 
 
+def numpy_oracle(x, dy, w, b, rm, rs, rmin, rmax, dmax, momentum, eps, layout):
+    """Batch Renormalization by fastbn.reference (float64 NumPy; needs no torch)."""
+    assert rmin == 1 / rmax
+    rm, rs = np.array(rm, np.float64), np.array(rs, np.float64)
+    y, mean, std, r, d = reference.batch_renorm_train(
+        x.astype(np.float64), w, b, rm, rs, rmax=rmax, dmax=dmax, momentum=momentum, eps=eps,
+        layout=layout)
+    dx, dweight, dbias = reference.batch_renorm_backward(dy.astype(np.float64),
+                                                         x.astype(np.float64), mean, std, r,
+                                                         d, w, layout=layout)
+    return dict(y=y, r=r, d=d, mean=mean, std=std, running_mean=rm, running_std=rs, dx=dx,
+                dweight=dweight, dbias=dbias)
+
+
+ORACLES = {"numpy": numpy_oracle, "torch": torch_oracle}
+
+
 # --------------------------------------------------------------------------------------
-# Acceptance 1: against the torch-autograd oracle
+# Acceptance 1: against the torch-autograd oracle, and the NumPy reference
 # --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("oracle", ["numpy", "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rmax,dmax", CLIPS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_torch_oracle_float64(shape, layout, rmax, dmax):
+def test_matches_torch_oracle_float64(shape, layout, rmax, dmax, oracle):
     x, dy, w, b, rm, rs = make(shape, layout)
-    want = torch_oracle(x, dy, w, b, rm, rs, 1 / rmax, rmax, dmax, 0.1, 1e-5, layout)
+    want = ORACLES[oracle](x, dy, w, b, rm, rs, 1 / rmax, rmax, dmax, 0.1, 1e-5, layout)
     rm_buf, rs_buf = rm.copy(), rs.copy()
     y, mean, std, r, d = fastbn.batch_renorm_train(x, w, b, rm_buf, rs_buf, rmax=rmax,
                                                    dmax=dmax, momentum=0.1, layout=layout)
@@ -118,11 +138,12 @@ def test_oracle_cases_exercise_clipping():
     assert np.any(np.abs(d) == 0.5) and np.any(np.abs(d) < 0.5)
 
 
+@pytest.mark.parametrize("oracle", ["numpy", "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rmax,dmax", CLIPS)
-def test_matches_torch_oracle_float32(layout, rmax, dmax):
+def test_matches_torch_oracle_float32(layout, rmax, dmax, oracle):
     x, dy, w, b, rm, rs = make((4, 6, 5, 5), layout, dtype=np.float32)
-    want = torch_oracle(x, dy, w, b, rm, rs, 1 / rmax, rmax, dmax, 0.01, 1e-5, layout)
+    want = ORACLES[oracle](x, dy, w, b, rm, rs, 1 / rmax, rmax, dmax, 0.01, 1e-5, layout)
     rm_buf, rs_buf = rm.copy(), rs.copy()
     y, mean, std, r, d = fastbn.batch_renorm_train(x, w, b, rm_buf, rs_buf, rmax=rmax,
                                                    dmax=dmax, layout=layout)

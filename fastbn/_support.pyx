@@ -1,0 +1,203 @@
+"""What fastbn compiles once, for every instruction set: CPU and OpenMP facts, and the C
+fast paths of the per-call checks and running-statistics updates around the kernels.
+
+The kernels themselves (fastbn/kernels/*.pxi) are compiled once per instruction set, as
+_kernels, _kernels_avx2 and _kernels_avx512; nothing here needs wide vectors.
+"""
+from libc.float cimport DBL_MAX, FLT_MAX
+from libc.math cimport sqrt
+
+cimport numpy as cnp
+from fastbn._arrays cimport _native, _vec
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTBN_OPENMP 1
+    #else
+    #define FASTBN_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+    static int fastbn_cpu_avx2_fma(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    #else
+        return 0;
+    #endif
+    }
+    /* the CPU and the operating system (which must save the 512-bit registers) */
+    static int fastbn_cpu_avx512(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return fastbn_cpu_avx2_fma() && __builtin_cpu_supports("avx512f")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw");
+    #else
+        return 0;
+    #endif
+    }
+    """
+    int FASTBN_OPENMP
+    int omp_get_max_threads() noexcept nogil
+    int fastbn_cpu_avx2_fma() noexcept nogil
+    int fastbn_cpu_avx512() noexcept nogil
+
+
+def openmp_enabled():
+    """True when fastbn was compiled with OpenMP."""
+    return bool(FASTBN_OPENMP)
+
+
+def omp_max_threads():
+    """omp_get_max_threads() of the calling thread (honours OMP_NUM_THREADS and threadpoolctl)."""
+    return omp_get_max_threads()
+
+
+def cpu_has_avx2_fma():
+    """True when this CPU runs AVX2 and FMA instructions."""
+    return bool(fastbn_cpu_avx2_fma())
+
+
+def cpu_has_avx512():
+    """True when this CPU (and its operating system) runs AVX-512 F, VL, DQ and BW, and AVX2
+    and FMA."""
+    return bool(fastbn_cpu_avx512())
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths of the checks in fastbn/_validate.py: the common case at C speed, the caller
+# validating (and converting) in full when one says False
+# ---------------------------------------------------------------------------------------------
+
+cdef inline bint _param_ok(object a, Py_ssize_t C):
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return False
+    arr = <cnp.ndarray>a
+    t = cnp.PyArray_TYPE(arr)
+    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(arr) == 1
+            and cnp.PyArray_DIM(arr, 0) == C and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and _native(arr))
+
+
+def params_ok(Py_ssize_t C, Py_ssize_t required, *params):
+    """True when every per-channel input can go to a kernel as it is: a C-contiguous,
+    native float32 or float64 array of shape (C,), the first `required` of them present
+    (the others may be None). The caller validates and converts otherwise."""
+    cdef Py_ssize_t i
+    for i in range(len(params)):
+        if params[i] is None:
+            if i < required:
+                return False
+        elif not _param_ok(params[i], C):
+            return False
+    return True
+
+
+cdef bint _running_ok(object buf, Py_ssize_t C):
+    cdef cnp.ndarray a
+    if type(buf) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>buf
+    return ((cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64)
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a) and _native(a)
+            and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == C)
+
+
+def running_pair_ok(running_mean, running_var, Py_ssize_t C):
+    """True when both running buffers are writable C-contiguous float32/float64 vectors of
+    the channel count, aligned and in native byte order, whose bytes do not overlap (the
+    common case, checked at C speed; the caller validates anything else in full)."""
+    cdef char* a
+    cdef char* b
+    if not (_running_ok(running_mean, C) and _running_ok(running_var, C)):
+        return False
+    a = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
+    b = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_var)
+    return (a + cnp.PyArray_NBYTES(<cnp.ndarray>running_mean) <= b
+            or b + cnp.PyArray_NBYTES(<cnp.ndarray>running_var) <= a)
+
+
+def finite_positive(a, Py_ssize_t C):
+    """True when a is a C-contiguous float32/float64 vector of C finite values > 0."""
+    cdef Py_ssize_t c
+    cdef const float* f
+    cdef const double* d
+    if not _param_ok(a, C):
+        return False
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
+        f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>a)
+        for c in range(C):
+            if not (f[c] > 0 and f[c] <= FLT_MAX):
+                return False
+    else:
+        d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>a)
+        for c in range(C):
+            if not (d[c] > 0 and d[c] <= DBL_MAX):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Running-statistics updates, in one C loop per buffer
+# ---------------------------------------------------------------------------------------------
+
+cdef void _running_average(cnp.ndarray buf, const double* batch, double scale,
+                           double momentum, Py_ssize_t C, bint toward) noexcept:
+    """buf <- the running average of buf and batch * scale, in double, stored in buf's dtype:
+    ``buf + momentum * (new - buf)`` if toward (Batch Renormalization's form), else
+    ``momentum * new + (1 - momentum) * buf`` (PyTorch's form; the same value up to
+    rounding)."""
+    cdef Py_ssize_t c
+    cdef double old, new
+    cdef float* f = <float*>cnp.PyArray_DATA(buf)
+    cdef double* d = <double*>cnp.PyArray_DATA(buf)
+    cdef bint single = cnp.PyArray_TYPE(buf) == cnp.NPY_FLOAT32
+    for c in range(C):
+        old = f[c] if single else d[c]
+        new = batch[c] * scale
+        new = old + momentum * (new - old) if toward else momentum * new + (1.0 - momentum) * old
+        if single:
+            f[c] = <float>new
+        else:
+            d[c] = new
+
+
+def renorm_update(running_mean, running_std, cnp.ndarray stats, double momentum, double eps,
+                  cnp.ndarray std):
+    """The running update of Batch Renormalization's training forward, in C:
+    std <- sqrt(var + eps) (float64 (C,)), then running_mean += momentum * (mean -
+    running_mean) and running_std += momentum * (std - running_std), in double, stored in
+    the buffers' dtype. The buffers must pass running_pair_ok."""
+    cdef Py_ssize_t c, C = cnp.PyArray_DIM(stats, 1) if cnp.PyArray_NDIM(stats) == 2 else -1
+    cdef const double* st
+    cdef double* sd
+    if C < 0 or not running_pair_ok(running_mean, running_std, C):
+        raise ValueError("renorm_update takes the running buffers running_pair_ok accepts")
+    st = _vec(stats, 2 * C)
+    sd = _vec(std, C)
+    for c in range(C):
+        sd[c] = sqrt(st[C + c] + eps)
+    _running_average(<cnp.ndarray>running_mean, st, 1.0, momentum, C, True)
+    _running_average(<cnp.ndarray>running_std, sd, 1.0, momentum, C, True)
+
+
+def update_running(running_mean, running_var, cnp.ndarray stats, double momentum,
+                   double unbias):
+    """The running-statistics update of training forward, in one C loop per buffer:
+    running_mean <- (1 - momentum) * running_mean + momentum * stats[0] and the same for
+    running_var with stats[1] * unbias, computed in double and stored in the buffer's
+    dtype. Returns False, writing nothing, unless both buffers are writable C-contiguous
+    float32/float64 vectors of the channel count (the caller then updates them itself)."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(stats, 1) if cnp.PyArray_NDIM(stats) == 2 else -1
+    cdef const double* st = _vec(stats, 2 * C) if C >= 0 else NULL
+    if st == NULL or not (_running_ok(running_mean, C) and _running_ok(running_var, C)):
+        return False
+    _running_average(<cnp.ndarray>running_mean, st, 1.0, momentum, C, False)
+    _running_average(<cnp.ndarray>running_var, st + C, unbias, momentum, C, False)
+    return True

@@ -1,0 +1,107 @@
+"""fastbn's thread policy, in one place: how many threads a call gets.
+
+A call runs on ``num_threads`` threads if given, else on :func:`get_num_threads` (the value
+set with :func:`set_num_threads`, else OpenMP's default for the calling thread), capped at
+MAX_THREADS; small inputs run on one thread (:func:`effective_threads`). The kernels take
+that count as an explicit argument: how they split the work among the threads (whole
+channels, a team per channel, chunks of rows) never changes their results.
+"""
+import operator
+import os
+
+import numpy as np
+
+from . import _support
+
+OPENMP = bool(_support.openmp_enabled())
+
+# Largest team a kernel is started with. OpenMP creates every requested thread, so an
+# absurd request such as num_threads=100000 would crash the process inside libgomp, and one
+# >= 2**31 would not fit the kernels' C int. Results do not depend on the thread count, so
+# capping is harmless.
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
+# Below this many values a call runs on one thread: forking the team costs more than it saves.
+# The planar kernels (NCHW memory) gain from a second thread on smaller inputs than the rows
+# kernels (channels-last memory). Measured at 16384 values on 9 planar shapes, 2 threads
+# take 0.84-0.96x the time of one for training, 0.95-0.99x for inference and 0.75-0.86x for
+# the backward; on rows 0.97-1.6x (`python -m fastbn --crossover` prints such a table).
+SERIAL_BELOW_ROWS = 1 << 15
+SERIAL_BELOW_PLANAR = 1 << 14
+
+_num_threads = None
+
+
+def thread_count(num_threads, default):
+    """Resolve num_threads (None -> default()) to an int in [1, MAX_THREADS]."""
+    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
+        return num_threads     # the common case
+    if num_threads is None:
+        return min(max(1, int(default())), MAX_THREADS)
+    if isinstance(num_threads, (bool, np.bool_)):
+        raise TypeError("num_threads must be an integer, got bool")
+    try:
+        n = operator.index(num_threads)
+    except TypeError:
+        raise TypeError(
+            f"num_threads must be an integer, got {type(num_threads).__name__}") from None
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    return min(n, MAX_THREADS)
+
+
+def get_num_threads():
+    """Number of threads fastbn's kernels use when `num_threads` is not given.
+
+    The value set by :func:`set_num_threads` if any, otherwise OpenMP's default for the
+    calling thread (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit, or the core count).
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.get_num_threads() >= 1
+    True
+    """
+    if _num_threads is not None:
+        return _num_threads
+    return max(1, int(_support.omp_max_threads()))
+
+
+def set_num_threads(n):
+    """Set the default thread count of every kernel; ``None`` returns to OpenMP's default.
+
+    Parameters
+    ----------
+    n : int or None
+        Threads to use (>= 1), or None. Values above ``max(256, 4 * os.cpu_count())``
+        are capped there (results do not depend on the thread count, and OpenMP would
+        try to start every thread asked for).
+
+    Raises
+    ------
+    TypeError
+        If `n` is not an integer.
+    ValueError
+        If `n` < 1.
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> fastbn.set_num_threads(1)
+    >>> fastbn.get_num_threads()
+    1
+    >>> fastbn.set_num_threads(None)
+    """
+    global _num_threads
+    _num_threads = None if n is None else thread_count(n, None)
+
+
+def effective_threads(num_threads, size, planar=False):
+    """Threads for one call on `size` values: explicit or default, one for small inputs
+    (below SERIAL_BELOW_PLANAR values for the planar kernels, SERIAL_BELOW_ROWS for the
+    rows)."""
+    if num_threads is not None:
+        num_threads = thread_count(num_threads, None)
+    if size < (SERIAL_BELOW_PLANAR if planar else SERIAL_BELOW_ROWS) or not OPENMP:
+        return 1
+    return get_num_threads() if num_threads is None else num_threads

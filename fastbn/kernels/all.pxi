@@ -1,0 +1,9 @@
+# The kernels, compiled once per instruction set: fastbn/_kernels.pyx (portable baseline)
+# and, on x86-64, fastbn/_kernels_avx2.pyx (-mavx2 -mfma) and fastbn/_kernels_avx512.pyx
+# (AVX-512 F/VL/DQ/BW, 512-bit vectors) include this file; fastbn/_dispatch.py imports the
+# best one the CPU runs. Everything that needs no vector instructions is in _support.pyx.
+include "common.pxi"          # types, tuning constants, Chan merges, coefficients
+include "nchw_blocks.pxi"     # NCHW: statistics and sums of one block
+include "nchw.pxi"            # NCHW: training forward, inference, backward
+include "nhwc.pxi"            # NHWC and (N, C): training forward, inference, backward
+include "entry_points.pxi"    # the Python entry points, and the bandwidth yardsticks

@@ -1,0 +1,261 @@
+# What every kernel shares: the data types, the tuning constants, the Chan merge of partial
+# statistics, the per-channel coefficients, and the description of one call's work.
+#
+# The kernels work on one of two canonical C-contiguous views, chosen by fastbn/functional.py:
+#   PLANAR (N, C, S): each (n, c) pair is one contiguous run of S values (NCHW memory, S > 1);
+#                     kernels in nchw.pxi, block arithmetic in nchw_blocks.pxi;
+#   ROWS   (R, C):    each row holds one value per channel (NHWC memory, and (N, C));
+#                     kernels in nhwc.pxi.
+# Statistics, scale/shift coefficients and reductions are accumulated in double whatever the
+# data type, and (x - mean) is always formed in double, so float32 inputs with a large mean
+# keep their low-order digits.
+#
+# Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
+# shape and dtype only, never on the thread count. Each chunk's partial result is computed by
+# the same code whichever thread runs it, and partials are merged in chunk order. One thread
+# or many, the result is bit-identical.
+#
+# Parallel structure: one OpenMP parallel region per call (none at all for one thread). Every
+# reduction kernel has three phases: reduce (each chunk's partial statistics or sums), coef
+# (merge a channel's partials in chunk order, then its per-channel coefficients) and apply
+# (normalize, or write dx). The phases are separate `prange` loops inside the region, ordered
+# by explicit barriers, unless one thread owns whole channels and runs all three per group.
+
+from cython.parallel cimport parallel, prange
+from libc.float cimport DBL_MAX, FLT_MAX
+from libc.math cimport NAN, sqrt
+from libc.stdlib cimport free, malloc
+
+cimport numpy as cnp
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    /* orphaned barrier: binds to the enclosing parallel region (Cython's prange inside a
+       parallel block is "omp for nowait", so phases are ordered explicitly) */
+    static void fastbn_barrier(void) {
+        #pragma omp barrier
+    }
+    #else
+    static void fastbn_barrier(void) { }
+    #endif
+    /* AVX-512's 32 vector registers hold the LANES sums of a long run (_devs_run); with
+       16 registers they would spill, so other builds keep their sums in memory lanes */
+    #if defined(__AVX512F__)
+    #define FASTBN_REGISTER_LANES 1
+    #else
+    #define FASTBN_REGISTER_LANES 0
+    #endif
+    """
+    void _barrier "fastbn_barrier"() noexcept nogil
+    bint REGISTER_LANES "FASTBN_REGISTER_LANES"
+
+
+ctypedef fused floating:
+    float
+    double
+
+
+cpdef enum View:
+    # the canonical view of a call's data (fastbn/functional.py passes it as `view`)
+    PLANAR = 0
+    ROWS = 1
+
+
+cdef enum Op:
+    # what a reduction kernel computes (Work.op)
+    TRAIN = 0          # statistics, coefficients, y = (x - mean) * scale + shift
+    BACKWARD = 1       # sum(g) and sum(g * (x - mean)), gradient coefficients, dx
+
+
+# Values per statistics block: a block is read twice (sum, then squared deviations) while it
+# sits in L1, so DRAM sees it once. 1024 float32 = 4 KiB; 64 terms per accumulator lane.
+cdef enum:
+    # accumulator lanes across a long run: in memory lanes (L1) each lane's additions wait
+    # on a store-to-load round trip, and 32 lanes keep eight vector chains busy; AVX-512
+    # builds hold the 32 lanes in registers instead (REGISTER_LANES)
+    LANES = 32
+    BLOCK = 1024
+    # planar: at most this many chunks per channel (a channel is split among a team of
+    # threads only when there are fewer than 4 channels per thread).
+    MAX_CHUNKS = 16
+    # rows: values per chunk of rows (64 KiB of float32, so two threads share even small
+    # inputs), and rows per statistics block.
+    ROW_CHUNK_VALUES = 16384
+    TILE_ROWS = 32
+    # at least this many rows per chunk, so wide rows do not make a chunk's C-length
+    # partials as large as its data
+    MIN_CHUNK_ROWS = 128
+    # rows: the kernels sweep several rows at a time from WIDE_ROWS channels on, and the
+    # reductions also below NARROW_ROWS or on cached data (see _multi_row)
+    WIDE_ROWS = 1024
+    NARROW_ROWS = 64
+    # planar: at most this many short runs per block when the reduction pass reads more than
+    # CACHED_BYTES (a block reads its runs, C*S values apart, as that many interleaved
+    # streams, of g and of x in the backward). Measured against BLOCK // S runs, for
+    # (32, 2048, 7, 7) and (64, 1024, 7, 7) (20 runs): backward 0.71-0.86x (float32 and
+    # float64, AVX2 and AVX-512, 1 and 2 threads), training 0.75-0.89x on 1 thread and
+    # within noise on 2; (256, 256, 8, 8) (16 runs) unchanged. Inputs that stay in cache keep
+    # BLOCK values: there the extra blocks cost up to 1.3x, on (32, 128, 5, 5)
+    FAR_RUNS = 8
+    # planar: contiguous values a task reads per sample (groups of channels, short planes)
+    GROUP_VALUES = 16384
+    # planar: inputs of at most CACHED_VALUES values are taken to stay in the last-level
+    # cache; their channel groups hold at most GROUP_CACHED values (256 KiB of float32)
+    CACHED_VALUES = 1 << 22
+    GROUP_CACHED = 1 << 16
+    # rows: a reduction pass that reads at most this many bytes is taken to read from the
+    # last-level cache when it runs again (see _multi_row)
+    CACHED_BYTES = 1 << 23
+
+
+cdef inline Py_ssize_t _stop(Py_ssize_t k, Py_ssize_t per, Py_ssize_t total) noexcept nogil:
+    """End of piece k when `total` items are cut into pieces of `per`: min((k+1)*per, total)."""
+    cdef Py_ssize_t end = (k + 1) * per
+    return end if end < total else total
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging partial statistics (Chan et al.'s pairwise update)
+# ---------------------------------------------------------------------------------------------
+
+cdef inline void _chan_merge(double* n, double* mean, double* m2,
+                             double nb, double mb, double m2b) noexcept nogil:
+    """Merge (nb, mb, m2b) into the running (n, mean, m2)."""
+    cdef double na = n[0]
+    cdef double tot = na + nb
+    cdef double delta
+    if nb == 0:
+        return
+    if na == 0:                # a plain copy: delta**2 * 0 would be NaN for |mean| > 1e154
+        n[0] = nb
+        mean[0] = mb
+        m2[0] = m2b
+        return
+    delta = mb - mean[0]
+    mean[0] = mean[0] + delta * (nb / tot)
+    m2[0] = m2[0] + m2b + delta * delta * (na * (nb / tot))
+    n[0] = tot
+
+
+cdef inline void _chan_merge_all(double* mean, double* m2, const double* mb,
+                                 const double* m2b, Py_ssize_t width, double na,
+                                 double nb) noexcept nogil:
+    """_chan_merge of (nb, mb[c], m2b[c]) into the running (na, mean[c], m2[c]) for the
+    width channels c of a set of rows: the counts, and so the weights, are the same for
+    every channel, and the loop along the channels vectorizes."""
+    cdef Py_ssize_t c
+    cdef double wb, wn, delta
+    if na == 0:                # a plain copy (see _chan_merge)
+        for c in range(width):
+            mean[c] = mb[c]
+            m2[c] = m2b[c]
+        return
+    wb = nb / (na + nb)
+    wn = na * wb
+    for c in range(width):
+        delta = mb[c] - mean[c]
+        mean[c] = mean[c] + delta * wb
+        m2[c] = m2[c] + m2b[c] + delta * delta * wn
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel coefficients
+# ---------------------------------------------------------------------------------------------
+
+cdef struct Coef:
+    # inputs (weight, bias: NULL means 1 and 0)
+    const double* weight
+    const double* bias
+    double eps
+    # Batch Renormalization (renorm != 0): r and d from the running mean/std before the update
+    int renorm
+    const double* run_mean
+    const double* run_std
+    double rmin
+    double rmax
+    double dmax
+    # outputs, length C
+    double* mean
+    double* var
+    double* invstd
+    double* scale
+    double* shift
+    double* r
+    double* d
+
+
+cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
+    if v < lo:
+        return lo
+    if v > hi:
+        return hi
+    return v
+
+
+cdef void _set_coefs(Coef* cf, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """invstd and the scale/shift of the normalization of channels [c0, c1), from their
+    statistics in cf.mean and cf.var, in loops along the channels (vectorized when the
+    rows kernels pass many channels at once)."""
+    cdef Py_ssize_t c
+    cdef double w, b, r, d
+    for c in range(c0, c1):
+        cf.invstd[c] = 1.0 / sqrt(cf.var[c] + cf.eps)
+    for c in range(c0, c1):
+        w = cf.weight[c] if cf.weight != NULL else 1.0
+        b = cf.bias[c] if cf.bias != NULL else 0.0
+        if cf.renorm:
+            # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running
+            # stats
+            r = _clip(sqrt(cf.var[c] + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
+            d = _clip((cf.mean[c] - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
+            cf.r[c] = r
+            cf.d[c] = d
+            cf.scale[c] = w * r * cf.invstd[c]
+            cf.shift[c] = w * d + b
+        else:
+            cf.scale[c] = w * cf.invstd[c]
+            cf.shift[c] = b
+
+
+cdef struct Grad:
+    # inputs, length C (weight: NULL means 1)
+    const double* mean
+    const double* invstd
+    const double* weight
+    int training
+    double m            # values per channel
+    # outputs, length C
+    double* dweight
+    double* dbias
+    double* a           # dx = g * a + (x - mean) * kx + k0
+    double* kx
+    double* k0
+
+
+cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
+    """dweight, dbias and the dx constants of channel c from its two sums."""
+    cdef double istd = gd.invstd[c]
+    gd.dweight[c] = dot * istd
+    gd.dbias[c] = sum_g
+    cdef double a = istd * gd.weight[c] if gd.weight != NULL else istd
+    gd.a[c] = a
+    if gd.training:
+        # dx = (g - sum_g/m - (x - mean) * dot/m * istd^2) * a
+        gd.k0[c] = -(sum_g / gd.m) * a
+        gd.kx[c] = -(dot / gd.m * istd * istd) * a
+    else:
+        gd.k0[c] = 0.0
+        gd.kx[c] = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# One call's work, for the scheduling skeletons of nchw.pxi and nhwc.pxi
+# ---------------------------------------------------------------------------------------------
+
+cdef struct Work:
+    int op              # TRAIN (a = x, out = y) or BACKWARD (a = g, b = x, out = dx)
+    Coef* cf            # TRAIN
+    Grad* gd            # BACKWARD
+    double* part        # per-chunk partial results
+    bint multi_row      # rows kernels: several rows per sweep in the reduction (_multi_row)

@@ -1,0 +1,365 @@
+# Python entry points of the kernels, called by fastbn/functional.py with validated, canonical
+# arrays (the view, PLANAR or ROWS, and its dimensions), and the memory-bandwidth yardsticks
+# of the speed table. Arrays are taken as raw pointers (no buffer acquisition: small calls
+# stay cheap); each entry re-checks what would make a pointer unsafe, so a wrong internal
+# call raises, never crashes.
+
+from fastbn._arrays cimport _native, _vec
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifndef FASTBN_CFLAGS
+    #define FASTBN_CFLAGS "?"
+    #endif
+    #if defined(__AVX512F__)
+    #define FASTBN_SIMD "AVX-512"
+    #elif defined(__AVX2__)
+    #define FASTBN_SIMD "AVX2"
+    #elif defined(__AVX__)
+    #define FASTBN_SIMD "AVX"
+    #elif defined(__SSE2__) || defined(_M_X64)
+    #define FASTBN_SIMD "SSE2"
+    #elif defined(__ARM_NEON)
+    #define FASTBN_SIMD "NEON"
+    #else
+    #define FASTBN_SIMD "none"
+    #endif
+    #ifdef __VERSION__
+    #define FASTBN_CC_VERSION __VERSION__
+    #else
+    #define FASTBN_CC_VERSION "unknown"
+    #endif
+    """
+    const char* FASTBN_CFLAGS
+    const char* FASTBN_SIMD
+    const char* FASTBN_CC_VERSION
+
+
+def build_flags():
+    """Compiler flags, compiler version and vector instruction set the kernels were built with."""
+    return "%s (SIMD: %s; compiler %s)" % (FASTBN_CFLAGS.decode(), FASTBN_SIMD.decode(),
+                                          FASTBN_CC_VERSION.decode())
+
+
+cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          Py_ssize_t reduce_bytes) noexcept:
+    """Doubles of scratch for the per-chunk partial results."""
+    cdef Planar p
+    cdef Py_ssize_t rpc
+    if view == PLANAR:
+        p = _planar(N, C, S, reduce_bytes)
+        return 3 * C * p.nchunk
+    rpc = _rows_per_chunk(N, C)
+    return 2 * C * ((N + rpc - 1) // rpc)
+
+
+cdef bint _is_double(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
+    """Whether the data is float64 (else float32); checks x and y are contiguous, aligned,
+    native, of one dtype and `size` long, and y writable."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError("kernel data must be float32 or float64")
+    if cnp.PyArray_TYPE(y) != t:
+        raise TypeError("kernel input and output dtypes differ")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
+            and _native(x) and _native(y)):
+        raise ValueError("kernel arrays must be C-contiguous, aligned, in native byte order")
+    if cnp.PyArray_SIZE(x) != size or cnp.PyArray_SIZE(y) != size:
+        raise ValueError("kernel arrays do not match the shape")
+    if not cnp.PyArray_ISWRITEABLE(y):
+        raise ValueError("kernel output is read-only")
+    return t == cnp.NPY_FLOAT64
+
+
+cdef const double* _param(object a, Py_ssize_t n, double* scratch,
+                          bint optional=False) except? NULL:
+    """A per-channel input read as double: a C-contiguous float64 array is read in place, a
+    float32 one is converted into scratch (n doubles), so float32 models pay no NumPy
+    conversion per call. NULL for None if optional."""
+    cdef cnp.ndarray arr
+    cdef const float* f
+    cdef Py_ssize_t i
+    if a is None or cnp.PyArray_TYPE(<cnp.ndarray?>a) != cnp.NPY_FLOAT32:
+        return _vec(a, n, optional)
+    arr = <cnp.ndarray>a
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not _native(arr) or cnp.PyArray_SIZE(arr) < n:
+        raise ValueError("kernel vectors must be C-contiguous, aligned, native, of the "
+                         "channel count")
+    f = <const float*>cnp.PyArray_DATA(arr)
+    for i in range(n):
+        scratch[i] = f[i]
+    return scratch
+
+
+cdef void _check_dims(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                      int nthreads) except *:
+    if view not in (PLANAR, ROWS) or N < 1 or C < 1 or S < 1 or nthreads < 1:
+        raise ValueError("bad kernel dimensions")
+    if view == ROWS and S != 1:
+        raise ValueError("rows kernels take S = 1")
+
+
+cdef void _run(int view, bint is_double, const Planar* p, const void* a, const void* b,
+               void* out, const Work* w, int nthreads) noexcept nogil:
+    """A reduction kernel (training forward or backward) on the view, in the data type."""
+    if view == PLANAR and is_double:
+        _planar_run(p, <const double*>a, <const double*>b, <double*>out, w, nthreads)
+    elif view == PLANAR:
+        _planar_run(p, <const float*>a, <const float*>b, <float*>out, w, nthreads)
+    elif is_double:
+        _rows_run(<const double*>a, <const double*>b, <double*>out, p.N, p.C, w, nthreads)
+    else:
+        _rows_run(<const float*>a, <const float*>b, <float*>out, p.N, p.C, w, nthreads)
+
+
+def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
+    """How a training forward or a backward on this view is split among nthreads threads:
+    "serial", "planar groups" (whole channels per thread), "planar team" (threads share
+    each channel), "rows chunks" (chunks of rows), or "rows columns" (one chunk of few
+    rows whose channels the threads split); planar views of planes longer than BLOCK add
+    ", long planes". For tests and for reading the code (tests/cases.py)."""
+    cdef Py_ssize_t rpc
+    _check_dims(view, N, C, S, nthreads)
+    if view == PLANAR:
+        long_planes = ", long planes" if S > BLOCK else ""
+        if nthreads == 1:
+            return "serial" + long_planes
+        return ("planar groups" if C >= 4 * nthreads else "planar team") + long_planes
+    if nthreads == 1:
+        return "serial"
+    rpc = _rows_per_chunk(N, C)
+    return "rows columns" if (N + rpc - 1) // rpc == 1 else "rows chunks"
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
+                  int nthreads):
+    """Training forward on a canonical view.
+
+    view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
+    one float dtype (y may be x). weight, bias: float32 or float64 (C,), or None. stats:
+    float64 (5, C), receives mean, biased var, invstd, scale, shift. renorm: None, or
+    (running_mean, running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays,
+    for Batch Renormalization (running_mean and running_std may also be float32).
+    """
+    cdef Coef cf
+    cdef Work w
+    cdef Planar p
+    cdef bint is_double
+    cdef double* part
+    cdef Py_ssize_t npart, reduce_bytes
+    _check_dims(view, N, C, S, nthreads)
+    is_double = _is_double(x, y, N * C * S)
+    reduce_bytes = N * C * S * cnp.PyArray_ITEMSIZE(x)
+    npart = _partials(view, N, C, S, reduce_bytes)
+    p = _planar(N, C, S, reduce_bytes)
+    part = <double*>malloc((npart + 4 * C) * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        cf.weight = _param(weight, C, part + npart, True)
+        cf.bias = _param(bias, C, part + npart + C, True)
+        cf.eps = eps
+        cf.mean = _vec(stats, 5 * C)
+        cf.var = cf.mean + C
+        cf.invstd = cf.mean + 2 * C
+        cf.scale = cf.mean + 3 * C
+        cf.shift = cf.mean + 4 * C
+        cf.renorm = 0
+        if renorm is not None:
+            cf.renorm = 1
+            cf.run_mean = _param(renorm[0], C, part + npart + 2 * C)
+            cf.run_std = _param(renorm[1], C, part + npart + 3 * C)
+            cf.r = _vec(renorm[2], C)
+            cf.d = _vec(renorm[3], C)
+            cf.rmin = renorm[4]
+            cf.rmax = renorm[5]
+            cf.dmax = renorm[6]
+        w.op = TRAIN
+        w.cf = &cf
+        w.gd = NULL
+        w.part = part
+        w.multi_row = _multi_row(C, reduce_bytes)
+        with nogil:
+            _run(view, is_double, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x),
+                 cnp.PyArray_DATA(y), &w, nthreads)
+    finally:
+        free(part)
+
+
+def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
+                  int nthreads, bint divisor_is_std=False):
+    """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
+    (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
+    may be None. With divisor_is_std, running_var holds a standard deviation and
+    y = (x - running_mean) * weight / running_var + bias (eps is not used)."""
+    cdef Planar p
+    cdef bint is_double
+    cdef Py_ssize_t c
+    cdef const double* rm
+    cdef const double* rv
+    cdef const double* w
+    cdef const double* b
+    cdef double* coef
+    _check_dims(view, N, C, S, nthreads)
+    is_double = _is_double(x, y, N * C * S)
+    p = _planar(N, C, S, 0)
+    coef = <double*>malloc(6 * C * sizeof(double))
+    if coef == NULL:
+        raise MemoryError()
+    try:
+        rm = _param(running_mean, C, coef + 2 * C)
+        rv = _param(running_var, C, coef + 3 * C)
+        w = _param(weight, C, coef + 4 * C, True)
+        b = _param(bias, C, coef + 5 * C, True)
+        with nogil:
+            for c in range(C):
+                coef[c] = (w[c] if w != NULL else 1.0) / (rv[c] if divisor_is_std
+                                                          else sqrt(rv[c] + eps))
+                coef[C + c] = b[c] if b != NULL else 0.0
+            if view == PLANAR and not is_double:
+                _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
+                              rm, coef, coef + C, nthreads)
+            elif view == PLANAR:
+                _planar_infer(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
+                              rm, coef, coef + C, nthreads)
+            elif not is_double:
+                _rows_infer(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
+                            rm, coef, coef + C, nthreads)
+            else:
+                _rows_infer(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
+                            rm, coef, coef + C, nthreads)
+    finally:
+        free(coef)
+
+
+def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
+             Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
+             cnp.ndarray grads, int nthreads):
+    """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
+    or float32: computed in double, rounded once) on a canonical view (see train_forward);
+    mean, invstd, weight: float32 or float64 (C,), weight may be None."""
+    cdef Planar p
+    cdef Grad gd
+    cdef Work w
+    cdef bint is_double
+    cdef double* part
+    cdef float* grads32 = NULL
+    cdef Py_ssize_t c, npart, reduce_bytes
+    _check_dims(view, N, C, S, nthreads)
+    is_double = _is_double(x, dx, N * C * S)
+    if _is_double(g, dx, N * C * S) != is_double:
+        raise TypeError("kernel gradient dtype differs")
+    if (cnp.PyArray_TYPE(grads) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(grads)
+            and cnp.PyArray_SIZE(grads) >= 2 * C and cnp.PyArray_ISWRITEABLE(grads)
+            and _native(grads)):
+        grads32 = <float*>cnp.PyArray_DATA(grads)
+    gd.training = training
+    gd.m = <double>(N * S)
+    reduce_bytes = 2 * N * C * S * cnp.PyArray_ITEMSIZE(x)
+    npart = _partials(view, N, C, S, reduce_bytes)
+    p = _planar(N, C, S, reduce_bytes)
+    part = <double*>malloc((npart + 8 * C) * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    gd.a = part + npart
+    gd.kx = gd.a + C
+    gd.k0 = gd.a + 2 * C
+    try:
+        gd.dweight = gd.a + 6 * C if grads32 != NULL else _vec(grads, 2 * C)
+        gd.dbias = gd.dweight + C
+        gd.mean = _param(mean, C, gd.a + 3 * C)
+        gd.invstd = _param(invstd, C, gd.a + 4 * C)
+        gd.weight = _param(weight, C, gd.a + 5 * C, True)
+        w.op = BACKWARD
+        w.cf = NULL
+        w.gd = &gd
+        w.part = part
+        w.multi_row = _multi_row(C, reduce_bytes)
+        with nogil:
+            _run(view, is_double, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x),
+                 cnp.PyArray_DATA(dx), &w, nthreads)
+            if grads32 != NULL:
+                for c in range(2 * C):
+                    grads32[c] = <float>gd.dweight[c]
+    finally:
+        free(part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-bandwidth yardsticks for the speed table: one read pass and one copy pass over an
+# array, split over the same threads as the kernels (the "roofline" of training forward).
+# They are compiled with the kernels, so they use the same vector instructions.
+# ---------------------------------------------------------------------------------------------
+
+cdef double _read_range(const float* x, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef float acc[LANES]
+    cdef Py_ssize_t lanes = _lanes
+    cdef Py_ssize_t i, j, nfull = (hi - lo) // lanes
+    cdef const float* q
+    cdef double s = 0
+    for j in range(lanes):
+        acc[j] = 0
+    for i in range(nfull):
+        q = x + lo + i * lanes
+        for j in range(lanes):
+            acc[j] = acc[j] + q[j]
+    for i in range(lo + nfull * lanes, hi):
+        s = s + x[i]
+    for j in range(lanes):
+        s = s + acc[j]
+    return s
+
+
+cdef void _copy_range(const float* x, float* y, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        y[i] = x[i]
+
+
+def read_pass(cnp.ndarray x, int nthreads):
+    """Sum a C-contiguous float32 array once (memory-bandwidth yardstick); returns the sum."""
+    cdef Py_ssize_t n, t, nt = nthreads
+    cdef double* part
+    cdef double total = 0
+    cdef const float* p
+    if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("read_pass takes a C-contiguous float32 array")
+    if nthreads < 1:
+        raise ValueError("nthreads must be >= 1")
+    n = cnp.PyArray_SIZE(x)
+    p = <const float*>cnp.PyArray_DATA(x)
+    part = <double*>malloc(nt * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for t in prange(nt, num_threads=nthreads, schedule="static"):
+                part[t] = _read_range(p, n * t // nt, n * (t + 1) // nt)
+            for t in range(nt):
+                total = total + part[t]
+    finally:
+        free(part)
+    return total
+
+
+def copy_pass(cnp.ndarray x, cnp.ndarray y, int nthreads):
+    """Copy a C-contiguous float32 array into another of its size (bandwidth yardstick)."""
+    cdef Py_ssize_t n, t, nt = nthreads
+    cdef const float* p
+    cdef float* q
+    if (cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(y) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(x) or not cnp.PyArray_IS_C_CONTIGUOUS(y)
+            or cnp.PyArray_SIZE(x) != cnp.PyArray_SIZE(y) or not cnp.PyArray_ISWRITEABLE(y)):
+        raise ValueError("copy_pass takes two C-contiguous float32 arrays of one size")
+    if nthreads < 1:
+        raise ValueError("nthreads must be >= 1")
+    n = cnp.PyArray_SIZE(x)
+    p = <const float*>cnp.PyArray_DATA(x)
+    q = <float*>cnp.PyArray_DATA(y)
+    with nogil:
+        for t in prange(nt, num_threads=nthreads, schedule="static"):
+            _copy_range(p, q, n * t // nt, n * (t + 1) // nt)

@@ -1,0 +1,316 @@
+# NCHW (planar) block arithmetic: the statistics and the fused backward sums of one block of
+# one channel, and the elementwise passes over one run. A block is BLOCK values at most: part
+# of one long run, or several short runs of the channel (one per sample, C*S values apart); it
+# is read twice at most while it sits in L1. The chunking of channels into blocks, and the
+# kernels that call these, are in nchw.pxi.
+
+
+cdef struct Block:
+    Py_ssize_t offset       # of the first value
+    Py_ssize_t length       # values per run
+    Py_ssize_t nrun         # runs
+    Py_ssize_t stride       # between runs (C * S)
+
+
+# Accumulator lanes of the block reductions. Kept in a module variable (always LANES) rather
+# than the compile-time constant: with a constant the compiler unrolls the lane loop and then
+# vectorizes across blocks with shuffles; with a run-time count it vectorizes the lane loop
+# itself, contiguously. Results depend on the lane count only, which is fixed.
+cdef Py_ssize_t _lanes = LANES
+
+
+cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
+    """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for 16 lanes (four
+    dependent additions deep), eight interleaved partial sums otherwise."""
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0
+    cdef Py_ssize_t j = 0
+    if lanes == 16:
+        return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
+                + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
+    # eight interleaved partial sums: the additions overlap instead of forming one chain
+    while j + 8 <= lanes:
+        s0 = s0 + a[j]
+        s1 = s1 + a[j + 1]
+        s2 = s2 + a[j + 2]
+        s3 = s3 + a[j + 3]
+        s4 = s4 + a[j + 4]
+        s5 = s5 + a[j + 5]
+        s6 = s6 + a[j + 6]
+        s7 = s7 + a[j + 7]
+        j = j + 8
+    while j < lanes:
+        s0 = s0 + a[j]
+        j = j + 1
+    return ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+
+
+cdef inline bint _long_runs(Block blk) noexcept nogil:
+    """Whether a block is summed run by run, each run in LANES lanes: one run, or fewer than
+    four runs of at least LANES values. One lane per position (the other way) pays off when
+    four runs share each update of a lane; with one to three runs every value would load
+    and store its lane, and the block would end summing as many lanes as a run is long."""
+    return blk.nrun == 1 or (blk.nrun < 4 and blk.length >= LANES)
+
+
+cdef inline Py_ssize_t _block_lanes(Block blk) noexcept nogil:
+    """Accumulator lanes for a block: LANES across long runs, or one lane per position of a
+    run when the block is four or more short runs (the runs are then summed like the rows
+    of a matrix, which vectorizes along the run however short it is)."""
+    if not _long_runs(blk) and blk.length >= 4:
+        return blk.length
+    return _lanes
+
+
+cdef inline double _cancel_limit(const floating* p) noexcept nogil:
+    """Largest accepted s2 / m2 of a shifted one-pass block (see _block_stats): the one-pass
+    m2 keeps a relative error below about 40 * limit * 2**-53, 5e-12 for float32 data (far
+    under its precision) and 1e-13 for float64."""
+    if floating is float:
+        return 1024.0
+    else:
+        return 16.0
+
+
+cdef inline Py_ssize_t _block_steps(Block blk, Py_ssize_t lanes, Py_ssize_t* step) noexcept nogil:
+    """A block as a number of steps of `lanes` consecutive values, step[0] apart: the
+    lane-sized pieces of each long run (the count is per run), or the runs themselves when
+    each run is one group of lanes. Runs shorter than 4 values have no steps (they are
+    summed one value at a time)."""
+    if _long_runs(blk):
+        step[0] = lanes
+        return blk.length // lanes
+    step[0] = blk.stride
+    return blk.nrun if lanes == blk.length else 0
+
+
+cdef inline Py_ssize_t _stepped(Block blk, Py_ssize_t lanes, Py_ssize_t nstep) noexcept nogil:
+    """Values of each run covered by the steps; the rest of each run is summed one by one."""
+    if _long_runs(blk):
+        return nstep * lanes
+    return blk.length if nstep > 0 else 0
+
+
+cdef inline void _devs_quad(const floating* q, Py_ssize_t step, Py_ssize_t lanes, double bm,
+                            double* acc, double* sq) noexcept nogil:
+    """Four steps at q, q + step, ... into the lanes: acc += sum of d, sq += sum of d^2 over
+    the four, d = x - bm. Each lane is read and written once for four values."""
+    cdef Py_ssize_t j
+    cdef double d0, d1, d2, d3
+    for j in range(lanes):
+        d0 = q[j] - bm
+        d1 = q[j + step] - bm
+        d2 = q[j + 2 * step] - bm
+        d3 = q[j + 3 * step] - bm
+        acc[j] = acc[j] + ((d0 + d1) + (d2 + d3))
+        sq[j] = sq[j] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+
+
+cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, double* acc,
+                           double* sq) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double d
+    for j in range(lanes):
+        d = q[j] - bm
+        acc[j] = acc[j] + d
+        sq[j] = sq[j] + d * d
+
+
+cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride,
+                           Py_ssize_t nstep, double bm, double* acc, double* sq) noexcept nogil:
+    """nstep steps of LANES values of each of nrun runs (stride apart) into acc[0:LANES],
+    sq[0:LANES] (as _devs_one on each step, run after run). The sums are kept in local
+    arrays of constant size, which the compiler holds in vector registers throughout."""
+    cdef double a[LANES]
+    cdef double s[LANES]
+    cdef double d
+    cdef Py_ssize_t i, j, k
+    cdef const floating* r
+    for j in range(LANES):
+        a[j] = 0
+        s[j] = 0
+    for k in range(nrun):
+        r = q + k * stride
+        for i in range(nstep):
+            for j in range(LANES):
+                d = r[i * LANES + j] - bm
+                a[j] = a[j] + d
+                s[j] = s[j] + d * d
+    for j in range(LANES):
+        acc[j] = a[j]
+        sq[j] = s[j]
+
+
+cdef inline void _block_devs(const floating* p, Block blk, double bm, double* s1,
+                             double* s2) noexcept nogil:
+    """s1 = sum(x - bm) and s2 = sum((x - bm)^2) over one block, one pass, in double lanes
+    that the compiler vectorizes without reassociating any lane's sum."""
+    cdef double acc[BLOCK]
+    cdef double sq[BLOCK]
+    cdef double t1 = 0, t2 = 0, d
+    cdef Py_ssize_t lanes = _block_lanes(blk)
+    cdef Py_ssize_t step, nstep = _block_steps(blk, lanes, &step)
+    cdef bint long_runs = _long_runs(blk)
+    cdef Py_ssize_t nquad = 0 if long_runs else nstep // 4
+    cdef Py_ssize_t i, j, k
+    cdef const floating* run
+    if REGISTER_LANES and long_runs:
+        _devs_run(p, blk.nrun, blk.stride, nstep, bm, acc, sq)
+    else:
+        for j in range(lanes):
+            acc[j] = 0
+            sq[j] = 0
+        if long_runs:
+            for k in range(blk.nrun):
+                for i in range(nstep):
+                    _devs_one(p + k * blk.stride + i * step, lanes, bm, acc, sq)
+        else:
+            for i in range(nquad):
+                _devs_quad(p + 4 * i * step, step, lanes, bm, acc, sq)
+            for i in range(4 * nquad, nstep):
+                _devs_one(p + i * step, lanes, bm, acc, sq)
+    for k in range(blk.nrun):
+        run = p + k * blk.stride
+        for i in range(_stepped(blk, lanes, nstep), blk.length):
+            d = run[i] - bm
+            t1 = t1 + d
+            t2 = t2 + d * d
+    s1[0] = t1 + _lane_sum(acc, lanes)
+    s2[0] = t2 + _lane_sum(sq, lanes)
+
+
+cdef inline void _block_stats(const floating* p, Block blk, double* mean,
+                              double* m2) noexcept nogil:
+    """Mean and centred sum of squares of one block (blk.nrun runs of blk.length values,
+    blk.stride apart; at most BLOCK values).
+
+    One pass sums d = x - K and d*d about the block's first value K (_block_devs):
+    m2 = sum(d^2) - sum(d)^2/L. The subtraction loses the digits of
+    sum(d^2) / m2 = 1 + L (K - mean)^2 / m2, and since K is one of the block's values,
+    (K - mean)^2 <= m2: at most log2(L + 1) bits of double's 53, whatever the size of the
+    mean. A block whose ratio exceeds _cancel_limit (float64 data, which keeps more digits,
+    with an outlier first value), or whose sums are not finite, is summed again about the
+    mean of the first pass while it sits in L1; the ratio is then close to 1.
+    The choice depends on the data only, so results stay the same for any thread count.
+    """
+    cdef double s1, s2, v
+    cdef double count = <double>(blk.length * blk.nrun)
+    cdef double bm = p[0]
+    _block_devs(p, blk, bm, &s1, &s2)
+    v = s2 - s1 * (s1 / count)
+    if not (v * _cancel_limit(p) >= s2):     # also when a sum is NaN or infinite
+        bm = bm + s1 / count
+        _block_devs(p, blk, bm, &s1, &s2)
+        v = s2 - s1 * (s1 / count)
+    mean[0] = bm + s1 / count
+    if v < 0:                  # rounding only; a NaN must stay NaN
+        v = 0.0
+    m2[0] = v
+
+
+cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
+                            Py_ssize_t lanes, double mean, double* acc,
+                            double* dt) noexcept nogil:
+    """Four steps into the lanes: acc += sum of g, dt += sum of g * (x - mean)."""
+    cdef Py_ssize_t j
+    for j in range(lanes):
+        # in double: two floats would be added in float
+        acc[j] = acc[j] + ((<double>g[j] + g[j + step])
+                           + (<double>g[j + 2 * step] + g[j + 3 * step]))
+        dt[j] = dt[j] + ((g[j] * (x[j] - mean) + g[j + step] * (x[j + step] - mean))
+                         + (g[j + 2 * step] * (x[j + 2 * step] - mean)
+                            + g[j + 3 * step] * (x[j + 3 * step] - mean)))
+
+
+cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
+                           double mean, double* acc, double* dt) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(lanes):
+        acc[j] = acc[j] + g[j]
+        dt[j] = dt[j] + g[j] * (x[j] - mean)
+
+
+cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
+                           Py_ssize_t stride, Py_ssize_t nstep, double mean, double* acc,
+                           double* dt) noexcept nogil:
+    """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
+    _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
+    cdef double a[LANES]
+    cdef double t[LANES]
+    cdef Py_ssize_t i, j, k
+    cdef const floating* gr
+    cdef const floating* xr
+    for j in range(LANES):
+        a[j] = 0
+        t[j] = 0
+    for k in range(nrun):
+        gr = g + k * stride
+        xr = x + k * stride
+        for i in range(nstep):
+            for j in range(LANES):
+                a[j] = a[j] + gr[i * LANES + j]
+                t[j] = t[j] + gr[i * LANES + j] * (xr[i * LANES + j] - mean)
+    for j in range(LANES):
+        acc[j] = a[j]
+        dt[j] = t[j]
+
+
+cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
+                             double* sum_g, double* dot) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
+    accumulated in double (lanes and steps as in _block_devs)."""
+    cdef double acc[BLOCK]
+    cdef double dt[BLOCK]
+    cdef double s = 0, t = 0
+    cdef Py_ssize_t lanes = _block_lanes(blk)
+    cdef Py_ssize_t step, nstep = _block_steps(blk, lanes, &step)
+    cdef bint long_runs = _long_runs(blk)
+    cdef Py_ssize_t nquad = 0 if long_runs else nstep // 4
+    cdef Py_ssize_t i, j, k, off
+    cdef const floating* gr
+    cdef const floating* xr
+    if REGISTER_LANES and long_runs:
+        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt)
+    else:
+        for j in range(lanes):
+            acc[j] = 0
+            dt[j] = 0
+        if long_runs:
+            for k in range(blk.nrun):
+                for i in range(nstep):
+                    off = k * blk.stride + i * step
+                    _sums_one(g + off, x + off, lanes, mean, acc, dt)
+        else:
+            for i in range(nquad):
+                _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
+            for i in range(4 * nquad, nstep):
+                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
+    for k in range(blk.nrun):
+        gr = g + k * blk.stride
+        xr = x + k * blk.stride
+        for i in range(_stepped(blk, lanes, nstep), blk.length):
+            s = s + gr[i]
+            t = t + gr[i] * (xr[i] - mean)
+    sum_g[0] = sum_g[0] + (s + _lane_sum(acc, lanes))
+    dot[0] = dot[0] + (t + _lane_sum(dt, lanes))
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
+                         double mean, double scale, double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift, (x - mean) in double."""
+    cdef Py_ssize_t i
+    for i in range(length):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
+cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                         double mean, double a, double kx, double k0,
+                         int training) noexcept nogil:
+    """dx = g * a + (x - mean) * kx + k0 in training (two multiply-adds per value);
+    dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach dx)."""
+    cdef Py_ssize_t i
+    if training:
+        for i in range(length):
+            dx[i] = <floating>(g[i] * a + ((x[i] - mean) * kx + k0))
+    else:
+        for i in range(length):
+            dx[i] = <floating>(g[i] * a)

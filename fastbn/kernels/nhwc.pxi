@@ -1,0 +1,432 @@
+# NHWC (rows) kernels on the (R, C) view: training forward (statistics, then normalization),
+# inference, and backward (the fused sums, then dx). Used for channels-last memory of any
+# ndim and for (N, C) inputs.
+#
+# The reductions cut the rows into chunks of about ROW_CHUNK_VALUES values (the same for
+# every channel), keep C-length partials per chunk and merge them in chunk order; an input of
+# at most MIN_CHUNK_ROWS rows is one chunk, whose channels the threads split instead.
+
+cdef inline Py_ssize_t _spread_rows(Py_ssize_t R, Py_ssize_t rpc) noexcept nogil:
+    """Rows per chunk for chunks of about rpc rows: the chunk count rounded up to a multiple
+    of 4 and the rows spread evenly over the chunks, so that 2 or 4 threads get equal
+    shares."""
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    if nchunk > 1:
+        nchunk = (nchunk + 3) // 4 * 4
+    return (R + nchunk - 1) // nchunk if nchunk > 0 else rpc
+
+
+cdef inline Py_ssize_t _rows_per_chunk(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    """Rows per chunk of the reductions: about ROW_CHUNK_VALUES values and at least
+    MIN_CHUNK_ROWS rows (see _spread_rows). Depends on the shape only; an input of at most
+    MIN_CHUNK_ROWS rows is one chunk, whose channels the threads split (see _rows_run)."""
+    cdef Py_ssize_t rpc = ROW_CHUNK_VALUES // C if C > 0 else ROW_CHUNK_VALUES
+    if rpc < MIN_CHUNK_ROWS:
+        rpc = MIN_CHUNK_ROWS
+    return _spread_rows(R, rpc)
+
+
+cdef inline Py_ssize_t _rows_per_task(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    """Rows per task of the normalizing passes, which keep no partials: about
+    ROW_CHUNK_VALUES values, however few the rows (see _spread_rows)."""
+    return _spread_rows(R, ROW_CHUNK_VALUES // C if C < ROW_CHUNK_VALUES else 1)
+
+
+cdef inline bint _multi_row(Py_ssize_t C, Py_ssize_t reduce_bytes) noexcept nogil:
+    """Whether a rows kernel updates several rows per sweep over the channels; `reduce_bytes`
+    is the number of bytes a reduction pass reads (x, or g and x), 0 for the normalizing passes.
+
+    One row at a time reads x as a single sequential stream, which the hardware prefetchers
+    follow best; several rows per sweep share each load and store of the per-channel
+    coefficients or accumulators. That pays once those arrays outgrow L1 (C >= WIDE_ROWS),
+    and in the reductions for narrow rows (C < NARROW_ROWS), whose accumulator chains are
+    short, or whose data stays in the last-level cache (reduce_bytes <= CACHED_BYTES), where the
+    accumulator stores, not the prefetchers, set the pace. Measured (2 threads, float32,
+    NHWC): from DRAM, one row per sweep is 1.1-1.4x faster for C = 128 to 512; from cache,
+    four rows per sweep are 1.15-1.25x faster in the statistics and up to 1.2x in the
+    backward sums for C = 64 to 768; several rows per sweep are 1.3-1.5x faster for
+    C >= 1024 everywhere, and for C = 32 statistics 1.2-1.5x faster.
+    The choice depends on the shape only, so results do not depend on the thread count.
+    """
+    if C >= WIDE_ROWS:
+        return True
+    return reduce_bytes > 0 and (C < NARROW_ROWS or reduce_bytes <= CACHED_BYTES)
+
+
+cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_ssize_t b0,
+                              Py_ssize_t b1, double* mean, double* m2) noexcept nogil:
+    """Mean and m2 of channel c over rows [b0, b1) in two passes (the fallback of
+    _rows_chunk_stats for a tile whose one-pass sums would cancel)."""
+    cdef Py_ssize_t r
+    cdef double s = 0, s1 = 0, s2 = 0, bm, d
+    cdef double nb = <double>(b1 - b0)
+    for r in range(b0, b1):
+        s = s + x[r * C + c]
+    bm = s / nb
+    for r in range(b0, b1):
+        d = x[r * C + c] - bm
+        s1 = s1 + d
+        s2 = s2 + d * d
+    mean[0] = bm + s1 / nb
+    s2 = s2 - s1 * (s1 / nb)
+    if s2 < 0:                 # rounding only; a NaN must stay NaN
+        s2 = 0.0
+    m2[0] = s2
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward: statistics per chunk of rows, merged along the channels, then the
+# normalization
+# ---------------------------------------------------------------------------------------------
+
+cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
+                            Py_ssize_t r0, Py_ssize_t r1, double* cmean, double* cm2,
+                            bint multi_row) noexcept nogil:
+    """Mean and m2 of channels [c0, c1) (of C) over rows [r0, r1), into cmean[c], cm2[c],
+    tile by tile: the TILE_ROWS rows of a tile are read once in memory order, summing
+    d = x - pivot and d*d in double about the tile's first row (as _block_stats does; a
+    channel whose sums would cancel is redone in two passes), and each tile is merged into
+    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1)."""
+    cdef Py_ssize_t width = c1 - c0
+    cdef double* work = <double*>malloc(4 * width * sizeof(double))
+    cdef double* pivot = work
+    cdef double* s1 = work + width          # then the tile's mean
+    cdef double* s2 = work + 2 * width
+    cdef double* tile_m2 = work + 3 * width
+    cdef double d, d1, d2, d3, k
+    cdef Py_ssize_t c, r, b0, b1, ib
+    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    cdef double nb, n = 0, t1
+    cdef double limit = _cancel_limit(x)
+    cdef const floating* row
+    if work == NULL:           # out of memory: NaN statistics rather than a crash
+        for c in range(c0, c1):
+            cmean[c] = NAN
+            cm2[c] = NAN
+        return
+    x = x + c0                 # channel c0 + c of row r is x[r * C + c] from here on
+    cmean = cmean + c0
+    cm2 = cm2 + c0
+    for ib in range(nrb):
+        b0 = r0 + ib * TILE_ROWS
+        b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
+        nb = <double>(b1 - b0)
+        row = x + b0 * C
+        for c in range(width):
+            pivot[c] = row[c]
+            s1[c] = 0
+            s2[c] = 0
+        r = b0
+        while multi_row and r + 4 <= b1:        # four rows per sweep
+            row = x + r * C
+            for c in range(width):
+                k = pivot[c]
+                d = row[c] - k
+                d1 = row[C + c] - k
+                d2 = row[2 * C + c] - k
+                d3 = row[3 * C + c] - k
+                s1[c] = s1[c] + ((d + d1) + (d2 + d3))
+                s2[c] = s2[c] + ((d * d + d1 * d1) + (d2 * d2 + d3 * d3))
+            r = r + 4
+        while r < b1:
+            row = x + r * C
+            for c in range(width):
+                d = row[c] - pivot[c]
+                s1[c] = s1[c] + d
+                s2[c] = s2[c] + d * d
+            r = r + 1
+        # the tile's mean into s1 and its m2, in straight loops the compiler vectorizes;
+        # then the rare channels whose one-pass sums cancelled, in two passes
+        for c in range(width):
+            t1 = s1[c]
+            s1[c] = pivot[c] + t1 / nb
+            tile_m2[c] = s2[c] - t1 * (t1 / nb)
+        for c in range(width):
+            if not (tile_m2[c] * limit >= s2[c]):
+                _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &tile_m2[c])
+        _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
+        n = n + nb
+    free(work)
+
+
+cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
+                            Py_ssize_t rpc, Py_ssize_t nchunk, Py_ssize_t c0,
+                            Py_ssize_t c1) noexcept nogil:
+    """Merge the chunk partials of channels [c0, c1) in chunk order (as _chan_merge), then
+    their coefficients. A chunk holds the same rows for every channel, so the merge runs
+    along the channels (_chan_merge_all)."""
+    cdef double n = 0, nb
+    cdef Py_ssize_t k, c, r0
+    for k in range(nchunk):
+        r0 = k * rpc
+        nb = <double>(_stop(k, rpc, R) - r0)
+        # cf.var holds the running m2 until the coefficients
+        _chan_merge_all(cf.mean + c0, cf.var + c0, part + 2 * k * C + c0,
+                        part + (2 * k + 1) * C + c0, c1 - c0, n, nb)
+        n = n + nb
+    for c in range(c0, c1):
+        cf.var[c] = cf.var[c] / n
+    _set_coefs(cf, c0, c1)
+
+
+cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                       Py_ssize_t r1, const double* mean, const double* scale,
+                       const double* shift) noexcept nogil:
+    """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
+    memory; for wide rows, four rows share each load of the per-channel coefficients."""
+    cdef Py_ssize_t c, r = r0
+    cdef bint multi_row = _multi_row(C, 0)
+    cdef const floating* x0
+    cdef const floating* x1
+    cdef const floating* x2
+    cdef const floating* x3
+    cdef floating* y0
+    cdef floating* y1
+    cdef floating* y2
+    cdef floating* y3
+    cdef double m, a, b
+    while multi_row and r + 4 <= r1:
+        x0 = x + r * C
+        x1 = x0 + C
+        x2 = x1 + C
+        x3 = x2 + C
+        y0 = y + r * C
+        y1 = y0 + C
+        y2 = y1 + C
+        y3 = y2 + C
+        for c in range(C):
+            m = mean[c]
+            a = scale[c]
+            b = shift[c]
+            y0[c] = <floating>((x0[c] - m) * a + b)
+            y1[c] = <floating>((x1[c] - m) * a + b)
+            y2[c] = <floating>((x2[c] - m) * a + b)
+            y3[c] = <floating>((x3[c] - m) * a + b)
+        r = r + 4
+    while r < r1:
+        x0 = x + r * C
+        y0 = y + r * C
+        for c in range(C):
+            y0[c] = <floating>((x0[c] - mean[c]) * scale[c] + shift[c])
+        r = r + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: the two sums per chunk of rows, added along the channels, then dx
+# ---------------------------------------------------------------------------------------------
+
+cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
+                           Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const double* mean,
+                           double* sg, double* sd, bint multi_row) noexcept nogil:
+    """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
+    sg[c], sd[c]: one pass in memory order, accumulated in double."""
+    cdef Py_ssize_t c, r
+    cdef Py_ssize_t width = c1 - c0
+    cdef const floating* xr
+    cdef const floating* gr
+    g = g + c0
+    x = x + c0
+    mean = mean + c0
+    sg = sg + c0
+    sd = sd + c0
+    for c in range(width):
+        sg[c] = 0
+        sd[c] = 0
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
+    cdef double m
+    for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
+        xr = x + r * C
+        gr = g + r * C
+        for c in range(width):
+            m = mean[c]
+            sg[c] = sg[c] + ((<double>gr[c] + gr[C + c]) + (<double>gr[2 * C + c] + gr[3 * C + c]))
+            sd[c] = sd[c] + ((gr[c] * (xr[c] - m) + gr[C + c] * (xr[C + c] - m))
+                             + (gr[2 * C + c] * (xr[2 * C + c] - m)
+                                + gr[3 * C + c] * (xr[3 * C + c] - m)))
+    for r in range(r4, r1):
+        xr = x + r * C
+        gr = g + r * C
+        for c in range(width):
+            sg[c] = sg[c] + gr[c]
+            sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
+
+
+
+cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
+                           Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Add up the chunk sums of channels [c0, c1) in chunk order, in loops along the
+    channels, then their dweight, dbias and dx constants (_grad_coef)."""
+    cdef double* sum_g = gd.dbias        # the running sums until _grad_coef
+    cdef double* dot = gd.dweight
+    cdef const double* ps
+    cdef const double* pd
+    cdef Py_ssize_t k, c
+    for c in range(c0, c1):
+        sum_g[c] = 0
+        dot[c] = 0
+    for k in range(nchunk):
+        ps = part + 2 * k * C
+        pd = part + (2 * k + 1) * C
+        for c in range(c0, c1):
+            sum_g[c] = sum_g[c] + ps[c]
+            dot[c] = dot[c] + pd[c]
+    for c in range(c0, c1):
+        _grad_coef(gd, c, sum_g[c], dot[c])
+
+
+
+cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
+    """dx on rows [r0, r1), in row order; for wide rows, two rows share each coefficient
+    load."""
+    cdef Py_ssize_t c, r = r0
+    cdef const double* mean = gd.mean
+    cdef const double* a = gd.a
+    cdef const double* kx = gd.kx
+    cdef const double* k0 = gd.k0
+    cdef const floating* g0
+    cdef const floating* g1
+    cdef const floating* x0
+    cdef const floating* x1
+    cdef floating* d0
+    cdef floating* d1
+    cdef double m, aa, kkx, kk0
+    if not gd.training:        # fixed statistics: dx = g * a, x is not read
+        for r in range(r0, r1):
+            g0 = g + r * C
+            d0 = dx + r * C
+            for c in range(C):
+                d0[c] = <floating>(g0[c] * a[c])
+        return
+    while r + 2 <= r1 and _multi_row(C, 0):
+        g0 = g + r * C
+        g1 = g0 + C
+        x0 = x + r * C
+        x1 = x0 + C
+        d0 = dx + r * C
+        d1 = d0 + C
+        for c in range(C):
+            m = mean[c]
+            aa = a[c]
+            kkx = kx[c]
+            kk0 = k0[c]
+            d0[c] = <floating>(g0[c] * aa + ((x0[c] - m) * kkx + kk0))
+            d1[c] = <floating>(g1[c] * aa + ((x1[c] - m) * kkx + kk0))
+        r = r + 2
+    while r < r1:
+        g0 = g + r * C
+        x0 = x + r * C
+        d0 = dx + r * C
+        for c in range(C):
+            d0[c] = <floating>(g0[c] * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
+        r = r + 1
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The three phases of a training forward or a backward, and their schedule
+# ---------------------------------------------------------------------------------------------
+# Each prange body below is one call, so that every local is private to its thread.
+
+cdef inline void _rows_reduce(const floating* a, const floating* b, const Work* w,
+                              Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0,
+                              Py_ssize_t r1, Py_ssize_t k) noexcept nogil:
+    """Partials of channels [c0, c1) over rows [r0, r1), into chunk k's rows of w.part."""
+    if w.op == TRAIN:
+        _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
+                          w.multi_row)
+    else:
+        _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd.mean, w.part + 2 * k * C,
+                         w.part + (2 * k + 1) * C, w.multi_row)
+
+
+cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,
+                            Py_ssize_t nchunk, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Merge the chunk partials of channels [c0, c1); then their coefficients."""
+    if w.op == TRAIN:
+        _rows_train_coefs(w.cf, w.part, R, C, rpc, nchunk, c0, c1)
+    else:
+        _rows_grad_coefs(w.gd, w.part, C, nchunk, c0, c1)
+
+
+cdef inline void _rows_apply(const floating* a, const floating* b, floating* out,
+                             const Work* w, Py_ssize_t C, Py_ssize_t r0,
+                             Py_ssize_t r1) noexcept nogil:
+    """y (or dx) of rows [r0, r1)."""
+    if w.op == TRAIN:
+        _rows_affine(a, out, C, r0, r1, w.cf.mean, w.cf.scale, w.cf.shift)
+    else:
+        _rows_dx(a, b, out, C, r0, r1, w.gd)
+
+
+cdef void _rows_columns(const floating* a, const floating* b, const Work* w, Py_ssize_t R,
+                        Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Partials and coefficients of channels [c0, c1) over all R rows as one chunk."""
+    _rows_reduce(a, b, w, C, c0, c1, 0, R, 0)
+    _rows_coef(w, R, C, R, 1, c0, c1)
+
+
+cdef inline Py_ssize_t _col_width(Py_ssize_t C, int nthreads) noexcept nogil:
+    """Channels per block when the threads of a rows kernel split the channels (all rows
+    are one chunk): an equal share rounded up to a multiple of 16, so that two threads never
+    write to the same 64-byte line of a row."""
+    cdef Py_ssize_t w = (C + nthreads - 1) // nthreads
+    return (w + 15) // 16 * 16
+
+
+
+cdef void _rows_run(const floating* a, const floating* b, floating* out, Py_ssize_t R,
+                    Py_ssize_t C, const Work* w, int nthreads) noexcept nogil:
+    """A training forward (w.op TRAIN: a = x, out = y) or backward (BACKWARD: a = g, b = x,
+    out = dx) on nthreads threads."""
+    cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t cw = _col_width(C, nthreads)
+    cdef Py_ssize_t ncol = (C + cw - 1) // cw
+    cdef Py_ssize_t rpt = _rows_per_task(R, C)
+    cdef Py_ssize_t k
+    if nthreads == 1:
+        for k in range(nchunk):
+            _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
+        _rows_coef(w, R, C, rpc, nchunk, 0, C)
+        for k in range(nchunk):
+            _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
+    elif nchunk == 1:
+        # few rows of many channels (R <= MIN_CHUNK_ROWS): the threads split the channels
+        # for the reduction (each channel's arithmetic is that of the one-thread call),
+        # then the rows for the normalizing pass (whole rows stream best)
+        with parallel(num_threads=nthreads):
+            for k in prange(ncol, schedule="static"):
+                _rows_columns(a, b, w, R, C, k * cw, _stop(k, cw, C))
+            _barrier()
+            for k in prange((R + rpt - 1) // rpt, schedule="static"):
+                _rows_apply(a, b, out, w, C, k * rpt, _stop(k, rpt, R))
+    else:
+        with parallel(num_threads=nthreads):
+            for k in prange(nchunk, schedule="static"):
+                _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
+            _barrier()
+            for k in prange(ncol, schedule="static"):
+                _rows_coef(w, R, C, rpc, nchunk, k * cw, _stop(k, cw, C))
+            _barrier()
+            for k in prange(nchunk, schedule="static"):
+                _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: one elementwise pass
+# ---------------------------------------------------------------------------------------------
+
+cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
+                      const double* mean, const double* scale, const double* shift,
+                      int nthreads) noexcept nogil:
+    cdef Py_ssize_t rpc = _rows_per_task(R, C)
+    cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
+    cdef Py_ssize_t k
+    if nthreads == 1:
+        for k in range(nchunk):
+            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), mean, scale, shift)
+        return
+    for k in prange(nchunk, num_threads=nthreads, schedule="static"):
+        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), mean, scale, shift)
+
