@@ -12,8 +12,10 @@ import numpy as np
 from . import _config, _threads, functional, reference, renorm
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
-          (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
-LARGE = SHAPES[:4]
+          (16, 128, 28, 28), (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
+LARGE = SHAPES[:3]             # beyond the caches: memory-bound
+CACHED = SHAPES[3:5]           # in the last-level cache, compute-bound
+SMALL = SHAPES[5:]
 QUICK_SHAPES = [(32, 256, 56, 56), (1, 64, 56, 56), (8, 32, 8, 8), (256, 1024)]
 OPS = ("train", "infer", "backward")
 
@@ -52,6 +54,7 @@ class Case:
         self.rm = np.zeros(self.w.shape, dtype)
         self.rv = np.ones(self.w.shape, dtype)
         self.y_out = np.empty_like(self.x)
+        self.y_out.fill(0)     # faulted in: out= calls never pay page faults
         _, self.mean, self.invstd = functional.batch_norm_train(self.x, self.w, self.b,
                                                                 layout=layout)
         self.torch = torch
@@ -83,6 +86,13 @@ class Case:
         if op == "infer":
             return lambda: functional.batch_norm_infer(x, self.rm, self.rv, self.w, self.b,
                                                        layout=L, num_threads=n)
+        if op == "infer_out":
+            return lambda: functional.batch_norm_infer(x, self.rm, self.rv, self.w, self.b,
+                                                       layout=L, out=self.y_out, num_threads=n)
+        if op == "backward_out":
+            return lambda: functional.batch_norm_backward(self.dy, x, self.mean, self.invstd,
+                                                          self.w, layout=L, out=self.y_out,
+                                                          num_threads=n)
         return lambda: functional.batch_norm_backward(self.dy, x, self.mean, self.invstd,
                                                       self.w, layout=L, num_threads=n)
 
@@ -212,6 +222,8 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
             print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
                   f"batch_renorm_train / batch_norm_train: {row['vs_bn']:.2f}",
                   file=file, flush=True)
+            if nbytes > (8 << 20):
+                rows.append(self_ratios(case, shape, layout, rows, rounds, file))
             if roofline and nbytes > (8 << 20):
                 t_out, t_read, t_copy = interleaved(
                     [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
@@ -229,6 +241,29 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
               "(Caffe's BLAS call sequence)", file=file)
         _bench_caffe.main(file=file, shapes=[s for s in shapes if len(s) == 4][:2], rounds=rounds)
     return rows
+
+
+def self_ratios(case, shape, layout, rows, rounds, file):
+    """fastbn against itself on one large input: training and backward against inference
+    (with fresh outputs, from the rows already timed, and with out=), and the NHWC training
+    forward against inference plus one read pass (its statistics need a pass of their own).
+    These ratios depend on the memory system only, not on a peer."""
+    t_train, t_infer, t_bwd, t_read = interleaved(
+        [case.fast("train_out"), case.fast("infer_out"), case.fast("backward_out"),
+         case.read_pass()], rounds)
+    fresh = {r["op"]: r["fastbn"] for r in rows
+             if r["shape"] == shape and r["layout"] == layout and r["op"] in OPS}
+    row = dict(shape=shape, layout=layout, op="self", train_out=t_train, infer_out=t_infer,
+               backward_out=t_bwd, read=t_read,
+               train_infer_fresh=_ratio(fresh.get("train", np.nan), fresh.get("infer", np.nan)),
+               train_infer_out=t_train / t_infer, backward_infer_out=t_bwd / t_infer,
+               train_vs_infer_read=t_train / (t_infer + 1.3 * t_read))
+    print(f"{str(shape):<20} {layout:<6} {'self':<9} train/infer {row['train_infer_fresh']:.2f} "
+          f"(fresh), {row['train_infer_out']:.2f} (out=); backward/infer (out=) "
+          f"{row['backward_infer_out']:.2f}; train(out=) / (infer(out=) + 1.3 read) "
+          f"{row['train_vs_infer_read']:.2f} ({t_train * 1e3:.3f} vs {t_infer * 1e3:.3f} + "
+          f"1.3 x {t_read * 1e3:.3f} ms)", file=file, flush=True)
+    return row
 
 
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
@@ -279,6 +314,14 @@ def markdown(rows, threads, dtype=np.float32):
         elif r["op"] == "brn_train":
             extra.append(f"| {shape} | {r['layout']} | batch_renorm_train / batch_norm_train "
                          f"| {ratio(r['vs_bn'])} |")
+        elif r["op"] == "self":
+            extra.append(f"| {shape} | {r['layout']} | train / infer (fresh outputs; out=) | "
+                         f"{ratio(r['train_infer_fresh'])}; {ratio(r['train_infer_out'])} |")
+            extra.append(f"| {shape} | {r['layout']} | backward / infer (out=) | "
+                         f"{ratio(r['backward_infer_out'])} |")
+            extra.append(f"| {shape} | {r['layout']} | train(out=) / (infer(out=) + 1.3 read "
+                         f"pass) | {ratio(r['train_vs_infer_read'])} ({ms(r['train_out'])} ms "
+                         f"vs {ms(r['infer_out'])} + 1.3 x {ms(r['read'])}) |")
         elif r["op"] == "train_out":
             extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
                          f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "

@@ -33,9 +33,12 @@ DTYPES = (np.float32, np.float64)
 SCALES = {np.float32: (1e-30, 1e-3, 1.0, 1e3, 1e30), np.float64: (1e-150, 1e-3, 1.0, 1e3, 1e150)}
 REL64 = 1e-11          # float64 rounding allowance relative to the term magnitudes
 # Extra allowance for float32 inputs relative to the centred magnitudes |x - mean| (never to
-# the offset |x|), for kernels that accumulate float32 blocks in float32; fastbn accumulates
-# in float64, so none is granted.
-REL32 = 0.0
+# the offset |x|), for the float32 arithmetic of fastbn's float32 kernels: the elementwise
+# passes (y, dx) and the backward's dot sum(dy * (x - mean)) run in float32 around the mean
+# split into a float32 value and its remainder, in blocks of at most 32 terms per lane
+# summed in double; sum(dy) and the statistics stay in double (their bound32 terms are
+# get none). 16 float32 units of rounding: the docs/math.rst bar is 8 on y.
+REL32 = 16 * 2.0 ** -24
 
 
 def _channel_axis(layout, ndim):
@@ -277,9 +280,8 @@ def test_train_matches_reference(data):
         spread = _channel_max(x0, layout, centre=mr)
         with np.errstate(invalid="ignore", over="ignore"):
             xc = np.abs(x0.astype(np.float64) - _bc(mr, x0.ndim, axis))
-            b32 = dict(mean=spread, invstd=ir,
-                       y=(xc + _bc(spread, x0.ndim, axis)) * _bc(np.abs(wv) * ir, x0.ndim, axis),
-                       rm=spread, rv=spread ** 2 + var_r)
+            # the statistics and running statistics are computed in double: no allowance
+            b32 = dict(y=(xc + _bc(spread, x0.ndim, axis)) * _bc(np.abs(wv) * ir, x0.ndim, axis))
     skip_y = np.broadcast_to(degen.reshape(_bc(degen, x0.ndim, axis).shape), shape)
     _assert_close("mean", mean, mr, 10 * xmax, np.float64, bound32=b32.get("mean"))
     _assert_close("invstd", invstd, ir, ir * (1 + kappa) * 10, np.float64, skip=degen,
@@ -386,7 +388,8 @@ def test_backward_matches_reference(data):
             sdc = (ag * xc).sum(axis=red)
             inner32 = (_bc(sg / m, nd, axis) + xc * _bc(sdc / m * ist * ist, nd, axis)
                        if training and m else 0 * ag)
-            b32 = dict(db=sg, dw=sdc * ist, dx=inner32 * _bc(np.abs(wv) * ist, nd, axis))
+            # sum(dy) is accumulated in double: no allowance for dbias
+            b32 = dict(dw=sdc * ist, dx=inner32 * _bc(np.abs(wv) * ist, nd, axis))
     _assert_close("dbias", db, dbr, sg, dtype, bound32=b32.get("db"))
     _assert_close("dweight", dw, dwr, sd * ist, dtype, bound32=b32.get("dw"))
     # training=False: dx = dy * invstd * weight does not involve x (a NaN in x stays out)

@@ -23,7 +23,7 @@
 
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MAX, FLT_MAX
-from libc.math cimport NAN, sqrt
+from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
 
 cimport numpy as cnp
@@ -52,6 +52,12 @@ cdef extern from *:
 
 
 ctypedef fused floating:
+    float
+    double
+
+# accumulator type of a reduction (float32 lanes for float32 data where they are exact
+# enough, double otherwise)
+ctypedef fused acc_t:
     float
     double
 
@@ -109,6 +115,51 @@ cdef enum:
     CACHED_BYTES = 1 << 23
 
 
+# float32 arithmetic on float32 data keeps its relative precision, with room for the products
+# of a pass, while every coefficient and sum stays within [F32_SMALL, F32_BIG] (or is 0)
+cdef extern from *:
+    """
+    #define FASTBN_F32_BIG 1e30
+    #define FASTBN_F32_SMALL 1e-30
+    """
+    const double F32_BIG "FASTBN_F32_BIG"
+    const double F32_SMALL "FASTBN_F32_SMALL"
+
+
+cdef inline bint _f32_fits(double v) noexcept nogil:
+    """Whether v is 0, or of a size float32 carries with its full relative precision and
+    room to spare, or NaN (which float32 propagates as double does); infinities are not."""
+    cdef double a = fabs(v)
+    return not (a > F32_BIG) and (a >= F32_SMALL or v == 0 or v != v)
+
+
+cdef inline bint _f32_bounded(double v) noexcept nogil:
+    """Whether |v| <= F32_BIG, or v is NaN (tiny values are fine where their rounding error
+    is tiny too)."""
+    return not (fabs(v) > F32_BIG)
+
+
+cdef inline bint _f32_coefs_ok(double mean, double scale, double shift) noexcept nogil:
+    """Whether (x - mean) * scale + shift can run in float32 (see nchw_blocks.pxi): the mean
+    and shift bounded, the scale representable with its precision. NaN coefficients are
+    fine: the channel's outputs are NaN either way."""
+    return _f32_bounded(mean) and _f32_bounded(shift) and _f32_fits(scale)
+
+
+cdef inline bint _dx32_ok(double mean, double gmean, double a, double kx,
+                          double c) noexcept nogil:
+    """Whether dx = ((g - gmean) * a + (x - mean) * kx + c can run in float32."""
+    return (_f32_bounded(mean) and _f32_bounded(gmean) and _f32_bounded(c) and _f32_fits(a)
+            and _f32_fits(kx))
+
+
+cdef inline bint _f32_sum_ok(double s) noexcept nogil:
+    """Whether a block sum made in float32 lanes can be kept: finite, and not so small that
+    its terms may have underflowed (0 is kept only when exact, i.e. summed again)."""
+    cdef double a = fabs(s)
+    return a >= F32_SMALL and a <= F32_BIG
+
+
 cdef inline Py_ssize_t _stop(Py_ssize_t k, Py_ssize_t per, Py_ssize_t total) noexcept nogil:
     """End of piece k when `total` items are cut into pieces of `per`: min((k+1)*per, total)."""
     cdef Py_ssize_t end = (k + 1) * per
@@ -163,6 +214,41 @@ cdef inline void _chan_merge_all(double* mean, double* m2, const double* mb,
 # Per-channel coefficients
 # ---------------------------------------------------------------------------------------------
 
+cdef struct Affine:
+    # y = (x - mean) * scale + shift per channel (length C), and its float32 form for float32
+    # data, y = (x - mean32) * scale32 + shift32 (see nchw_blocks.pxi), which channel c may
+    # use where ok32[c] (the rows kernels use it when every channel may)
+    const double* mean
+    const double* scale
+    const double* shift
+    float* mean32
+    float* scale32
+    float* shift32
+    unsigned char* ok32
+
+
+cdef inline void _affine32(Affine* af, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """The float32 form of channels [c0, c1) of af."""
+    cdef Py_ssize_t c
+    cdef float m32
+    cdef double shift
+    for c in range(c0, c1):
+        m32 = <float>af.mean[c] if _f32_bounded(af.mean[c]) else 0.0
+        shift = af.shift[c] - (af.mean[c] - <double>m32) * af.scale[c]
+        af.mean32[c] = m32
+        af.scale32[c] = <float>af.scale[c]
+        af.shift32[c] = <float>shift
+        af.ok32[c] = _f32_coefs_ok(af.mean[c], af.scale[c], shift)
+
+
+cdef inline bint _all_set(const unsigned char* flags, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef unsigned char all_set = 1
+    for i in range(n):
+        all_set = all_set & flags[i]
+    return all_set
+
+
 cdef struct Coef:
     # inputs (weight, bias: NULL means 1 and 0)
     const double* weight
@@ -183,6 +269,7 @@ cdef struct Coef:
     double* shift
     double* r
     double* d
+    Affine af           # mean, scale, shift as above, and their float32 form
 
 
 cdef inline double _clip(double v, double lo, double hi) noexcept nogil:
@@ -216,6 +303,7 @@ cdef void _set_coefs(Coef* cf, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
         else:
             cf.scale[c] = w * cf.invstd[c]
             cf.shift[c] = b
+    _affine32(&cf.af, c0, c1)
 
 
 cdef struct Grad:
@@ -231,22 +319,47 @@ cdef struct Grad:
     double* a           # dx = g * a + (x - mean) * kx + k0
     double* kx
     double* k0
+    double* gmean       # sum(g) / m in training (k0 = -gmean * a), else 0
+    # float32 data (else NULL): the mean rounded to float32 and what it leaves, and dx in
+    # float32 as ((g - gmean32) - gmean_lo32) * a32 + ((x - mean32) * kx32 + c32), with
+    # c32 = -(mean - mean32) * kx, usable where ok32[c] (see nchw_blocks.pxi)
+    float* mean32
+    double* mean_lo
+    float* gmean32
+    float* gmean_lo32
+    float* a32
+    float* kx32
+    float* c32
+    unsigned char* ok32
 
 
 cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
     """dweight, dbias and the dx constants of channel c from its two sums."""
     cdef double istd = gd.invstd[c]
+    cdef float gm32
+    cdef double c32
     gd.dweight[c] = dot * istd
     gd.dbias[c] = sum_g
     cdef double a = istd * gd.weight[c] if gd.weight != NULL else istd
     gd.a[c] = a
     if gd.training:
         # dx = (g - sum_g/m - (x - mean) * dot/m * istd^2) * a
-        gd.k0[c] = -(sum_g / gd.m) * a
+        gd.gmean[c] = sum_g / gd.m
+        gd.k0[c] = -(gd.gmean[c]) * a
         gd.kx[c] = -(dot / gd.m * istd * istd) * a
     else:
+        gd.gmean[c] = 0.0
         gd.k0[c] = 0.0
         gd.kx[c] = 0.0
+    if gd.mean32 != NULL:
+        gm32 = <float>gd.gmean[c] if _f32_bounded(gd.gmean[c]) else 0.0
+        c32 = -gd.mean_lo[c] * gd.kx[c]
+        gd.gmean32[c] = gm32
+        gd.gmean_lo32[c] = <float>(gd.gmean[c] - <double>gm32)
+        gd.a32[c] = <float>a
+        gd.kx32[c] = <float>gd.kx[c]
+        gd.c32[c] = <float>c32
+        gd.ok32[c] = _dx32_ok(gd.mean[c], gd.gmean[c], a, gd.kx[c], c32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,23 @@ cdef const double* _param(object a, Py_ssize_t n, double* scratch,
     return scratch
 
 
+# bytes per channel of an Affine's float32 form (mean32, scale32, shift32, ok32)
+cdef enum:
+    _AFFINE32_BYTES = 3 * sizeof(float) + 1
+
+
+cdef void _affine_arrays(Affine* af, const double* mean, const double* scale,
+                         const double* shift, char* mem, Py_ssize_t C) noexcept nogil:
+    """af over the double coefficients, its float32 form in mem (_AFFINE32_BYTES * C)."""
+    af.mean = mean
+    af.scale = scale
+    af.shift = shift
+    af.mean32 = <float*>mem
+    af.scale32 = af.mean32 + C
+    af.shift32 = af.mean32 + 2 * C
+    af.ok32 = <unsigned char*>(af.mean32 + 3 * C)
+
+
 cdef void _check_dims(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       int nthreads) except *:
     if view not in (PLANAR, ROWS) or N < 1 or C < 1 or S < 1 or nthreads < 1:
@@ -155,7 +172,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     reduce_bytes = N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
-    part = <double*>malloc((npart + 4 * C) * sizeof(double))
+    part = <double*>malloc((npart + 4 * C) * sizeof(double) + _AFFINE32_BYTES * C)
     if part == NULL:
         raise MemoryError()
     try:
@@ -167,6 +184,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         cf.invstd = cf.mean + 2 * C
         cf.scale = cf.mean + 3 * C
         cf.shift = cf.mean + 4 * C
+        _affine_arrays(&cf.af, cf.mean, cf.scale, cf.shift, <char*>(part + npart + 4 * C), C)
         cf.renorm = 0
         if renorm is not None:
             cf.renorm = 1
@@ -197,6 +215,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     may be None. With divisor_is_std, running_var holds a standard deviation and
     y = (x - running_mean) * weight / running_var + bias (eps is not used)."""
     cdef Planar p
+    cdef Affine af
     cdef bint is_double
     cdef Py_ssize_t c
     cdef const double* rm
@@ -207,7 +226,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     _check_dims(view, N, C, S, nthreads)
     is_double = _is_double(x, y, N * C * S)
     p = _planar(N, C, S, 0)
-    coef = <double*>malloc(6 * C * sizeof(double))
+    coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
         raise MemoryError()
     try:
@@ -220,18 +239,21 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
                 coef[c] = (w[c] if w != NULL else 1.0) / (rv[c] if divisor_is_std
                                                           else sqrt(rv[c] + eps))
                 coef[C + c] = b[c] if b != NULL else 0.0
+            _affine_arrays(&af, rm, coef, coef + C, <char*>(coef + 6 * C), C)
+            if not is_double:
+                _affine32(&af, 0, C)
             if view == PLANAR and not is_double:
                 _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
-                              rm, coef, coef + C, nthreads)
+                              &af, nthreads)
             elif view == PLANAR:
                 _planar_infer(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
-                              rm, coef, coef + C, nthreads)
+                              &af, nthreads)
             elif not is_double:
                 _rows_infer(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
-                            rm, coef, coef + C, nthreads)
+                            &af, nthreads)
             else:
                 _rows_infer(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
-                            rm, coef, coef + C, nthreads)
+                            &af, nthreads)
     finally:
         free(coef)
 
@@ -262,18 +284,33 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
     reduce_bytes = 2 * N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
-    part = <double*>malloc((npart + 8 * C) * sizeof(double))
+    part = <double*>malloc((npart + 10 * C) * sizeof(double) + (6 * sizeof(float) + 1) * C)
     if part == NULL:
         raise MemoryError()
     gd.a = part + npart
     gd.kx = gd.a + C
     gd.k0 = gd.a + 2 * C
+    gd.mean32 = NULL
+    gd.mean_lo = NULL
     try:
         gd.dweight = gd.a + 6 * C if grads32 != NULL else _vec(grads, 2 * C)
         gd.dbias = gd.dweight + C
         gd.mean = _param(mean, C, gd.a + 3 * C)
         gd.invstd = _param(invstd, C, gd.a + 4 * C)
         gd.weight = _param(weight, C, gd.a + 5 * C, True)
+        gd.gmean = gd.a + 8 * C
+        if not is_double:       # the float32 form of the mean (see nchw_blocks.pxi)
+            gd.mean_lo = gd.a + 9 * C
+            gd.mean32 = <float*>(gd.a + 10 * C)
+            gd.gmean32 = gd.mean32 + C
+            gd.gmean_lo32 = gd.mean32 + 2 * C
+            gd.a32 = gd.mean32 + 3 * C
+            gd.kx32 = gd.mean32 + 4 * C
+            gd.c32 = gd.mean32 + 5 * C
+            gd.ok32 = <unsigned char*>(gd.mean32 + 6 * C)
+            for c in range(C):
+                gd.mean32[c] = <float>gd.mean[c] if _f32_bounded(gd.mean[c]) else 0.0
+                gd.mean_lo[c] = gd.mean[c] - <double>gd.mean32[c]
         w.op = BACKWARD
         w.cf = NULL
         w.gd = &gd

@@ -109,7 +109,7 @@ cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floati
             blk = _block(p, c, b)
             for r in range(blk.nrun):
                 _affine(x + blk.offset + r * blk.stride, y + blk.offset + r * blk.stride,
-                        blk.length, cf.mean[c], cf.scale[c], cf.shift[c])
+                        blk.length, &cf.af, c)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -155,8 +155,7 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
             blk = _block(p, c, b)
             for r in range(blk.nrun):
                 off = blk.offset + r * blk.stride
-                _dx_run(g + off, x + off, dx + off, blk.length, gd.mean[c], gd.a[c], gd.kx[c],
-                        gd.k0[c], gd.training)
+                _dx_run(g + off, x + off, dx + off, blk.length, gd, c)
 
 
 cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part,
@@ -281,19 +280,18 @@ cdef void _planar_run(const Planar* p, const floating* a, const floating* b, flo
 # ---------------------------------------------------------------------------------------------
 
 cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py_ssize_t r0,
-                             Py_ssize_t r1, const double* mean, const double* scale,
-                             const double* shift) noexcept nogil:
+                             Py_ssize_t r1, const Affine* af) noexcept nogil:
     """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along."""
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
-        _affine(x + run * p.S, y + run * p.S, p.S, mean[c], scale[c], shift[c])
+        _affine(x + run * p.S, y + run * p.S, p.S, af, c)
         c = c + 1
         if c == p.C:
             c = 0
 
 
-cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const double* mean,
-                        const double* scale, const double* shift, int nthreads) noexcept nogil:
+cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const Affine* af,
+                        int nthreads) noexcept nogil:
     cdef Py_ssize_t t, nrun = p.N * p.C
     cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
     cdef Py_ssize_t ntask = (nrun + per - 1) // per
@@ -303,7 +301,7 @@ cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const d
     per = (nrun + ntask - 1) // ntask
     ntask = (nrun + per - 1) // per
     if nthreads == 1:
-        _planar_infer_runs(p, x, y, 0, nrun, mean, scale, shift)
+        _planar_infer_runs(p, x, y, 0, nrun, af)
     else:
         for t in prange(ntask, num_threads=nthreads, schedule="static"):
-            _planar_infer_runs(p, x, y, t * per, _stop(t, per, nrun), mean, scale, shift)
+            _planar_infer_runs(p, x, y, t * per, _stop(t, per, nrun), af)

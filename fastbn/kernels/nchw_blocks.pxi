@@ -19,14 +19,16 @@ cdef struct Block:
 cdef Py_ssize_t _lanes = LANES
 
 
-cdef inline double _lane_sum(const double* a, Py_ssize_t lanes) noexcept nogil:
-    """Sum of the accumulators a[0:lanes] in a fixed order: pairwise for 16 lanes (four
-    dependent additions deep), eight interleaved partial sums otherwise."""
+cdef inline double _lane_sum(const acc_t* a, Py_ssize_t lanes) noexcept nogil:
+    """Sum of the accumulators a[0:lanes] in double, in a fixed order: pairwise for 16 lanes
+    (four dependent additions deep), eight interleaved partial sums otherwise."""
     cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0
     cdef Py_ssize_t j = 0
     if lanes == 16:
-        return ((((a[0] + a[8]) + (a[4] + a[12])) + ((a[2] + a[10]) + (a[6] + a[14])))
-                + (((a[1] + a[9]) + (a[5] + a[13])) + ((a[3] + a[11]) + (a[7] + a[15]))))
+        return ((((<double>a[0] + a[8]) + (<double>a[4] + a[12]))
+                 + ((<double>a[2] + a[10]) + (<double>a[6] + a[14])))
+                + (((<double>a[1] + a[9]) + (<double>a[5] + a[13]))
+                   + ((<double>a[3] + a[11]) + (<double>a[7] + a[15]))))
     # eight interleaved partial sums: the additions overlap instead of forming one chain
     while j + 8 <= lanes:
         s0 = s0 + a[j]
@@ -207,13 +209,22 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
     m2[0] = v
 
 
+# The fused sums of the backward. sum(g) is accumulated in double lanes whatever the data
+# type (float32 lanes would lose the low bits that dx = (g - mean(g)) * a may be made of:
+# test_float32_gradient_sums_in_double). For float32 data, sum(g * (x - mean)) runs in float32
+# lanes (a block has at most BLOCK values, so no lane adds more than 32 of them) around the
+# mean rounded to float32, m32, and each block's dot is added to the channel's in double,
+# corrected by the mean's low part: sum(g * (x - mean)) = sum(g * (x - m32)) - (mean - m32) *
+# sum(g). A block whose float32 dot leaves float32's comfortable range (a product overflowed,
+# or every term underflowed) or is not finite is summed again in double, so the range and
+# the NaN and infinity behaviour are those of double lanes. float64 data is summed in double.
+
 cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
-                            Py_ssize_t lanes, double mean, double* acc,
-                            double* dt) noexcept nogil:
-    """Four steps into the lanes: acc += sum of g, dt += sum of g * (x - mean)."""
+                            Py_ssize_t lanes, acc_t mean, double* acc, acc_t* dt) noexcept nogil:
+    """Four steps into the lanes: acc += sum of g (in double), dt += sum of g * (x - mean)
+    (in acc_t)."""
     cdef Py_ssize_t j
     for j in range(lanes):
-        # in double: two floats would be added in float
         acc[j] = acc[j] + ((<double>g[j] + g[j + step])
                            + (<double>g[j + 2 * step] + g[j + 3 * step]))
         dt[j] = dt[j] + ((g[j] * (x[j] - mean) + g[j + step] * (x[j + step] - mean))
@@ -222,7 +233,7 @@ cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t ste
 
 
 cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
-                           double mean, double* acc, double* dt) noexcept nogil:
+                           acc_t mean, double* acc, acc_t* dt) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(lanes):
         acc[j] = acc[j] + g[j]
@@ -230,12 +241,12 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
 
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
-                           Py_ssize_t stride, Py_ssize_t nstep, double mean, double* acc,
-                           double* dt) noexcept nogil:
+                           Py_ssize_t stride, Py_ssize_t nstep, acc_t mean, double* acc,
+                           acc_t* dt) noexcept nogil:
     """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
     _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
     cdef double a[LANES]
-    cdef double t[LANES]
+    cdef acc_t t[LANES]
     cdef Py_ssize_t i, j, k
     cdef const floating* gr
     cdef const floating* xr
@@ -254,13 +265,13 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
         dt[j] = t[j]
 
 
-cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
-                             double* sum_g, double* dot) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass,
-    accumulated in double (lanes and steps as in _block_devs)."""
-    cdef double acc[BLOCK]
-    cdef double dt[BLOCK]
-    cdef double s = 0, t = 0
+cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk, acc_t mean,
+                                double* acc, acc_t* dt, double* sum_g,
+                                double* dot) noexcept nogil:
+    """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt (scratch of BLOCK
+    values each) over one block, returned in double (lanes and steps as in _block_devs)."""
+    cdef double s = 0
+    cdef acc_t t = 0
     cdef Py_ssize_t lanes = _block_lanes(blk)
     cdef Py_ssize_t step, nstep = _block_steps(blk, lanes, &step)
     cdef bint long_runs = _long_runs(blk)
@@ -290,25 +301,86 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
         for i in range(_stepped(blk, lanes, nstep), blk.length):
             s = s + gr[i]
             t = t + gr[i] * (xr[i] - mean)
-    sum_g[0] = sum_g[0] + (s + _lane_sum(acc, lanes))
-    dot[0] = dot[0] + (t + _lane_sum(dt, lanes))
+    sum_g[0] = s + _lane_sum(acc, lanes)
+    dot[0] = t + _lane_sum(dt, lanes)
 
 
-cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length,
-                         double mean, double scale, double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift, (x - mean) in double."""
+cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
+                             double* sum_g, double* dot) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass (the dot
+    in float32 lanes for float32 data, see above)."""
+    cdef double acc[BLOCK]
+    cdef double dt64[BLOCK]
+    cdef float dt32[BLOCK]
+    cdef double s, t
+    cdef float m32
+    if floating is float:
+        if _f32_bounded(mean):
+            m32 = <float>mean
+            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t)
+            if _f32_sum_ok(t):
+                sum_g[0] = sum_g[0] + s
+                dot[0] = dot[0] + (t - (mean - <double>m32) * s)
+                return
+    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t)
+    sum_g[0] = sum_g[0] + s
+    dot[0] = dot[0] + t
+
+
+# The elementwise passes. For float32 data they run in float32: y = (x - m32) * a + c with
+# m32 the per-channel mean rounded to float32, a the scale and c = shift - (mean - m32) * a
+# rounded once, so x - m32 is exact (or nearly) for data near its mean and the mean keeps
+# more than float32's digits: a constant channel gives exactly its bias. Measured against
+# float64: max |y - y64| below 3 float32 eps x max(1, |y64|) at offsets 0 to 1e5
+# (docs/math.rst). A channel whose coefficients float32 cannot carry (_f32_coefs_ok) runs in
+# double, as float64 data does.
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, const Affine* af,
+                         Py_ssize_t c) noexcept nogil:
+    """y = (x - mean) * scale + shift for channel c: in float32 for float32 data where the
+    channel allows it (see above), else with (x - mean) in double."""
     cdef Py_ssize_t i
+    cdef float m32, a32, c32
+    cdef double mean = af.mean[c], scale = af.scale[c], shift = af.shift[c]
+    if floating is float:
+        if af.ok32[c]:
+            m32 = af.mean32[c]
+            a32 = af.scale32[c]
+            c32 = af.shift32[c]
+            for i in range(length):
+                y[i] = (x[i] - m32) * a32 + c32
+            return
     for i in range(length):
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                         double mean, double a, double kx, double k0,
-                         int training) noexcept nogil:
-    """dx = g * a + (x - mean) * kx + k0 in training (two multiply-adds per value);
-    dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach dx)."""
+                         const Grad* gd, Py_ssize_t c) noexcept nogil:
+    """dx = g * a + (x - mean) * kx + k0 for channel c in training (two multiply-adds per
+    value); dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach
+    dx). For float32 data in float32 where the channel allows it, as
+    ((g - gmean) * a + (x - mean) * kx with both means split into a float32 value and its
+    remainder (k0 = -gmean * a), so that dx keeps its relative precision where g - gmean
+    cancels (test_float32_gradient_sums_in_double)."""
     cdef Py_ssize_t i
-    if training:
+    cdef float m32, gm32, gl32, a32, kx32, c32
+    cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
+    if floating is float:
+        if gd.mean32 != NULL and gd.ok32[c]:
+            a32 = gd.a32[c]
+            if gd.training:
+                m32 = gd.mean32[c]
+                gm32 = gd.gmean32[c]
+                gl32 = gd.gmean_lo32[c]
+                kx32 = gd.kx32[c]
+                c32 = gd.c32[c]
+                for i in range(length):
+                    dx[i] = ((g[i] - gm32) - gl32) * a32 + ((x[i] - m32) * kx32 + c32)
+            else:
+                for i in range(length):
+                    dx[i] = g[i] * a32
+            return
+    if gd.training:
         for i in range(length):
             dx[i] = <floating>(g[i] * a + ((x[i] - mean) * kx + k0))
     else:

@@ -169,11 +169,12 @@ cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize
     _set_coefs(cf, c0, c1)
 
 
-cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                       Py_ssize_t r1, const double* mean, const double* scale,
-                       const double* shift) noexcept nogil:
-    """y = (x - mean) * scale + shift on rows [r0, r1), in row order so x streams through
-    memory; for wide rows, four rows share each load of the per-channel coefficients."""
+cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                          Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
+                          const acc_t* shift) noexcept nogil:
+    """y = (x - mean) * scale + shift on rows [r0, r1), in acc_t arithmetic, in row order so x
+    streams through memory; for wide rows, four rows share each load of the per-channel
+    coefficients."""
     cdef Py_ssize_t c, r = r0
     cdef bint multi_row = _multi_row(C, 0)
     cdef const floating* x0
@@ -184,7 +185,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
     cdef floating* y1
     cdef floating* y2
     cdef floating* y3
-    cdef double m, a, b
+    cdef acc_t m, a, b
     while multi_row and r + 4 <= r1:
         x0 = x + r * C
         x1 = x0 + C
@@ -211,29 +212,36 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
         r = r + 1
 
 
+cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                       Py_ssize_t r1, const Affine* af) noexcept nogil:
+    """The normalization of rows [r0, r1): in float32 for float32 data whose every channel
+    allows it (see nchw_blocks.pxi), else in double."""
+    if floating is float:
+        if _all_set(af.ok32, C):
+            _rows_affine_in(x, y, C, r0, r1, <const float*>af.mean32,
+                            <const float*>af.scale32, <const float*>af.shift32)
+            return
+    _rows_affine_in(x, y, C, r0, r1, af.mean, af.scale, af.shift)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backward: the two sums per chunk of rows, added along the channels, then dx
 # ---------------------------------------------------------------------------------------------
 
-cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
-                           Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const double* mean,
-                           double* sg, double* sd, bint multi_row) noexcept nogil:
-    """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
-    sg[c], sd[c]: one pass in memory order, accumulated in double."""
+cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
+                        Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
+                        acc_t* sd, bint multi_row) noexcept nogil:
+    """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
+    of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
+    memory order."""
     cdef Py_ssize_t c, r
-    cdef Py_ssize_t width = c1 - c0
     cdef const floating* xr
     cdef const floating* gr
-    g = g + c0
-    x = x + c0
-    mean = mean + c0
-    sg = sg + c0
-    sd = sd + c0
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
+    cdef acc_t m
     for c in range(width):
         sg[c] = 0
         sd[c] = 0
-    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
-    cdef double m
     for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
         gr = g + r * C
@@ -250,6 +258,51 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
             sg[c] = sg[c] + gr[c]
             sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
 
+
+cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
+                           Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
+                           double* sg, double* sd, bint multi_row) noexcept nogil:
+    """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
+    sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
+    data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
+    tile's dot added in double with the mean's low part corrected, and a tile dot out of
+    float32's comfortable range summed again in double (as _block_sums does)."""
+    cdef Py_ssize_t width = c1 - c0
+    cdef Py_ssize_t c, r, b0, b1, ib
+    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    cdef double* work
+    cdef float* dot32
+    cdef double t, m
+    g = g + c0
+    x = x + c0
+    sg = sg + c0
+    sd = sd + c0
+    if floating is float:
+        work = <double*>malloc(width * (sizeof(double) + sizeof(float))) \
+            if gd.mean32 != NULL else NULL
+        if work != NULL:
+            dot32 = <float*>(work + width)
+            for c in range(width):
+                sg[c] = 0
+                sd[c] = 0
+            for ib in range(nrb):
+                b0 = r0 + ib * TILE_ROWS
+                b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
+                _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
+                              dot32, multi_row)
+                for c in range(width):
+                    t = dot32[c]
+                    if not _f32_sum_ok(t):
+                        t = 0
+                        m = gd.mean[c0 + c]
+                        for r in range(b0, b1):
+                            t = t + g[r * C + c] * (x[r * C + c] - m)
+                        t = t + gd.mean_lo[c0 + c] * work[c]      # cancelled below
+                    sg[c] = sg[c] + work[c]
+                    sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
+            free(work)
+            return
+    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row)
 
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
@@ -275,23 +328,20 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
 
 
 
-cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
-    """dx on rows [r0, r1), in row order; for wide rows, two rows share each coefficient
-    load."""
+cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                     Py_ssize_t r0, Py_ssize_t r1, bint training, const acc_t* mean,
+                     const acc_t* a, const acc_t* kx, const acc_t* k0) noexcept nogil:
+    """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in acc_t, in
+    row order; for wide rows, two rows share each coefficient load."""
     cdef Py_ssize_t c, r = r0
-    cdef const double* mean = gd.mean
-    cdef const double* a = gd.a
-    cdef const double* kx = gd.kx
-    cdef const double* k0 = gd.k0
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* x0
     cdef const floating* x1
     cdef floating* d0
     cdef floating* d1
-    cdef double m, aa, kkx, kk0
-    if not gd.training:        # fixed statistics: dx = g * a, x is not read
+    cdef acc_t m, aa, kkx, kk0
+    if not training:           # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
             d0 = dx + r * C
@@ -322,6 +372,53 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
         r = r + 1
 
 
+cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t r0,
+                     Py_ssize_t r1, const Grad* gd) noexcept nogil:
+    """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_run; training only),
+    two rows per sweep for wide rows."""
+    cdef Py_ssize_t c, r = r0
+    cdef const float* m = gd.mean32
+    cdef const float* gm = gd.gmean32
+    cdef const float* gl = gd.gmean_lo32
+    cdef const float* a = gd.a32
+    cdef const float* kx = gd.kx32
+    cdef const float* k = gd.c32
+    cdef const float* g0
+    cdef const float* x0
+    cdef float* d0
+    while r + 2 <= r1 and _multi_row(C, 0):
+        g0 = g + r * C
+        x0 = x + r * C
+        d0 = dx + r * C
+        for c in range(C):
+            d0[c] = ((g0[c] - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
+            d0[C + c] = (((g0[C + c] - gm[c]) - gl[c]) * a[c]
+                         + ((x0[C + c] - m[c]) * kx[c] + k[c]))
+        r = r + 2
+    while r < r1:
+        g0 = g + r * C
+        x0 = x + r * C
+        d0 = dx + r * C
+        for c in range(C):
+            d0[c] = ((g0[c] - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
+        r = r + 1
+
+
+cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
+    """dx on rows [r0, r1): in float32 for float32 data whose every channel allows it (see
+    _dx_run), else in double."""
+    if floating is float:
+        if gd.mean32 != NULL and _all_set(gd.ok32, C):
+            if gd.training:
+                _rows_dx32(g, x, dx, C, r0, r1, gd)
+            else:
+                _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>gd.mean32,
+                            <const float*>gd.a32, <const float*>gd.kx32,
+                            <const float*>gd.c32)
+            return
+    _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean, gd.a, gd.kx, gd.k0)
+
 
 # ---------------------------------------------------------------------------------------------
 # The three phases of a training forward or a backward, and their schedule
@@ -336,7 +433,7 @@ cdef inline void _rows_reduce(const floating* a, const floating* b, const Work* 
         _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
                           w.multi_row)
     else:
-        _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd.mean, w.part + 2 * k * C,
+        _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
                          w.part + (2 * k + 1) * C, w.multi_row)
 
 
@@ -354,7 +451,7 @@ cdef inline void _rows_apply(const floating* a, const floating* b, floating* out
                              Py_ssize_t r1) noexcept nogil:
     """y (or dx) of rows [r0, r1)."""
     if w.op == TRAIN:
-        _rows_affine(a, out, C, r0, r1, w.cf.mean, w.cf.scale, w.cf.shift)
+        _rows_affine(a, out, C, r0, r1, &w.cf.af)
     else:
         _rows_dx(a, b, out, C, r0, r1, w.gd)
 
@@ -418,15 +515,13 @@ cdef void _rows_run(const floating* a, const floating* b, floating* out, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 
 cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                      const double* mean, const double* scale, const double* shift,
-                      int nthreads) noexcept nogil:
+                      const Affine* af, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), mean, scale, shift)
+            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af)
         return
     for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), mean, scale, shift)
-
+        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af)
