@@ -21,6 +21,17 @@ cdef extern from *:
     #define FASTBN_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
     #endif
+    #include <unistd.h>
+    /* the C library's report of a data cache's size in bytes, 0 if unknown */
+    static long fastbn_cache_size(int level) {
+        long n = 0;
+    #if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE) \
+        && defined(_SC_LEVEL3_CACHE_SIZE)
+        n = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE
+                    : level == 2 ? _SC_LEVEL2_CACHE_SIZE : _SC_LEVEL3_CACHE_SIZE);
+    #endif
+        return n > 0 ? n : 0;
+    }
     static int fastbn_cpu_avx2_fma(void) {
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
         __builtin_cpu_init();
@@ -43,6 +54,7 @@ cdef extern from *:
     """
     int FASTBN_OPENMP
     int omp_get_max_threads() noexcept nogil
+    long fastbn_cache_size(int level) noexcept nogil
     int fastbn_cpu_avx2_fma() noexcept nogil
     int fastbn_cpu_avx512() noexcept nogil
 
@@ -55,6 +67,11 @@ def openmp_enabled():
 def omp_max_threads():
     """omp_get_max_threads() of the calling thread (honours OMP_NUM_THREADS and threadpoolctl)."""
     return omp_get_max_threads()
+
+
+def cache_sizes():
+    """(L1d, L2, L3) cache sizes in bytes as the C library reports them (0: unknown)."""
+    return tuple(fastbn_cache_size(level) for level in (1, 2, 3))
 
 
 def cpu_has_avx2_fma():

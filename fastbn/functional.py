@@ -15,7 +15,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _support
+from . import _memory, _support
 from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
@@ -144,7 +144,7 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     stats = np.empty((5, C))
     if C:
         _kernels.train_forward(xc, yc, plan.view, plan.N, C, plan.S, w, b, eps, stats, renorm,
-                               nthreads)
+                               nthreads, _memory.stream_output(x.nbytes, out))
     return _finish(y, yc, direct, plan), stats[0], stats[1], stats[2], M
 
 
@@ -291,7 +291,7 @@ def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_thr
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
         _kernels.infer_forward(xc, yc, plan.view, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads,
-                               divisor_is_std)
+                               divisor_is_std, _memory.stream_output(x.nbytes, out))
     return _finish(y, yc, direct, plan)
 
 
@@ -369,7 +369,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     grads = np.empty((2, C), x.dtype) if x.size else np.zeros((2, C), x.dtype)
     if x.size:
         _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
-                          training, grads, nthreads)
+                          training, grads, nthreads, _memory.stream_output(x.nbytes, out))
     return _finish(dx, dxc, direct, plan), grads[0], grads[1]
 
 

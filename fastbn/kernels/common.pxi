@@ -51,6 +51,58 @@ cdef extern from *:
     bint REGISTER_LANES "FASTBN_REGISTER_LANES"
 
 
+cdef extern from *:
+    """
+    /* Streaming (non-temporal) stores of a staged block to its destination: the output
+       of a pass over data larger than the caches goes straight to memory, neither reading
+       its cache lines first nor evicting the input the pass still needs. The destination's
+       unaligned head and tail use ordinary stores. Without SSE (non-x86), a plain copy. */
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <immintrin.h>
+    #endif
+    #if defined(__AVX512F__)
+    #define FASTBN_VEC_BYTES 64
+    #define FASTBN_STREAM_PS(p, s) _mm512_stream_ps((p), _mm512_loadu_ps(s))
+    #define FASTBN_STREAM_PD(p, s) _mm512_stream_pd((p), _mm512_loadu_pd(s))
+    #elif defined(__AVX__)
+    #define FASTBN_VEC_BYTES 32
+    #define FASTBN_STREAM_PS(p, s) _mm256_stream_ps((p), _mm256_loadu_ps(s))
+    #define FASTBN_STREAM_PD(p, s) _mm256_stream_pd((p), _mm256_loadu_pd(s))
+    #elif defined(__SSE2__) || defined(_M_X64)
+    #define FASTBN_VEC_BYTES 16
+    #define FASTBN_STREAM_PS(p, s) _mm_stream_ps((p), _mm_loadu_ps(s))
+    #define FASTBN_STREAM_PD(p, s) _mm_stream_pd((p), _mm_loadu_pd(s))
+    #endif
+    #ifdef FASTBN_VEC_BYTES
+    #define FASTBN_STREAM_BODY(T, STORE)                                               \
+        Py_ssize_t i = 0, k, lanes = FASTBN_VEC_BYTES / (Py_ssize_t)sizeof(T);          \
+        while (i < n && ((size_t)(dst + i) % FASTBN_VEC_BYTES) != 0) {                  \
+            dst[i] = src[i]; i++;                                                        \
+        }                                                                                \
+        for (; i + lanes <= n; i += lanes) STORE(dst + i, src + i);                     \
+        for (k = i; k < n; k++) dst[k] = src[k];
+    static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
+        FASTBN_STREAM_BODY(float, FASTBN_STREAM_PS)
+    }
+    static void fastbn_stream_f64(double* dst, const double* src, Py_ssize_t n) {
+        FASTBN_STREAM_BODY(double, FASTBN_STREAM_PD)
+    }
+    static void fastbn_stream_fence(void) { _mm_sfence(); }
+    #else
+    static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
+        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
+    }
+    static void fastbn_stream_f64(double* dst, const double* src, Py_ssize_t n) {
+        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
+    }
+    static void fastbn_stream_fence(void) { }
+    #endif
+    """
+    void _stream_f32 "fastbn_stream_f32"(float* dst, const float* src, Py_ssize_t n) noexcept nogil
+    void _stream_f64 "fastbn_stream_f64"(double* dst, const double* src, Py_ssize_t n) noexcept nogil
+    void _stream_fence "fastbn_stream_fence"() noexcept nogil
+
+
 ctypedef fused floating:
     float
     double
@@ -158,6 +210,19 @@ cdef inline bint _f32_sum_ok(double s) noexcept nogil:
     its terms may have underflowed (0 is kept only when exact, i.e. summed again)."""
     cdef double a = fabs(s)
     return a >= F32_SMALL and a <= F32_BIG
+
+
+cdef enum:
+    # values staged in L1 (on the stack) before a streaming store of an output
+    STAGE = 1024
+
+
+cdef inline void _stream(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    """Non-temporal store of n staged values (see the C helpers above)."""
+    if floating is float:
+        _stream_f32(dst, src, n)
+    else:
+        _stream_f64(dst, src, n)
 
 
 cdef inline Py_ssize_t _stop(Py_ssize_t k, Py_ssize_t per, Py_ssize_t total) noexcept nogil:
@@ -372,3 +437,4 @@ cdef struct Work:
     Grad* gd            # BACKWARD
     double* part        # per-chunk partial results
     bint multi_row      # rows kernels: several rows per sweep in the reduction (_multi_row)
+    bint stream         # store the output with non-temporal stores (it exceeds the caches)

@@ -152,14 +152,15 @@ def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
 
 def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                  int nthreads):
+                  int nthreads, bint stream=False):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
     one float dtype (y may be x). weight, bias: float32 or float64 (C,), or None. stats:
     float64 (5, C), receives mean, biased var, invstd, scale, shift. renorm: None, or
     (running_mean, running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays,
-    for Batch Renormalization (running_mean and running_std may also be float32).
+    for Batch Renormalization (running_mean and running_std may also be float32). stream:
+    write y with non-temporal stores (an output larger than the caches).
     """
     cdef Coef cf
     cdef Work w
@@ -200,6 +201,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         w.gd = NULL
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
+        w.stream = stream
         with nogil:
             _run(view, is_double, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x),
                  cnp.PyArray_DATA(y), &w, nthreads)
@@ -209,7 +211,7 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
-                  int nthreads, bint divisor_is_std=False):
+                  int nthreads, bint divisor_is_std=False, bint stream=False):
     """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
     (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
     may be None. With divisor_is_std, running_var holds a standard deviation and
@@ -244,23 +246,23 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
                 _affine32(&af, 0, C)
             if view == PLANAR and not is_double:
                 _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
-                              &af, nthreads)
+                              &af, stream, nthreads)
             elif view == PLANAR:
                 _planar_infer(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
-                              &af, nthreads)
+                              &af, stream, nthreads)
             elif not is_double:
                 _rows_infer(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
-                            &af, nthreads)
+                            &af, stream, nthreads)
             else:
                 _rows_infer(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
-                            &af, nthreads)
+                            &af, stream, nthreads)
     finally:
         free(coef)
 
 
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
-             cnp.ndarray grads, int nthreads):
+             cnp.ndarray grads, int nthreads, bint stream=False):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
     mean, invstd, weight: float32 or float64 (C,), weight may be None."""
@@ -316,6 +318,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
         w.gd = &gd
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
+        w.stream = stream
         with nogil:
             _run(view, is_double, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x),
                  cnp.PyArray_DATA(dx), &w, nthreads)
@@ -400,3 +403,4 @@ def copy_pass(cnp.ndarray x, cnp.ndarray y, int nthreads):
     with nogil:
         for t in prange(nt, num_threads=nthreads, schedule="static"):
             _copy_range(p, q, n * t // nt, n * (t + 1) // nt)
+

@@ -101,7 +101,7 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
 
 cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
                                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                      const Coef* cf) noexcept nogil:
+                                      const Coef* cf, bint stream) noexcept nogil:
     cdef Py_ssize_t b, c, r
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
@@ -109,7 +109,7 @@ cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floati
             blk = _block(p, c, b)
             for r in range(blk.nrun):
                 _affine(x + blk.offset + r * blk.stride, y + blk.offset + r * blk.stride,
-                        blk.length, &cf.af, c)
+                        blk.length, &cf.af, c, stream)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -147,7 +147,7 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
                                   floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                  const Grad* gd) noexcept nogil:
+                                  const Grad* gd, bint stream) noexcept nogil:
     cdef Py_ssize_t b, c, r, off
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
@@ -155,7 +155,7 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
             blk = _block(p, c, b)
             for r in range(blk.nrun):
                 off = blk.offset + r * blk.stride
-                _dx_run(g + off, x + off, dx + off, blk.length, gd, c)
+                _dx_run(g + off, x + off, dx + off, blk.length, gd, c, stream)
 
 
 cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part,
@@ -201,9 +201,11 @@ cdef inline void _planar_apply(const Planar* p, const floating* a, const floatin
                                Py_ssize_t k) noexcept nogil:
     """y (or dx) of chunk k of channels [c0, c1)."""
     if w.op == TRAIN:
-        _planar_chunk_affine(p, a, out, c0, c1, k, w.cf)
+        _planar_chunk_affine(p, a, out, c0, c1, k, w.cf, w.stream)
     else:
-        _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd)
+        _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream)
+    if w.stream:
+        _stream_fence()        # the streaming stores are seen before the task ends
 
 
 cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S,
@@ -280,18 +282,20 @@ cdef void _planar_run(const Planar* p, const floating* a, const floating* b, flo
 # ---------------------------------------------------------------------------------------------
 
 cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py_ssize_t r0,
-                             Py_ssize_t r1, const Affine* af) noexcept nogil:
+                             Py_ssize_t r1, const Affine* af, bint stream) noexcept nogil:
     """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along."""
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
-        _affine(x + run * p.S, y + run * p.S, p.S, af, c)
+        _affine(x + run * p.S, y + run * p.S, p.S, af, c, stream)
         c = c + 1
         if c == p.C:
             c = 0
+    if stream:
+        _stream_fence()
 
 
 cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const Affine* af,
-                        int nthreads) noexcept nogil:
+                        bint stream, int nthreads) noexcept nogil:
     cdef Py_ssize_t t, nrun = p.N * p.C
     cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
     cdef Py_ssize_t ntask = (nrun + per - 1) // per
@@ -301,7 +305,7 @@ cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const A
     per = (nrun + ntask - 1) // ntask
     ntask = (nrun + per - 1) // per
     if nthreads == 1:
-        _planar_infer_runs(p, x, y, 0, nrun, af)
+        _planar_infer_runs(p, x, y, 0, nrun, af, stream)
     else:
         for t in prange(ntask, num_threads=nthreads, schedule="static"):
-            _planar_infer_runs(p, x, y, t * per, _stop(t, per, nrun), af)
+            _planar_infer_runs(p, x, y, t * per, _stop(t, per, nrun), af, stream)

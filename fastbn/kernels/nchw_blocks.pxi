@@ -335,8 +335,8 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
 # (docs/math.rst). A channel whose coefficients float32 cannot carry (_f32_coefs_ok) runs in
 # double, as float64 data does.
 
-cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, const Affine* af,
-                         Py_ssize_t c) noexcept nogil:
+cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
+                              const Affine* af, Py_ssize_t c) noexcept nogil:
     """y = (x - mean) * scale + shift for channel c: in float32 for float32 data where the
     channel allows it (see above), else with (x - mean) in double."""
     cdef Py_ssize_t i
@@ -354,8 +354,8 @@ cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, cons
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
-cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                         const Grad* gd, Py_ssize_t c) noexcept nogil:
+cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                          const Grad* gd, Py_ssize_t c) noexcept nogil:
     """dx = g * a + (x - mean) * kx + k0 for channel c in training (two multiply-adds per
     value); dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach
     dx). For float32 data in float32 where the channel allows it, as
@@ -386,3 +386,41 @@ cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_
     else:
         for i in range(length):
             dx[i] = <floating>(g[i] * a)
+
+
+# Outputs larger than the caches are written with streaming stores (Work.stream): each run is
+# computed into an L1 stage of STAGE values and stored from there. Runs shorter than
+# STREAM_MIN values (a few cache lines) are written directly: their partial lines would cost
+# more than the streaming saves.
+cdef enum:
+    STREAM_MIN = 256
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, const Affine* af,
+                         Py_ssize_t c, bint stream) noexcept nogil:
+    """_affine_into, through the stage when streaming."""
+    cdef floating stage[STAGE]
+    cdef Py_ssize_t off = 0, n
+    if not stream or length < STREAM_MIN:
+        _affine_into(x, y, length, af, c)
+        return
+    while off < length:
+        n = length - off if length - off < STAGE else STAGE
+        _affine_into(x + off, stage, n, af, c)
+        _stream(y + off, stage, n)
+        off = off + n
+
+
+cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                         const Grad* gd, Py_ssize_t c, bint stream) noexcept nogil:
+    """_dx_into, through the stage when streaming."""
+    cdef floating stage[STAGE]
+    cdef Py_ssize_t off = 0, n
+    if not stream or length < STREAM_MIN:
+        _dx_into(g, x, dx, length, gd, c)
+        return
+    while off < length:
+        n = length - off if length - off < STAGE else STAGE
+        _dx_into(g + off, x + off, stage, n, gd, c)
+        _stream(dx + off, stage, n)
+        off = off + n

@@ -212,16 +212,44 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
         r = r + 1
 
 
+cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                              Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
+                              const acc_t* shift, bint stream) noexcept nogil:
+    """_rows_affine_in, with streaming stores through an L1 stage when `stream` (whole rows
+    per stage when they fit, else pieces of a row)."""
+    cdef floating stage[STAGE]
+    cdef Py_ssize_t r = r0, n, c0
+    if not stream:
+        _rows_affine_in(x, y, C, r0, r1, mean, scale, shift)
+        return
+    if C <= STAGE:
+        while r < r1:
+            n = STAGE // C if STAGE // C < r1 - r else r1 - r
+            _rows_affine_in(x + r * C, stage, C, 0, n, mean, scale, shift)
+            _stream(y + r * C, stage, n * C)
+            r = r + n
+    else:
+        for r in range(r0, r1):
+            c0 = 0
+            while c0 < C:
+                n = STAGE if c0 + STAGE <= C else C - c0
+                _rows_affine_in(x + r * C + c0, stage, n, 0, 1, mean + c0, scale + c0,
+                                shift + c0)
+                _stream(y + r * C + c0, stage, n)
+                c0 = c0 + n
+    _stream_fence()
+
+
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                       Py_ssize_t r1, const Affine* af) noexcept nogil:
+                       Py_ssize_t r1, const Affine* af, bint stream) noexcept nogil:
     """The normalization of rows [r0, r1): in float32 for float32 data whose every channel
     allows it (see nchw_blocks.pxi), else in double."""
     if floating is float:
         if _all_set(af.ok32, C):
-            _rows_affine_in(x, y, C, r0, r1, <const float*>af.mean32,
-                            <const float*>af.scale32, <const float*>af.shift32)
+            _rows_affine_staged(x, y, C, r0, r1, <const float*>af.mean32,
+                                <const float*>af.scale32, <const float*>af.shift32, stream)
             return
-    _rows_affine_in(x, y, C, r0, r1, af.mean, af.scale, af.shift)
+    _rows_affine_staged(x, y, C, r0, r1, af.mean, af.scale, af.shift, stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,16 +401,11 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
 
 
 cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t r0,
-                     Py_ssize_t r1, const Grad* gd) noexcept nogil:
-    """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_run; training only),
+                     Py_ssize_t r1, const float* m, const float* gm, const float* gl,
+                     const float* a, const float* kx, const float* k) noexcept nogil:
+    """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_into; training only),
     two rows per sweep for wide rows."""
     cdef Py_ssize_t c, r = r0
-    cdef const float* m = gd.mean32
-    cdef const float* gm = gd.gmean32
-    cdef const float* gl = gd.gmean_lo32
-    cdef const float* a = gd.a32
-    cdef const float* kx = gd.kx32
-    cdef const float* k = gd.c32
     cdef const float* g0
     cdef const float* x0
     cdef float* d0
@@ -404,20 +427,52 @@ cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py
         r = r + 1
 
 
-cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd) noexcept nogil:
-    """dx on rows [r0, r1): in float32 for float32 data whose every channel allows it (see
-    _dx_run), else in double."""
+cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* dx,
+                                Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
+                                Py_ssize_t c0, bint use32) noexcept nogil:
+    """dx of rows [r0, r1) of C channels starting at channel c0 of the coefficients (rows C
+    apart in g, x and dx)."""
     if floating is float:
-        if gd.mean32 != NULL and _all_set(gd.ok32, C):
-            if gd.training:
-                _rows_dx32(g, x, dx, C, r0, r1, gd)
-            else:
-                _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>gd.mean32,
-                            <const float*>gd.a32, <const float*>gd.kx32,
-                            <const float*>gd.c32)
+        if use32 and gd.training:
+            _rows_dx32(g, x, dx, C, r0, r1, gd.mean32 + c0, gd.gmean32 + c0,
+                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0)
             return
-    _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean, gd.a, gd.kx, gd.k0)
+        if use32:
+            _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>(gd.mean32 + c0),
+                        <const float*>(gd.a32 + c0), <const float*>(gd.kx32 + c0),
+                        <const float*>(gd.c32 + c0))
+            return
+    _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean + c0, gd.a + c0, gd.kx + c0,
+                gd.k0 + c0)
+
+
+cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream) noexcept nogil:
+    """dx on rows [r0, r1): in float32 for float32 data whose every channel allows it (see
+    _dx_into), else in double; through an L1 stage with streaming stores when `stream`."""
+    cdef floating stage[STAGE]
+    cdef Py_ssize_t r = r0, n, c0
+    cdef bint use32 = False
+    if floating is float:
+        use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
+    if not stream:
+        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32)
+        return
+    if C <= STAGE:
+        while r < r1:
+            n = STAGE // C if STAGE // C < r1 - r else r1 - r
+            _rows_dx_piece(g + r * C, x + r * C, stage, C, 0, n, gd, 0, use32)
+            _stream(dx + r * C, stage, n * C)
+            r = r + n
+    else:
+        for r in range(r0, r1):
+            c0 = 0
+            while c0 < C:
+                n = STAGE if c0 + STAGE <= C else C - c0
+                _rows_dx_piece(g + r * C + c0, x + r * C + c0, stage, n, 0, 1, gd, c0, use32)
+                _stream(dx + r * C + c0, stage, n)
+                c0 = c0 + n
+    _stream_fence()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,9 +506,9 @@ cdef inline void _rows_apply(const floating* a, const floating* b, floating* out
                              Py_ssize_t r1) noexcept nogil:
     """y (or dx) of rows [r0, r1)."""
     if w.op == TRAIN:
-        _rows_affine(a, out, C, r0, r1, &w.cf.af)
+        _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream)
     else:
-        _rows_dx(a, b, out, C, r0, r1, w.gd)
+        _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream)
 
 
 cdef void _rows_columns(const floating* a, const floating* b, const Work* w, Py_ssize_t R,
@@ -515,13 +570,13 @@ cdef void _rows_run(const floating* a, const floating* b, floating* out, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 
 cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                      const Affine* af, int nthreads) noexcept nogil:
+                      const Affine* af, bint stream, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af)
+            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af, stream)
         return
     for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af)
+        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af, stream)
