@@ -7,7 +7,9 @@ import argparse
 
 import numpy as np
 
-from . import _bench, _threads
+import sys
+
+from . import _bench, _config, _plot, _threads
 
 
 def main(argv=None):
@@ -21,9 +23,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
     p.add_argument("--markdown", metavar="FILE", default=None,
                    help="also write the table as Markdown to FILE")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw fastbn / PyTorch against the input size into FILE "
+                        "(.png, .svg or .pdf; needs matplotlib)")
     p.add_argument("--crossover", action="store_true",
                    help="time 1 vs 2 threads on small inputs (where to stop forking threads)")
     args = p.parse_args(argv)
+    if args.plot and not _plot.available():
+        print(_plot.NEEDS, file=sys.stderr)
+        return 2
     if args.crossover:
         _bench.crossover()
         return
@@ -38,7 +46,11 @@ def main(argv=None):
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(_bench.markdown(rows, threads, dtype) + "\n")
+    if args.plot:
+        cfg = _config.config()
+        _plot.plot(rows, args.plot, f"fastbn {cfg['fastbn']} vs PyTorch, {np.dtype(dtype).name}, "
+                   f"{threads} thread(s), {cfg['kernels']}", dtype)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -62,3 +62,23 @@ def test_main_quick_args(monkeypatch):
     main.main(["--quick", "--layout", "NHWC", "--threads", "1", "--dtype", "float64"])
     assert seen["shapes"] == _bench.QUICK_SHAPES and seen["layouts"] == ("NHWC",)
     assert seen["threads"] == 1 and seen["dtype"] is np.float64 and seen["rounds"] == 3
+
+
+def test_plot_of_a_small_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastbn import _plot
+    rows = [dict(shape=s, layout=L, op=op, vs_torch=r)
+            for s, r in (((8, 32, 8, 8), 0.5), ((32, 64, 16, 16), 1.5))
+            for L in ("NCHW", "NHWC") for op in _bench.OPS]
+    path = tmp_path / "speed.png"
+    _plot.plot(rows, str(path), "test")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys):
+    from fastbn import _plot
+    monkeypatch.setattr(_plot, "available", lambda: False)
+    ran = []
+    monkeypatch.setattr(_bench, "run", lambda **kw: ran.append(kw) or [])
+    assert main.main(["--quick", "--plot", "x.png"]) == 2
+    assert "pip install" in capsys.readouterr().err and not ran

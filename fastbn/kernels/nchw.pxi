@@ -102,14 +102,13 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
 cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
                                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                       const Coef* cf, bint stream) noexcept nogil:
-    cdef Py_ssize_t b, c, r
+    cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
-            for r in range(blk.nrun):
-                _affine(x + blk.offset + r * blk.stride, y + blk.offset + r * blk.stride,
-                        blk.length, &cf.af, c, stream)
+            _affine(x + blk.offset, y + blk.offset, blk.length, blk.nrun, blk.stride, &cf.af,
+                    c, stream)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -148,14 +147,13 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
                                   floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                   const Grad* gd, bint stream) noexcept nogil:
-    cdef Py_ssize_t b, c, r, off
+    cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
-            for r in range(blk.nrun):
-                off = blk.offset + r * blk.stride
-                _dx_run(g + off, x + off, dx + off, blk.length, gd, c, stream)
+            _dx_run(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length, blk.nrun,
+                    blk.stride, gd, c, stream)
 
 
 cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part,
@@ -286,7 +284,7 @@ cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py
     """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along."""
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
-        _affine(x + run * p.S, y + run * p.S, p.S, af, c, stream)
+        _affine(x + run * p.S, y + run * p.S, p.S, 1, 0, af, c, stream)
         c = c + 1
         if c == p.C:
             c = 0

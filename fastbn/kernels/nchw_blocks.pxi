@@ -336,56 +336,78 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
 # double, as float64 data does.
 
 cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
-                              const Affine* af, Py_ssize_t c) noexcept nogil:
-    """y = (x - mean) * scale + shift for channel c: in float32 for float32 data where the
-    channel allows it (see above), else with (x - mean) in double."""
-    cdef Py_ssize_t i
+                              Py_ssize_t nrun, Py_ssize_t stride, const Affine* af,
+                              Py_ssize_t c) noexcept nogil:
+    """y = (x - mean) * scale + shift for channel c, on nrun runs of `length` values stride
+    apart: in float32 for float32 data where the channel allows it (see above), else with
+    (x - mean) in double. The coefficients are read once for all the runs."""
+    cdef Py_ssize_t i, r
     cdef float m32, a32, c32
     cdef double mean = af.mean[c], scale = af.scale[c], shift = af.shift[c]
+    cdef const floating* xr
+    cdef floating* yr
     if floating is float:
         if af.ok32[c]:
             m32 = af.mean32[c]
             a32 = af.scale32[c]
             c32 = af.shift32[c]
-            for i in range(length):
-                y[i] = (x[i] - m32) * a32 + c32
+            for r in range(nrun):
+                xr = x + r * stride
+                yr = y + r * stride
+                for i in range(length):
+                    yr[i] = (xr[i] - m32) * a32 + c32
             return
-    for i in range(length):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
+    for r in range(nrun):
+        xr = x + r * stride
+        yr = y + r * stride
+        for i in range(length):
+            yr[i] = <floating>((xr[i] - mean) * scale + shift)
 
 
 cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                          const Grad* gd, Py_ssize_t c) noexcept nogil:
+                          Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd,
+                          Py_ssize_t c) noexcept nogil:
     """dx = g * a + (x - mean) * kx + k0 for channel c in training (two multiply-adds per
     value); dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach
-    dx). For float32 data in float32 where the channel allows it, as
-    ((g - gmean) * a + (x - mean) * kx with both means split into a float32 value and its
-    remainder (k0 = -gmean * a), so that dx keeps its relative precision where g - gmean
-    cancels (test_float32_gradient_sums_in_double)."""
-    cdef Py_ssize_t i
+    dx); on nrun runs of `length` values stride apart. For float32 data in float32 where the
+    channel allows it, as ((g - gmean) * a + (x - mean) * kx with both means split into a
+    float32 value and its remainder (k0 = -gmean * a), so that dx keeps its relative
+    precision where g - gmean cancels (test_float32_gradient_sums_in_double)."""
+    cdef Py_ssize_t i, r
     cdef float m32, gm32, gl32, a32, kx32, c32
     cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
+    cdef const floating* gr
+    cdef const floating* xr
+    cdef floating* dr
     if floating is float:
         if gd.mean32 != NULL and gd.ok32[c]:
             a32 = gd.a32[c]
-            if gd.training:
-                m32 = gd.mean32[c]
-                gm32 = gd.gmean32[c]
-                gl32 = gd.gmean_lo32[c]
-                kx32 = gd.kx32[c]
-                c32 = gd.c32[c]
-                for i in range(length):
-                    dx[i] = ((g[i] - gm32) - gl32) * a32 + ((x[i] - m32) * kx32 + c32)
-            else:
-                for i in range(length):
-                    dx[i] = g[i] * a32
+            m32 = gd.mean32[c]
+            gm32 = gd.gmean32[c]
+            gl32 = gd.gmean_lo32[c]
+            kx32 = gd.kx32[c]
+            c32 = gd.c32[c]
+            for r in range(nrun):
+                gr = g + r * stride
+                xr = x + r * stride
+                dr = dx + r * stride
+                if gd.training:
+                    for i in range(length):
+                        dr[i] = ((gr[i] - gm32) - gl32) * a32 + ((xr[i] - m32) * kx32 + c32)
+                else:
+                    for i in range(length):
+                        dr[i] = gr[i] * a32
             return
-    if gd.training:
-        for i in range(length):
-            dx[i] = <floating>(g[i] * a + ((x[i] - mean) * kx + k0))
-    else:
-        for i in range(length):
-            dx[i] = <floating>(g[i] * a)
+    for r in range(nrun):
+        gr = g + r * stride
+        xr = x + r * stride
+        dr = dx + r * stride
+        if gd.training:
+            for i in range(length):
+                dr[i] = <floating>(gr[i] * a + ((xr[i] - mean) * kx + k0))
+        else:
+            for i in range(length):
+                dr[i] = <floating>(gr[i] * a)
 
 
 # Outputs larger than the caches are written with streaming stores (Work.stream): each run is
@@ -396,31 +418,51 @@ cdef enum:
     STREAM_MIN = 256
 
 
-cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, const Affine* af,
-                         Py_ssize_t c, bint stream) noexcept nogil:
-    """_affine_into, through the stage when streaming."""
+cdef void _affine_streamed(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
+                           Py_ssize_t stride, const Affine* af, Py_ssize_t c) noexcept nogil:
+    """_affine_into through the L1 stage, run by run, with streaming stores."""
     cdef floating stage[STAGE]
-    cdef Py_ssize_t off = 0, n
-    if not stream or length < STREAM_MIN:
-        _affine_into(x, y, length, af, c)
-        return
-    while off < length:
-        n = length - off if length - off < STAGE else STAGE
-        _affine_into(x + off, stage, n, af, c)
-        _stream(y + off, stage, n)
-        off = off + n
+    cdef Py_ssize_t off, n, r
+    for r in range(nrun):
+        off = 0
+        while off < length:
+            n = length - off if length - off < STAGE else STAGE
+            _affine_into(x + r * stride + off, stage, n, 1, 0, af, c)
+            _stream(y + r * stride + off, stage, n)
+            off = off + n
+
+
+cdef void _dx_streamed(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                       Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd,
+                       Py_ssize_t c) noexcept nogil:
+    """_dx_into through the L1 stage, run by run, with streaming stores."""
+    cdef floating stage[STAGE]
+    cdef Py_ssize_t off, n, r, base
+    for r in range(nrun):
+        off = 0
+        while off < length:
+            n = length - off if length - off < STAGE else STAGE
+            base = r * stride + off
+            _dx_into(g + base, x + base, stage, n, 1, 0, gd, c)
+            _stream(dx + base, stage, n)
+            off = off + n
+
+
+cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
+                         Py_ssize_t stride, const Affine* af, Py_ssize_t c,
+                         bint stream) noexcept nogil:
+    """The normalization of nrun runs of channel c (streamed when `stream`)."""
+    if stream and length >= STREAM_MIN:
+        _affine_streamed(x, y, length, nrun, stride, af, c)
+    else:
+        _affine_into(x, y, length, nrun, stride, af, c)
 
 
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                         const Grad* gd, Py_ssize_t c, bint stream) noexcept nogil:
-    """_dx_into, through the stage when streaming."""
-    cdef floating stage[STAGE]
-    cdef Py_ssize_t off = 0, n
-    if not stream or length < STREAM_MIN:
-        _dx_into(g, x, dx, length, gd, c)
-        return
-    while off < length:
-        n = length - off if length - off < STAGE else STAGE
-        _dx_into(g + off, x + off, stage, n, gd, c)
-        _stream(dx + off, stage, n)
-        off = off + n
+                         Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
+                         bint stream) noexcept nogil:
+    """dx of nrun runs of channel c (streamed when `stream`)."""
+    if stream and length >= STREAM_MIN:
+        _dx_streamed(g, x, dx, length, nrun, stride, gd, c)
+    else:
+        _dx_into(g, x, dx, length, nrun, stride, gd, c)
