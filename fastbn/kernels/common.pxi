@@ -6,9 +6,11 @@
 #                     kernels in nchw.pxi, block arithmetic in nchw_blocks.pxi;
 #   ROWS   (R, C):    each row holds one value per channel (NHWC memory, and (N, C));
 #                     kernels in nhwc.pxi.
-# Statistics, scale/shift coefficients and reductions are accumulated in double whatever the
-# data type, and (x - mean) is always formed in double, so float32 inputs with a large mean
-# keep their low-order digits.
+# Statistics, coefficients and sum(dy) are accumulated in double whatever the data type.
+# For float32 data the elementwise passes and the backward's dot sum(dy * (x - mean)) run in
+# float32 around the mean split into a float32 value and its remainder, so inputs with a
+# large mean keep their low-order digits (nchw_blocks.pxi, docs/math.rst); float64 data runs
+# in double throughout.
 #
 # Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
 # shape and dtype only, never on the thread count. Each chunk's partial result is computed by
