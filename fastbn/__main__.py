@@ -18,7 +18,8 @@ def main(argv=None):
     p.add_argument("--vs-torch", action="store_true",
                    help="fastbn against PyTorch only (no NumPy reference column)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: fastbn's)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                   default="float32", help="data dtype (bfloat16 needs ml_dtypes)")
     p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
     p.add_argument("--markdown", metavar="FILE", default=None,
@@ -38,7 +39,15 @@ def main(argv=None):
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
     layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
-    dtype = np.dtype(args.dtype).type
+    if args.dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            print("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes", file=sys.stderr)
+            return 2
+        dtype = ml_dtypes.bfloat16
+    else:
+        dtype = np.dtype(args.dtype).type
     threads = args.threads or _threads.get_num_threads()
     rows = _bench.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=threads,
                       rounds=rounds, with_reference=not args.vs_torch, roofline=not args.quick,

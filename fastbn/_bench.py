@@ -29,11 +29,13 @@ def make_data(shape, layout, dtype, seed=0):
     if layout == "NHWC" and len(shape) > 2:
         shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
     C = shape[1] if layout == "NCHW" else shape[-1]
-    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    x += dtype(0.5)
+    x = (rng.standard_normal(shape, dtype=np.float32) + np.float32(0.5)).astype(dtype,
+                                                                                 copy=False)
     dy = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.uniform(-0.5, 0.5, C).astype(dtype)
+    # 16-bit data comes with float32 parameters (mixed precision, as PyTorch's)
+    pdt = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    w = rng.uniform(0.5, 1.5, C).astype(pdt)
+    b = rng.uniform(-0.5, 0.5, C).astype(pdt)
     return x, dy, w, b
 
 
@@ -51,8 +53,8 @@ class Case:
     def __init__(self, shape, layout, dtype, threads, torch=None):
         self.x, self.dy, self.w, self.b = make_data(shape, layout, dtype)
         self.layout, self.threads = layout, threads
-        self.rm = np.zeros(self.w.shape, dtype)
-        self.rv = np.ones(self.w.shape, dtype)
+        self.rm = np.zeros(self.w.shape, self.w.dtype)
+        self.rv = np.ones(self.w.shape, self.w.dtype)
         self.y_out = np.empty_like(self.x)
         self.y_out.fill(0)     # faulted in: out= calls never pay page faults
         _, self.mean, self.invstd = functional.batch_norm_train(self.x, self.w, self.b,
@@ -63,7 +65,10 @@ class Case:
 
     def _torch_setup(self, torch):
         def nchw(a):
-            t = torch.from_numpy(a)
+            if a.dtype.name == "bfloat16":       # ml_dtypes' bfloat16: the same 16 bits
+                t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(a)
             if self.layout == "NHWC" and a.ndim > 2:
                 t = t.movedim(-1, 1)          # channels_last memory, as PyTorch lays it out
             return t
@@ -130,14 +135,23 @@ class Case:
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.tmean, self.tinvstd, True,
             1e-5, [True, True, True])
 
+    def _bytes_as_float32(self):
+        """x's bytes seen as float32 values (the yardsticks count bytes, not values)."""
+        x = np.ascontiguousarray(self.x).reshape(-1)
+        if x.dtype.itemsize == 4:
+            return x.view(np.float32)
+        if x.dtype.itemsize == 2:
+            return x[:x.size // 2 * 2].view(np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
     def read_pass(self):
-        """One read pass over x on the same threads (float32 data)."""
-        x = np.ascontiguousarray(self.x, dtype=np.float32)
+        """One read pass over x's bytes on the same threads."""
+        x = self._bytes_as_float32()
         return lambda: functional._kernels.read_pass(x, self.threads)
 
     def copy_pass(self):
-        """One read + write pass over x on the same threads (float32 data)."""
-        x = np.ascontiguousarray(self.x, dtype=np.float32)
+        """One read + write pass over x's bytes on the same threads."""
+        x = self._bytes_as_float32()
         dst = np.empty_like(x)
         return lambda: functional._kernels.copy_pass(x, dst, self.threads)
 

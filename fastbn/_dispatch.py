@@ -1,7 +1,7 @@
 """Pick the kernel module this CPU runs best.
 
 All modules are compiled from fastbn/kernels/all.pxi: `_kernels` for the portable baseline, and
-on x86-64 `_kernels_avx2` (AVX2 + FMA) and `_kernels_avx512` (AVX-512 F/VL/DQ/BW with 512-bit
+on x86-64 `_kernels_avx2` (AVX2 + FMA + F16C) and `_kernels_avx512` (AVX-512 F/VL/DQ/BW with 512-bit
 vectors). FASTBN_SIMD (read at import) forces one: `baseline`, `avx2` or `avx512` (for
 comparisons and debugging; when this CPU cannot run it, the baseline). Results are
 bit-identical across thread counts within one module; modules may differ in the last bits

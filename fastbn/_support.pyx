@@ -35,7 +35,8 @@ cdef extern from *:
     static int fastbn_cpu_avx2_fma(void) {
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && __builtin_cpu_supports("f16c");
     #else
         return 0;
     #endif
@@ -75,7 +76,7 @@ def cache_sizes():
 
 
 def cpu_has_avx2_fma():
-    """True when this CPU runs AVX2 and FMA instructions."""
+    """True when this CPU runs AVX2, FMA and F16C instructions."""
     return bool(fastbn_cpu_avx2_fma())
 
 

@@ -8,6 +8,29 @@ import numpy as np
 
 LAYOUTS = ("NCHW", "NHWC")
 DATA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+FLOAT16 = np.dtype(np.float16)
+DATA_NAMES = "float32, float64, float16 or bfloat16"
+
+
+def is_bfloat16(dt):
+    """Whether dt is bfloat16 as ml_dtypes registers it with NumPy (a 2-byte user-defined
+    dtype named "bfloat16"), recognised without importing ml_dtypes."""
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16" and dt.isnative
+
+
+def is_half(dt):
+    """Whether dt is a 16-bit floating type fastbn takes: float16 or bfloat16."""
+    return dt == FLOAT16 or is_bfloat16(dt)
+
+
+def is_data_dtype(dt):
+    """Whether fastbn's kernels take data of dtype dt."""
+    return dt in DATA_DTYPES or is_half(dt)
+
+
+def grad_dtype(dt):
+    """dtype of dweight and dbias for data of dtype dt: float32 for 16-bit data."""
+    return np.dtype(np.float32) if is_half(dt) else dt
 
 
 def channel_axis(layout, ndim):
@@ -41,15 +64,15 @@ def native(a):
 
 
 def data_array(name, a):
-    """A float32/float64 array of ndim >= 2, in native byte order (not copied unless it
-    was byte-swapped)."""
+    """A float32/float64/float16/bfloat16 array of ndim >= 2, in native byte order (not
+    copied unless it was byte-swapped)."""
     if type(a) is np.ndarray and (a.dtype is _FLOAT32 or a.dtype is _FLOAT64) and a.ndim >= 2:
         return a               # the common case, without the general checks below
     a = plain_array(name, a)
     if a.dtype.kind == "f" and not a.dtype.isnative:
         a = native(a)
-    if a.dtype not in DATA_DTYPES:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {a.dtype}")
+    if not is_data_dtype(a.dtype):
+        raise TypeError(f"{name} must be a {DATA_NAMES} array, got dtype {a.dtype}")
     if a.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (N, C, ...), got shape {a.shape}")
@@ -57,7 +80,7 @@ def data_array(name, a):
 
 
 def _float_dtype(name, a):
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
 
 
@@ -284,6 +307,28 @@ def positive_vector(name, a, C):
 
 
 # Layer (stateful) arguments: used by fastbn.caffe.
+
+def round_into(buf, values):
+    """buf[...] = values (float64), rounded once to buf's dtype, to nearest even. NumPy
+    rounds float64 to float32, float64 and float16 directly; bfloat16 goes through float32
+    rounded to odd (truncated, with the lowest bit set when inexact), which makes the second
+    rounding exact, so the result is the correctly rounded bfloat16 of the float64 value."""
+    values = np.asarray(values, dtype=np.float64)
+    if not is_bfloat16(buf.dtype):
+        buf[...] = values
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = values.astype(np.float32)
+        too_far = np.abs(f.astype(np.float64)) > np.abs(values)
+        f = np.where(too_far, np.nextafter(f, np.float32(0)), f)    # toward zero
+        bits = f.view(np.uint32).copy()
+        inexact = (f.astype(np.float64) != values) & np.isfinite(values)
+        bits |= inexact.astype(np.uint32)                              # to odd
+        nan = np.isnan(f)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        out = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded >> np.uint32(16))
+    buf.view(np.uint16)[...] = out.astype(np.uint16)
+
 
 def float_dtype(name, dtype):
     """np.dtype(dtype), which must be float32 or float64."""

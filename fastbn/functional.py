@@ -19,7 +19,8 @@ from . import _memory, _support
 from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
-                        gradient_pair, momentum_value, out_array, running_buffers)
+                        grad_dtype, gradient_pair, momentum_value, out_array, round_into,
+                        running_buffers)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -149,8 +150,9 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
 
 
 def _update_running(running, batch, momentum):
-    """running <- (1 - momentum) * running + momentum * batch, in float64, in place."""
-    running[...] = momentum * batch + (1.0 - momentum) * running.astype(np.float64)
+    """running <- (1 - momentum) * running + momentum * batch, in float64, in place, rounded
+    once to the buffer's dtype."""
+    round_into(running, momentum * batch + (1.0 - momentum) * running.astype(np.float64))
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
@@ -164,7 +166,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ndim >= 2
+    x : ndarray, float32, float64, float16 or bfloat16, ndim >= 2
         Input of shape (N, C, ...) for ``layout="NCHW"`` or (N, ..., C) for ``"NHWC"``.
         Any memory order; read-only is fine.
     weight, bias : array_like (C,), optional
@@ -233,7 +235,7 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ndim >= 2
+    x : ndarray, float32, float64, float16 or bfloat16, ndim >= 2
         Input, (N, C, ...) or (N, ..., C).
     running_mean, running_var : array_like (C,)
         Statistics to normalize with (not modified).
@@ -313,7 +315,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     ----------
     dy : ndarray
         Gradient of the output, shape and dtype of x.
-    x : ndarray, float32 or float64
+    x : ndarray, float32, float64, float16 or bfloat16
         The forward's input.
     mean, invstd : array_like (C,)
         As returned by :func:`batch_norm_train` (or running mean and
@@ -332,7 +334,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     dx : ndarray
         Shape and dtype of x.
     dweight, dbias : ndarray (C,)
-        In x's dtype (returned also when weight is None).
+        In x's dtype, float32 for float16 and bfloat16 data (returned also when weight is
+        None).
 
     Raises
     ------
@@ -366,7 +369,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
-    grads = np.empty((2, C), x.dtype) if x.size else np.zeros((2, C), x.dtype)
+    gdt = grad_dtype(x.dtype)
+    grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
         _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
                           training, grads, nthreads, _memory.stream_output(x.nbytes, out))

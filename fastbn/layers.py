@@ -9,7 +9,7 @@ import numpy as np
 from . import functional, renorm
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
-                        momentum_value, positive_int, real_scalar)
+                        is_half, momentum_value, positive_int, real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -99,8 +99,12 @@ class _Norm(PerThreadState):
     # ----- forward / backward -----------------------------------------------------------
     def _check_input(self, x):
         x = data_array("x", x)
-        if x.dtype != self.dtype:
-            raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype}")
+        # float32 layers also take 16-bit inputs (PyTorch's mixed precision: float32
+        # parameters, buffers and parameter gradients; y and dx in the input's dtype)
+        if x.dtype != self.dtype and not (self.dtype == np.float32 and is_half(x.dtype)):
+            expected = f"{self.dtype}" + (", float16 or bfloat16" if self.dtype == np.float32
+                                          else "")
+            raise TypeError(f"x must have the layer's dtype ({expected}), got {x.dtype}")
         C = x.shape[channel_axis(self.layout, x.ndim)]
         if C != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels on its "

@@ -8,7 +8,8 @@ statistics are returned as new arrays.
 import numpy as np
 
 from . import functional
-from ._validate import channel_axis, channel_vector, data_array, eps_value, momentum_value
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
+                        round_into)
 
 __all__ = ["batch_normalization"]
 
@@ -33,7 +34,7 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
 
     Parameters
     ----------
-    X : ndarray, float32 or float64
+    X : ndarray, float32, float64, float16 or bfloat16
         Input of shape (N, C) or (N, C, D1, ..., Dn).
     scale, B : array_like (C,)
         Affine parameters.
@@ -96,5 +97,8 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
     Y, mean, var, _, _ = functional._train(X, scale, B, epsilon, "NCHW", None, None)
     running_mean = mean_in * momentum + mean * (1.0 - momentum)
     running_var = var_in * momentum + var * (1.0 - momentum)
-    return (Y, running_mean.astype(np.asarray(input_mean).dtype),
-            running_var.astype(np.asarray(input_var).dtype))
+    new_mean = np.empty(C, np.asarray(input_mean).dtype)
+    new_var = np.empty(C, np.asarray(input_var).dtype)
+    round_into(new_mean, running_mean)
+    round_into(new_var, running_var)
+    return Y, new_mean, new_var

@@ -18,7 +18,8 @@ This module also holds the rmax / dmax schedules used by :class:`fastbn.BatchRen
 import numpy as np
 
 from . import _support, functional
-from ._validate import (channel_axis, channel_vector, clipping, data_array, gradient_pair,
+from ._validate import (channel_axis, channel_vector, clipping, data_array, grad_dtype,
+                        gradient_pair, round_into,
                         momentum_value, out_array, positive_vector, real_scalar, running_buffers,
                         scalar_at_least)
 
@@ -57,8 +58,8 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
     else:
         std = np.sqrt(var + float(eps))
-        running_mean[...] = mu + momentum * (mean - mu)
-        running_std[...] = sigma + momentum * (std - sigma)
+        round_into(running_mean, mu + momentum * (mean - mu))
+        round_into(running_std, sigma + momentum * (std - sigma))
     return y, mean, std, r, d
 
 
@@ -78,7 +79,7 @@ def batch_renorm_train(x, weight, bias, running_mean, running_std, *, rmax=3.0, 
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, ndim >= 2
+    x : ndarray, float32, float64, float16 or bfloat16, ndim >= 2
         Input of shape (N, C, ...) for ``layout="NCHW"`` or (N, ..., C) for ``"NHWC"``.
     weight, bias : array_like (C,) or None
         Affine parameters (gamma, beta); None means 1 and 0.
@@ -144,7 +145,7 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
 
     Parameters
     ----------
-    dy, x : ndarray, float32 or float64
+    dy, x : ndarray, float32, float64, float16 or bfloat16
         The gradient of the forward's output, and the forward's input (one shape and
         dtype).
     mean, std, r, d : array_like (C,)
@@ -159,7 +160,7 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     dx : ndarray
         The gradient of x, in x's shape and dtype.
     dweight, dbias : ndarray (C,)
-        In x's dtype, also without a weight.
+        In x's dtype (float32 for float16 and bfloat16 data), also without a weight.
 
     Raises
     ------
@@ -198,7 +199,7 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     # dw_bn = sum(dy * xhat0), dbias = sum(dy): r and d are constants, so
     # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias.
     dweight = r64 * dw_bn.astype(np.float64) + d64 * dbias.astype(np.float64)
-    return dx, dweight.astype(x.dtype), dbias
+    return dx, dweight.astype(grad_dtype(x.dtype)), dbias
 
 
 def linear_schedule(start, end, begin, stop):

@@ -6,4 +6,5 @@ include "common.pxi"          # types, tuning constants, Chan merges, coefficien
 include "nchw_blocks.pxi"     # NCHW: statistics and sums of one block
 include "nchw.pxi"            # NCHW: training forward, inference, backward
 include "nhwc.pxi"            # NHWC and (N, C): training forward, inference, backward
+include "half.pxi"            # float16 and bfloat16 data, staged through float32
 include "entry_points.pxi"    # the Python entry points, and the bandwidth yardsticks

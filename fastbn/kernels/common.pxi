@@ -59,6 +59,7 @@ cdef extern from *:
        of a pass over data larger than the caches goes straight to memory, neither reading
        its cache lines first nor evicting the input the pass still needs. The destination's
        unaligned head and tail use ordinary stores. Without SSE (non-x86), a plain copy. */
+    #include <stdint.h>
     #if defined(__SSE2__) || defined(_M_X64)
     #include <immintrin.h>
     #endif
@@ -66,14 +67,17 @@ cdef extern from *:
     #define FASTBN_VEC_BYTES 64
     #define FASTBN_STREAM_PS(p, s) _mm512_stream_ps((p), _mm512_loadu_ps(s))
     #define FASTBN_STREAM_PD(p, s) _mm512_stream_pd((p), _mm512_loadu_pd(s))
+    #define FASTBN_STREAM_I(p, s) _mm512_stream_si512((void*)(p), _mm512_loadu_si512((const void*)(s)))
     #elif defined(__AVX__)
     #define FASTBN_VEC_BYTES 32
     #define FASTBN_STREAM_PS(p, s) _mm256_stream_ps((p), _mm256_loadu_ps(s))
     #define FASTBN_STREAM_PD(p, s) _mm256_stream_pd((p), _mm256_loadu_pd(s))
+    #define FASTBN_STREAM_I(p, s) _mm256_stream_si256((__m256i*)(p), _mm256_loadu_si256((const __m256i*)(s)))
     #elif defined(__SSE2__) || defined(_M_X64)
     #define FASTBN_VEC_BYTES 16
     #define FASTBN_STREAM_PS(p, s) _mm_stream_ps((p), _mm_loadu_ps(s))
     #define FASTBN_STREAM_PD(p, s) _mm_stream_pd((p), _mm_loadu_pd(s))
+    #define FASTBN_STREAM_I(p, s) _mm_stream_si128((__m128i*)(p), _mm_loadu_si128((const __m128i*)(s)))
     #endif
     #ifdef FASTBN_VEC_BYTES
     #define FASTBN_STREAM_BODY(T, STORE)                                               \
@@ -90,6 +94,9 @@ cdef extern from *:
         FASTBN_STREAM_BODY(double, FASTBN_STREAM_PD)
     }
     static void fastbn_stream_fence(void) { _mm_sfence(); }
+    static void fastbn_stream_u16(uint16_t* dst, const uint16_t* src, Py_ssize_t n) {
+        FASTBN_STREAM_BODY(uint16_t, FASTBN_STREAM_I)
+    }
     #else
     static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
         Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
@@ -98,16 +105,106 @@ cdef extern from *:
         Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
     }
     static void fastbn_stream_fence(void) { }
+    static void fastbn_stream_u16(uint16_t* dst, const uint16_t* src, Py_ssize_t n) {
+        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
+    }
     #endif
     """
     void _stream_f32 "fastbn_stream_f32"(float* dst, const float* src, Py_ssize_t n) noexcept nogil
     void _stream_f64 "fastbn_stream_f64"(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void _stream_fence "fastbn_stream_fence"() noexcept nogil
+    void _stream_u16 "fastbn_stream_u16"(unsigned short* dst, const unsigned short* src, Py_ssize_t n) noexcept nogil
+
+
+cdef extern from *:
+    """
+    /* 16-bit data (IEEE float16 and bfloat16) are converted to float32 for the arithmetic
+       and rounded back once, to nearest even. float16 <-> float32 uses the F16C (or
+       AVX-512) conversion instructions where the build has them, else the portable bit
+       code below (F. Giesen's round-to-nearest-even float_to_half, exact the other way);
+       bfloat16 is the top half of a float32. NaN stays NaN (quiet), overflow gives inf. */
+    #include <stdint.h>
+    #include <string.h>
+    static inline uint32_t fastbn_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+    static inline float fastbn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+    static inline float fastbn_half_to_float(uint16_t h) {
+        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+        if (e == 0) {                              /* zero or subnormal: m * 2**-24, exact */
+            float v = (float)m * 5.9604644775390625e-08f;
+            return fastbn_bits_f32(fastbn_f32_bits(v) | sign);
+        }
+        if (e == 31) return fastbn_bits_f32(sign | 0x7f800000u | (m << 13));
+        return fastbn_bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+    }
+    static inline uint16_t fastbn_float_to_half(float f) {
+        const uint32_t f32infty = 255u << 23, f16max = (127u + 16u) << 23;
+        const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+        uint32_t u = fastbn_f32_bits(f), sign = u & 0x80000000u;
+        uint16_t o;
+        u ^= sign;
+        if (u >= f16max) {
+            o = (u > f32infty) ? 0x7e00 : 0x7c00;      /* NaN -> quiet NaN; inf/overflow */
+        } else if (u < (113u << 23)) {                  /* subnormal or zero result */
+            o = (uint16_t)(fastbn_f32_bits(fastbn_bits_f32(u) + fastbn_bits_f32(denorm_magic))
+                           - denorm_magic);
+        } else {
+            uint32_t odd = (u >> 13) & 1u;
+            u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+            o = (uint16_t)(u >> 13);
+        }
+        return (uint16_t)(o | (sign >> 16));
+    }
+    static void fastbn_f16_to_f32(const uint16_t* src, float* dst, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+    #elif defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+    #endif
+        for (; i < n; i++) dst[i] = fastbn_half_to_float(src[i]);
+    }
+    static void fastbn_f32_to_f16(const float* src, uint16_t* dst, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+    #if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i*)(dst + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    #elif defined(__F16C__)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(dst + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    #endif
+        for (; i < n; i++) dst[i] = fastbn_float_to_half(src[i]);
+    }
+    static void fastbn_bf16_to_f32(const uint16_t* src, float* dst, Py_ssize_t n) {
+        Py_ssize_t i;
+        uint32_t* d = (uint32_t*)dst;
+        for (i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+    }
+    static void fastbn_f32_to_bf16(const float* src, uint16_t* dst, Py_ssize_t n) {
+        Py_ssize_t i;
+        const uint32_t* s = (const uint32_t*)src;
+        for (i = 0; i < n; i++) {
+            uint32_t u = s[i];
+            uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            dst[i] = (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
+        }
+    }
+    """
+    void _f16_to_f32 "fastbn_f16_to_f32"(const unsigned short* src, float* dst, Py_ssize_t n) noexcept nogil
+    void _f32_to_f16 "fastbn_f32_to_f16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
+    void _bf16_to_f32 "fastbn_bf16_to_f32"(const unsigned short* src, float* dst, Py_ssize_t n) noexcept nogil
+    void _f32_to_bf16 "fastbn_f32_to_bf16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
 
 
 ctypedef fused floating:
     float
     double
+
+# the 16-bit payload of a float16 or bfloat16 value (its arithmetic is in float32)
+ctypedef unsigned short half_bits
 
 # accumulator type of a reduction (float32 lanes for float32 data where they are exact
 # enough, double otherwise)
@@ -120,6 +217,14 @@ cpdef enum View:
     # the canonical view of a call's data (fastbn/functional.py passes it as `view`)
     PLANAR = 0
     ROWS = 1
+
+
+cdef enum DType:
+    # the data type of x, dy, y, dx (Work.dtype)
+    F32 = 0
+    F64 = 1
+    F16 = 2            # IEEE binary16 (NumPy's float16)
+    BF16 = 3           # bfloat16 (ml_dtypes.bfloat16)
 
 
 cdef enum Op:
@@ -435,6 +540,7 @@ cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) no
 
 cdef struct Work:
     int op              # TRAIN (a = x, out = y) or BACKWARD (a = g, b = x, out = dx)
+    int dtype           # of the data (DType): the 16-bit types run through half.pxi
     Coef* cf            # TRAIN
     Grad* gd            # BACKWARD
     double* part        # per-chunk partial results

@@ -55,12 +55,22 @@ cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return 2 * C * ((N + rpc - 1) // rpc)
 
 
-cdef bint _is_double(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
-    """Whether the data is float64 (else float32); checks x and y are contiguous, aligned,
-    native, of one dtype and `size` long, and y writable."""
+cdef int _data_type(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
+    """The DType of the data; checks x and y are contiguous, aligned, native, of one dtype
+    and `size` long, and y writable."""
     cdef int t = cnp.PyArray_TYPE(x)
-    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        raise TypeError("kernel data must be float32 or float64")
+    cdef int dtype
+    if t == cnp.NPY_FLOAT32:
+        dtype = F32
+    elif t == cnp.NPY_FLOAT64:
+        dtype = F64
+    elif t == cnp.NPY_FLOAT16:
+        dtype = F16
+    elif (cnp.PyArray_ISUSERDEF(x) and cnp.PyArray_ITEMSIZE(x) == 2
+          and x.dtype.name == "bfloat16"):
+        dtype = BF16
+    else:
+        raise TypeError("kernel data must be float32, float64, float16 or bfloat16")
     if cnp.PyArray_TYPE(y) != t:
         raise TypeError("kernel input and output dtypes differ")
     if not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
@@ -70,7 +80,7 @@ cdef bint _is_double(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
         raise ValueError("kernel arrays do not match the shape")
     if not cnp.PyArray_ISWRITEABLE(y):
         raise ValueError("kernel output is read-only")
-    return t == cnp.NPY_FLOAT64
+    return dtype
 
 
 cdef const double* _param(object a, Py_ssize_t n, double* scratch,
@@ -118,17 +128,13 @@ cdef void _check_dims(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         raise ValueError("rows kernels take S = 1")
 
 
-cdef void _run(int view, bint is_double, const Planar* p, const void* a, const void* b,
-               void* out, const Work* w, int nthreads) noexcept nogil:
-    """A reduction kernel (training forward or backward) on the view, in the data type."""
-    if view == PLANAR and is_double:
-        _planar_run(p, <const double*>a, <const double*>b, <double*>out, w, nthreads)
-    elif view == PLANAR:
-        _planar_run(p, <const float*>a, <const float*>b, <float*>out, w, nthreads)
-    elif is_double:
-        _rows_run(<const double*>a, <const double*>b, <double*>out, p.N, p.C, w, nthreads)
+cdef void _run(int view, const Planar* p, const void* a, const void* b, void* out,
+               const Work* w, int nthreads) noexcept nogil:
+    """A reduction kernel (training forward or backward) on the view."""
+    if view == PLANAR:
+        _planar_run(p, a, b, out, w, nthreads)
     else:
-        _rows_run(<const float*>a, <const float*>b, <float*>out, p.N, p.C, w, nthreads)
+        _rows_run(a, b, out, p.N, p.C, w, nthreads)
 
 
 def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
@@ -165,11 +171,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     cdef Coef cf
     cdef Work w
     cdef Planar p
-    cdef bint is_double
     cdef double* part
     cdef Py_ssize_t npart, reduce_bytes
     _check_dims(view, N, C, S, nthreads)
-    is_double = _is_double(x, y, N * C * S)
+    w.dtype = _data_type(x, y, N * C * S)
     reduce_bytes = N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
@@ -203,8 +208,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
         with nogil:
-            _run(view, is_double, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x),
-                 cnp.PyArray_DATA(y), &w, nthreads)
+            _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &w,
+                 nthreads)
     finally:
         free(part)
 
@@ -218,7 +223,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     y = (x - running_mean) * weight / running_var + bias (eps is not used)."""
     cdef Planar p
     cdef Affine af
-    cdef bint is_double
+    cdef int dtype
     cdef Py_ssize_t c
     cdef const double* rm
     cdef const double* rv
@@ -226,7 +231,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     cdef const double* b
     cdef double* coef
     _check_dims(view, N, C, S, nthreads)
-    is_double = _is_double(x, y, N * C * S)
+    dtype = _data_type(x, y, N * C * S)
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -242,20 +247,14 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
                                                           else sqrt(rv[c] + eps))
                 coef[C + c] = b[c] if b != NULL else 0.0
             _affine_arrays(&af, rm, coef, coef + C, <char*>(coef + 6 * C), C)
-            if not is_double:
+            if dtype != F64:
                 _affine32(&af, 0, C)
-            if view == PLANAR and not is_double:
-                _planar_infer(&p, <float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y),
-                              &af, stream, nthreads)
-            elif view == PLANAR:
-                _planar_infer(&p, <double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y),
-                              &af, stream, nthreads)
-            elif not is_double:
-                _rows_infer(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, C,
-                            &af, stream, nthreads)
+            if view == PLANAR:
+                _planar_infer(&p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &af, stream, dtype,
+                              nthreads)
             else:
-                _rows_infer(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, C,
-                            &af, stream, nthreads)
+                _rows_infer(cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), N, C, &af, stream, dtype,
+                            nthreads)
     finally:
         free(coef)
 
@@ -269,13 +268,12 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
     cdef Planar p
     cdef Grad gd
     cdef Work w
-    cdef bint is_double
     cdef double* part
     cdef float* grads32 = NULL
     cdef Py_ssize_t c, npart, reduce_bytes
     _check_dims(view, N, C, S, nthreads)
-    is_double = _is_double(x, dx, N * C * S)
-    if _is_double(g, dx, N * C * S) != is_double:
+    w.dtype = _data_type(x, dx, N * C * S)
+    if _data_type(g, dx, N * C * S) != w.dtype:
         raise TypeError("kernel gradient dtype differs")
     if (cnp.PyArray_TYPE(grads) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(grads)
             and cnp.PyArray_SIZE(grads) >= 2 * C and cnp.PyArray_ISWRITEABLE(grads)
@@ -301,7 +299,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
         gd.invstd = _param(invstd, C, gd.a + 4 * C)
         gd.weight = _param(weight, C, gd.a + 5 * C, True)
         gd.gmean = gd.a + 8 * C
-        if not is_double:       # the float32 form of the mean (see nchw_blocks.pxi)
+        if w.dtype != F64:      # the float32 form of the mean (see nchw_blocks.pxi)
             gd.mean_lo = gd.a + 9 * C
             gd.mean32 = <float*>(gd.a + 10 * C)
             gd.gmean32 = gd.mean32 + C
@@ -320,8 +318,8 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
         with nogil:
-            _run(view, is_double, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x),
-                 cnp.PyArray_DATA(dx), &w, nthreads)
+            _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &w,
+                 nthreads)
             if grads32 != NULL:
                 for c in range(2 * C):
                     grads32[c] = <float>gd.dweight[c]

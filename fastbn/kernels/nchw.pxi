@@ -171,10 +171,10 @@ cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part
 # ---------------------------------------------------------------------------------------------
 # Each prange body below is one call, so that every local is private to its thread.
 
-cdef inline void _planar_reduce(const Planar* p, const floating* a, const floating* b,
-                                const Work* w, Py_ssize_t c0, Py_ssize_t c1,
-                                Py_ssize_t k) noexcept nogil:
-    """Chunk k's partials of channels [c0, c1)."""
+cdef inline void _planar_reduce_t(const Planar* p, const floating* a, const floating* b,
+                                  const Work* w, Py_ssize_t c0, Py_ssize_t c1,
+                                  Py_ssize_t k) noexcept nogil:
+    """Chunk k's partials of channels [c0, c1) (float32 and float64 data)."""
     if w.op == TRAIN:
         _planar_chunk_stats(p, a, c0, c1, k, w.part)
     else:
@@ -194,16 +194,40 @@ cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
             _planar_grad_coef(p, w.gd, w.part, c)
 
 
-cdef inline void _planar_apply(const Planar* p, const floating* a, const floating* b,
-                               floating* out, const Work* w, Py_ssize_t c0, Py_ssize_t c1,
-                               Py_ssize_t k) noexcept nogil:
-    """y (or dx) of chunk k of channels [c0, c1)."""
+cdef inline void _planar_apply_t(const Planar* p, const floating* a, const floating* b,
+                                 floating* out, const Work* w, Py_ssize_t c0, Py_ssize_t c1,
+                                 Py_ssize_t k) noexcept nogil:
+    """y (or dx) of chunk k of channels [c0, c1) (float32 and float64 data)."""
     if w.op == TRAIN:
         _planar_chunk_affine(p, a, out, c0, c1, k, w.cf, w.stream)
     else:
         _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream)
     if w.stream:
         _stream_fence()        # the streaming stores are seen before the task ends
+
+
+cdef inline void _planar_reduce(const Planar* p, const void* a, const void* b, const Work* w,
+                                Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k) noexcept nogil:
+    """Chunk k's partials of channels [c0, c1), in the data type w.dtype."""
+    if w.dtype == F32:
+        _planar_reduce_t(p, <const float*>a, <const float*>b, w, c0, c1, k)
+    elif w.dtype == F64:
+        _planar_reduce_t(p, <const double*>a, <const double*>b, w, c0, c1, k)
+    else:
+        _planar16_reduce(p, <const half_bits*>a, <const half_bits*>b, w, c0, c1, k)
+
+
+cdef inline void _planar_apply(const Planar* p, const void* a, const void* b, void* out,
+                               const Work* w, Py_ssize_t c0, Py_ssize_t c1,
+                               Py_ssize_t k) noexcept nogil:
+    """y (or dx) of chunk k of channels [c0, c1), in the data type w.dtype."""
+    if w.dtype == F32:
+        _planar_apply_t(p, <const float*>a, <const float*>b, <float*>out, w, c0, c1, k)
+    elif w.dtype == F64:
+        _planar_apply_t(p, <const double*>a, <const double*>b, <double*>out, w, c0, c1, k)
+    else:
+        _planar16_apply(p, <const half_bits*>a, <const half_bits*>b, <half_bits*>out, w, c0,
+                        c1, k)
 
 
 cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S,
@@ -229,9 +253,8 @@ cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S,
     return g if g > 0 else 1
 
 
-cdef void _planar_group(const Planar* p, const floating* a, const floating* b,
-                        floating* out, const Work* w, Py_ssize_t c0,
-                        Py_ssize_t c1) noexcept nogil:
+cdef void _planar_group(const Planar* p, const void* a, const void* b, void* out,
+                        const Work* w, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """The three phases on channels [c0, c1), one after the other while they are in cache."""
     cdef Py_ssize_t k
     for k in range(p.nchunk):
@@ -241,7 +264,7 @@ cdef void _planar_group(const Planar* p, const floating* a, const floating* b,
         _planar_apply(p, a, b, out, w, c0, c1, k)
 
 
-cdef void _planar_run(const Planar* p, const floating* a, const floating* b, floating* out,
+cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
                       const Work* w, int nthreads) noexcept nogil:
     """A training forward (w.op TRAIN: a = x, out = y) or backward (BACKWARD: a = g, b = x,
     out = dx) on nthreads threads."""
@@ -292,8 +315,19 @@ cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py
         _stream_fence()
 
 
-cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const Affine* af,
-                        bint stream, int nthreads) noexcept nogil:
+cdef void _planar_infer_task(const Planar* p, const void* x, void* y, Py_ssize_t r0,
+                             Py_ssize_t r1, const Affine* af, bint stream,
+                             int dtype) noexcept nogil:
+    if dtype == F32:
+        _planar_infer_runs(p, <const float*>x, <float*>y, r0, r1, af, stream)
+    elif dtype == F64:
+        _planar_infer_runs(p, <const double*>x, <double*>y, r0, r1, af, stream)
+    else:
+        _planar16_infer_runs(p, <const half_bits*>x, <half_bits*>y, r0, r1, af, stream, dtype)
+
+
+cdef void _planar_infer(const Planar* p, const void* x, void* y, const Affine* af,
+                        bint stream, int dtype, int nthreads) noexcept nogil:
     cdef Py_ssize_t t, nrun = p.N * p.C
     cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
     cdef Py_ssize_t ntask = (nrun + per - 1) // per
@@ -303,7 +337,7 @@ cdef void _planar_infer(const Planar* p, const floating* x, floating* y, const A
     per = (nrun + ntask - 1) // ntask
     ntask = (nrun + per - 1) // per
     if nthreads == 1:
-        _planar_infer_runs(p, x, y, 0, nrun, af, stream)
+        _planar_infer_task(p, x, y, 0, nrun, af, stream, dtype)
     else:
         for t in prange(ntask, num_threads=nthreads, schedule="static"):
-            _planar_infer_runs(p, x, y, t * per, _stop(t, per, nrun), af, stream)
+            _planar_infer_task(p, x, y, t * per, _stop(t, per, nrun), af, stream, dtype)

@@ -480,10 +480,11 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
 # ---------------------------------------------------------------------------------------------
 # Each prange body below is one call, so that every local is private to its thread.
 
-cdef inline void _rows_reduce(const floating* a, const floating* b, const Work* w,
-                              Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0,
-                              Py_ssize_t r1, Py_ssize_t k) noexcept nogil:
-    """Partials of channels [c0, c1) over rows [r0, r1), into chunk k's rows of w.part."""
+cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work* w,
+                                Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0,
+                                Py_ssize_t r1, Py_ssize_t k) noexcept nogil:
+    """Partials of channels [c0, c1) over rows [r0, r1), into chunk k's rows of w.part
+    (float32 and float64 data)."""
     if w.op == TRAIN:
         _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
                           w.multi_row)
@@ -501,17 +502,41 @@ cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_
         _rows_grad_coefs(w.gd, w.part, C, nchunk, c0, c1)
 
 
-cdef inline void _rows_apply(const floating* a, const floating* b, floating* out,
-                             const Work* w, Py_ssize_t C, Py_ssize_t r0,
-                             Py_ssize_t r1) noexcept nogil:
-    """y (or dx) of rows [r0, r1)."""
+cdef inline void _rows_apply_t(const floating* a, const floating* b, floating* out,
+                               const Work* w, Py_ssize_t C, Py_ssize_t r0,
+                               Py_ssize_t r1) noexcept nogil:
+    """y (or dx) of rows [r0, r1) (float32 and float64 data)."""
     if w.op == TRAIN:
         _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream)
     else:
         _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream)
 
 
-cdef void _rows_columns(const floating* a, const floating* b, const Work* w, Py_ssize_t R,
+cdef inline void _rows_reduce(const void* a, const void* b, const Work* w, Py_ssize_t C,
+                              Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
+                              Py_ssize_t k) noexcept nogil:
+    """Partials of channels [c0, c1) over rows [r0, r1), in the data type w.dtype."""
+    if w.dtype == F32:
+        _rows_reduce_t(<const float*>a, <const float*>b, w, C, c0, c1, r0, r1, k)
+    elif w.dtype == F64:
+        _rows_reduce_t(<const double*>a, <const double*>b, w, C, c0, c1, r0, r1, k)
+    else:
+        _rows16_reduce(<const half_bits*>a, <const half_bits*>b, w, C, c0, c1, r0, r1, k)
+
+
+cdef inline void _rows_apply(const void* a, const void* b, void* out, const Work* w,
+                             Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    """y (or dx) of rows [r0, r1), in the data type w.dtype."""
+    if w.dtype == F32:
+        _rows_apply_t(<const float*>a, <const float*>b, <float*>out, w, C, r0, r1)
+    elif w.dtype == F64:
+        _rows_apply_t(<const double*>a, <const double*>b, <double*>out, w, C, r0, r1)
+    else:
+        _rows16_apply(<const half_bits*>a, <const half_bits*>b, <half_bits*>out, w,
+                      &w.cf.af if w.op == TRAIN else NULL, C, r0, r1)
+
+
+cdef void _rows_columns(const void* a, const void* b, const Work* w, Py_ssize_t R,
                         Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Partials and coefficients of channels [c0, c1) over all R rows as one chunk."""
     _rows_reduce(a, b, w, C, c0, c1, 0, R, 0)
@@ -527,8 +552,8 @@ cdef inline Py_ssize_t _col_width(Py_ssize_t C, int nthreads) noexcept nogil:
 
 
 
-cdef void _rows_run(const floating* a, const floating* b, floating* out, Py_ssize_t R,
-                    Py_ssize_t C, const Work* w, int nthreads) noexcept nogil:
+cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ssize_t C,
+                    const Work* w, int nthreads) noexcept nogil:
     """A training forward (w.op TRAIN: a = x, out = y) or backward (BACKWARD: a = g, b = x,
     out = dx) on nthreads threads."""
     cdef Py_ssize_t rpc = _rows_per_chunk(R, C)
@@ -569,14 +594,27 @@ cdef void _rows_run(const floating* a, const floating* b, floating* out, Py_ssiz
 # Inference: one elementwise pass
 # ---------------------------------------------------------------------------------------------
 
-cdef void _rows_infer(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                      const Affine* af, bint stream, int nthreads) noexcept nogil:
+cdef void _rows_infer_task(const void* x, void* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
+                           const Affine* af, bint stream, int dtype) noexcept nogil:
+    cdef Work w
+    if dtype == F32:
+        _rows_affine(<const float*>x, <float*>y, C, r0, r1, af, stream)
+    elif dtype == F64:
+        _rows_affine(<const double*>x, <double*>y, C, r0, r1, af, stream)
+    else:
+        w.dtype = dtype
+        w.stream = stream
+        _rows16_apply(<const half_bits*>x, NULL, <half_bits*>y, &w, af, C, r0, r1)
+
+
+cdef void _rows_infer(const void* x, void* y, Py_ssize_t R, Py_ssize_t C, const Affine* af,
+                      bint stream, int dtype, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af, stream)
+            _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, stream, dtype)
         return
     for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_affine(x, y, C, k * rpc, _stop(k, rpc, R), af, stream)
+        _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, stream, dtype)
