@@ -20,7 +20,7 @@ from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
                         grad_dtype, gradient_pair, momentum_value, out_array, round_into,
-                        running_buffers)
+                        running_buffers, same_shape)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -112,16 +112,29 @@ def _finish(result, flat, direct, plan):
     return result
 
 
-def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_inputs=None):
-    """Shared training forward (Batch Normalization and Renormalization).
+def _like_x(name, a, x):
+    """An array the kernels read like x (the residual, the forward's y): x's shape and dtype."""
+    a = data_array(name, a)
+    same_shape(name, a, "x", x)
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+    return a
 
-    Validates x/weight/bias/eps/layout/out (the caller validates its own extra arguments
-    before calling), runs the fused statistics + normalization kernel and returns
+
+def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_inputs=None,
+           residual=None, relu=False):
+    """Shared training forward (Batch Normalization and Renormalization, with the fused
+    residual add and ReLU when asked).
+
+    Validates x/weight/bias/eps/layout/out/residual (the caller validates its own extra
+    arguments before calling), runs the fused statistics + normalization kernel and returns
     (y, mean, var, invstd, M) with var biased and M the values per channel.
     `renorm` is passed to the kernel: None, or (running_mean, running_std (float64),
     r_out, d_out, rmin, rmax, dmax).
     """
     x = data_array("x", x)
+    if residual is not None:
+        residual = _like_x("residual", residual, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
@@ -132,9 +145,9 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
         w = channel_vector("weight", weight, C)
         b = channel_vector("bias", bias, C)
     if out is not None:
-        inputs = {"x": x, "weight": weight, "bias": bias}
+        inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual}
         inputs.update(extra_inputs or {})
-        out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x",))
+        out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x", "residual"))
     if M <= 1:
         raise ValueError(
             f"x must have more than 1 value per channel in training, got shape {x.shape} "
@@ -145,7 +158,8 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     stats = np.empty((5, C))
     if C:
         _kernels.train_forward(xc, yc, plan.view, plan.N, C, plan.S, w, b, eps, stats, renorm,
-                               nthreads, _memory.stream_output(x.nbytes, out))
+                               nthreads, _memory.stream_output(x.nbytes, out),
+                               None if residual is None else _like(residual, plan), relu)
     return _finish(y, yc, direct, plan), stats[0], stats[1], stats[2], M
 
 
@@ -209,6 +223,13 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     >>> bool(abs(y.mean()) < 1e-6)
     True
     """
+    return _batch_norm_train(x, weight, bias, eps, layout, running_mean, running_var, momentum,
+                             out, num_threads)
+
+
+def _batch_norm_train(x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
+                      num_threads, residual=None, relu=False):
+    """batch_norm_train, with the fused residual add and ReLU when asked."""
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -217,7 +238,8 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     momentum = momentum_value(momentum)
     y, mean, var, invstd, M = _train(
         x, weight, bias, eps, layout, out, num_threads,
-        extra_inputs={"running_mean": running_mean, "running_var": running_var})
+        extra_inputs={"running_mean": running_mean, "running_var": running_var},
+        residual=residual, relu=relu)
     # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
     # the kernel updates contiguous float buffers in one loop, NumPy any other
     if running_mean is not None and C and not _support.update_running(
@@ -270,10 +292,13 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
 
 def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_threads,
-           divisor_is_std=False):
+           divisor_is_std=False, residual=None, relu=False):
     """batch_norm_infer; with divisor_is_std, running_var is a standard deviation and
-    y = (x - running_mean) * weight / running_var + bias (Batch Renormalization's eval)."""
+    y = (x - running_mean) * weight / running_var + bias (Batch Renormalization's eval);
+    residual and relu: the fused epilogue y = max(y + residual, 0)."""
     x = data_array("x", x)
+    if residual is not None:
+        residual = _like_x("residual", residual, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
     if _support.params_ok(C, 2, running_mean, running_var, weight, bias):
@@ -287,13 +312,15 @@ def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_thr
     if out is not None:
         out = out_array(out, x.shape, x.dtype,
                         {"x": x, "running_mean": running_mean, "running_var": running_var,
-                         "weight": weight, "bias": bias}, may_alias=("x",))
+                         "weight": weight, "bias": bias, "residual": residual},
+                        may_alias=("x", "residual"))
     plan, xc = _plan(x, axis, layout)
     nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)
     if x.size:
         _kernels.infer_forward(xc, yc, plan.view, plan.N, C, plan.S, rm, rv, w, b, eps, nthreads,
-                               divisor_is_std, _memory.stream_output(x.nbytes, out))
+                               divisor_is_std, _memory.stream_output(x.nbytes, out),
+                               None if residual is None else _like(residual, plan), relu)
     return _finish(y, yc, direct, plan)
 
 
@@ -351,7 +378,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     >>> float(np.abs(dx).max()) < 1e-12, db
     (True, array([128., 128., 128.]))
     """
+    return _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads)
+
+
+def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y=None,
+              dresidual=None):
+    """batch_norm_backward; with y (the fused ReLU's forward output), dy counts where
+    y > 0 only, and dresidual receives that masked dy."""
     dy, x = gradient_pair(dy, x)
+    if y is not None:
+        y = _like_x("y", y, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
     if _support.params_ok(C, 2, mean, invstd, weight):
@@ -361,19 +397,27 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         invstd_k = channel_vector("invstd", invstd, C, optional=False)
         w = channel_vector("weight", weight, C)
     training = flag("training", training)
+    inputs = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "y": y}
     if out is not None:
-        out = out_array(out, x.shape, x.dtype,
-                        {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight},
-                        may_alias=("dy",))
+        out = out_array(out, x.shape, x.dtype, inputs, may_alias=("dy",))
+    if dresidual is not None:
+        dresidual = out_array(dresidual, x.shape, x.dtype, dict(inputs, out=out),
+                              name="dresidual")
     plan, xc = _plan(x, axis, layout)
     nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     gc = _like(dy, plan)
     dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
+    if dresidual is not None:
+        dres, dresc, dres_direct = _result(plan, x.shape, x.dtype, dresidual)
     gdt = grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
         _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
-                          training, grads, nthreads, _memory.stream_output(x.nbytes, out))
+                          training, grads, nthreads, _memory.stream_output(x.nbytes, out),
+                          None if y is None else _like(y, plan),
+                          None if dresidual is None else dresc)
+    if dresidual is not None:
+        _finish(dres, dresc, dres_direct, plan)
     return _finish(dx, dxc, direct, plan), grads[0], grads[1]
 
 

@@ -546,3 +546,8 @@ cdef struct Work:
     double* part        # per-chunk partial results
     bint multi_row      # rows kernels: several rows per sweep in the reduction (_multi_row)
     bint stream         # store the output with non-temporal stores (it exceeds the caches)
+    # the fused epilogue (fastbn.batch_norm_relu_*), every array laid out as the data:
+    bint relu           # forward: y = max(y, 0)
+    const void* res     # forward: a residual added before the ReLU, or NULL
+    const void* ymask   # backward: the forward's y; dy counts where y > 0, or NULL
+    void* dres          # backward: receives the masked dy (the residual's gradient), or NULL

@@ -128,6 +128,20 @@ cdef void _check_dims(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         raise ValueError("rows kernels take S = 1")
 
 
+cdef const void* _like_data(object a, cnp.ndarray x, bint writable=False) except? NULL:
+    """The data pointer of a (NULL for None): an array of x's dtype and size, C-contiguous,
+    aligned, native (the residual, the forward's y, the residual's gradient)."""
+    cdef cnp.ndarray arr
+    if a is None:
+        return NULL
+    arr = <cnp.ndarray?>a
+    if (cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x) or cnp.PyArray_SIZE(arr) != cnp.PyArray_SIZE(x)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not _native(arr)
+            or (writable and not cnp.PyArray_ISWRITEABLE(arr))):
+        raise ValueError("kernel epilogue arrays must match the data")
+    return cnp.PyArray_DATA(arr)
+
+
 cdef void _run(int view, const Planar* p, const void* a, const void* b, void* out,
                const Work* w, int nthreads) noexcept nogil:
     """A reduction kernel (training forward or backward) on the view."""
@@ -158,7 +172,7 @@ def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
 
 def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                  int nthreads, bint stream=False):
+                  int nthreads, bint stream=False, residual=None, bint relu=False):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
@@ -166,7 +180,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     float64 (5, C), receives mean, biased var, invstd, scale, shift. renorm: None, or
     (running_mean, running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays,
     for Batch Renormalization (running_mean and running_std may also be float32). stream:
-    write y with non-temporal stores (an output larger than the caches).
+    write y with non-temporal stores (an output larger than the caches). residual (an array
+    laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0).
     """
     cdef Coef cf
     cdef Work w
@@ -207,6 +222,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
+        w.res = _like_data(residual, x)
+        w.relu = relu
+        w.ymask = NULL
+        w.dres = NULL
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &w,
                  nthreads)
@@ -216,13 +235,16 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
-                  int nthreads, bint divisor_is_std=False, bint stream=False):
+                  int nthreads, bint divisor_is_std=False, bint stream=False, residual=None,
+                  bint relu=False):
     """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
     (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
     may be None. With divisor_is_std, running_var holds a standard deviation and
-    y = (x - running_mean) * weight / running_var + bias (eps is not used)."""
+    y = (x - running_mean) * weight / running_var + bias (eps is not used). residual and
+    relu: the fused epilogue y = max(y + residual, 0)."""
     cdef Planar p
     cdef Affine af
+    cdef Work work
     cdef int dtype
     cdef Py_ssize_t c
     cdef const double* rm
@@ -232,6 +254,10 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     cdef double* coef
     _check_dims(view, N, C, S, nthreads)
     dtype = _data_type(x, y, N * C * S)
+    work.dtype = dtype
+    work.stream = stream
+    work.res = _like_data(residual, x)
+    work.relu = relu
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -250,21 +276,21 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
             if dtype != F64:
                 _affine32(&af, 0, C)
             if view == PLANAR:
-                _planar_infer(&p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &af, stream, dtype,
-                              nthreads)
+                _planar_infer(&p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &af, &work, nthreads)
             else:
-                _rows_infer(cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), N, C, &af, stream, dtype,
-                            nthreads)
+                _rows_infer(cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), N, C, &af, &work, nthreads)
     finally:
         free(coef)
 
 
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
-             cnp.ndarray grads, int nthreads, bint stream=False):
+             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
-    mean, invstd, weight: float32 or float64 (C,), weight may be None."""
+    mean, invstd, weight: float32 or float64 (C,), weight may be None. ymask (the fused
+    ReLU's forward output, laid out as g): dy counts where y > 0 only; dres receives that
+    masked dy (or None)."""
     cdef Planar p
     cdef Grad gd
     cdef Work w
@@ -317,6 +343,12 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
+        w.res = NULL
+        w.relu = False
+        w.ymask = _like_data(ymask, x)
+        w.dres = <void*>_like_data(dres, x, True)
+        if w.dres != NULL and w.ymask == NULL:
+            raise ValueError("kernel dres needs ymask")
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &w,
                  nthreads)

@@ -48,6 +48,17 @@ cdef inline Block _stage_block(const half_bits* x, Block blk, float* buf,
     return blk
 
 
+cdef inline void _mask_staged(float* gs, const half_bits* ym, Block blk,
+                              int dtype) noexcept nogil:
+    """Zero the staged dy of block blk where the forward's y (16-bit) is not > 0."""
+    cdef float ys[BLOCK]
+    cdef Py_ssize_t i
+    _stage_block(ym, blk, ys, dtype)
+    for i in range(blk.nrun * blk.length):
+        if not (ys[i] > 0):
+            gs[i] = 0
+
+
 cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits* b,
                            const Work* w, Py_ssize_t c0, Py_ssize_t c1,
                            Py_ssize_t k) noexcept nogil:
@@ -78,7 +89,38 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
             else:
                 staged = _stage_block(a, blk, gs, w.dtype)
                 _stage_block(b, blk, xs, w.dtype)
+                if w.ymask != NULL:         # the fused ReLU: dy where y > 0
+                    _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype)
                 _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1])
+
+
+cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ssize_t n,
+                   const Work* w, const Affine* af, Py_ssize_t c, Py_ssize_t base) noexcept nogil:
+    """n values of channel c (n <= STAGE) of the normalization (af given: a = x) or of dx
+    (af NULL: a = dy, b = x), widened, computed by the float32 code with the fused epilogue
+    (w.res, w.relu; w.ymask, w.dres at the same offset `base`), rounded once."""
+    cdef float xs[STAGE]
+    cdef float gs[STAGE]
+    cdef float ys[STAGE]
+    cdef float ms[STAGE]
+    cdef float ds[STAGE]
+    cdef half_bits hs[STAGE]
+    if af != NULL:
+        _widen(a, xs, n, w.dtype)
+        if w.res != NULL:
+            _widen(<const half_bits*>w.res + base, gs, n, w.dtype)
+        _affine_into(xs, ys, n, 1, 0, af, c, gs if w.res != NULL else NULL, w.relu)
+    else:
+        _widen(a, gs, n, w.dtype)
+        if w.gd.training:
+            _widen(b, xs, n, w.dtype)
+        if w.ymask != NULL:
+            _widen(<const half_bits*>w.ymask + base, ms, n, w.dtype)
+        _dx_into(gs, xs, ys, n, 1, 0, w.gd, c, ms if w.ymask != NULL else NULL,
+                 ds if w.dres != NULL else NULL)
+        if w.dres != NULL:
+            _narrow(ds, <half_bits*>w.dres + base, n, w.dtype)
+    _store16(ys, out, hs, n, w.dtype, w.stream)
 
 
 cdef void _planar16_apply(const Planar* p, const half_bits* a, const half_bits* b,
@@ -86,10 +128,6 @@ cdef void _planar16_apply(const Planar* p, const half_bits* a, const half_bits* 
                           Py_ssize_t k) noexcept nogil:
     """_planar_apply for 16-bit data: each run in pieces of STAGE values, widened, computed
     in float32 and rounded once."""
-    cdef float xs[STAGE]
-    cdef float gs[STAGE]
-    cdef float ys[STAGE]
-    cdef half_bits hs[STAGE]
     cdef Py_ssize_t bi, c, r, off, n, base
     cdef Block blk
     for bi in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
@@ -100,40 +138,29 @@ cdef void _planar16_apply(const Planar* p, const half_bits* a, const half_bits* 
                 while off < blk.length:
                     n = blk.length - off if blk.length - off < STAGE else STAGE
                     base = blk.offset + r * blk.stride + off
-                    if w.op == TRAIN:
-                        _widen(a + base, xs, n, w.dtype)
-                        _affine_into(xs, ys, n, 1, 0, &w.cf.af, c)
-                    else:
-                        _widen(a + base, gs, n, w.dtype)
-                        if w.gd.training:
-                            _widen(b + base, xs, n, w.dtype)
-                        _dx_into(gs, xs, ys, n, 1, 0, w.gd, c)
-                    _store16(ys, out + base, hs, n, w.dtype, w.stream)
+                    _piece16(a + base, b + base, out + base, n, w,
+                             &w.cf.af if w.op == TRAIN else NULL, c, base)
                     off = off + n
     if w.stream:
         _stream_fence()
 
 
 cdef void _planar16_infer_runs(const Planar* p, const half_bits* x, half_bits* y,
-                               Py_ssize_t r0, Py_ssize_t r1, const Affine* af, bint stream,
-                               int dtype) noexcept nogil:
+                               Py_ssize_t r0, Py_ssize_t r1, const Affine* af,
+                               const Work* w) noexcept nogil:
     """_planar_infer_runs for 16-bit data."""
-    cdef float xs[STAGE]
-    cdef float ys[STAGE]
-    cdef half_bits hs[STAGE]
     cdef Py_ssize_t run, off, n, c = r0 % p.C
     for run in range(r0, r1):
         off = 0
         while off < p.S:
             n = p.S - off if p.S - off < STAGE else STAGE
-            _widen(x + run * p.S + off, xs, n, dtype)
-            _affine_into(xs, ys, n, 1, 0, af, c)
-            _store16(ys, y + run * p.S + off, hs, n, dtype, stream)
+            _piece16(x + run * p.S + off, NULL, y + run * p.S + off, n, w, af, c,
+                     run * p.S + off)
             off = off + n
         c = c + 1
         if c == p.C:
             c = 0
-    if stream:
+    if w.stream:
         _stream_fence()
 
 
@@ -147,6 +174,22 @@ cdef void _stage_rows(const half_bits* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_
     cdef Py_ssize_t r
     for r in range(r0, r1):
         _widen(x + r * C + c0, buf + (r - r0) * width, width, dtype)
+
+
+cdef void _mask_rows(float* gs, const half_bits* ym, Py_ssize_t C, Py_ssize_t c0,
+                     Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1, int dtype) noexcept nogil:
+    """Zero the staged dy (rows `width` apart) where the forward's 16-bit y is not > 0."""
+    cdef float ys[STAGE]
+    cdef Py_ssize_t r, i, off, n
+    for r in range(r0, r1):
+        off = 0
+        while off < width:
+            n = width - off if width - off < STAGE else STAGE
+            _widen(ym + r * C + c0 + off, ys, n, dtype)
+            for i in range(n):
+                if not (ys[i] > 0):
+                    gs[(r - r0) * width + off + i] = 0
+            off = off + n
 
 
 cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, Py_ssize_t C,
@@ -171,6 +214,8 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
     else:
         sb = sa + nr * width
         _stage_rows(b, C, c0, width, r0, r1, sb, w.dtype)
+        if w.ymask != NULL:    # the fused ReLU: dy where y > 0 (y widened into sb's place)
+            _mask_rows(sa, <const half_bits*>w.ymask, C, c0, width, r0, r1, w.dtype)
         gview = w.gd[0]        # the coefficients of channels [c0, c1) from index 0
         gview.mean = gview.mean + c0
         if gview.mean32 != NULL:
@@ -184,44 +229,55 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
                         const Affine* af, Py_ssize_t C, Py_ssize_t r0,
                         Py_ssize_t r1) noexcept nogil:
     """The normalization (af given) or dx (af NULL) of rows [r0, r1) of 16-bit data: whole
-    rows per stage when they fit, else pieces of a row, computed by the float32 code."""
+    rows per stage when they fit, else pieces of a row, computed by the float32 code (with
+    the fused epilogue when asked)."""
     cdef float xs[STAGE]
     cdef float gs[STAGE]
     cdef float ys[STAGE]
+    cdef float ms[STAGE]
+    cdef float ds[STAGE]
     cdef half_bits hs[STAGE]
-    cdef Py_ssize_t r = r0, n, c0, width
+    cdef Py_ssize_t r = r0, n, c0 = 0, width, base, nrow
     cdef Affine aview
     cdef Grad gview
-    if C <= STAGE:
-        while r < r1:
-            n = STAGE // C if STAGE // C < r1 - r else r1 - r
-            if af != NULL:
-                _widen(a + r * C, xs, n * C, w.dtype)
-                _rows_affine(xs, ys, C, 0, n, af, False)
-            else:
-                _widen(a + r * C, gs, n * C, w.dtype)
-                if w.gd.training:
-                    _widen(b + r * C, xs, n * C, w.dtype)
-                _rows_dx(gs, xs, ys, C, 0, n, w.gd, False)
-            _store16(ys, out + r * C, hs, n * C, w.dtype, w.stream)
-            r = r + n
-    else:
-        for r in range(r0, r1):
+    cdef bint whole = C <= STAGE
+    while r < r1:
+        if whole:              # n whole rows
+            nrow = STAGE // C if STAGE // C < r1 - r else r1 - r
+            width = C
             c0 = 0
-            while c0 < C:
-                width = STAGE if c0 + STAGE <= C else C - c0
-                if af != NULL:
-                    aview = _affine_from(af, c0)
-                    _widen(a + r * C + c0, xs, width, w.dtype)
-                    _rows_affine(xs, ys, width, 0, 1, &aview, False)
-                else:
-                    gview = _grad_from(w.gd, c0)
-                    _widen(a + r * C + c0, gs, width, w.dtype)
-                    if w.gd.training:
-                        _widen(b + r * C + c0, xs, width, w.dtype)
-                    _rows_dx(gs, xs, ys, width, 0, 1, &gview, False)
-                _store16(ys, out + r * C + c0, hs, width, w.dtype, w.stream)
-                c0 = c0 + width
+        else:                  # a piece of row r
+            nrow = 1
+            width = STAGE if c0 + STAGE <= C else C - c0
+        base = r * C + c0
+        n = nrow * width
+        if af != NULL:
+            aview = _affine_from(af, c0)
+            _widen(a + base, xs, n, w.dtype)
+            _rows_affine(xs, ys, width, 0, nrow, &aview, False, NULL, False)
+            if w.res != NULL:
+                _widen(<const half_bits*>w.res + base, gs, n, w.dtype)
+            if w.res != NULL or w.relu:
+                _epilogue(ys, gs if w.res != NULL else NULL, n, w.relu)
+        else:
+            gview = _grad_from(w.gd, c0)
+            _widen(a + base, gs, n, w.dtype)
+            if w.gd.training:
+                _widen(b + base, xs, n, w.dtype)
+            if w.ymask != NULL:
+                _widen(<const half_bits*>w.ymask + base, ms, n, w.dtype)
+            _rows_dx(gs, xs, ys, width, 0, nrow, &gview, False,
+                     ms if w.ymask != NULL else NULL, ds if w.dres != NULL else NULL)
+            if w.dres != NULL:
+                _narrow(ds, <half_bits*>w.dres + base, n, w.dtype)
+        _store16(ys, out + base, hs, n, w.dtype, w.stream)
+        if whole:
+            r = r + nrow
+        else:
+            c0 = c0 + width
+            if c0 >= C:
+                c0 = 0
+                r = r + 1
     if w.stream:
         _stream_fence()
 

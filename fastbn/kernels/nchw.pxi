@@ -101,14 +101,15 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
 
 cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
                                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                      const Coef* cf, bint stream) noexcept nogil:
+                                      const Coef* cf, bint stream, const floating* res,
+                                      bint relu) noexcept nogil:
     cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
             _affine(x + blk.offset, y + blk.offset, blk.length, blk.nrun, blk.stride, &cf.af,
-                    c, stream)
+                    c, stream, res + blk.offset if res != NULL else NULL, relu)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -126,13 +127,32 @@ cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
 # Backward: the two sums per chunk, added per channel, then dx
 # ---------------------------------------------------------------------------------------------
 
+cdef inline Block _stage_masked(const floating* g, const floating* ym, const floating* x,
+                                Block blk, floating* gs, floating* xs) noexcept nogil:
+    """Block blk of g masked by the forward's y (g where y > 0, else 0) and of x, copied
+    contiguously into gs and xs; the block as it lies there."""
+    cdef Py_ssize_t r, i, off
+    for r in range(blk.nrun):
+        off = blk.offset + r * blk.stride
+        for i in range(blk.length):
+            gs[r * blk.length + i] = g[off + i] if ym[off + i] > 0 else 0
+            xs[r * blk.length + i] = x[off + i]
+    blk.offset = 0
+    blk.stride = blk.length
+    return blk
+
+
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                    const double* mean, double* part) noexcept nogil:
-    """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)]."""
+                                    const double* mean, double* part,
+                                    const floating* ym) noexcept nogil:
+    """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
+    with ym (the fused ReLU's forward output), of g masked by y > 0, staged block by block."""
     cdef Py_ssize_t b, c
     cdef Block blk
     cdef double* q
+    cdef floating gs[BLOCK]
+    cdef floating xs[BLOCK]
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -141,19 +161,25 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         for c in range(c0, c1):
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
-            _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1])
+            if ym != NULL:
+                _block_sums(gs, xs, _stage_masked(g, ym, x, blk, gs, xs), mean[c], &q[0],
+                            &q[1])
+            else:
+                _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1])
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
                                   floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                  const Grad* gd, bint stream) noexcept nogil:
+                                  const Grad* gd, bint stream, const floating* ym,
+                                  floating* dres) noexcept nogil:
     cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
             _dx_run(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length, blk.nrun,
-                    blk.stride, gd, c, stream)
+                    blk.stride, gd, c, stream, ym + blk.offset if ym != NULL else NULL,
+                    dres + blk.offset if dres != NULL else NULL)
 
 
 cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part,
@@ -178,7 +204,7 @@ cdef inline void _planar_reduce_t(const Planar* p, const floating* a, const floa
     if w.op == TRAIN:
         _planar_chunk_stats(p, a, c0, c1, k, w.part)
     else:
-        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part)
+        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part, <const floating*>w.ymask)
 
 
 cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
@@ -199,9 +225,11 @@ cdef inline void _planar_apply_t(const Planar* p, const floating* a, const float
                                  Py_ssize_t k) noexcept nogil:
     """y (or dx) of chunk k of channels [c0, c1) (float32 and float64 data)."""
     if w.op == TRAIN:
-        _planar_chunk_affine(p, a, out, c0, c1, k, w.cf, w.stream)
+        _planar_chunk_affine(p, a, out, c0, c1, k, w.cf, w.stream, <const floating*>w.res,
+                             w.relu)
     else:
-        _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream)
+        _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream, <const floating*>w.ymask,
+                         <floating*>w.dres)
     if w.stream:
         _stream_fence()        # the streaming stores are seen before the task ends
 
@@ -303,11 +331,14 @@ cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
 # ---------------------------------------------------------------------------------------------
 
 cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py_ssize_t r0,
-                             Py_ssize_t r1, const Affine* af, bint stream) noexcept nogil:
-    """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along."""
+                             Py_ssize_t r1, const Affine* af, bint stream, const floating* res,
+                             bint relu) noexcept nogil:
+    """Inference on runs [r0, r1) of the (N*C) runs, stepping the channel along (with the
+    fused residual and ReLU when asked)."""
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
-        _affine(x + run * p.S, y + run * p.S, p.S, 1, 0, af, c, stream)
+        _affine(x + run * p.S, y + run * p.S, p.S, 1, 0, af, c, stream,
+                res + run * p.S if res != NULL else NULL, relu)
         c = c + 1
         if c == p.C:
             c = 0
@@ -316,18 +347,19 @@ cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py
 
 
 cdef void _planar_infer_task(const Planar* p, const void* x, void* y, Py_ssize_t r0,
-                             Py_ssize_t r1, const Affine* af, bint stream,
-                             int dtype) noexcept nogil:
-    if dtype == F32:
-        _planar_infer_runs(p, <const float*>x, <float*>y, r0, r1, af, stream)
-    elif dtype == F64:
-        _planar_infer_runs(p, <const double*>x, <double*>y, r0, r1, af, stream)
+                             Py_ssize_t r1, const Affine* af, const Work* w) noexcept nogil:
+    if w.dtype == F32:
+        _planar_infer_runs(p, <const float*>x, <float*>y, r0, r1, af, w.stream,
+                           <const float*>w.res, w.relu)
+    elif w.dtype == F64:
+        _planar_infer_runs(p, <const double*>x, <double*>y, r0, r1, af, w.stream,
+                           <const double*>w.res, w.relu)
     else:
-        _planar16_infer_runs(p, <const half_bits*>x, <half_bits*>y, r0, r1, af, stream, dtype)
+        _planar16_infer_runs(p, <const half_bits*>x, <half_bits*>y, r0, r1, af, w)
 
 
 cdef void _planar_infer(const Planar* p, const void* x, void* y, const Affine* af,
-                        bint stream, int dtype, int nthreads) noexcept nogil:
+                        const Work* w, int nthreads) noexcept nogil:
     cdef Py_ssize_t t, nrun = p.N * p.C
     cdef Py_ssize_t per = GROUP_VALUES // p.S if p.S < GROUP_VALUES else 1
     cdef Py_ssize_t ntask = (nrun + per - 1) // per
@@ -337,7 +369,7 @@ cdef void _planar_infer(const Planar* p, const void* x, void* y, const Affine* a
     per = (nrun + ntask - 1) // ntask
     ntask = (nrun + per - 1) // per
     if nthreads == 1:
-        _planar_infer_task(p, x, y, 0, nrun, af, stream, dtype)
+        _planar_infer_task(p, x, y, 0, nrun, af, w)
     else:
         for t in prange(ntask, num_threads=nthreads, schedule="static"):
-            _planar_infer_task(p, x, y, t * per, _stop(t, per, nrun), af, stream, dtype)
+            _planar_infer_task(p, x, y, t * per, _stop(t, per, nrun), af, w)

@@ -337,15 +337,19 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
 
 cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
                               Py_ssize_t nrun, Py_ssize_t stride, const Affine* af,
-                              Py_ssize_t c) noexcept nogil:
+                              Py_ssize_t c, const floating* res, bint relu) noexcept nogil:
     """y = (x - mean) * scale + shift for channel c, on nrun runs of `length` values stride
     apart: in float32 for float32 data where the channel allows it (see above), else with
-    (x - mean) in double. The coefficients are read once for all the runs."""
+    (x - mean) in double. The coefficients are read once for all the runs. The fused
+    epilogue: the residual `res` (laid out as x) is added, then the ReLU (a NaN stays NaN,
+    as np.maximum(v, 0) keeps it) when `relu`."""
     cdef Py_ssize_t i, r
-    cdef float m32, a32, c32
-    cdef double mean = af.mean[c], scale = af.scale[c], shift = af.shift[c]
+    cdef float m32, a32, c32, v32
+    cdef double mean = af.mean[c], scale = af.scale[c], shift = af.shift[c], v
     cdef const floating* xr
+    cdef const floating* rr
     cdef floating* yr
+    cdef bint epilogue = res != NULL or relu
     if floating is float:
         if af.ok32[c]:
             m32 = af.mean32[c]
@@ -354,31 +358,59 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
             for r in range(nrun):
                 xr = x + r * stride
                 yr = y + r * stride
+                if not epilogue:
+                    for i in range(length):
+                        yr[i] = (xr[i] - m32) * a32 + c32
+                    continue
+                rr = res + r * stride if res != NULL else xr
                 for i in range(length):
-                    yr[i] = (xr[i] - m32) * a32 + c32
+                    v32 = (xr[i] - m32) * a32 + c32
+                    if res != NULL:
+                        v32 = v32 + rr[i]
+                    if relu and v32 < 0:
+                        v32 = 0
+                    yr[i] = v32
             return
     for r in range(nrun):
         xr = x + r * stride
         yr = y + r * stride
+        if not epilogue:
+            for i in range(length):
+                yr[i] = <floating>((xr[i] - mean) * scale + shift)
+            continue
+        rr = res + r * stride if res != NULL else xr
         for i in range(length):
-            yr[i] = <floating>((xr[i] - mean) * scale + shift)
+            v = <floating>((xr[i] - mean) * scale + shift)
+            if res != NULL:
+                v = <floating>(v + rr[i])
+            if relu and v < 0:
+                v = 0
+            yr[i] = <floating>v
 
 
 cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
                           Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd,
-                          Py_ssize_t c) noexcept nogil:
+                          Py_ssize_t c, const floating* ym, floating* dres) noexcept nogil:
     """dx = g * a + (x - mean) * kx + k0 for channel c in training (two multiply-adds per
     value); dx = g * a with fixed statistics (x is not read then: a NaN in x must not reach
     dx); on nrun runs of `length` values stride apart. For float32 data in float32 where the
     channel allows it, as ((g - gmean) * a + (x - mean) * kx with both means split into a
     float32 value and its remainder (k0 = -gmean * a), so that dx keeps its relative
-    precision where g - gmean cancels (test_float32_gradient_sums_in_double)."""
+    precision where g - gmean cancels (test_float32_gradient_sums_in_double). The fused ReLU
+    backward: with `ym` (the forward's y, laid out as g), g = dy where y > 0 else 0 (a NaN
+    in y gives 0), written to `dres` (the residual's gradient) when given."""
     cdef Py_ssize_t i, r
     cdef float m32, gm32, gl32, a32, kx32, c32
     cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
     cdef const floating* gr
     cdef const floating* xr
+    cdef const floating* mr
     cdef floating* dr
+    cdef floating* er
+    cdef floating gv
+    if ym != NULL:
+        _dx_masked(g, x, dx, length, nrun, stride, gd, c, ym, dres)
+        return
     if floating is float:
         if gd.mean32 != NULL and gd.ok32[c]:
             a32 = gd.a32[c]
@@ -410,6 +442,27 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
                 dr[i] = <floating>(gr[i] * a)
 
 
+cdef void _dx_masked(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                     Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
+                     const floating* ym, floating* dres) noexcept nogil:
+    """_dx_into with g = dy where y > 0 else 0, run by run through an L1 stage of masked g
+    (also stored to dres when given)."""
+    cdef floating gm[STAGE]
+    cdef Py_ssize_t i, r, off, n, base
+    for r in range(nrun):
+        off = 0
+        while off < length:
+            n = length - off if length - off < STAGE else STAGE
+            base = r * stride + off
+            for i in range(n):
+                gm[i] = g[base + i] if ym[base + i] > 0 else 0
+            if dres != NULL:
+                for i in range(n):
+                    dres[base + i] = gm[i]
+            _dx_into(gm, x + base, dx + base, n, 1, 0, gd, c, NULL, NULL)
+            off = off + n
+
+
 # Outputs larger than the caches are written with streaming stores (Work.stream): each run is
 # computed into an L1 stage of STAGE values and stored from there. Runs shorter than
 # STREAM_MIN values (a few cache lines) are written directly: their partial lines would cost
@@ -419,7 +472,8 @@ cdef enum:
 
 
 cdef void _affine_streamed(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
-                           Py_ssize_t stride, const Affine* af, Py_ssize_t c) noexcept nogil:
+                           Py_ssize_t stride, const Affine* af, Py_ssize_t c,
+                           const floating* res, bint relu) noexcept nogil:
     """_affine_into through the L1 stage, run by run, with streaming stores."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t off, n, r
@@ -427,14 +481,15 @@ cdef void _affine_streamed(const floating* x, floating* y, Py_ssize_t length, Py
         off = 0
         while off < length:
             n = length - off if length - off < STAGE else STAGE
-            _affine_into(x + r * stride + off, stage, n, 1, 0, af, c)
+            _affine_into(x + r * stride + off, stage, n, 1, 0, af, c,
+                         res + r * stride + off if res != NULL else NULL, relu)
             _stream(y + r * stride + off, stage, n)
             off = off + n
 
 
 cdef void _dx_streamed(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                       Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd,
-                       Py_ssize_t c) noexcept nogil:
+                       Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
+                       const floating* ym, floating* dres) noexcept nogil:
     """_dx_into through the L1 stage, run by run, with streaming stores."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t off, n, r, base
@@ -443,26 +498,29 @@ cdef void _dx_streamed(const floating* g, const floating* x, floating* dx, Py_ss
         while off < length:
             n = length - off if length - off < STAGE else STAGE
             base = r * stride + off
-            _dx_into(g + base, x + base, stage, n, 1, 0, gd, c)
+            _dx_into(g + base, x + base, stage, n, 1, 0, gd, c,
+                     ym + base if ym != NULL else NULL, dres + base if dres != NULL else NULL)
             _stream(dx + base, stage, n)
             off = off + n
 
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
-                         Py_ssize_t stride, const Affine* af, Py_ssize_t c,
-                         bint stream) noexcept nogil:
-    """The normalization of nrun runs of channel c (streamed when `stream`)."""
+                         Py_ssize_t stride, const Affine* af, Py_ssize_t c, bint stream,
+                         const floating* res, bint relu) noexcept nogil:
+    """The normalization of nrun runs of channel c (streamed when `stream`), with the
+    fused epilogue (residual, ReLU) when asked."""
     if stream and length >= STREAM_MIN:
-        _affine_streamed(x, y, length, nrun, stride, af, c)
+        _affine_streamed(x, y, length, nrun, stride, af, c, res, relu)
     else:
-        _affine_into(x, y, length, nrun, stride, af, c)
+        _affine_into(x, y, length, nrun, stride, af, c, res, relu)
 
 
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
                          Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
-                         bint stream) noexcept nogil:
-    """dx of nrun runs of channel c (streamed when `stream`)."""
+                         bint stream, const floating* ym, floating* dres) noexcept nogil:
+    """dx of nrun runs of channel c (streamed when `stream`), masked by the forward's y and
+    writing the residual's gradient when asked."""
     if stream and length >= STREAM_MIN:
-        _dx_streamed(g, x, dx, length, nrun, stride, gd, c)
+        _dx_streamed(g, x, dx, length, nrun, stride, gd, c, ym, dres)
     else:
-        _dx_into(g, x, dx, length, nrun, stride, gd, c)
+        _dx_into(g, x, dx, length, nrun, stride, gd, c, ym, dres)

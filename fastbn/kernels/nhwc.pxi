@@ -212,44 +212,73 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
         r = r + 1
 
 
+cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
+                           bint relu) noexcept nogil:
+    """The fused epilogue on n outputs: add the residual (if any), then the ReLU (a NaN
+    stays NaN)."""
+    cdef Py_ssize_t i
+    if res != NULL:
+        for i in range(n):
+            y[i] = y[i] + res[i]
+    if relu:
+        for i in range(n):
+            if y[i] < 0:
+                y[i] = 0
+
+
 cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                               Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                              const acc_t* shift, bint stream) noexcept nogil:
-    """_rows_affine_in, with streaming stores through an L1 stage when `stream` (whole rows
-    per stage when they fit, else pieces of a row)."""
+                              const acc_t* shift, bint stream, const floating* res,
+                              bint relu) noexcept nogil:
+    """_rows_affine_in, then the fused epilogue on each piece while it is in L1; with
+    streaming stores through an L1 stage when `stream` (whole rows per stage when they fit,
+    else pieces of a row)."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t r = r0, n, c0
-    if not stream:
+    cdef bint epilogue = res != NULL or relu
+    cdef floating* dst
+    if not stream and not epilogue:
         _rows_affine_in(x, y, C, r0, r1, mean, scale, shift)
         return
     if C <= STAGE:
         while r < r1:
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
-            _rows_affine_in(x + r * C, stage, C, 0, n, mean, scale, shift)
-            _stream(y + r * C, stage, n * C)
+            dst = &stage[0] if stream else y + r * C
+            _rows_affine_in(x + r * C, dst, C, 0, n, mean, scale, shift)
+            if epilogue:
+                _epilogue(dst, res + r * C if res != NULL else NULL, n * C, relu)
+            if stream:
+                _stream(y + r * C, stage, n * C)
             r = r + n
     else:
         for r in range(r0, r1):
             c0 = 0
             while c0 < C:
                 n = STAGE if c0 + STAGE <= C else C - c0
-                _rows_affine_in(x + r * C + c0, stage, n, 0, 1, mean + c0, scale + c0,
+                dst = &stage[0] if stream else y + r * C + c0
+                _rows_affine_in(x + r * C + c0, dst, n, 0, 1, mean + c0, scale + c0,
                                 shift + c0)
-                _stream(y + r * C + c0, stage, n)
+                if epilogue:
+                    _epilogue(dst, res + r * C + c0 if res != NULL else NULL, n, relu)
+                if stream:
+                    _stream(y + r * C + c0, stage, n)
                 c0 = c0 + n
-    _stream_fence()
+    if stream:
+        _stream_fence()
 
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                       Py_ssize_t r1, const Affine* af, bint stream) noexcept nogil:
-    """The normalization of rows [r0, r1): in float32 for float32 data whose every channel
-    allows it (see nchw_blocks.pxi), else in double."""
+                       Py_ssize_t r1, const Affine* af, bint stream, const floating* res,
+                       bint relu) noexcept nogil:
+    """The normalization of rows [r0, r1) (and the fused epilogue when asked): in float32
+    for float32 data whose every channel allows it (see nchw_blocks.pxi), else in double."""
     if floating is float:
         if _all_set(af.ok32, C):
             _rows_affine_staged(x, y, C, r0, r1, <const float*>af.mean32,
-                                <const float*>af.scale32, <const float*>af.shift32, stream)
+                                <const float*>af.scale32, <const float*>af.shift32, stream,
+                                res, relu)
             return
-    _rows_affine_staged(x, y, C, r0, r1, af.mean, af.scale, af.shift, stream)
+    _rows_affine_staged(x, y, C, r0, r1, af.mean, af.scale, af.shift, stream, res, relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,32 +476,89 @@ cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* 
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream) noexcept nogil:
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                   const floating* ym, floating* dres) noexcept nogil:
     """dx on rows [r0, r1): in float32 for float32 data whose every channel allows it (see
-    _dx_into), else in double; through an L1 stage with streaming stores when `stream`."""
+    _dx_into), else in double; through an L1 stage with streaming stores when `stream`.
+    With ym (the fused ReLU's forward output), dy counts where y > 0 only, and that masked
+    dy goes to dres (the residual's gradient) when given."""
     cdef floating stage[STAGE]
-    cdef Py_ssize_t r = r0, n, c0
+    cdef floating gm[STAGE]
+    cdef Py_ssize_t r = r0, n, c0, i, base
     cdef bint use32 = False
+    cdef const floating* gsrc
     if floating is float:
         use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
-    if not stream:
+    if not stream and ym == NULL:
         _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32)
         return
     if C <= STAGE:
         while r < r1:
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
-            _rows_dx_piece(g + r * C, x + r * C, stage, C, 0, n, gd, 0, use32)
-            _stream(dx + r * C, stage, n * C)
+            gsrc = g + r * C
+            if ym != NULL:
+                base = r * C
+                for i in range(n * C):
+                    gm[i] = g[base + i] if ym[base + i] > 0 else 0
+                if dres != NULL:
+                    for i in range(n * C):
+                        dres[base + i] = gm[i]
+                gsrc = gm
+            _rows_dx_piece(gsrc, x + r * C, &stage[0] if stream else dx + r * C, C, 0, n, gd, 0,
+                           use32)
+            if stream:
+                _stream(dx + r * C, stage, n * C)
             r = r + n
     else:
         for r in range(r0, r1):
             c0 = 0
             while c0 < C:
                 n = STAGE if c0 + STAGE <= C else C - c0
-                _rows_dx_piece(g + r * C + c0, x + r * C + c0, stage, n, 0, 1, gd, c0, use32)
-                _stream(dx + r * C + c0, stage, n)
+                base = r * C + c0
+                gsrc = g + base
+                if ym != NULL:
+                    for i in range(n):
+                        gm[i] = g[base + i] if ym[base + i] > 0 else 0
+                    if dres != NULL:
+                        for i in range(n):
+                            dres[base + i] = gm[i]
+                    gsrc = gm
+                _rows_dx_piece(gsrc, x + base, &stage[0] if stream else dx + base, n, 0, 1, gd,
+                               c0, use32)
+                if stream:
+                    _stream(dx + base, stage, n)
                 c0 = c0 + n
-    _stream_fence()
+    if stream:
+        _stream_fence()
+
+
+cdef void _rows_sums_masked(const floating* g, const floating* x, const Work* w, Py_ssize_t C,
+                            Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
+                            double* sg, double* sd) noexcept nogil:
+    """_rows_chunk_sums of dy masked by the fused ReLU's forward output (y > 0), on a copy
+    of the chunk's rows of channels [c0, c1) into sg[c0:c1], sd[c0:c1]."""
+    cdef Py_ssize_t width = c1 - c0, nr = r1 - r0, r, c
+    cdef const floating* ym = <const floating*>w.ymask
+    cdef floating* gs = <floating*>malloc(2 * nr * width * sizeof(floating))
+    cdef floating* xs
+    cdef Grad gview
+    if gs == NULL:             # out of memory: NaN sums rather than a crash
+        for c in range(c0, c1):
+            sg[c] = NAN
+            sd[c] = NAN
+        return
+    xs = gs + nr * width
+    for r in range(nr):
+        for c in range(width):
+            gs[r * width + c] = g[(r0 + r) * C + c0 + c] if ym[(r0 + r) * C + c0 + c] > 0 else 0
+            xs[r * width + c] = x[(r0 + r) * C + c0 + c]
+    gview = w.gd[0]            # the channels [c0, c1) from index 0
+    gview.mean = gview.mean + c0
+    if gview.mean32 != NULL:
+        gview.mean32 = gview.mean32 + c0
+        gview.mean_lo = gview.mean_lo + c0
+    _rows_chunk_sums(gs, xs, width, 0, width, 0, nr, &gview, sg + c0, sd + c0, w.multi_row)
+    free(gs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +574,9 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
     if w.op == TRAIN:
         _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
                           w.multi_row)
+    elif w.ymask != NULL:
+        _rows_sums_masked(a, b, w, C, c0, c1, r0, r1, w.part + 2 * k * C,
+                          w.part + (2 * k + 1) * C)
     else:
         _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
                          w.part + (2 * k + 1) * C, w.multi_row)
@@ -507,9 +596,10 @@ cdef inline void _rows_apply_t(const floating* a, const floating* b, floating* o
                                Py_ssize_t r1) noexcept nogil:
     """y (or dx) of rows [r0, r1) (float32 and float64 data)."""
     if w.op == TRAIN:
-        _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream)
+        _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream, <const floating*>w.res, w.relu)
     else:
-        _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream)
+        _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream, <const floating*>w.ymask,
+                 <floating*>w.dres)
 
 
 cdef inline void _rows_reduce(const void* a, const void* b, const Work* w, Py_ssize_t C,
@@ -595,26 +685,25 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
 # ---------------------------------------------------------------------------------------------
 
 cdef void _rows_infer_task(const void* x, void* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
-                           const Affine* af, bint stream, int dtype) noexcept nogil:
-    cdef Work w
-    if dtype == F32:
-        _rows_affine(<const float*>x, <float*>y, C, r0, r1, af, stream)
-    elif dtype == F64:
-        _rows_affine(<const double*>x, <double*>y, C, r0, r1, af, stream)
+                           const Affine* af, const Work* w) noexcept nogil:
+    if w.dtype == F32:
+        _rows_affine(<const float*>x, <float*>y, C, r0, r1, af, w.stream, <const float*>w.res,
+                     w.relu)
+    elif w.dtype == F64:
+        _rows_affine(<const double*>x, <double*>y, C, r0, r1, af, w.stream,
+                     <const double*>w.res, w.relu)
     else:
-        w.dtype = dtype
-        w.stream = stream
-        _rows16_apply(<const half_bits*>x, NULL, <half_bits*>y, &w, af, C, r0, r1)
+        _rows16_apply(<const half_bits*>x, NULL, <half_bits*>y, w, af, C, r0, r1)
 
 
 cdef void _rows_infer(const void* x, void* y, Py_ssize_t R, Py_ssize_t C, const Affine* af,
-                      bint stream, int dtype, int nthreads) noexcept nogil:
+                      const Work* w, int nthreads) noexcept nogil:
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
     if nthreads == 1:
         for k in range(nchunk):
-            _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, stream, dtype)
+            _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, w)
         return
     for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, stream, dtype)
+        _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, w)
