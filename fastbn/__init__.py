@@ -1,7 +1,9 @@
 """fastbn: Batch Normalization on NumPy arrays, as fast as the CPU's memory allows.
 
 Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
-:func:`batch_norm_backward`, :func:`fold_batch_norm`, Batch Renormalization
+:func:`batch_norm_backward`, :func:`fold_batch_norm`, the fused residual add and ReLU
+(:func:`batch_norm_relu_train`, :func:`batch_norm_relu_infer`,
+:func:`batch_norm_relu_backward`), Batch Renormalization
 (:func:`batch_renorm_train`, :func:`batch_renorm_backward`) and :func:`fuse_conv_bn`;
 threads: :func:`get_num_threads`, :func:`set_num_threads`; build facts: :func:`show_config`.
 Stateful layers with PyTorch-compatible state: :class:`BatchNorm`, :class:`BatchRenorm`.
@@ -13,6 +15,7 @@ __version__ = "0.1.0"
 from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
+from .relu import batch_norm_relu_backward, batch_norm_relu_infer, batch_norm_relu_train
 from .renorm import batch_renorm_backward, batch_renorm_train
 from .fusion import fuse_conv_bn
 from .layers import BatchNorm, BatchRenorm
@@ -24,6 +27,9 @@ __all__ = [
     "batch_norm_infer",
     "batch_norm_backward",
     "fold_batch_norm",
+    "batch_norm_relu_train",
+    "batch_norm_relu_infer",
+    "batch_norm_relu_backward",
     "get_num_threads",
     "set_num_threads",
     "show_config",

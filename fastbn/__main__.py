@@ -27,6 +27,9 @@ def main(argv=None):
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="also draw fastbn / PyTorch against the input size into FILE "
                         "(.png, .svg or .pdf; needs matplotlib)")
+    p.add_argument("--fused", action="store_true",
+                   help="only the fused residual add + ReLU rows (fastbn.batch_norm_relu_*) "
+                        "on the large shapes")
     p.add_argument("--crossover", action="store_true",
                    help="time 1 vs 2 threads on small inputs (where to stop forking threads)")
     args = p.parse_args(argv)
@@ -39,6 +42,9 @@ def main(argv=None):
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
     layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
+    if args.fused:
+        _bench.fused_table(layouts=layouts, threads=args.threads, rounds=rounds)
+        return
     if args.dtype == "bfloat16":
         try:
             import ml_dtypes

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import _config, _threads, functional, reference, renorm
+from . import _config, _threads, functional, reference, relu, renorm
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
           (16, 128, 28, 28), (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
@@ -101,6 +101,49 @@ class Case:
         return lambda: functional.batch_norm_backward(self.dy, x, self.mean, self.invstd,
                                                       self.w, layout=L, num_threads=n)
 
+    def fused(self, op):
+        """The fused residual add + ReLU (fastbn.relu) and the unfused way to the same
+        result; ops: relu_train, relu_infer, relu_infer_res, relu_backward (out=), and
+        relu_train_fresh, relu_infer_fresh, then_max_train, then_max_infer (fresh outputs:
+        fastbn then np.maximum in place)."""
+        x, L, n, w, b = self.x, self.layout, self.threads, self.w, self.b
+        if not hasattr(self, "res"):
+            self.res = np.ascontiguousarray(self.dy[::-1])          # filled, like x
+            self.dres = np.empty_like(self.x)
+            self.dres.fill(0)
+            self.y_relu = relu.batch_norm_relu_train(x, w, b, layout=L)[0]
+        if op == "relu_train":
+            return lambda: relu.batch_norm_relu_train(x, w, b, layout=L, out=self.y_out,
+                                                      num_threads=n)
+        if op == "relu_infer":
+            return lambda: relu.batch_norm_relu_infer(x, self.rm, self.rv, w, b, layout=L,
+                                                      out=self.y_out, num_threads=n)
+        if op == "relu_infer_res":
+            return lambda: relu.batch_norm_relu_infer(x, self.rm, self.rv, w, b,
+                                                      residual=self.res, layout=L,
+                                                      out=self.y_out, num_threads=n)
+        if op == "relu_backward":
+            return lambda: relu.batch_norm_relu_backward(
+                self.dy, self.y_relu, x, self.mean, self.invstd, w, layout=L, out=self.y_out,
+                num_threads=n)
+        if op == "relu_train_fresh":
+            return lambda: relu.batch_norm_relu_train(x, w, b, layout=L, num_threads=n)
+        if op == "relu_infer_fresh":
+            return lambda: relu.batch_norm_relu_infer(x, self.rm, self.rv, w, b, layout=L,
+                                                      num_threads=n)
+        if op == "then_max_train":
+            def train_then_max():
+                y = functional.batch_norm_train(x, w, b, layout=L, num_threads=n)[0]
+                return np.maximum(y, 0, out=y)
+            return train_then_max
+        if op == "then_max_infer":
+            def infer_then_max():
+                y = functional.batch_norm_infer(x, self.rm, self.rv, w, b, layout=L,
+                                                num_threads=n)
+                return np.maximum(y, 0, out=y)
+            return infer_then_max
+        raise ValueError(op)
+
     def renorm_train(self):
         """Batch Renormalization training forward (compared with "train")."""
         x, L, n = self.x, self.layout, self.threads
@@ -189,7 +232,8 @@ def _ratio(a, b):
 
 
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
-        rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, file=None):
+        rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, fused=True,
+        file=None):
     """Print the speed table; return its rows as dicts."""
     file = file or sys.stdout
     threads = _threads.get_num_threads() if threads is None else threads
@@ -238,6 +282,8 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                   file=file, flush=True)
             if nbytes > (8 << 20):
                 rows.append(self_ratios(case, shape, layout, rows, rounds, file))
+            if fused and nbytes > (8 << 20):
+                rows.append(fused_ratios(case, shape, layout, rounds, file))
             if roofline and nbytes > (8 << 20):
                 t_out, t_read, t_copy = interleaved(
                     [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
@@ -278,6 +324,44 @@ def self_ratios(case, shape, layout, rows, rounds, file):
           f"{row['train_vs_infer_read']:.2f} ({t_train * 1e3:.3f} vs {t_infer * 1e3:.3f} + "
           f"1.3 x {t_read * 1e3:.3f} ms)", file=file, flush=True)
     return row
+
+
+def fused_ratios(case, shape, layout, rounds, file):
+    """The fused residual add + ReLU against the plain kernels on one large input: the
+    ReLU's cost (relu_train / train and relu_infer / infer, out= both), the residual's
+    (relu_infer with a residual against inference plus 1.3 read passes: the residual is one
+    more read), what fusing saves (fused, fresh output, against fastbn then np.maximum in
+    place) and the backward's (relu_backward / backward, out=; it also reads y)."""
+    names = ("train_out", "relu_train", "infer_out", "relu_infer", "relu_infer_res", "read",
+             "relu_train_fresh", "then_max_train", "relu_infer_fresh", "then_max_infer",
+             "backward_out", "relu_backward")
+    funcs = [case.read_pass() if k == "read" else case.fast(k) if k in ("train_out",
+             "infer_out", "backward_out") else case.fused(k) for k in names]
+    t = dict(zip(names, interleaved(funcs, rounds)))
+    row = dict(shape=shape, layout=layout, op="fused", times=t,
+               relu_train=t["relu_train"] / t["train_out"],
+               relu_infer=t["relu_infer"] / t["infer_out"],
+               residual=t["relu_infer_res"] / (t["infer_out"] + 1.3 * t["read"]),
+               vs_max_train=t["relu_train_fresh"] / t["then_max_train"],
+               vs_max_infer=t["relu_infer_fresh"] / t["then_max_infer"],
+               relu_backward=t["relu_backward"] / t["backward_out"])
+    print(f"{str(shape):<20} {layout:<6} {'fused':<9} relu_train/train {row['relu_train']:.2f}, "
+          f"relu_infer/infer {row['relu_infer']:.2f} (out=); relu_infer+residual / (infer + "
+          f"1.3 read) {row['residual']:.2f}; fused / (fastbn then np.maximum) train "
+          f"{row['vs_max_train']:.2f}, infer {row['vs_max_infer']:.2f}; relu_backward/backward "
+          f"{row['relu_backward']:.2f}", file=file, flush=True)
+    return row
+
+
+def fused_table(shapes=LARGE[:2], layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
+                rounds=7, file=None):
+    """Only the fused residual add + ReLU rows (``python -m fastbn --fused``)."""
+    file = file or sys.stdout
+    threads = _threads.get_num_threads() if threads is None else threads
+    print(f"dtype {np.dtype(dtype).name}, {threads} threads, best of {rounds} interleaved "
+          "rounds", file=file)
+    return [fused_ratios(Case(shape, layout, dtype, threads), shape, layout, rounds, file)
+            for shape in shapes for layout in layouts]
 
 
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
@@ -336,6 +420,16 @@ def markdown(rows, threads, dtype=np.float32):
             extra.append(f"| {shape} | {r['layout']} | train(out=) / (infer(out=) + 1.3 read "
                          f"pass) | {ratio(r['train_vs_infer_read'])} ({ms(r['train_out'])} ms "
                          f"vs {ms(r['infer_out'])} + 1.3 x {ms(r['read'])}) |")
+        elif r["op"] == "fused":
+            extra.append(f"| {shape} | {r['layout']} | relu_train / train; relu_infer / infer "
+                         f"(out=) | {ratio(r['relu_train'])}; {ratio(r['relu_infer'])} |")
+            extra.append(f"| {shape} | {r['layout']} | relu_infer with a residual / (infer + "
+                         f"1.3 read pass) (out=) | {ratio(r['residual'])} |")
+            extra.append(f"| {shape} | {r['layout']} | fused / (fastbn then np.maximum), "
+                         f"train; infer (fresh) | {ratio(r['vs_max_train'])}; "
+                         f"{ratio(r['vs_max_infer'])} |")
+            extra.append(f"| {shape} | {r['layout']} | relu_backward / backward (out=) | "
+                         f"{ratio(r['relu_backward'])} |")
         elif r["op"] == "train_out":
             extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
                          f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "

@@ -194,6 +194,16 @@ def same_shape(name, a, ref_name, ref):
         raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {a.shape}")
 
 
+def like_x(name, a, x):
+    """An array read like x (the fused ReLU's residual, the forward's y): a data array of
+    x's shape and dtype, any memory order."""
+    a = data_array(name, a)
+    same_shape(name, a, "x", x)
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
+    return a
+
+
 def self_overlapping(a):
     """True when two elements of a share a byte (a zero stride, or as_strided views whose
     elements overlap). Exact for ordinary strides; a view whose strides interleave is

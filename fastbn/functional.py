@@ -19,8 +19,8 @@ from . import _memory, _support
 from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
-                        grad_dtype, gradient_pair, momentum_value, out_array, round_into,
-                        running_buffers, same_shape)
+                        grad_dtype, gradient_pair, like_x, momentum_value, out_array,
+                        round_into, running_buffers)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -112,15 +112,6 @@ def _finish(result, flat, direct, plan):
     return result
 
 
-def _like_x(name, a, x):
-    """An array the kernels read like x (the residual, the forward's y): x's shape and dtype."""
-    a = data_array(name, a)
-    same_shape(name, a, "x", x)
-    if a.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
-    return a
-
-
 def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_inputs=None,
            residual=None, relu=False):
     """Shared training forward (Batch Normalization and Renormalization, with the fused
@@ -133,10 +124,10 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     r_out, d_out, rmin, rmax, dmax).
     """
     x = data_array("x", x)
-    if residual is not None:
-        residual = _like_x("residual", residual, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
+    if residual is not None:
+        residual = like_x("residual", residual, x)
     M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
     eps = eps_value(eps)
     if _support.params_ok(C, 0, weight, bias):
@@ -297,10 +288,10 @@ def _infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_thr
     y = (x - running_mean) * weight / running_var + bias (Batch Renormalization's eval);
     residual and relu: the fused epilogue y = max(y + residual, 0)."""
     x = data_array("x", x)
-    if residual is not None:
-        residual = _like_x("residual", residual, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
+    if residual is not None:
+        residual = like_x("residual", residual, x)
     if _support.params_ok(C, 2, running_mean, running_var, weight, bias):
         rm, rv, w, b = running_mean, running_var, weight, bias
     else:
@@ -386,10 +377,10 @@ def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y
     """batch_norm_backward; with y (the fused ReLU's forward output), dy counts where
     y > 0 only, and dresidual receives that masked dy."""
     dy, x = gradient_pair(dy, x)
-    if y is not None:
-        y = _like_x("y", y, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
+    if y is not None:
+        y = like_x("y", y, x)
     if _support.params_ok(C, 2, mean, invstd, weight):
         mean_k, invstd_k, w = mean, invstd, weight
     else:

@@ -16,14 +16,16 @@ __all__ = ["BatchNorm", "BatchRenorm"]
 # num_batches_tracked is saved as PyTorch's int64 scalar: it saturates there
 _MAX_STEPS = np.iinfo(np.int64).max
 
+ACTIVATIONS = (None, "relu")
+
 
 class _Norm(PerThreadState):
     """State and bookkeeping shared by the layers.
 
     Subclasses list their buffers in ``_buffers`` and implement ``_forward_train`` /
-    ``_forward_eval``, each returning (y, backward closure). The closure holds everything
-    the backward needs (the input, statistics, a copy of the weight, the layout), so a
-    backward always belongs to its own forward.
+    ``_forward_eval`` (x, residual), each returning (y, backward closure). The closure holds
+    everything the backward needs (the input, statistics, a copy of the weight, the layout,
+    y for the fused ReLU's mask), so a backward always belongs to its own forward.
 
     Threads: what a forward saves for its backward is kept per Python thread, and the
     updates of the layer's state (running statistics, num_batches_tracked, the gradient
@@ -32,8 +34,9 @@ class _Norm(PerThreadState):
 
     _buffers = ()
 
-    def __init__(self, num_features, *, eps, momentum, affine, layout, dtype):
+    def __init__(self, num_features, *, eps, momentum, affine, layout, dtype, activation):
         self.num_features = positive_int("num_features", num_features)
+        self.activation = activation
         self.eps = eps_value(eps)
         self.momentum = None if momentum is None else momentum_value(momentum)
         self.affine = flag("affine", affine)
@@ -61,6 +64,17 @@ class _Norm(PerThreadState):
     def layout(self, value):
         channel_axis(value, 2)
         self._layout = value
+
+    @property
+    def activation(self):
+        """None, or "relu": the forward returns ``max(bn(x) + residual, 0)``, fused."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value):
+        if not (value is None or (isinstance(value, str) and value in ACTIVATIONS)):
+            raise ValueError(f"activation must be None or 'relu', got {value!r}")
+        self._activation = value
 
     @property
     def training(self):
@@ -121,34 +135,43 @@ class _Norm(PerThreadState):
         if self._num_batches_tracked < _MAX_STEPS:
             self._num_batches_tracked += 1
 
-    def forward(self, x):
-        """Normalize x; keep what :meth:`backward` needs.
+    def forward(self, x, residual=None):
+        """Normalize x (then add the residual and apply the ReLU, with
+        ``activation="relu"``); keep what :meth:`backward` needs.
 
         Parameters
         ----------
         x : ndarray
             (N, C, ...) for layout "NCHW" or (N, ..., C) for "NHWC", in the layer's dtype.
             It is kept by reference for the backward: do not modify it before then.
+        residual : ndarray, optional
+            Only with ``activation="relu"``: added before the ReLU (a residual block's
+            shortcut), the shape and dtype of x.
 
         Returns
         -------
         y : ndarray
-            Shape and dtype of x.
+            Shape and dtype of x. With ``activation="relu"`` it is kept by reference too
+            (its sign is the ReLU's mask): do not modify it before the backward.
 
         Raises
         ------
         TypeError
-            x is not an array of the layer's dtype.
+            x (or the residual) is not an array of the layer's dtype.
         ValueError
-            Wrong channel count or ndim; in training, one value per channel. The layer's
-            state is unchanged then.
+            Wrong channel count or ndim; in training, one value per channel; a residual
+            of another shape, or without ``activation="relu"``. The layer's state is
+            unchanged then.
         """
         x = self._check_input(x)
+        if residual is not None and self.activation is None:
+            raise ValueError("residual needs activation='relu' (the fused residual add and "
+                             "ReLU); add it to the output yourself otherwise")
         if self._uses_batch_stats():
             with self._lock:   # the running statistics and the step count
-                y, backward = self._forward_train(x)
+                y, backward = self._forward_train(x, residual)
         else:
-            y, backward = self._forward_eval(x)
+            y, backward = self._forward_eval(x, residual)
         self._local.backward = backward
         return y
 
@@ -165,6 +188,8 @@ class _Norm(PerThreadState):
         Returns
         -------
         dx : ndarray
+            Or ``(dx, dresidual)`` when the forward was given a residual: dresidual is its
+            gradient (dy where y > 0, else 0), written in the same pass.
 
         Raises
         ------
@@ -174,12 +199,12 @@ class _Norm(PerThreadState):
         backward = self._saved_get("backward")
         if backward is None:
             raise RuntimeError("backward called before forward (in this thread)")
-        dx, dweight, dbias = backward(dy)
+        dx, dweight, dbias, dresidual = backward(dy)
         if self.affine:
             with self._lock:
                 self.weight_grad += dweight
                 self.bias_grad += dbias
-        return dx
+        return dx if dresidual is None else (dx, dresidual)
 
     def zero_grad(self):
         """Reset weight_grad and bias_grad to zero."""
@@ -297,6 +322,10 @@ class BatchNorm(_Norm):
         Where the channel axis of the inputs is.
     dtype : {np.float32, np.float64}
         Of the parameters, buffers and inputs.
+    activation : {None, "relu"}
+        "relu": forward returns ``max(bn(x) + residual, 0)`` (residual optional) from one
+        fused pass, and backward masks dy with y's sign in its own passes
+        (:func:`fastbn.batch_norm_relu_train` and the rest). The state is the same.
 
     Attributes
     ----------
@@ -332,9 +361,9 @@ class BatchNorm(_Norm):
     _buffers = ("running_mean", "running_var")
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, layout="NCHW", dtype=np.float32):
+                 track_running_stats=True, layout="NCHW", dtype=np.float32, activation=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         layout=layout, dtype=dtype)
+                         layout=layout, dtype=dtype, activation=activation)
         self.track_running_stats = flag("track_running_stats", track_running_stats)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
@@ -355,35 +384,46 @@ class BatchNorm(_Norm):
             self.running_var[...] = 1
             self.num_batches_tracked = 0
 
-    def _forward_train(self, x):
+    def _forward_train(self, x, residual):
         update = self.training and self.track_running_stats
         layout = self.layout
-        y, mean, invstd = functional.batch_norm_train(
-            x, self.weight, self.bias, eps=self.eps, layout=layout,
-            running_mean=self.running_mean if update else None,
-            running_var=self.running_var if update else None,
-            momentum=self._factor() if update else 0.0)
+        y, mean, invstd = functional._batch_norm_train(
+            x, self.weight, self.bias, self.eps, layout,
+            self.running_mean if update else None, self.running_var if update else None,
+            self._factor() if update else 0.0, None, None, residual=residual,
+            relu=self.activation == "relu")
         if update:
             self._count_step()
-        weight = None if self.weight is None else self.weight.copy()
+        return y, _backward_closure(functional._backward, x,
+                                    (mean, invstd, _copy(self.weight), True, layout),
+                                    y if self.activation else None, residual is not None)
 
-        def backward(dy):
-            return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=True,
-                                                  layout=layout)
-        return y, backward
-
-    def _forward_eval(self, x):
+    def _forward_eval(self, x, residual):
         layout = self.layout
-        y = functional.batch_norm_infer(x, self.running_mean, self.running_var, self.weight,
-                                        self.bias, eps=self.eps, layout=layout)
+        y = functional._infer(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              self.eps, layout, None, None, residual=residual,
+                              relu=self.activation == "relu")
         mean = self.running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        weight = None if self.weight is None else self.weight.copy()
+        return y, _backward_closure(functional._backward, x,
+                                    (mean, invstd, _copy(self.weight), False, layout),
+                                    y if self.activation else None, residual is not None)
 
-        def backward(dy):
-            return functional.batch_norm_backward(dy, x, mean, invstd, weight, training=False,
-                                                  layout=layout)
-        return y, backward
+
+def _backward_closure(grad, x, args, y, has_residual):
+    """The backward of one forward: grad(dy, x, *args, out=None, num_threads=None, y=y,
+    dresidual=...) -> (dx, dweight, dbias, dresidual or None). args hold the forward's
+    statistics and a copy of the weight (an optimizer step in between does not change it);
+    y is the fused ReLU's output (its mask), or None."""
+    def backward(dy):
+        dres = np.empty_like(x) if has_residual else None
+        dx, dweight, dbias = grad(dy, x, *args, None, None, y=y, dresidual=dres)
+        return dx, dweight, dbias, dres
+    return backward
+
+
+def _copy(weight):
+    return None if weight is None else weight.copy()
 
 
 def _step_count(v, loaded=False):
@@ -458,6 +498,9 @@ class BatchRenorm(_Norm):
         Whether the layer has a learnable weight and bias.
     layout : {"NCHW", "NHWC"}
     dtype : {np.float32, np.float64}
+    activation : {None, "relu"}
+        As :class:`BatchNorm`: "relu" fuses the residual add and the ReLU into the
+        normalizing pass and the ReLU's mask into the backward.
 
     Attributes
     ----------
@@ -495,9 +538,9 @@ class BatchRenorm(_Norm):
     _buffers = ("running_mean", "running_std")
 
     def __init__(self, num_features, *, rmax=3.0, dmax=5.0, rmin=None, momentum=0.01,
-                 eps=1e-5, affine=True, layout="NCHW", dtype=np.float32):
+                 eps=1e-5, affine=True, layout="NCHW", dtype=np.float32, activation=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         layout=layout, dtype=dtype)
+                         layout=layout, dtype=dtype, activation=activation)
         self.rmax = _clip_param("rmax", rmax)
         self.dmax = _clip_param("dmax", dmax)
         self.rmin = None if rmin is None else _clip_param("rmin", rmin)
@@ -522,31 +565,27 @@ class BatchRenorm(_Norm):
             raise ValueError(f"running_std must hold finite values > 0 in the layer's dtype "
                              f"{self.dtype}, got {value!r}")
 
-    def _forward_train(self, x):
+    def _forward_train(self, x, residual):
         rmin, rmax, dmax = self.clipping()
         layout = self.layout
         y, mean, std, r, d = renorm._renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
             rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=layout,
-            out=None, num_threads=None)
+            out=None, num_threads=None, residual=residual, relu=self.activation == "relu")
         self._count_step()
-        weight = None if self.weight is None else self.weight.copy()
+        return y, _backward_closure(renorm._renorm_backward, x,
+                                    (mean, std, r, d, _copy(self.weight), layout),
+                                    y if self.activation else None, residual is not None)
 
-        def backward(dy):
-            return renorm.batch_renorm_backward(dy, x, mean, std, r, d, weight, layout=layout)
-        return y, backward
-
-    def _forward_eval(self, x):
+    def _forward_eval(self, x, residual):
         layout = self.layout
         mean = self.running_mean.astype(np.float64)
         std = self.running_std.astype(np.float64)
         # y = (x - mean) * (weight / std) + bias: std is divided by, never squared, so an
         # extreme std (1e-200, 1e200) neither underflows nor overflows
         y = functional._infer(x, mean, std, self.weight, self.bias, 0.0, layout, None, None,
-                              divisor_is_std=True)
-        weight = None if self.weight is None else self.weight.copy()
-
-        def backward(dy):
-            return functional.batch_norm_backward(dy, x, mean, 1.0 / std, weight,
-                                                  training=False, layout=layout)
-        return y, backward
+                              divisor_is_std=True, residual=residual,
+                              relu=self.activation == "relu")
+        return y, _backward_closure(functional._backward, x,
+                                    (mean, 1.0 / std, _copy(self.weight), False, layout),
+                                    y if self.activation else None, residual is not None)

@@ -8,10 +8,11 @@ import numpy as np
 
 from ._threads import thread_count
 from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
-                        fold_arguments, gradient_pair, momentum_value, out_array, positive_vector,
+                        fold_arguments, gradient_pair, like_x, momentum_value, out_array, positive_vector,
                         running_buffers)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm",
+           "batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward",
            "batch_renorm_train", "batch_renorm_backward"]
 
 
@@ -174,6 +175,105 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         dx = g * _bc(invstd * w, x, axis)
     return (_write(dx.astype(x.dtype), out), (dot * invstd).astype(x.dtype),
             sum_g.astype(x.dtype))
+
+
+def _relu_epilogue(y, x, residual, out):
+    """max(y + residual, 0) from the float64 y of the normalization, rounded once to x's
+    dtype; NaN stays NaN (np.maximum)."""
+    if residual is not None:
+        y = y + residual.astype(np.float64)
+    return _write(np.maximum(y, 0.0).astype(x.dtype), out)
+
+
+def _relu_out(x, layout, residual, out, inputs):
+    """Validate the fused forward's residual and out (out may be x or residual itself)."""
+    channel_axis(layout, x.ndim)
+    if residual is not None:
+        residual = like_x("residual", residual, x)
+    out = out_array(out, x.shape, x.dtype, dict(inputs, x=x, residual=residual),
+                    may_alias=("x", "residual"))
+    return residual, out
+
+
+@_quiet
+def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5, layout="NCHW",
+                          running_mean=None, running_var=None, momentum=0.1, out=None,
+                          num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_norm_relu_train` (same parameters, returns and
+    errors): :func:`batch_norm_train`'s float64 y, plus residual, then ``np.maximum(., 0)``,
+    rounded once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> y, mean, invstd = reference.batch_norm_relu_train(x, eps=0.0, residual=np.full((2, 2), 0.5))
+    >>> y
+    array([[0. , 0. ],
+           [1.5, 1.5]])
+    """
+    x = data_array("x", x)
+    residual, out = _relu_out(x, layout, residual, out, {"weight": weight, "bias": bias,
+                              "running_mean": running_mean, "running_var": running_var})
+    y, mean, invstd = batch_norm_train(x.astype(np.float64), weight, bias, eps=eps,
+                                       layout=layout, running_mean=running_mean,
+                                       running_var=running_var, momentum=momentum,
+                                       num_threads=num_threads)
+    return _relu_epilogue(y, x, residual, out), mean, invstd
+
+
+@_quiet
+def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, *,
+                          residual=None, eps=1e-5, layout="NCHW", out=None, num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_norm_relu_infer` (same parameters, returns and
+    errors).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> reference.batch_norm_relu_infer(np.array([[3.0], [-5.0]]), [1.0], [4.0], eps=0.0)
+    array([[1.],
+           [0.]])
+    """
+    x = data_array("x", x)
+    residual, out = _relu_out(x, layout, residual, out, {"running_mean": running_mean,
+                              "running_var": running_var, "weight": weight, "bias": bias})
+    y = batch_norm_infer(x.astype(np.float64), running_mean, running_var, weight, bias, eps=eps,
+                         layout=layout, num_threads=num_threads)
+    return _relu_epilogue(y, x, residual, out)
+
+
+@_quiet
+def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=True,
+                             layout="NCHW", out=None, dresidual=None, num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_norm_relu_backward` (same parameters, returns and
+    errors): :func:`batch_norm_backward` of ``g = where(y > 0, dy, 0)``, and g into
+    dresidual.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = reference.batch_norm_relu_train(x, eps=0.0)
+    >>> reference.batch_norm_relu_backward(np.ones((2, 1)), y, x, mean, invstd)
+    (array([[0.],
+           [0.]]), array([1.]), array([1.]))
+    """
+    dy, x = gradient_pair(dy, x)
+    channel_axis(layout, x.ndim)
+    y = like_x("y", y, x)
+    inputs = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "y": y}
+    out = out_array(out, x.shape, x.dtype, inputs, may_alias=("dy",))
+    dresidual = out_array(dresidual, x.shape, x.dtype, dict(inputs, out=out), name="dresidual")
+    g = np.where(y > 0, dy, np.zeros((), dy.dtype))       # NaN > 0 is False: 0
+    dx, dweight, dbias = batch_norm_backward(g, x, mean, invstd, weight, training=training,
+                                             layout=layout, num_threads=num_threads)
+    if dresidual is not None:
+        dresidual[...] = g
+    return _write(dx, out), dweight, dbias
 
 
 @_quiet

@@ -27,8 +27,9 @@ __all__ = ["batch_renorm_train", "batch_renorm_backward", "linear_schedule", "pa
 
 
 def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
-                  eps, layout, out, num_threads):
-    """batch_renorm_train with an explicit lower clip for r (None means 1 / rmax)."""
+                  eps, layout, out, num_threads, residual=None, relu=False):
+    """batch_renorm_train with an explicit lower clip for r (None means 1 / rmax), and the
+    fused residual add and ReLU of fastbn.BatchRenorm(activation="relu")."""
     x = data_array("x", x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -52,7 +53,8 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
     y, mean, var, invstd, M = functional._train(
         x, weight, bias, eps, layout, out, num_threads,
         renorm=(mu, sigma, r, d, rmin, rmax, dmax),
-        extra_inputs={"running_mean": running_mean, "running_std": running_std})
+        extra_inputs={"running_mean": running_mean, "running_std": running_std},
+        residual=residual, relu=relu)
     if fast and C:
         std = np.empty(C)
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
@@ -181,6 +183,13 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     >>> bool(np.allclose(dweight, 128 * d))
     True
     """
+    return _renorm_backward(dy, x, mean, std, r, d, weight, layout, out, num_threads)
+
+
+def _renorm_backward(dy, x, mean, std, r, d, weight, layout, out, num_threads, y=None,
+                     dresidual=None):
+    """batch_renorm_backward; with y (the fused ReLU's forward output), dy counts where
+    y > 0 only, and dresidual receives that masked dy."""
     dy, x = gradient_pair(dy, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -193,9 +202,8 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     out_array(out, x.shape, x.dtype,
               {"dy": dy, "x": x, "mean": mean, "std": std, "r": r, "d": d, "weight": weight},
               may_alias=("dy",))
-    dx, dw_bn, dbias = functional.batch_norm_backward(
-        dy, x, mean, 1.0 / std64, w * r64, training=True, layout=layout, out=out,
-        num_threads=num_threads)
+    dx, dw_bn, dbias = functional._backward(dy, x, mean, 1.0 / std64, w * r64, True, layout,
+                                            out, num_threads, y=y, dresidual=dresidual)
     # dw_bn = sum(dy * xhat0), dbias = sum(dy): r and d are constants, so
     # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias.
     dweight = r64 * dw_bn.astype(np.float64) + d64 * dbias.astype(np.float64)

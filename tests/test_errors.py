@@ -93,6 +93,39 @@ def _backward_args(**kw):
     return [dy, x, mean, invstd], kwargs
 
 
+def _like(x, seed):
+    """A default array shaped like x (the fused functions' residual, y, dresidual), or None
+    when x is not a float array to be like."""
+    if isinstance(x, np.ndarray) and not isinstance(x, np.ma.MaskedArray) and \
+            x.dtype.kind == "f":
+        return _x(x.dtype, x.shape, seed=seed)
+    return None
+
+
+def _relu_train_args(**kw):
+    x = kw.get("x")
+    x = _x() if x is None else x
+    kw.setdefault("residual", _like(x, 11))
+    return _train_args(**dict(kw, x=x))
+
+
+def _relu_infer_args(**kw):
+    x = kw.get("x")
+    x = _x() if x is None else x
+    kw.setdefault("residual", _like(x, 11))
+    return _infer_args(**dict(kw, x=x))
+
+
+def _relu_backward_args(**kw):
+    x = kw.get("x")
+    x = _x() if x is None else x
+    y = kw.pop("y", None)
+    y = _like(x, 12) if y is None else y
+    kw.setdefault("dresidual", _like(x, 13))
+    args, kwargs = _backward_args(**dict(kw, x=x))
+    return [args[0], y] + args[1:], kwargs
+
+
 def _fold_args(**kw):
     rm = kw.pop("running_mean", _vec(seed=4))
     rv = kw.pop("running_var", _vec(seed=5, positive=True))
@@ -106,7 +139,14 @@ BUILDERS = {
     "batch_norm_infer": _infer_args,
     "batch_norm_backward": _backward_args,
     "fold_batch_norm": _fold_args,
+    "batch_norm_relu_train": _relu_train_args,
+    "batch_norm_relu_infer": _relu_infer_args,
+    "batch_norm_relu_backward": _relu_backward_args,
 }
+
+TRAIN = ("batch_norm_train", "batch_norm_relu_train")
+INFER = ("batch_norm_infer", "batch_norm_relu_infer")
+BACKWARD = ("batch_norm_backward", "batch_norm_relu_backward")
 
 # 2-byte types that are not float16 or bfloat16 stay refused
 BAD_DTYPES = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128, object,
@@ -128,7 +168,7 @@ def _cases():
             cases.append(pytest.param(impl, fn, make, exc, name, id=f"{fn}-{cid}-{impl}",
                                       marks=marks))
 
-    data_fns = ("batch_norm_train", "batch_norm_infer", "batch_norm_backward")
+    data_fns = TRAIN + INFER + BACKWARD
     for fn in data_fns:
         for dt in BAD_DTYPES:
             add(fn, f"x-{np.dtype(dt).name}",
@@ -170,7 +210,7 @@ def _cases():
         add(fn, "out-masked", lambda: {"out": np.ma.zeros((N, C, H, W), np.float32)},
             TypeError, "out")
         add(fn, "x-masked", lambda: {"x": np.ma.masked_greater(_x(), 4.0)}, TypeError, "x")
-        for wname in ("weight", "bias") if fn != "batch_norm_backward" else ("weight",):
+        for wname in ("weight", "bias") if fn not in BACKWARD else ("weight",):
             add(fn, f"{wname}-len-short", lambda w=wname: {w: _vec(C - 1)}, ValueError, wname)
             add(fn, f"{wname}-len-long", lambda w=wname: {w: _vec(C + 1)}, ValueError, wname)
             add(fn, f"{wname}-2d", lambda w=wname: {w: _vec().reshape(1, C)}, ValueError, wname)
@@ -181,7 +221,7 @@ def _cases():
             add(fn, f"{wname}-masked", lambda w=wname: {w: np.ma.masked_less(_vec(), 0)},
                 TypeError, wname)
     # eps (every function that takes it)
-    for fn in ("batch_norm_train", "batch_norm_infer", "fold_batch_norm"):
+    for fn in TRAIN + INFER + ("fold_batch_norm",):
         for e in (-1e-5, -np.inf, np.inf, np.nan, 10 ** 400, np.array(-1.0)):
             label = "10**400" if isinstance(e, int) else repr(e)
             add(fn, f"eps-{label}", lambda e=e: {"eps": e}, ValueError, "eps")
@@ -189,50 +229,50 @@ def _cases():
             add(fn, f"eps-{e!r}", lambda e=e: {"eps": e}, TypeError, "eps")
 
     # batch_norm_train only
-    fn = "batch_norm_train"
-    for m in (-0.1, 1.1, np.nan, np.inf):
-        add(fn, f"momentum-{m}", lambda m=m: {"momentum": m}, ValueError, "momentum")
-    for m in ("0.1", None):
-        add(fn, f"momentum-{m!r}", lambda m=m: {"momentum": m}, TypeError, "momentum")
-    add(fn, "only-running_mean", lambda: {"running_var": None}, ValueError, "running_var")
-    add(fn, "only-running_var", lambda: {"running_mean": None}, ValueError, "running_mean")
-    for rname in ("running_mean", "running_var"):
-        add(fn, f"{rname}-readonly", lambda r=rname: {r: _readonly(_vec(positive=True))},
-            ValueError, rname)
-        add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
-        add(fn, f"{rname}-bool", lambda r=rname: {r: np.ones(C, dtype=bool)}, TypeError, rname)
-        add(fn, f"{rname}-list", lambda r=rname: {r: [1.0] * C}, TypeError, rname)
-        add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C + 1, positive=True)}, ValueError, rname)
-        add(fn, f"{rname}-2d", lambda r=rname: {r: _vec(positive=True).reshape(C, 1)},
-            ValueError, rname)
-        add(fn, f"{rname}-zero-stride", lambda r=rname: {r: _self_overlapping((C,), "zero")},
-            ValueError, rname)
-        add(fn, f"{rname}-masked", lambda r=rname: {r: np.ma.ones(C)}, TypeError, rname)
-    add(fn, "running-shared", lambda: (lambda v: {"running_mean": v, "running_var": v})(
-        _vec(positive=True)), ValueError, "running_mean")
-    # empty batches and one value per channel in training
-    add(fn, "empty-batch", lambda: {"x": np.zeros((0, C, H, W), np.float32)}, ValueError, "x")
-    add(fn, "empty-spatial", lambda: {"x": np.zeros((N, C, 0), np.float32)}, ValueError, "x")
-    add(fn, "one-value-NC", lambda: {"x": _x(shape=(1, C))}, ValueError, "x")
-    add(fn, "one-value-NCHW", lambda: {"x": _x(shape=(1, C, 1, 1))}, ValueError, "x")
-    add(fn, "one-value-NHWC",
-        lambda: {"x": _x(shape=(1, 1, 1, C)), "layout": "NHWC"}, ValueError, "x")
-    add(fn, "one-value-NCL-f64", lambda: {"x": _x(np.float64, shape=(1, C, 1))}, ValueError, "x")
-    add(fn, "one-value-inplace",
-        lambda: (lambda x: {"x": x, "out": x})(_x(shape=(1, C, 1))), ValueError, "x")
-    # in-place call rejected late: x (= out) must survive
-    add(fn, "inplace-bad-momentum",
-        lambda: (lambda x: {"x": x, "out": x, "momentum": 2.0})(_x()), ValueError, "momentum")
-    add(fn, "inplace-bad-eps",
-        lambda: (lambda x: {"x": x, "out": x, "eps": -1.0})(_x()), ValueError, "eps")
-    add(fn, "inplace-bad-weight",
-        lambda: (lambda x: {"x": x, "out": x, "weight": _vec(C + 2)})(_x()), ValueError, "weight")
-    add(fn, "out-overlaps-running_mean",
-        lambda: (lambda o: {"out": o, "running_mean": o[0, :, 0, 0]})(
-            np.zeros((N, C, H, W), np.float32)), ValueError, "out")
+    for fn in TRAIN:
+        for m in (-0.1, 1.1, np.nan, np.inf):
+            add(fn, f"momentum-{m}", lambda m=m: {"momentum": m}, ValueError, "momentum")
+        for m in ("0.1", None):
+            add(fn, f"momentum-{m!r}", lambda m=m: {"momentum": m}, TypeError, "momentum")
+        add(fn, "only-running_mean", lambda: {"running_var": None}, ValueError, "running_var")
+        add(fn, "only-running_var", lambda: {"running_mean": None}, ValueError, "running_mean")
+        for rname in ("running_mean", "running_var"):
+            add(fn, f"{rname}-readonly", lambda r=rname: {r: _readonly(_vec(positive=True))},
+                ValueError, rname)
+            add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
+            add(fn, f"{rname}-bool", lambda r=rname: {r: np.ones(C, dtype=bool)}, TypeError, rname)
+            add(fn, f"{rname}-list", lambda r=rname: {r: [1.0] * C}, TypeError, rname)
+            add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C + 1, positive=True)}, ValueError, rname)
+            add(fn, f"{rname}-2d", lambda r=rname: {r: _vec(positive=True).reshape(C, 1)},
+                ValueError, rname)
+            add(fn, f"{rname}-zero-stride", lambda r=rname: {r: _self_overlapping((C,), "zero")},
+                ValueError, rname)
+            add(fn, f"{rname}-masked", lambda r=rname: {r: np.ma.ones(C)}, TypeError, rname)
+        add(fn, "running-shared", lambda: (lambda v: {"running_mean": v, "running_var": v})(
+            _vec(positive=True)), ValueError, "running_mean")
+        # empty batches and one value per channel in training
+        add(fn, "empty-batch", lambda: {"x": np.zeros((0, C, H, W), np.float32)}, ValueError, "x")
+        add(fn, "empty-spatial", lambda: {"x": np.zeros((N, C, 0), np.float32)}, ValueError, "x")
+        add(fn, "one-value-NC", lambda: {"x": _x(shape=(1, C))}, ValueError, "x")
+        add(fn, "one-value-NCHW", lambda: {"x": _x(shape=(1, C, 1, 1))}, ValueError, "x")
+        add(fn, "one-value-NHWC",
+            lambda: {"x": _x(shape=(1, 1, 1, C)), "layout": "NHWC"}, ValueError, "x")
+        add(fn, "one-value-NCL-f64", lambda: {"x": _x(np.float64, shape=(1, C, 1))}, ValueError, "x")
+        add(fn, "one-value-inplace",
+            lambda: (lambda x: {"x": x, "out": x})(_x(shape=(1, C, 1))), ValueError, "x")
+        # in-place call rejected late: x (= out) must survive
+        add(fn, "inplace-bad-momentum",
+            lambda: (lambda x: {"x": x, "out": x, "momentum": 2.0})(_x()), ValueError, "momentum")
+        add(fn, "inplace-bad-eps",
+            lambda: (lambda x: {"x": x, "out": x, "eps": -1.0})(_x()), ValueError, "eps")
+        add(fn, "inplace-bad-weight",
+            lambda: (lambda x: {"x": x, "out": x, "weight": _vec(C + 2)})(_x()), ValueError, "weight")
+        add(fn, "out-overlaps-running_mean",
+            lambda: (lambda o: {"out": o, "running_mean": o[0, :, 0, 0]})(
+                np.zeros((N, C, H, W), np.float32)), ValueError, "out")
 
     # out partial overlap with x (train/infer) and with dy or any overlap with x (backward)
-    for fn in ("batch_norm_train", "batch_norm_infer"):
+    for fn in TRAIN + INFER:
         add(fn, "out-partial-overlap-x",
             lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError, "out")
         add(fn, "out-overlaps-weight",
@@ -241,46 +281,112 @@ def _cases():
         add(fn, "out-is-x-restrided", lambda: (lambda x: {"x": x, "out": _restrided(x)})(_x()),
             ValueError, "out")
 
-    fn = "batch_norm_infer"
-    for rname in ("running_mean", "running_var"):
-        add(fn, f"{rname}-None", lambda r=rname: {r: None}, ValueError, rname)
-        add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C - 1, positive=True)}, ValueError, rname)
-        add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
-        add(fn, f"{rname}-complex", lambda r=rname: {r: np.ones(C, dtype=complex)},
-            TypeError, rname)
-    add(fn, "inplace-bad-eps",
-        lambda: (lambda x: {"x": x, "out": x, "eps": np.nan})(_x()), ValueError, "eps")
+    for fn in INFER:
+        for rname in ("running_mean", "running_var"):
+            add(fn, f"{rname}-None", lambda r=rname: {r: None}, ValueError, rname)
+            add(fn, f"{rname}-len", lambda r=rname: {r: _vec(C - 1, positive=True)}, ValueError, rname)
+            add(fn, f"{rname}-int", lambda r=rname: {r: np.ones(C, dtype=np.int64)}, TypeError, rname)
+            add(fn, f"{rname}-complex", lambda r=rname: {r: np.ones(C, dtype=complex)},
+                TypeError, rname)
+        add(fn, "inplace-bad-eps",
+            lambda: (lambda x: {"x": x, "out": x, "eps": np.nan})(_x()), ValueError, "eps")
 
-    fn = "batch_norm_backward"
-    add(fn, "dy-shape", lambda: {"dy": _x(shape=(N, C, H, W + 1))}, ValueError, "dy")
-    add(fn, "dy-transposed", lambda: {"dy": _x(shape=(N, C, W, H))}, ValueError, "dy")
-    add(fn, "dy-dtype", lambda: {"dy": _x(np.float64)}, TypeError, "dy")
-    for dt in BAD_DTYPES:
-        add(fn, f"dy-{np.dtype(dt).name}", lambda dt=dt: {"dy": _x().astype(dt)}, TypeError, "dy")
-    add(fn, "dy-1d", lambda: {"dy": _x(shape=(12,))}, ValueError, "dy")
-    add(fn, "dy-masked", lambda: {"dy": np.ma.masked_greater(_x(seed=9), 4.0)}, TypeError, "dy")
-    for t in ("False", "True", None, [], 0.0, 1, np.array([True])):
-        add(fn, f"training-{t!r}", lambda t=t: {"training": t}, TypeError, "training")
-    for vname in ("mean", "invstd"):
-        add(fn, f"{vname}-len-short", lambda v=vname: {v: _vec(C - 1)}, ValueError, vname)
-        add(fn, f"{vname}-len-long", lambda v=vname: {v: _vec(C + 1)}, ValueError, vname)
-        add(fn, f"{vname}-2d", lambda v=vname: {v: _vec().reshape(1, C)}, ValueError, vname)
-        add(fn, f"{vname}-None", lambda v=vname: {v: None}, ValueError, vname)
-        add(fn, f"{vname}-int", lambda v=vname: {v: np.ones(C, dtype=np.int32)}, TypeError, vname)
-    add(fn, "out-is-x", lambda: (lambda x: {"x": x, "out": x})(_x()), ValueError, "out")
-    add(fn, "out-partial-overlap-dy",
-        lambda: dict(zip(("dy", "out"), _overlapping(_x(seed=9)))), ValueError, "out")
-    add(fn, "out-partial-overlap-x",
-        lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError, "out")
-    add(fn, "out-overlaps-mean",
-        lambda: (lambda o: {"out": o, "mean": o[0, :, 0, 0]})(
-            np.zeros((N, C, H, W), np.float32)), ValueError, "out")
-    add(fn, "inplace-bad-mean",
+    for fn in BACKWARD:
+        add(fn, "dy-shape", lambda: {"dy": _x(shape=(N, C, H, W + 1))}, ValueError, "dy")
+        add(fn, "dy-transposed", lambda: {"dy": _x(shape=(N, C, W, H))}, ValueError, "dy")
+        add(fn, "dy-dtype", lambda: {"dy": _x(np.float64)}, TypeError, "dy")
+        for dt in BAD_DTYPES:
+            add(fn, f"dy-{np.dtype(dt).name}", lambda dt=dt: {"dy": _x().astype(dt)}, TypeError, "dy")
+        add(fn, "dy-1d", lambda: {"dy": _x(shape=(12,))}, ValueError, "dy")
+        add(fn, "dy-masked", lambda: {"dy": np.ma.masked_greater(_x(seed=9), 4.0)}, TypeError, "dy")
+        for t in ("False", "True", None, [], 0.0, 1, np.array([True])):
+            add(fn, f"training-{t!r}", lambda t=t: {"training": t}, TypeError, "training")
+        for vname in ("mean", "invstd"):
+            add(fn, f"{vname}-len-short", lambda v=vname: {v: _vec(C - 1)}, ValueError, vname)
+            add(fn, f"{vname}-len-long", lambda v=vname: {v: _vec(C + 1)}, ValueError, vname)
+            add(fn, f"{vname}-2d", lambda v=vname: {v: _vec().reshape(1, C)}, ValueError, vname)
+            add(fn, f"{vname}-None", lambda v=vname: {v: None}, ValueError, vname)
+            add(fn, f"{vname}-int", lambda v=vname: {v: np.ones(C, dtype=np.int32)}, TypeError, vname)
+        add(fn, "out-is-x", lambda: (lambda x: {"x": x, "out": x})(_x()), ValueError, "out")
+        add(fn, "out-partial-overlap-dy",
+            lambda: dict(zip(("dy", "out"), _overlapping(_x(seed=9)))), ValueError, "out")
+        add(fn, "out-partial-overlap-x",
+            lambda: dict(zip(("x", "out"), _overlapping(_x()))), ValueError, "out")
+        add(fn, "out-overlaps-mean",
+            lambda: (lambda o: {"out": o, "mean": o[0, :, 0, 0]})(
+                np.zeros((N, C, H, W), np.float32)), ValueError, "out")
+        add(fn, "inplace-bad-mean",
+            lambda: (lambda g: {"dy": g, "out": g, "mean": _vec(C + 1)})(_x(seed=9)),
+            ValueError, "mean")
+        add(fn, "inplace-bad-layout",
+            lambda: (lambda g: {"dy": g, "out": g, "layout": "CHWN"})(_x(seed=9)),
+            ValueError, "layout")
+
+    # the fused ReLU's residual (forward), y and dresidual (backward)
+    for fn in ("batch_norm_relu_train", "batch_norm_relu_infer"):
+        add(fn, "residual-shape", lambda: {"residual": _x(shape=(N, C, H, W + 1))}, ValueError,
+            "residual")
+        add(fn, "residual-transposed", lambda: {"residual": _x(shape=(N, C, W, H))}, ValueError,
+            "residual")
+        add(fn, "residual-1d", lambda: {"residual": _x(shape=(N * C * H * W,))}, ValueError,
+            "residual")
+        add(fn, "residual-dtype", lambda: {"residual": _x(np.float64)}, TypeError, "residual")
+        add(fn, "residual-int", lambda: {"residual": _x().astype(np.int32)}, TypeError,
+            "residual")
+        add(fn, "residual-masked", lambda: {"residual": np.ma.masked_greater(_x(seed=11), 4.0)},
+            TypeError, "residual")
+        add(fn, "residual-str", lambda: {"residual": "abc"}, TypeError, "residual")
+        add(fn, "out-partial-overlap-residual",
+            lambda: dict(zip(("residual", "out"), _overlapping(_x(seed=11)))), ValueError, "out")
+        add(fn, "out-is-residual-restrided",
+            lambda: (lambda r: {"residual": r, "out": _restrided(r)})(_x(seed=11)),
+            ValueError, "out")
+        add(fn, "inplace-residual-bad-eps",
+            lambda: (lambda r: {"residual": r, "out": r, "eps": -1.0})(_x(seed=11)),
+            ValueError, "eps")
+        add(fn, "inplace-residual-bad-weight",
+            lambda: (lambda r: {"residual": r, "out": r, "weight": _vec(C + 1)})(_x(seed=11)),
+            ValueError, "weight")
+    add("batch_norm_relu_train", "inplace-residual-one-value",
+        lambda: (lambda r: {"x": _x(shape=(1, C, 1)), "residual": r, "out": r})(
+            _x(shape=(1, C, 1), seed=11)), ValueError, "x")
+    fn = "batch_norm_relu_backward"
+    add(fn, "y-shape", lambda: {"y": _x(shape=(N, C, H, W + 1))}, ValueError, "y")
+    add(fn, "y-dtype", lambda: {"y": _x(np.float64)}, TypeError, "y")
+    add(fn, "y-int", lambda: {"y": _x().astype(np.int8)}, TypeError, "y")
+    add(fn, "y-masked", lambda: {"y": np.ma.masked_greater(_x(seed=12), 4.0)}, TypeError, "y")
+    add(fn, "out-is-y", lambda: (lambda y: {"y": y, "out": y})(_x(seed=12)), ValueError, "out")
+    add(fn, "dresidual-shape", lambda: {"dresidual": np.zeros((N, C, H, W + 1), np.float32)},
+        ValueError, "dresidual")
+    add(fn, "dresidual-dtype", lambda: {"dresidual": np.zeros((N, C, H, W))}, ValueError,
+        "dresidual")
+    add(fn, "dresidual-readonly",
+        lambda: {"dresidual": _readonly(np.zeros((N, C, H, W), np.float32))}, ValueError,
+        "dresidual")
+    add(fn, "dresidual-list", lambda: {"dresidual": np.zeros((N, C, H, W)).tolist()},
+        TypeError, "dresidual")
+    add(fn, "dresidual-masked", lambda: {"dresidual": np.ma.zeros((N, C, H, W), np.float32)},
+        TypeError, "dresidual")
+    add(fn, "dresidual-byteswapped", lambda: {"dresidual": np.zeros((N, C, H, W), ">f4")},
+        ValueError, "dresidual")
+    add(fn, "dresidual-zero-stride",
+        lambda: {"dresidual": _self_overlapping((N, C, H, W), "zero")}, ValueError, "dresidual")
+    for other in ("dy", "x", "y"):
+        add(fn, f"dresidual-is-{other}",
+            lambda o=other: (lambda a: {o: a, "dresidual": a})(_x(seed=14)), ValueError,
+            "dresidual")
+    add(fn, "dresidual-partial-overlap-dy",
+        lambda: dict(zip(("dy", "dresidual"), _overlapping(_x(seed=9)))), ValueError,
+        "dresidual")
+    add(fn, "dresidual-is-out",
+        lambda: (lambda o: {"out": o, "dresidual": o})(np.zeros((N, C, H, W), np.float32)),
+        ValueError, "dresidual")
+    add(fn, "dresidual-overlaps-mean",
+        lambda: (lambda o: {"dresidual": o, "mean": o[0, :, 0, 0]})(
+            np.zeros((N, C, H, W), np.float32)), ValueError, "dresidual")
+    add(fn, "inplace-dresidual-bad-mean",
         lambda: (lambda g: {"dy": g, "out": g, "mean": _vec(C + 1)})(_x(seed=9)),
         ValueError, "mean")
-    add(fn, "inplace-bad-layout",
-        lambda: (lambda g: {"dy": g, "out": g, "layout": "CHWN"})(_x(seed=9)),
-        ValueError, "layout")
 
     fn = "fold_batch_norm"
     add(fn, "running_mean-2d", lambda: {"running_mean": _vec().reshape(1, C)}, ValueError,

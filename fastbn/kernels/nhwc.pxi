@@ -226,45 +226,69 @@ cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
                 y[i] = 0
 
 
+cdef inline void _epilogue_out(floating* y, const floating* v, const floating* res,
+                               Py_ssize_t n, bint relu) noexcept nogil:
+    """y = v + res, then the ReLU when asked: the epilogue of a staged piece v, for a y
+    that may be the residual itself (each res[i] is read before y[i] is written)."""
+    cdef Py_ssize_t i
+    cdef floating t
+    for i in range(n):
+        t = v[i] + res[i]
+        if relu and t < 0:
+            t = 0
+        y[i] = t
+
+
 cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                               Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
                               const acc_t* shift, bint stream, const floating* res,
                               bint relu) noexcept nogil:
-    """_rows_affine_in, then the fused epilogue on each piece while it is in L1; with
-    streaming stores through an L1 stage when `stream` (whole rows per stage when they fit,
-    else pieces of a row)."""
+    """_rows_affine_in, then the fused epilogue on each piece while it is in L1 (whole rows
+    per piece when they fit, else pieces of a row). The normalized piece goes through an
+    L1 stage when its stores stream, or when a residual is added (y may be the residual
+    itself: the residual is read before y is written); a ReLU alone works in y."""
     cdef floating stage[STAGE]
-    cdef Py_ssize_t r = r0, n, c0
-    cdef bint epilogue = res != NULL or relu
+    cdef Py_ssize_t r = r0, n, c0, off
+    cdef bint staged = stream or res != NULL
     cdef floating* dst
-    if not stream and not epilogue:
+    if not stream and res == NULL and not relu:
         _rows_affine_in(x, y, C, r0, r1, mean, scale, shift)
         return
-    if C <= STAGE:
-        while r < r1:
+    while r < r1:
+        if C <= STAGE:                 # whole rows per piece
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
-            dst = &stage[0] if stream else y + r * C
-            _rows_affine_in(x + r * C, dst, C, 0, n, mean, scale, shift)
-            if epilogue:
-                _epilogue(dst, res + r * C if res != NULL else NULL, n * C, relu)
-            if stream:
-                _stream(y + r * C, stage, n * C)
+            off = r * C
+            dst = &stage[0] if staged else y + off
+            _rows_affine_in(x + off, dst, C, 0, n, mean, scale, shift)
+            _rows_epilogue(y + off, dst, NULL if res == NULL else res + off, n * C, stream,
+                           relu)
             r = r + n
-    else:
-        for r in range(r0, r1):
+        else:                          # pieces of one row
             c0 = 0
             while c0 < C:
                 n = STAGE if c0 + STAGE <= C else C - c0
-                dst = &stage[0] if stream else y + r * C + c0
-                _rows_affine_in(x + r * C + c0, dst, n, 0, 1, mean + c0, scale + c0,
-                                shift + c0)
-                if epilogue:
-                    _epilogue(dst, res + r * C + c0 if res != NULL else NULL, n, relu)
-                if stream:
-                    _stream(y + r * C + c0, stage, n)
+                off = r * C + c0
+                dst = &stage[0] if staged else y + off
+                _rows_affine_in(x + off, dst, n, 0, 1, mean + c0, scale + c0, shift + c0)
+                _rows_epilogue(y + off, dst, NULL if res == NULL else res + off, n, stream,
+                               relu)
                 c0 = c0 + n
+            r = r + 1
     if stream:
         _stream_fence()
+
+
+cdef inline void _rows_epilogue(floating* y, floating* v, const floating* res, Py_ssize_t n,
+                                bint stream, bint relu) noexcept nogil:
+    """Finish n normalized values v (the stage, or y itself when neither a residual nor
+    streaming stores are involved): add the residual, apply the ReLU, store into y."""
+    if stream:
+        _epilogue(v, res, n, relu)
+        _stream(y, v, n)
+    elif res != NULL:
+        _epilogue_out(y, v, res, n, relu)
+    else:
+        _epilogue(v, NULL, n, relu)
 
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
