@@ -27,6 +27,7 @@ from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 
@@ -322,6 +323,49 @@ cdef inline bint _f32_sum_ok(double s) noexcept nogil:
 cdef enum:
     # values staged in L1 (on the stack) before a streaming store of an output
     STAGE = 1024
+
+
+cdef extern from *:
+    """
+    /* The fused ReLU's mask: g where y > 0, else +0 (a NaN y gives 0), as a bit AND of g
+       with the comparison's all-ones or all-zeros word. Written so, loops of it vectorize
+       (GCC 12 keeps an if/else select scalar when its value feeds a float-to-double sum;
+       a load under the condition would keep any loop scalar). */
+    #include <stdint.h>
+    #include <string.h>
+    static inline float fastbn_mask_f(float g, float y) {
+        uint32_t b;
+        memcpy(&b, &g, sizeof b);
+        b &= (uint32_t)0 - (uint32_t)(y > 0);
+        memcpy(&g, &b, sizeof b);
+        return g;
+    }
+    static inline double fastbn_mask_d(double g, double y) {
+        uint64_t b;
+        memcpy(&b, &g, sizeof b);
+        b &= (uint64_t)0 - (uint64_t)(y > 0);
+        memcpy(&g, &b, sizeof b);
+        return g;
+    }
+    """
+    float _mask_f "fastbn_mask_f"(float g, float y) noexcept nogil
+    double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
+
+
+cdef inline floating _masked(floating g, floating y) noexcept nogil:
+    """g where the fused ReLU's output y is > 0, else 0 (a NaN y gives 0); branch-free."""
+    if floating is float:
+        return _mask_f(g, y)
+    else:
+        return _mask_d(g, y)
+
+
+cdef inline void _mask_into(const floating* g, const floating* y, floating* out,
+                            Py_ssize_t n) noexcept nogil:
+    """out[i] = _masked(g[i], y[i]) for n values (out may be g)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = _masked(g[i], y[i])
 
 
 cdef inline void _stream(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:

@@ -54,9 +54,7 @@ cdef inline void _mask_staged(float* gs, const half_bits* ym, Block blk,
     cdef float ys[BLOCK]
     cdef Py_ssize_t i
     _stage_block(ym, blk, ys, dtype)
-    for i in range(blk.nrun * blk.length):
-        if not (ys[i] > 0):
-            gs[i] = 0
+    _mask_into(gs, ys, gs, blk.nrun * blk.length)
 
 
 cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits* b,
@@ -186,9 +184,7 @@ cdef void _mask_rows(float* gs, const half_bits* ym, Py_ssize_t C, Py_ssize_t c0
         while off < width:
             n = width - off if width - off < STAGE else STAGE
             _widen(ym + r * C + c0 + off, ys, n, dtype)
-            for i in range(n):
-                if not (ys[i] > 0):
-                    gs[(r - r0) * width + off + i] = 0
+            _mask_into(gs + (r - r0) * width + off, ys, gs + (r - r0) * width + off, n)
             off = off + n
 
 
@@ -221,7 +217,8 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
         if gview.mean32 != NULL:
             gview.mean32 = gview.mean32 + c0
             gview.mean_lo = gview.mean_lo + c0
-        _rows_chunk_sums(sa, sb, width, 0, width, 0, nr, &gview, out0, out1, w.multi_row)
+        _rows_chunk_sums(sa, sb, width, 0, width, 0, nr, &gview, out0, out1, w.multi_row,
+                         <const float*>NULL)
     free(sa)
 
 

@@ -134,8 +134,8 @@ cdef inline Block _stage_masked(const floating* g, const floating* ym, const flo
     cdef Py_ssize_t r, i, off
     for r in range(blk.nrun):
         off = blk.offset + r * blk.stride
+        _mask_into(g + off, ym + off, gs + r * blk.length, blk.length)
         for i in range(blk.length):
-            gs[r * blk.length + i] = g[off + i] if ym[off + i] > 0 else 0
             xs[r * blk.length + i] = x[off + i]
     blk.offset = 0
     blk.stride = blk.length

@@ -367,8 +367,8 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
                     v32 = (xr[i] - m32) * a32 + c32
                     if res != NULL:
                         v32 = v32 + rr[i]
-                    if relu and v32 < 0:
-                        v32 = 0
+                    if relu:
+                        v32 = 0 if v32 < 0 else v32     # a select: vectorized
                     yr[i] = v32
             return
     for r in range(nrun):
@@ -383,8 +383,8 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
             v = <floating>((xr[i] - mean) * scale + shift)
             if res != NULL:
                 v = <floating>(v + rr[i])
-            if relu and v < 0:
-                v = 0
+            if relu:
+                v = 0 if v < 0 else v
             yr[i] = <floating>v
 
 
@@ -454,8 +454,7 @@ cdef void _dx_masked(const floating* g, const floating* x, floating* dx, Py_ssiz
         while off < length:
             n = length - off if length - off < STAGE else STAGE
             base = r * stride + off
-            for i in range(n):
-                gm[i] = g[base + i] if ym[base + i] > 0 else 0
+            _mask_into(g + base, ym + base, gm, n)
             if dres != NULL:
                 for i in range(n):
                     dres[base + i] = gm[i]

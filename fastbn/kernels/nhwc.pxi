@@ -169,18 +169,40 @@ cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize
     _set_coefs(cf, c0, c1)
 
 
+cdef inline floating _act(floating v, bint relu) noexcept nogil:
+    """v, or max(v, 0) (a NaN stays NaN) with `relu`: a select, so loops of it vectorize
+    (and relu, constant in a loop, is hoisted out of it)."""
+    if relu:
+        return 0 if v < 0 else v
+    return v
+
+
+cdef inline floating _fin(floating v, const floating* res, Py_ssize_t c,
+                          bint relu) noexcept nogil:
+    """The fused epilogue of one normalized value: + res[c] (res not NULL), then the ReLU."""
+    if res != NULL:
+        v = v + res[c]
+    return _act(v, relu)
+
+
 cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                           Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                          const acc_t* shift) noexcept nogil:
+                          const acc_t* shift, const floating* res, bint relu) noexcept nogil:
     """y = (x - mean) * scale + shift on rows [r0, r1), in acc_t arithmetic, in row order so x
     streams through memory; for wide rows, four rows share each load of the per-channel
-    coefficients."""
+    coefficients. The fused epilogue in the same loop: + res (laid out as x, or NULL; y must
+    not be res), then max(., 0) with `relu` (both conditions are constant in the loop, which
+    the compiler takes out of it)."""
     cdef Py_ssize_t c, r = r0
     cdef bint multi_row = _multi_row(C, 0)
     cdef const floating* x0
     cdef const floating* x1
     cdef const floating* x2
     cdef const floating* x3
+    cdef const floating* q0 = NULL
+    cdef const floating* q1 = NULL
+    cdef const floating* q2 = NULL
+    cdef const floating* q3 = NULL
     cdef floating* y0
     cdef floating* y1
     cdef floating* y2
@@ -195,20 +217,26 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
         y1 = y0 + C
         y2 = y1 + C
         y3 = y2 + C
+        if res != NULL:
+            q0 = res + r * C
+            q1 = q0 + C
+            q2 = q1 + C
+            q3 = q2 + C
         for c in range(C):
             m = mean[c]
             a = scale[c]
             b = shift[c]
-            y0[c] = <floating>((x0[c] - m) * a + b)
-            y1[c] = <floating>((x1[c] - m) * a + b)
-            y2[c] = <floating>((x2[c] - m) * a + b)
-            y3[c] = <floating>((x3[c] - m) * a + b)
+            y0[c] = _fin(<floating>((x0[c] - m) * a + b), q0, c, relu)
+            y1[c] = _fin(<floating>((x1[c] - m) * a + b), q1, c, relu)
+            y2[c] = _fin(<floating>((x2[c] - m) * a + b), q2, c, relu)
+            y3[c] = _fin(<floating>((x3[c] - m) * a + b), q3, c, relu)
         r = r + 4
     while r < r1:
         x0 = x + r * C
         y0 = y + r * C
+        q0 = res + r * C if res != NULL else NULL
         for c in range(C):
-            y0[c] = <floating>((x0[c] - mean[c]) * scale[c] + shift[c])
+            y0[c] = _fin(<floating>((x0[c] - mean[c]) * scale[c] + shift[c]), q0, c, relu)
         r = r + 1
 
 
@@ -217,78 +245,58 @@ cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
     """The fused epilogue on n outputs: add the residual (if any), then the ReLU (a NaN
     stays NaN)."""
     cdef Py_ssize_t i
+    cdef floating t
     if res != NULL:
         for i in range(n):
             y[i] = y[i] + res[i]
     if relu:
         for i in range(n):
-            if y[i] < 0:
-                y[i] = 0
-
-
-cdef inline void _epilogue_out(floating* y, const floating* v, const floating* res,
-                               Py_ssize_t n, bint relu) noexcept nogil:
-    """y = v + res, then the ReLU when asked: the epilogue of a staged piece v, for a y
-    that may be the residual itself (each res[i] is read before y[i] is written)."""
-    cdef Py_ssize_t i
-    cdef floating t
-    for i in range(n):
-        t = v[i] + res[i]
-        if relu and t < 0:
-            t = 0
-        y[i] = t
+            t = y[i]
+            y[i] = 0 if t < 0 else t      # a select, not a conditional store: vectorized
 
 
 cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                               Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
                               const acc_t* shift, bint stream, const floating* res,
                               bint relu) noexcept nogil:
-    """_rows_affine_in, then the fused epilogue on each piece while it is in L1 (whole rows
-    per piece when they fit, else pieces of a row). The normalized piece goes through an
-    L1 stage when its stores stream, or when a residual is added (y may be the residual
-    itself: the residual is read before y is written); a ReLU alone works in y."""
+    """_rows_affine_in with the fused epilogue, piece by piece (whole rows per piece when they
+    fit, else pieces of a row). A piece goes through an L1 stage when its stores stream, or
+    when a residual is added (y may be the residual itself: each piece of the residual is
+    read before that piece of y is written)."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t r = r0, n, c0, off
-    cdef bint staged = stream or res != NULL
-    cdef floating* dst
-    if not stream and res == NULL and not relu:
-        _rows_affine_in(x, y, C, r0, r1, mean, scale, shift)
+    if not stream and res == NULL:
+        _rows_affine_in(x, y, C, r0, r1, mean, scale, shift, NULL, relu)
         return
     while r < r1:
         if C <= STAGE:                 # whole rows per piece
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
             off = r * C
-            dst = &stage[0] if staged else y + off
-            _rows_affine_in(x + off, dst, C, 0, n, mean, scale, shift)
-            _rows_epilogue(y + off, dst, NULL if res == NULL else res + off, n * C, stream,
-                           relu)
+            _rows_affine_in(x + off, stage, C, 0, n, mean, scale, shift,
+                            NULL if res == NULL else res + off, relu)
+            _store(y + off, stage, n * C, stream)
             r = r + n
         else:                          # pieces of one row
             c0 = 0
             while c0 < C:
                 n = STAGE if c0 + STAGE <= C else C - c0
                 off = r * C + c0
-                dst = &stage[0] if staged else y + off
-                _rows_affine_in(x + off, dst, n, 0, 1, mean + c0, scale + c0, shift + c0)
-                _rows_epilogue(y + off, dst, NULL if res == NULL else res + off, n, stream,
-                               relu)
+                _rows_affine_in(x + off, stage, n, 0, 1, mean + c0, scale + c0, shift + c0,
+                                NULL if res == NULL else res + off, relu)
+                _store(y + off, stage, n, stream)
                 c0 = c0 + n
             r = r + 1
     if stream:
         _stream_fence()
 
 
-cdef inline void _rows_epilogue(floating* y, floating* v, const floating* res, Py_ssize_t n,
-                                bint stream, bint relu) noexcept nogil:
-    """Finish n normalized values v (the stage, or y itself when neither a residual nor
-    streaming stores are involved): add the residual, apply the ReLU, store into y."""
+cdef inline void _store(floating* y, const floating* stage, Py_ssize_t n,
+                        bint stream) noexcept nogil:
+    """A staged piece into y: streaming stores, or a copy."""
     if stream:
-        _epilogue(v, res, n, relu)
-        _stream(y, v, n)
-    elif res != NULL:
-        _epilogue_out(y, v, res, n, relu)
+        _stream(y, stage, n)
     else:
-        _epilogue(v, NULL, n, relu)
+        memcpy(y, stage, n * sizeof(floating))
 
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
@@ -311,10 +319,10 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
 
 cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                         Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
-                        acc_t* sd, bint multi_row) noexcept nogil:
+                        acc_t* sd, bint multi_row, const floating* ym) noexcept nogil:
     """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
-    memory order."""
+    memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
@@ -323,6 +331,9 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
     for c in range(width):
         sg[c] = 0
         sd[c] = 0
+    if ym != NULL:
+        _rows_sums_masked(g, x, ym, C, r0, r4, r1, width, mean, sg, sd)
+        return
     for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
         gr = g + r * C
@@ -340,14 +351,52 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
             sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
 
 
+cdef void _rows_sums_masked(const floating* g, const floating* x, const floating* ym,
+                            Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r4, Py_ssize_t r1,
+                            Py_ssize_t width, const acc_t* mean, double* sg,
+                            acc_t* sd) noexcept nogil:
+    """The loops of _rows_sums_in on g masked by ym (sg, sd zeroed by the caller; four
+    rows per sweep up to r4): the same arithmetic, so the same bits as the unmasked loops
+    on a masked copy of g."""
+    cdef Py_ssize_t c, r
+    cdef const floating* xr
+    cdef const floating* gr
+    cdef const floating* yr
+    cdef floating g0, g1, g2, g3
+    cdef acc_t m
+    for r in range(r0, r4, 4):
+        xr = x + r * C
+        gr = g + r * C
+        yr = ym + r * C
+        for c in range(width):
+            m = mean[c]
+            g0 = _masked(gr[c], yr[c])
+            g1 = _masked(gr[C + c], yr[C + c])
+            g2 = _masked(gr[2 * C + c], yr[2 * C + c])
+            g3 = _masked(gr[3 * C + c], yr[3 * C + c])
+            sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
+            sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
+                             + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+    for r in range(r4, r1):
+        xr = x + r * C
+        gr = g + r * C
+        yr = ym + r * C
+        for c in range(width):
+            g0 = _masked(gr[c], yr[c])
+            sg[c] = sg[c] + g0
+            sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+
+
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
                            Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
-                           double* sg, double* sd, bint multi_row) noexcept nogil:
+                           double* sg, double* sd, bint multi_row,
+                           const floating* ym) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
     sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
     tile's dot added in double with the mean's low part corrected, and a tile dot out of
-    float32's comfortable range summed again in double (as _block_sums does)."""
+    float32's comfortable range summed again in double (as _block_sums does). With ym (the
+    fused ReLU's output, laid out as g, or NULL), of g masked by y > 0."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
@@ -358,6 +407,8 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     x = x + c0
     sg = sg + c0
     sd = sd + c0
+    if ym != NULL:
+        ym = ym + c0
     if floating is float:
         work = <double*>malloc(width * (sizeof(double) + sizeof(float))) \
             if gd.mean32 != NULL else NULL
@@ -370,20 +421,21 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
                 _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row)
+                              dot32, multi_row, ym)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
                         t = 0
                         m = gd.mean[c0 + c]
                         for r in range(b0, b1):
-                            t = t + g[r * C + c] * (x[r * C + c] - m)
+                            t = t + (g[r * C + c] if ym == NULL else
+                                     _masked(g[r * C + c], ym[r * C + c])) * (x[r * C + c] - m)
                         t = t + gd.mean_lo[c0 + c] * work[c]      # cancelled below
                     sg[c] = sg[c] + work[c]
                     sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
             free(work)
             return
-    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row)
+    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym)
 
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
@@ -522,8 +574,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
             gsrc = g + r * C
             if ym != NULL:
                 base = r * C
-                for i in range(n * C):
-                    gm[i] = g[base + i] if ym[base + i] > 0 else 0
+                _mask_into(g + base, ym + base, gm, n * C)
                 if dres != NULL:
                     for i in range(n * C):
                         dres[base + i] = gm[i]
@@ -541,8 +592,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
                 base = r * C + c0
                 gsrc = g + base
                 if ym != NULL:
-                    for i in range(n):
-                        gm[i] = g[base + i] if ym[base + i] > 0 else 0
+                    _mask_into(g + base, ym + base, gm, n)
                     if dres != NULL:
                         for i in range(n):
                             dres[base + i] = gm[i]
@@ -554,35 +604,6 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
                 c0 = c0 + n
     if stream:
         _stream_fence()
-
-
-cdef void _rows_sums_masked(const floating* g, const floating* x, const Work* w, Py_ssize_t C,
-                            Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
-                            double* sg, double* sd) noexcept nogil:
-    """_rows_chunk_sums of dy masked by the fused ReLU's forward output (y > 0), on a copy
-    of the chunk's rows of channels [c0, c1) into sg[c0:c1], sd[c0:c1]."""
-    cdef Py_ssize_t width = c1 - c0, nr = r1 - r0, r, c
-    cdef const floating* ym = <const floating*>w.ymask
-    cdef floating* gs = <floating*>malloc(2 * nr * width * sizeof(floating))
-    cdef floating* xs
-    cdef Grad gview
-    if gs == NULL:             # out of memory: NaN sums rather than a crash
-        for c in range(c0, c1):
-            sg[c] = NAN
-            sd[c] = NAN
-        return
-    xs = gs + nr * width
-    for r in range(nr):
-        for c in range(width):
-            gs[r * width + c] = g[(r0 + r) * C + c0 + c] if ym[(r0 + r) * C + c0 + c] > 0 else 0
-            xs[r * width + c] = x[(r0 + r) * C + c0 + c]
-    gview = w.gd[0]            # the channels [c0, c1) from index 0
-    gview.mean = gview.mean + c0
-    if gview.mean32 != NULL:
-        gview.mean32 = gview.mean32 + c0
-        gview.mean_lo = gview.mean_lo + c0
-    _rows_chunk_sums(gs, xs, width, 0, width, 0, nr, &gview, sg + c0, sd + c0, w.multi_row)
-    free(gs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,12 +619,9 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
     if w.op == TRAIN:
         _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
                           w.multi_row)
-    elif w.ymask != NULL:
-        _rows_sums_masked(a, b, w, C, c0, c1, r0, r1, w.part + 2 * k * C,
-                          w.part + (2 * k + 1) * C)
     else:
         _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
-                         w.part + (2 * k + 1) * C, w.multi_row)
+                         w.part + (2 * k + 1) * C, w.multi_row, <const floating*>w.ymask)
 
 
 cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,
