@@ -127,32 +127,15 @@ cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
 # Backward: the two sums per chunk, added per channel, then dx
 # ---------------------------------------------------------------------------------------------
 
-cdef inline Block _stage_masked(const floating* g, const floating* ym, const floating* x,
-                                Block blk, floating* gs, floating* xs) noexcept nogil:
-    """Block blk of g masked by the forward's y (g where y > 0, else 0) and of x, copied
-    contiguously into gs and xs; the block as it lies there."""
-    cdef Py_ssize_t r, i, off
-    for r in range(blk.nrun):
-        off = blk.offset + r * blk.stride
-        _mask_into(g + off, ym + off, gs + r * blk.length, blk.length)
-        for i in range(blk.length):
-            xs[r * blk.length + i] = x[off + i]
-    blk.offset = 0
-    blk.stride = blk.length
-    return blk
-
-
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part,
                                     const floating* ym) noexcept nogil:
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
-    with ym (the fused ReLU's forward output), of g masked by y > 0, staged block by block."""
+    with ym (the fused ReLU's forward output), of g masked by y > 0, in the same loops."""
     cdef Py_ssize_t b, c
     cdef Block blk
     cdef double* q
-    cdef floating gs[BLOCK]
-    cdef floating xs[BLOCK]
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -161,11 +144,8 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         for c in range(c0, c1):
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
-            if ym != NULL:
-                _block_sums(gs, xs, _stage_masked(g, ym, x, blk, gs, xs), mean[c], &q[0],
-                            &q[1])
-            else:
-                _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1])
+            _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
+                        _at(ym, blk.offset))
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,

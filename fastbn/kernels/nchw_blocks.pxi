@@ -219,30 +219,49 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
 # or every term underflowed) or is not finite is summed again in double, so the range and
 # the NaN and infinity behaviour are those of double lanes. float64 data is summed in double.
 
+cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i) noexcept nogil:
+    """g[i], masked by the fused ReLU's output (g[i] where ym[i] > 0, else 0) when ym is not
+    NULL. ym is constant in every loop that calls this: the compiler makes two loops of it."""
+    if ym == NULL:
+        return g[i]
+    return _masked(g[i], ym[i])
+
+
+cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogil:
+    """p + off, NULL for NULL."""
+    return NULL if p == NULL else p + off
+
+
 cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
-                            Py_ssize_t lanes, acc_t mean, double* acc, acc_t* dt) noexcept nogil:
+                            Py_ssize_t lanes, acc_t mean, double* acc, acc_t* dt,
+                            const floating* ym) noexcept nogil:
     """Four steps into the lanes: acc += sum of g (in double), dt += sum of g * (x - mean)
     (in acc_t)."""
     cdef Py_ssize_t j
+    cdef floating g0, g1, g2, g3
     for j in range(lanes):
-        acc[j] = acc[j] + ((<double>g[j] + g[j + step])
-                           + (<double>g[j + 2 * step] + g[j + 3 * step]))
-        dt[j] = dt[j] + ((g[j] * (x[j] - mean) + g[j + step] * (x[j + step] - mean))
-                         + (g[j + 2 * step] * (x[j + 2 * step] - mean)
-                            + g[j + 3 * step] * (x[j + 3 * step] - mean)))
+        g0 = _gat(g, ym, j)
+        g1 = _gat(g, ym, j + step)
+        g2 = _gat(g, ym, j + 2 * step)
+        g3 = _gat(g, ym, j + 3 * step)
+        acc[j] = acc[j] + ((<double>g0 + g1) + (<double>g2 + g3))
+        dt[j] = dt[j] + ((g0 * (x[j] - mean) + g1 * (x[j + step] - mean))
+                         + (g2 * (x[j + 2 * step] - mean) + g3 * (x[j + 3 * step] - mean)))
 
 
 cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
-                           acc_t mean, double* acc, acc_t* dt) noexcept nogil:
+                           acc_t mean, double* acc, acc_t* dt, const floating* ym) noexcept nogil:
     cdef Py_ssize_t j
+    cdef floating gv
     for j in range(lanes):
-        acc[j] = acc[j] + g[j]
-        dt[j] = dt[j] + g[j] * (x[j] - mean)
+        gv = _gat(g, ym, j)
+        acc[j] = acc[j] + gv
+        dt[j] = dt[j] + gv * (x[j] - mean)
 
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
                            Py_ssize_t stride, Py_ssize_t nstep, acc_t mean, double* acc,
-                           acc_t* dt) noexcept nogil:
+                           acc_t* dt, const floating* ym) noexcept nogil:
     """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
     _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
     cdef double a[LANES]
@@ -250,24 +269,29 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
     cdef Py_ssize_t i, j, k
     cdef const floating* gr
     cdef const floating* xr
+    cdef const floating* yr = NULL
+    cdef floating gv
     for j in range(LANES):
         a[j] = 0
         t[j] = 0
     for k in range(nrun):
         gr = g + k * stride
         xr = x + k * stride
+        if ym != NULL:
+            yr = ym + k * stride
         for i in range(nstep):
             for j in range(LANES):
-                a[j] = a[j] + gr[i * LANES + j]
-                t[j] = t[j] + gr[i * LANES + j] * (xr[i * LANES + j] - mean)
+                gv = _gat(gr, yr, i * LANES + j)
+                a[j] = a[j] + gv
+                t[j] = t[j] + gv * (xr[i * LANES + j] - mean)
     for j in range(LANES):
         acc[j] = a[j]
         dt[j] = t[j]
 
 
 cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk, acc_t mean,
-                                double* acc, acc_t* dt, double* sum_g,
-                                double* dot) noexcept nogil:
+                                double* acc, acc_t* dt, double* sum_g, double* dot,
+                                const floating* ym) noexcept nogil:
     """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt (scratch of BLOCK
     values each) over one block, returned in double (lanes and steps as in _block_devs)."""
     cdef double s = 0
@@ -279,8 +303,10 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
     cdef Py_ssize_t i, j, k, off
     cdef const floating* gr
     cdef const floating* xr
+    cdef const floating* yr = NULL
+    cdef floating gv
     if REGISTER_LANES and long_runs:
-        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt)
+        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym)
     else:
         for j in range(lanes):
             acc[j] = 0
@@ -289,26 +315,30 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
             for k in range(blk.nrun):
                 for i in range(nstep):
                     off = k * blk.stride + i * step
-                    _sums_one(g + off, x + off, lanes, mean, acc, dt)
+                    _sums_one(g + off, x + off, lanes, mean, acc, dt, _at(ym, off))
         else:
             for i in range(nquad):
-                _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt)
+                _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt,
+                           _at(ym, 4 * i * step))
             for i in range(4 * nquad, nstep):
-                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt)
+                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt, _at(ym, i * step))
     for k in range(blk.nrun):
         gr = g + k * blk.stride
         xr = x + k * blk.stride
+        yr = _at(ym, k * blk.stride)
         for i in range(_stepped(blk, lanes, nstep), blk.length):
-            s = s + gr[i]
-            t = t + gr[i] * (xr[i] - mean)
+            gv = _gat(gr, yr, i)
+            s = s + gv
+            t = t + gv * (xr[i] - mean)
     sum_g[0] = s + _lane_sum(acc, lanes)
     dot[0] = t + _lane_sum(dt, lanes)
 
 
 cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
-                             double* sum_g, double* dot) noexcept nogil:
+                             double* sum_g, double* dot, const floating* ym) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass (the dot
-    in float32 lanes for float32 data, see above)."""
+    in float32 lanes for float32 data, see above). With ym (the fused ReLU's output, laid
+    out as g, or NULL), of g masked by y > 0, read in the same loops."""
     cdef double acc[BLOCK]
     cdef double dt64[BLOCK]
     cdef float dt32[BLOCK]
@@ -317,12 +347,12 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     if floating is float:
         if _f32_bounded(mean):
             m32 = <float>mean
-            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t)
+            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym)
             if _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + (t - (mean - <double>m32) * s)
                 return
-    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t)
+    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t
 
@@ -404,13 +434,10 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
     cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
     cdef const floating* gr
     cdef const floating* xr
-    cdef const floating* mr
+    cdef const floating* yr
     cdef floating* dr
     cdef floating* er
     cdef floating gv
-    if ym != NULL:
-        _dx_masked(g, x, dx, length, nrun, stride, gd, c, ym, dres)
-        return
     if floating is float:
         if gd.mean32 != NULL and gd.ok32[c]:
             a32 = gd.a32[c]
@@ -423,43 +450,44 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
                 gr = g + r * stride
                 xr = x + r * stride
                 dr = dx + r * stride
+                yr = _at(ym, r * stride)
+                er = _at_w(dres, r * stride)
                 if gd.training:
                     for i in range(length):
-                        dr[i] = ((gr[i] - gm32) - gl32) * a32 + ((xr[i] - m32) * kx32 + c32)
+                        gv = _gat(gr, yr, i)
+                        if er != NULL:
+                            er[i] = gv
+                        dr[i] = ((gv - gm32) - gl32) * a32 + ((xr[i] - m32) * kx32 + c32)
                 else:
                     for i in range(length):
-                        dr[i] = gr[i] * a32
+                        gv = _gat(gr, yr, i)
+                        if er != NULL:
+                            er[i] = gv
+                        dr[i] = gv * a32
             return
     for r in range(nrun):
         gr = g + r * stride
         xr = x + r * stride
         dr = dx + r * stride
+        yr = _at(ym, r * stride)
+        er = _at_w(dres, r * stride)
         if gd.training:
             for i in range(length):
-                dr[i] = <floating>(gr[i] * a + ((xr[i] - mean) * kx + k0))
+                gv = _gat(gr, yr, i)
+                if er != NULL:
+                    er[i] = gv
+                dr[i] = <floating>(gv * a + ((xr[i] - mean) * kx + k0))
         else:
             for i in range(length):
-                dr[i] = <floating>(gr[i] * a)
+                gv = _gat(gr, yr, i)
+                if er != NULL:
+                    er[i] = gv
+                dr[i] = <floating>(gv * a)
 
 
-cdef void _dx_masked(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
-                     Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
-                     const floating* ym, floating* dres) noexcept nogil:
-    """_dx_into with g = dy where y > 0 else 0, run by run through an L1 stage of masked g
-    (also stored to dres when given)."""
-    cdef floating gm[STAGE]
-    cdef Py_ssize_t i, r, off, n, base
-    for r in range(nrun):
-        off = 0
-        while off < length:
-            n = length - off if length - off < STAGE else STAGE
-            base = r * stride + off
-            _mask_into(g + base, ym + base, gm, n)
-            if dres != NULL:
-                for i in range(n):
-                    dres[base + i] = gm[i]
-            _dx_into(gm, x + base, dx + base, n, 1, 0, gd, c, NULL, NULL)
-            off = off + n
+cdef inline floating* _at_w(floating* p, Py_ssize_t off) noexcept nogil:
+    """p + off, NULL for NULL."""
+    return NULL if p == NULL else p + off
 
 
 # Outputs larger than the caches are written with streaming stores (Work.stream): each run is

@@ -463,23 +463,36 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
 
 cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
                      Py_ssize_t r0, Py_ssize_t r1, bint training, const acc_t* mean,
-                     const acc_t* a, const acc_t* kx, const acc_t* k0) noexcept nogil:
+                     const acc_t* a, const acc_t* kx, const acc_t* k0, const floating* ym,
+                     floating* dres) noexcept nogil:
     """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in acc_t, in
-    row order; for wide rows, two rows share each coefficient load."""
+    row order; for wide rows, two rows share each coefficient load. With ym (the fused
+    ReLU's output) g is masked by y > 0, and stored to dres when given (both laid out as g,
+    or NULL)."""
     cdef Py_ssize_t c, r = r0
     cdef const floating* g0
     cdef const floating* g1
     cdef const floating* x0
     cdef const floating* x1
+    cdef const floating* y0
+    cdef const floating* y1
     cdef floating* d0
     cdef floating* d1
+    cdef floating* e0
+    cdef floating* e1
+    cdef floating v0, v1
     cdef acc_t m, aa, kkx, kk0
     if not training:           # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
             d0 = dx + r * C
+            y0 = _at(ym, r * C)
+            e0 = _at_w(dres, r * C)
             for c in range(C):
-                d0[c] = <floating>(g0[c] * a[c])
+                v0 = _gat(g0, y0, c)
+                if e0 != NULL:
+                    e0[c] = v0
+                d0[c] = <floating>(v0 * a[c])
         return
     while r + 2 <= r1 and _multi_row(C, 0):
         g0 = g + r * C
@@ -488,67 +501,98 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
         x1 = x0 + C
         d0 = dx + r * C
         d1 = d0 + C
+        y0 = _at(ym, r * C)
+        y1 = _at(ym, r * C + C)
+        e0 = _at_w(dres, r * C)
+        e1 = _at_w(dres, r * C + C)
         for c in range(C):
             m = mean[c]
             aa = a[c]
             kkx = kx[c]
             kk0 = k0[c]
-            d0[c] = <floating>(g0[c] * aa + ((x0[c] - m) * kkx + kk0))
-            d1[c] = <floating>(g1[c] * aa + ((x1[c] - m) * kkx + kk0))
+            v0 = _gat(g0, y0, c)
+            v1 = _gat(g1, y1, c)
+            if e0 != NULL:
+                e0[c] = v0
+                e1[c] = v1
+            d0[c] = <floating>(v0 * aa + ((x0[c] - m) * kkx + kk0))
+            d1[c] = <floating>(v1 * aa + ((x1[c] - m) * kkx + kk0))
         r = r + 2
     while r < r1:
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
+        y0 = _at(ym, r * C)
+        e0 = _at_w(dres, r * C)
         for c in range(C):
-            d0[c] = <floating>(g0[c] * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
+            v0 = _gat(g0, y0, c)
+            if e0 != NULL:
+                e0[c] = v0
+            d0[c] = <floating>(v0 * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
         r = r + 1
 
 
 cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t r0,
                      Py_ssize_t r1, const float* m, const float* gm, const float* gl,
-                     const float* a, const float* kx, const float* k) noexcept nogil:
+                     const float* a, const float* kx, const float* k, const float* ym,
+                     float* dres) noexcept nogil:
     """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_into; training only),
-    two rows per sweep for wide rows."""
+    two rows per sweep for wide rows; ym and dres as in _rows_dx_in."""
     cdef Py_ssize_t c, r = r0
     cdef const float* g0
     cdef const float* x0
+    cdef const float* y0
     cdef float* d0
+    cdef float* e0
+    cdef float v0, v1
     while r + 2 <= r1 and _multi_row(C, 0):
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
+        y0 = _at(ym, r * C)
+        e0 = _at_w(dres, r * C)
         for c in range(C):
-            d0[c] = ((g0[c] - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
-            d0[C + c] = (((g0[C + c] - gm[c]) - gl[c]) * a[c]
+            v0 = _gat(g0, y0, c)
+            v1 = _gat(g0, y0, C + c)
+            if e0 != NULL:
+                e0[c] = v0
+                e0[C + c] = v1
+            d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
+            d0[C + c] = (((v1 - gm[c]) - gl[c]) * a[c]
                          + ((x0[C + c] - m[c]) * kx[c] + k[c]))
         r = r + 2
     while r < r1:
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
+        y0 = _at(ym, r * C)
+        e0 = _at_w(dres, r * C)
         for c in range(C):
-            d0[c] = ((g0[c] - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
+            v0 = _gat(g0, y0, c)
+            if e0 != NULL:
+                e0[c] = v0
+            d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
         r = r + 1
 
 
 cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* dx,
                                 Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
-                                Py_ssize_t c0, bint use32) noexcept nogil:
+                                Py_ssize_t c0, bint use32, const floating* ym,
+                                floating* dres) noexcept nogil:
     """dx of rows [r0, r1) of C channels starting at channel c0 of the coefficients (rows C
-    apart in g, x and dx)."""
+    apart in g, x, dx, ym and dres)."""
     if floating is float:
         if use32 and gd.training:
             _rows_dx32(g, x, dx, C, r0, r1, gd.mean32 + c0, gd.gmean32 + c0,
-                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0)
+                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0, ym, dres)
             return
         if use32:
             _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>(gd.mean32 + c0),
                         <const float*>(gd.a32 + c0), <const float*>(gd.kx32 + c0),
-                        <const float*>(gd.c32 + c0))
+                        <const float*>(gd.c32 + c0), ym, dres)
             return
     _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean + c0, gd.a + c0, gd.kx + c0,
-                gd.k0 + c0)
+                gd.k0 + c0, ym, dres)
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
@@ -559,30 +603,20 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     With ym (the fused ReLU's forward output), dy counts where y > 0 only, and that masked
     dy goes to dres (the residual's gradient) when given."""
     cdef floating stage[STAGE]
-    cdef floating gm[STAGE]
-    cdef Py_ssize_t r = r0, n, c0, i, base
+    cdef Py_ssize_t r = r0, n, c0, base
     cdef bint use32 = False
-    cdef const floating* gsrc
     if floating is float:
         use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
-    if not stream and ym == NULL:
-        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32)
+    if not stream:
+        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32, ym, dres)
         return
     if C <= STAGE:
         while r < r1:
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
-            gsrc = g + r * C
-            if ym != NULL:
-                base = r * C
-                _mask_into(g + base, ym + base, gm, n * C)
-                if dres != NULL:
-                    for i in range(n * C):
-                        dres[base + i] = gm[i]
-                gsrc = gm
-            _rows_dx_piece(gsrc, x + r * C, &stage[0] if stream else dx + r * C, C, 0, n, gd, 0,
-                           use32)
-            if stream:
-                _stream(dx + r * C, stage, n * C)
+            base = r * C
+            _rows_dx_piece(g + base, x + base, stage, C, 0, n, gd, 0, use32, _at(ym, base),
+                           _at_w(dres, base))
+            _stream(dx + base, stage, n * C)
             r = r + n
     else:
         for r in range(r0, r1):
@@ -590,20 +624,11 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
             while c0 < C:
                 n = STAGE if c0 + STAGE <= C else C - c0
                 base = r * C + c0
-                gsrc = g + base
-                if ym != NULL:
-                    _mask_into(g + base, ym + base, gm, n)
-                    if dres != NULL:
-                        for i in range(n):
-                            dres[base + i] = gm[i]
-                    gsrc = gm
-                _rows_dx_piece(gsrc, x + base, &stage[0] if stream else dx + base, n, 0, 1, gd,
-                               c0, use32)
-                if stream:
-                    _stream(dx + base, stage, n)
+                _rows_dx_piece(g + base, x + base, stage, n, 0, 1, gd, c0, use32,
+                               _at(ym, base), _at_w(dres, base))
+                _stream(dx + base, stage, n)
                 c0 = c0 + n
-    if stream:
-        _stream_fence()
+    _stream_fence()
 
 
 # ---------------------------------------------------------------------------------------------
