@@ -32,6 +32,26 @@ def test_run_small_table(with_torch):
     assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 4
 
 
+def test_fused_rows(monkeypatch):
+    """The fused-ReLU rows: every ratio measured and finite, in the Markdown table, and
+    python -m fastbn --fused runs them alone."""
+    out = io.StringIO()
+    rows = _bench.fused_table(shapes=[(4, 8, 16, 16)], layouts=("NCHW", "NHWC"), rounds=1,
+                              file=out)
+    assert [r["layout"] for r in rows] == ["NCHW", "NHWC"]
+    for r in rows:
+        for k in ("relu_train", "relu_infer", "residual", "vs_max_train", "vs_max_infer",
+                  "relu_backward"):
+            assert np.isfinite(r[k]) and r[k] > 0, k
+    assert out.getvalue().count("relu_backward/backward") == 2
+    md = _bench.markdown(rows, threads=2)
+    assert md.count("relu_backward / backward") == 2
+    seen = {}
+    monkeypatch.setattr(_bench, "fused_table", lambda **kw: seen.update(kw) or [])
+    main.main(["--fused", "--layout", "NHWC", "--rounds", "2"])
+    assert seen["layouts"] == ("NHWC",) and seen["rounds"] == 2
+
+
 def test_crossover_table_restores_thresholds():
     from fastbn import _threads
     saved = _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR

@@ -19,6 +19,16 @@ def test_readme_training_step_runs():
     assert (scope["beta"] > 0).all()
 
 
+def test_readme_fused_relu_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    assert (scope["y"] >= 0).all() and (scope["y_eval"] >= 0).all()
+    np.testing.assert_array_equal(scope["dres"], np.where(scope["y"] > 0, scope["dy"], 0))
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)

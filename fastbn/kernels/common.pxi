@@ -213,6 +213,20 @@ ctypedef fused acc_t:
     float
     double
 
+# Compile-time variants of the loops the fused ReLU extends: Cython compiles one copy of a
+# loop per member type, and `if mask_t is char` is decided at compile time, so the plain
+# kernels keep their own loops, untouched, and the fused ones get theirs. The member types
+# only name the variant (a dummy argument of that type selects it):
+ctypedef fused mask_t:      # backward loops over dy
+    char                    # plain: dy as it is
+    short                   # dy masked by the fused ReLU's output (y > 0)
+    int                     # masked, and the masked dy stored (the residual's gradient)
+
+ctypedef fused epi_t:       # forward rows loops
+    char                    # plain: the normalized value
+    short                   # max(value, 0)
+    int                     # max(value + residual, 0)
+
 
 cpdef enum View:
     # the canonical view of a call's data (fastbn/functional.py passes it as `view`)

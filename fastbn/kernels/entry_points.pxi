@@ -222,6 +222,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
+        if residual is not None and not relu:
+            raise ValueError("the kernels add a residual only before the ReLU")
         w.res = _like_data(residual, x)
         w.relu = relu
         w.ymask = NULL
@@ -256,6 +258,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     dtype = _data_type(x, y, N * C * S)
     work.dtype = dtype
     work.stream = stream
+    if residual is not None and not relu:
+        raise ValueError("the kernels add a residual only before the ReLU")
     work.res = _like_data(residual, x)
     work.relu = relu
     p = _planar(N, C, S, 0)

@@ -89,7 +89,8 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                 _stage_block(b, blk, xs, w.dtype)
                 if w.ymask != NULL:         # the fused ReLU: dy where y > 0
                     _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype)
-                _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1], <const float*>NULL)
+                _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1], <const float*>NULL,
+                            <char>0)
 
 
 cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ssize_t n,

@@ -144,8 +144,12 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         for c in range(c0, c1):
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
-            _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
-                        _at(ym, blk.offset))
+            if ym == NULL:
+                _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
+                            <const floating*>NULL, <char>0)
+            else:
+                _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
+                            ym + blk.offset, <short>0)
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,

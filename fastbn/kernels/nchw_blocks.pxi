@@ -219,12 +219,13 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
 # or every term underflowed) or is not finite is summed again in double, so the range and
 # the NaN and infinity behaviour are those of double lanes. float64 data is summed in double.
 
-cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i) noexcept nogil:
-    """g[i], masked by the fused ReLU's output (g[i] where ym[i] > 0, else 0) when ym is not
-    NULL. ym is constant in every loop that calls this: the compiler makes two loops of it."""
-    if ym == NULL:
+cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i,
+                          mask_t variant) noexcept nogil:
+    """g[i]; in the masked variants, g[i] where the fused ReLU's output ym[i] > 0, else 0."""
+    if mask_t is char:
         return g[i]
-    return _masked(g[i], ym[i])
+    else:
+        return _masked(g[i], ym[i])
 
 
 cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogil:
@@ -234,34 +235,35 @@ cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogi
 
 cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
                             Py_ssize_t lanes, acc_t mean, double* acc, acc_t* dt,
-                            const floating* ym) noexcept nogil:
+                            const floating* ym, mask_t variant) noexcept nogil:
     """Four steps into the lanes: acc += sum of g (in double), dt += sum of g * (x - mean)
     (in acc_t)."""
     cdef Py_ssize_t j
     cdef floating g0, g1, g2, g3
     for j in range(lanes):
-        g0 = _gat(g, ym, j)
-        g1 = _gat(g, ym, j + step)
-        g2 = _gat(g, ym, j + 2 * step)
-        g3 = _gat(g, ym, j + 3 * step)
+        g0 = _gat(g, ym, j, variant)
+        g1 = _gat(g, ym, j + step, variant)
+        g2 = _gat(g, ym, j + 2 * step, variant)
+        g3 = _gat(g, ym, j + 3 * step, variant)
         acc[j] = acc[j] + ((<double>g0 + g1) + (<double>g2 + g3))
         dt[j] = dt[j] + ((g0 * (x[j] - mean) + g1 * (x[j + step] - mean))
                          + (g2 * (x[j + 2 * step] - mean) + g3 * (x[j + 3 * step] - mean)))
 
 
 cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
-                           acc_t mean, double* acc, acc_t* dt, const floating* ym) noexcept nogil:
+                           acc_t mean, double* acc, acc_t* dt, const floating* ym,
+                           mask_t variant) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating gv
     for j in range(lanes):
-        gv = _gat(g, ym, j)
+        gv = _gat(g, ym, j, variant)
         acc[j] = acc[j] + gv
         dt[j] = dt[j] + gv * (x[j] - mean)
 
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
                            Py_ssize_t stride, Py_ssize_t nstep, acc_t mean, double* acc,
-                           acc_t* dt, const floating* ym) noexcept nogil:
+                           acc_t* dt, const floating* ym, mask_t variant) noexcept nogil:
     """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
     _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
     cdef double a[LANES]
@@ -281,7 +283,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
             yr = ym + k * stride
         for i in range(nstep):
             for j in range(LANES):
-                gv = _gat(gr, yr, i * LANES + j)
+                gv = _gat(gr, yr, i * LANES + j, variant)
                 a[j] = a[j] + gv
                 t[j] = t[j] + gv * (xr[i * LANES + j] - mean)
     for j in range(LANES):
@@ -291,7 +293,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
 
 cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk, acc_t mean,
                                 double* acc, acc_t* dt, double* sum_g, double* dot,
-                                const floating* ym) noexcept nogil:
+                                const floating* ym, mask_t variant) noexcept nogil:
     """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt (scratch of BLOCK
     values each) over one block, returned in double (lanes and steps as in _block_devs)."""
     cdef double s = 0
@@ -306,7 +308,7 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
     cdef const floating* yr = NULL
     cdef floating gv
     if REGISTER_LANES and long_runs:
-        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym)
+        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym, variant)
     else:
         for j in range(lanes):
             acc[j] = 0
@@ -315,19 +317,20 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
             for k in range(blk.nrun):
                 for i in range(nstep):
                     off = k * blk.stride + i * step
-                    _sums_one(g + off, x + off, lanes, mean, acc, dt, _at(ym, off))
+                    _sums_one(g + off, x + off, lanes, mean, acc, dt, _at(ym, off), variant)
         else:
             for i in range(nquad):
                 _sums_quad(g + 4 * i * step, x + 4 * i * step, step, lanes, mean, acc, dt,
-                           _at(ym, 4 * i * step))
+                           _at(ym, 4 * i * step), variant)
             for i in range(4 * nquad, nstep):
-                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt, _at(ym, i * step))
+                _sums_one(g + i * step, x + i * step, lanes, mean, acc, dt, _at(ym, i * step),
+                          variant)
     for k in range(blk.nrun):
         gr = g + k * blk.stride
         xr = x + k * blk.stride
         yr = _at(ym, k * blk.stride)
         for i in range(_stepped(blk, lanes, nstep), blk.length):
-            gv = _gat(gr, yr, i)
+            gv = _gat(gr, yr, i, variant)
             s = s + gv
             t = t + gv * (xr[i] - mean)
     sum_g[0] = s + _lane_sum(acc, lanes)
@@ -335,7 +338,8 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
 
 
 cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
-                             double* sum_g, double* dot, const floating* ym) noexcept nogil:
+                             double* sum_g, double* dot, const floating* ym,
+                             mask_t variant) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass (the dot
     in float32 lanes for float32 data, see above). With ym (the fused ReLU's output, laid
     out as g, or NULL), of g masked by y > 0, read in the same loops."""
@@ -347,12 +351,12 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     if floating is float:
         if _f32_bounded(mean):
             m32 = <float>mean
-            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym)
+            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym, variant)
             if _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + (t - (mean - <double>m32) * s)
                 return
-    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym)
+    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym, variant)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t
 
@@ -429,6 +433,18 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
     precision where g - gmean cancels (test_float32_gradient_sums_in_double). The fused ReLU
     backward: with `ym` (the forward's y, laid out as g), g = dy where y > 0 else 0 (a NaN
     in y gives 0), written to `dres` (the residual's gradient) when given."""
+    if ym == NULL:
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, NULL, NULL, <char>0)
+    elif dres == NULL:
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, <short>0)
+    else:
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, <int>0)
+
+
+cdef inline void _dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
+                        Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
+                        const floating* ym, floating* dres, mask_t variant) noexcept nogil:
+    """The loops of _dx_into, in the given variant (mask_t)."""
     cdef Py_ssize_t i, r
     cdef float m32, gm32, gl32, a32, kx32, c32
     cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
@@ -454,14 +470,14 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
                 er = _at_w(dres, r * stride)
                 if gd.training:
                     for i in range(length):
-                        gv = _gat(gr, yr, i)
-                        if er != NULL:
+                        gv = _gat(gr, yr, i, variant)
+                        if mask_t is int:
                             er[i] = gv
                         dr[i] = ((gv - gm32) - gl32) * a32 + ((xr[i] - m32) * kx32 + c32)
                 else:
                     for i in range(length):
-                        gv = _gat(gr, yr, i)
-                        if er != NULL:
+                        gv = _gat(gr, yr, i, variant)
+                        if mask_t is int:
                             er[i] = gv
                         dr[i] = gv * a32
             return
@@ -473,14 +489,14 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
         er = _at_w(dres, r * stride)
         if gd.training:
             for i in range(length):
-                gv = _gat(gr, yr, i)
-                if er != NULL:
+                gv = _gat(gr, yr, i, variant)
+                if mask_t is int:
                     er[i] = gv
                 dr[i] = <floating>(gv * a + ((xr[i] - mean) * kx + k0))
         else:
             for i in range(length):
-                gv = _gat(gr, yr, i)
-                if er != NULL:
+                gv = _gat(gr, yr, i, variant)
+                if mask_t is int:
                     er[i] = gv
                 dr[i] = <floating>(gv * a)
 

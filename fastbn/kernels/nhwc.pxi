@@ -169,30 +169,27 @@ cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize
     _set_coefs(cf, c0, c1)
 
 
-cdef inline floating _act(floating v, bint relu) noexcept nogil:
-    """v, or max(v, 0) (a NaN stays NaN) with `relu`: a select, so loops of it vectorize
-    (and relu, constant in a loop, is hoisted out of it)."""
-    if relu:
-        return 0 if v < 0 else v
-    return v
-
-
 cdef inline floating _fin(floating v, const floating* res, Py_ssize_t c,
-                          bint relu) noexcept nogil:
-    """The fused epilogue of one normalized value: + res[c] (res not NULL), then the ReLU."""
-    if res != NULL:
+                          epi_t variant) noexcept nogil:
+    """One normalized value in the given variant (epi_t): v, max(v, 0), or max(v + res[c],
+    0) (a NaN stays NaN)."""
+    if epi_t is char:
+        return v
+    elif epi_t is short:
+        return 0 if v < 0 else v
+    else:
         v = v + res[c]
-    return _act(v, relu)
+        return 0 if v < 0 else v
 
 
 cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                           Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                          const acc_t* shift, const floating* res, bint relu) noexcept nogil:
+                          const acc_t* shift, const floating* res,
+                          epi_t variant) noexcept nogil:
     """y = (x - mean) * scale + shift on rows [r0, r1), in acc_t arithmetic, in row order so x
     streams through memory; for wide rows, four rows share each load of the per-channel
-    coefficients. The fused epilogue in the same loop: + res (laid out as x, or NULL; y must
-    not be res), then max(., 0) with `relu` (both conditions are constant in the loop, which
-    the compiler takes out of it)."""
+    coefficients. The fused epilogue in the same loop, in the given variant (epi_t; res is
+    laid out as x, and y must not be res)."""
     cdef Py_ssize_t c, r = r0
     cdef bint multi_row = _multi_row(C, 0)
     cdef const floating* x0
@@ -226,17 +223,17 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
             m = mean[c]
             a = scale[c]
             b = shift[c]
-            y0[c] = _fin(<floating>((x0[c] - m) * a + b), q0, c, relu)
-            y1[c] = _fin(<floating>((x1[c] - m) * a + b), q1, c, relu)
-            y2[c] = _fin(<floating>((x2[c] - m) * a + b), q2, c, relu)
-            y3[c] = _fin(<floating>((x3[c] - m) * a + b), q3, c, relu)
+            y0[c] = _fin(<floating>((x0[c] - m) * a + b), q0, c, variant)
+            y1[c] = _fin(<floating>((x1[c] - m) * a + b), q1, c, variant)
+            y2[c] = _fin(<floating>((x2[c] - m) * a + b), q2, c, variant)
+            y3[c] = _fin(<floating>((x3[c] - m) * a + b), q3, c, variant)
         r = r + 4
     while r < r1:
         x0 = x + r * C
         y0 = y + r * C
         q0 = res + r * C if res != NULL else NULL
         for c in range(C):
-            y0[c] = _fin(<floating>((x0[c] - mean[c]) * scale[c] + shift[c]), q0, c, relu)
+            y0[c] = _fin(<floating>((x0[c] - mean[c]) * scale[c] + shift[c]), q0, c, variant)
         r = r + 1
 
 
@@ -263,17 +260,30 @@ cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_s
     fit, else pieces of a row). A piece goes through an L1 stage when its stores stream, or
     when a residual is added (y may be the residual itself: each piece of the residual is
     read before that piece of y is written)."""
+    if res != NULL:
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <int>0)
+    elif relu:
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <short>0)
+    else:
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <char>0)
+
+
+cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
+                         Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
+                         const acc_t* shift, bint stream, const floating* res,
+                         epi_t variant) noexcept nogil:
+    """_rows_affine_staged in the given variant (epi_t)."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t r = r0, n, c0, off
     if not stream and res == NULL:
-        _rows_affine_in(x, y, C, r0, r1, mean, scale, shift, NULL, relu)
+        _rows_affine_in(x, y, C, r0, r1, mean, scale, shift, NULL, variant)
         return
     while r < r1:
         if C <= STAGE:                 # whole rows per piece
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
             off = r * C
             _rows_affine_in(x + off, stage, C, 0, n, mean, scale, shift,
-                            NULL if res == NULL else res + off, relu)
+                            NULL if res == NULL else res + off, variant)
             _store(y + off, stage, n * C, stream)
             r = r + n
         else:                          # pieces of one row
@@ -282,7 +292,7 @@ cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_s
                 n = STAGE if c0 + STAGE <= C else C - c0
                 off = r * C + c0
                 _rows_affine_in(x + off, stage, n, 0, 1, mean + c0, scale + c0, shift + c0,
-                                NULL if res == NULL else res + off, relu)
+                                NULL if res == NULL else res + off, variant)
                 _store(y + off, stage, n, stream)
                 c0 = c0 + n
             r = r + 1
@@ -464,7 +474,7 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
 cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
                      Py_ssize_t r0, Py_ssize_t r1, bint training, const acc_t* mean,
                      const acc_t* a, const acc_t* kx, const acc_t* k0, const floating* ym,
-                     floating* dres) noexcept nogil:
+                     floating* dres, mask_t variant) noexcept nogil:
     """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in acc_t, in
     row order; for wide rows, two rows share each coefficient load. With ym (the fused
     ReLU's output) g is masked by y > 0, and stored to dres when given (both laid out as g,
@@ -489,8 +499,8 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
             y0 = _at(ym, r * C)
             e0 = _at_w(dres, r * C)
             for c in range(C):
-                v0 = _gat(g0, y0, c)
-                if e0 != NULL:
+                v0 = _gat(g0, y0, c, variant)
+                if mask_t is int:
                     e0[c] = v0
                 d0[c] = <floating>(v0 * a[c])
         return
@@ -510,9 +520,9 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
             aa = a[c]
             kkx = kx[c]
             kk0 = k0[c]
-            v0 = _gat(g0, y0, c)
-            v1 = _gat(g1, y1, c)
-            if e0 != NULL:
+            v0 = _gat(g0, y0, c, variant)
+            v1 = _gat(g1, y1, c, variant)
+            if mask_t is int:
                 e0[c] = v0
                 e1[c] = v1
             d0[c] = <floating>(v0 * aa + ((x0[c] - m) * kkx + kk0))
@@ -525,8 +535,8 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
         y0 = _at(ym, r * C)
         e0 = _at_w(dres, r * C)
         for c in range(C):
-            v0 = _gat(g0, y0, c)
-            if e0 != NULL:
+            v0 = _gat(g0, y0, c, variant)
+            if mask_t is int:
                 e0[c] = v0
             d0[c] = <floating>(v0 * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
         r = r + 1
@@ -535,7 +545,7 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
 cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t r0,
                      Py_ssize_t r1, const float* m, const float* gm, const float* gl,
                      const float* a, const float* kx, const float* k, const float* ym,
-                     float* dres) noexcept nogil:
+                     float* dres, mask_t variant) noexcept nogil:
     """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_into; training only),
     two rows per sweep for wide rows; ym and dres as in _rows_dx_in."""
     cdef Py_ssize_t c, r = r0
@@ -552,9 +562,9 @@ cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py
         y0 = _at(ym, r * C)
         e0 = _at_w(dres, r * C)
         for c in range(C):
-            v0 = _gat(g0, y0, c)
-            v1 = _gat(g0, y0, C + c)
-            if e0 != NULL:
+            v0 = _gat(g0, y0, c, variant)
+            v1 = _gat(g0, y0, C + c, variant)
+            if mask_t is int:
                 e0[c] = v0
                 e0[C + c] = v1
             d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
@@ -568,8 +578,8 @@ cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py
         y0 = _at(ym, r * C)
         e0 = _at_w(dres, r * C)
         for c in range(C):
-            v0 = _gat(g0, y0, c)
-            if e0 != NULL:
+            v0 = _gat(g0, y0, c, variant)
+            if mask_t is int:
                 e0[c] = v0
             d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
         r = r + 1
@@ -578,21 +588,22 @@ cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py
 cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* dx,
                                 Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
                                 Py_ssize_t c0, bint use32, const floating* ym,
-                                floating* dres) noexcept nogil:
+                                floating* dres, mask_t variant) noexcept nogil:
     """dx of rows [r0, r1) of C channels starting at channel c0 of the coefficients (rows C
-    apart in g, x, dx, ym and dres)."""
+    apart in g, x, dx, ym and dres), in the given variant (mask_t)."""
     if floating is float:
         if use32 and gd.training:
             _rows_dx32(g, x, dx, C, r0, r1, gd.mean32 + c0, gd.gmean32 + c0,
-                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0, ym, dres)
+                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0, ym, dres,
+                       variant)
             return
         if use32:
             _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>(gd.mean32 + c0),
                         <const float*>(gd.a32 + c0), <const float*>(gd.kx32 + c0),
-                        <const float*>(gd.c32 + c0), ym, dres)
+                        <const float*>(gd.c32 + c0), ym, dres, variant)
             return
     _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean + c0, gd.a + c0, gd.kx + c0,
-                gd.k0 + c0, ym, dres)
+                gd.k0 + c0, ym, dres, variant)
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
@@ -602,20 +613,32 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     _dx_into), else in double; through an L1 stage with streaming stores when `stream`.
     With ym (the fused ReLU's forward output), dy counts where y > 0 only, and that masked
     dy goes to dres (the residual's gradient) when given."""
+    if ym == NULL:
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, NULL, NULL, <char>0)
+    elif dres == NULL:
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, ym, NULL, <short>0)
+    else:
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, ym, dres, <int>0)
+
+
+cdef void _rows_dx_v(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                     Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                     const floating* ym, floating* dres, mask_t variant) noexcept nogil:
+    """_rows_dx in the given variant (mask_t)."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t r = r0, n, c0, base
     cdef bint use32 = False
     if floating is float:
         use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
     if not stream:
-        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32, ym, dres)
+        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32, ym, dres, variant)
         return
     if C <= STAGE:
         while r < r1:
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
             base = r * C
             _rows_dx_piece(g + base, x + base, stage, C, 0, n, gd, 0, use32, _at(ym, base),
-                           _at_w(dres, base))
+                           _at_w(dres, base), variant)
             _stream(dx + base, stage, n * C)
             r = r + n
     else:
@@ -625,7 +648,7 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
                 n = STAGE if c0 + STAGE <= C else C - c0
                 base = r * C + c0
                 _rows_dx_piece(g + base, x + base, stage, n, 0, 1, gd, c0, use32,
-                               _at(ym, base), _at_w(dres, base))
+                               _at(ym, base), _at_w(dres, base), variant)
                 _stream(dx + base, stage, n)
                 c0 = c0 + n
     _stream_fence()
