@@ -561,6 +561,11 @@ cdef struct Grad:
     float* kx32
     float* c32
     unsigned char* ok32
+    # the two phases of a backward apart (fastbn.distributed: the sums of every process
+    # are added between them): NULL, or (2, nc) arrays of sum(g) then sum(g * (x - mean))
+    Py_ssize_t nc
+    double* sums        # receives this call's sums (its reduction phase)
+    const double* given # the sums to use, of m values per channel (no reduction phase)
 
 
 cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
@@ -568,6 +573,9 @@ cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) no
     cdef double istd = gd.invstd[c]
     cdef float gm32
     cdef double c32
+    if gd.sums != NULL:
+        gd.sums[c] = sum_g
+        gd.sums[gd.nc + c] = dot
     gd.dweight[c] = dot * istd
     gd.dbias[c] = sum_g
     cdef double a = istd * gd.weight[c] if gd.weight != NULL else istd
@@ -596,6 +604,11 @@ cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) no
 # One call's work, for the scheduling skeletons of nchw.pxi and nhwc.pxi
 # ---------------------------------------------------------------------------------------------
 
+cdef enum:
+    REDUCE = 1          # Work.phases: the reduction (statistics, or the backward's sums)
+    APPLY = 2           # the elementwise pass (y, or dx)
+
+
 cdef struct Work:
     int op              # TRAIN (a = x, out = y) or BACKWARD (a = g, b = x, out = dx)
     int dtype           # of the data (DType): the 16-bit types run through half.pxi
@@ -604,6 +617,7 @@ cdef struct Work:
     double* part        # per-chunk partial results
     bint multi_row      # rows kernels: several rows per sweep in the reduction (_multi_row)
     bint stream         # store the output with non-temporal stores (it exceeds the caches)
+    int phases          # REDUCE | APPLY: the phases to run (the coefficients always are)
     # the fused epilogue (fastbn.batch_norm_relu_*), every array laid out as the data:
     bint relu           # forward: y = max(y, 0)
     const void* res     # forward: a residual added before the ReLU, or NULL

@@ -55,9 +55,10 @@ cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return 2 * C * ((N + rpc - 1) // rpc)
 
 
-cdef int _data_type(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
+cdef int _data_type(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size,
+                    bint y_written=True) except -1:
     """The DType of the data; checks x and y are contiguous, aligned, native, of one dtype
-    and `size` long, and y writable."""
+    and `size` long, and y writable (when y_written)."""
     cdef int t = cnp.PyArray_TYPE(x)
     cdef int dtype
     if t == cnp.NPY_FLOAT32:
@@ -78,7 +79,7 @@ cdef int _data_type(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size) except -1:
         raise ValueError("kernel arrays must be C-contiguous, aligned, in native byte order")
     if cnp.PyArray_SIZE(x) != size or cnp.PyArray_SIZE(y) != size:
         raise ValueError("kernel arrays do not match the shape")
-    if not cnp.PyArray_ISWRITEABLE(y):
+    if y_written and not cnp.PyArray_ISWRITEABLE(y):
         raise ValueError("kernel output is read-only")
     return dtype
 
@@ -170,9 +171,10 @@ def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
     return "rows columns" if (N + rpc - 1) // rpc == 1 else "rows chunks"
 
 
-def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
+def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                  int nthreads, bint stream=False, residual=None, bint relu=False):
+                  int nthreads, bint stream=False, residual=None, bint relu=False,
+                  bint stats_only=False):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
@@ -182,14 +184,22 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     for Batch Renormalization (running_mean and running_std may also be float32). stream:
     write y with non-temporal stores (an output larger than the caches). residual (an array
     laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0).
+    stats_only: the statistics pass alone (y is not written and may be None): stats then
+    holds this data's mean and biased var (fastbn.distributed merges them across processes).
     """
     cdef Coef cf
     cdef Work w
     cdef Planar p
     cdef double* part
     cdef Py_ssize_t npart, reduce_bytes
+    cdef void* out
     _check_dims(view, N, C, S, nthreads)
-    w.dtype = _data_type(x, y, N * C * S)
+    if y is None:
+        if not stats_only:
+            raise ValueError("kernel output missing")
+        y = x
+    w.dtype = _data_type(x, <cnp.ndarray?>y, N * C * S, not stats_only)
+    w.phases = REDUCE if stats_only else REDUCE | APPLY
     reduce_bytes = N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
@@ -228,9 +238,9 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         w.relu = relu
         w.ymask = NULL
         w.dres = NULL
+        out = cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
-            _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &w,
-                 nthreads)
+            _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), out, &w, nthreads)
     finally:
         free(part)
 
@@ -287,30 +297,48 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         free(coef)
 
 
-def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
+def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
-             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None):
+             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None,
+             sums_out=None, sums_in=None, double count=0):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
     mean, invstd, weight: float32 or float64 (C,), weight may be None. ymask (the fused
     ReLU's forward output, laid out as g): dy counts where y > 0 only; dres receives that
-    masked dy (or None)."""
+    masked dy (or None). The two phases apart (fastbn.distributed), with float64 (2, C)
+    arrays of sum(g) and sum(g * (x - mean)): sums_out receives this data's sums and dx is
+    not computed (it may be None); sums_in gives the sums (over `count` values per channel)
+    that dx uses, and this data is not reduced."""
     cdef Planar p
     cdef Grad gd
     cdef Work w
     cdef double* part
     cdef float* grads32 = NULL
     cdef Py_ssize_t c, npart, reduce_bytes
+    cdef void* out
     _check_dims(view, N, C, S, nthreads)
-    w.dtype = _data_type(x, dx, N * C * S)
-    if _data_type(g, dx, N * C * S) != w.dtype:
+    if sums_out is not None and sums_in is not None:
+        raise ValueError("kernel sums_out and sums_in are two calls")
+    if dx is None:
+        if sums_out is None:
+            raise ValueError("kernel output missing")
+        dx = x
+    w.dtype = _data_type(x, <cnp.ndarray?>dx, N * C * S, sums_out is None)
+    if _data_type(g, dx, N * C * S, sums_out is None) != w.dtype:
         raise TypeError("kernel gradient dtype differs")
+    w.phases = REDUCE if sums_out is not None else APPLY if sums_in is not None else \
+        REDUCE | APPLY
     if (cnp.PyArray_TYPE(grads) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(grads)
             and cnp.PyArray_SIZE(grads) >= 2 * C and cnp.PyArray_ISWRITEABLE(grads)
             and _native(grads)):
         grads32 = <float*>cnp.PyArray_DATA(grads)
     gd.training = training
-    gd.m = <double>(N * S)
+    gd.m = <double>(N * S) if sums_in is None else count
+    gd.nc = C
+    gd.sums = NULL if sums_out is None else _vec(sums_out, 2 * C)
+    gd.given = NULL if sums_in is None else _vec(sums_in, 2 * C)
+    if sums_in is not None and count <= 0:
+        raise ValueError("kernel sums_in needs a count")
     reduce_bytes = 2 * N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
@@ -353,9 +381,9 @@ def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t 
         w.dres = <void*>_like_data(dres, x, True)
         if w.dres != NULL and w.ymask == NULL:
             raise ValueError("kernel dres needs ymask")
+        out = cnp.PyArray_DATA(<cnp.ndarray>dx)
         with nogil:
-            _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx), &w,
-                 nthreads)
+            _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), out, &w, nthreads)
             if grads32 != NULL:
                 for c in range(2 * C):
                     grads32[c] = <float>gd.dweight[c]

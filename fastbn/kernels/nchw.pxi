@@ -199,6 +199,9 @@ cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
         for c in range(c0, c1):
             _merge_stats(w.part + 3 * c * p.nchunk, p.nchunk, &w.cf.mean[c], &w.cf.var[c])
         _set_coefs(w.cf, c0, c1)
+    elif w.gd.given != NULL:
+        for c in range(c0, c1):
+            _grad_coef(w.gd, c, w.gd.given[c], w.gd.given[w.gd.nc + c])
     else:
         for c in range(c0, c1):
             _planar_grad_coef(p, w.gd, w.part, c)
@@ -269,11 +272,13 @@ cdef void _planar_group(const Planar* p, const void* a, const void* b, void* out
                         const Work* w, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """The three phases on channels [c0, c1), one after the other while they are in cache."""
     cdef Py_ssize_t k
-    for k in range(p.nchunk):
-        _planar_reduce(p, a, b, w, c0, c1, k)
+    if w.phases & REDUCE:
+        for k in range(p.nchunk):
+            _planar_reduce(p, a, b, w, c0, c1, k)
     _planar_coef(p, w, c0, c1)
-    for k in range(p.nchunk):
-        _planar_apply(p, a, b, out, w, c0, c1, k)
+    if w.phases & APPLY:
+        for k in range(p.nchunk):
+            _planar_apply(p, a, b, out, w, c0, c1, k)
 
 
 cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
@@ -300,13 +305,13 @@ cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
         # Measured at 2 threads, C = 3 to 7: training 0.82-1.00x, backward 0.79-0.97x of
         # whole channels per thread. The partials and their merge are the same either way.
         with parallel(num_threads=nthreads):
-            for t in prange(ntask, schedule="static"):
+            for t in prange(ntask if w.phases & REDUCE else 0, schedule="static"):
                 _planar_reduce(p, a, b, w, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk)
             _barrier()
             for c in prange(p.C, schedule="static"):
                 _planar_coef(p, w, c, c + 1)
             _barrier()
-            for t in prange(ntask, schedule="static"):
+            for t in prange(ntask if w.phases & APPLY else 0, schedule="static"):
                 _planar_apply(p, a, b, out, w, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk)
 
 

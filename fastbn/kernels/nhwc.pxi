@@ -675,8 +675,12 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
 cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,
                             Py_ssize_t nchunk, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Merge the chunk partials of channels [c0, c1); then their coefficients."""
+    cdef Py_ssize_t c
     if w.op == TRAIN:
         _rows_train_coefs(w.cf, w.part, R, C, rpc, nchunk, c0, c1)
+    elif w.gd.given != NULL:
+        for c in range(c0, c1):
+            _grad_coef(w.gd, c, w.gd.given[c], w.gd.given[C + c])
     else:
         _rows_grad_coefs(w.gd, w.part, C, nchunk, c0, c1)
 
@@ -719,7 +723,8 @@ cdef inline void _rows_apply(const void* a, const void* b, void* out, const Work
 cdef void _rows_columns(const void* a, const void* b, const Work* w, Py_ssize_t R,
                         Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Partials and coefficients of channels [c0, c1) over all R rows as one chunk."""
-    _rows_reduce(a, b, w, C, c0, c1, 0, R, 0)
+    if w.phases & REDUCE:
+        _rows_reduce(a, b, w, C, c0, c1, 0, R, 0)
     _rows_coef(w, R, C, R, 1, c0, c1)
 
 
@@ -742,11 +747,13 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
     cdef Py_ssize_t ncol = (C + cw - 1) // cw
     cdef Py_ssize_t rpt = _rows_per_task(R, C)
     cdef Py_ssize_t k
+    cdef Py_ssize_t nreduce = nchunk if w.phases & REDUCE else 0
+    cdef Py_ssize_t napply = nchunk if w.phases & APPLY else 0
     if nthreads == 1:
-        for k in range(nchunk):
+        for k in range(nreduce):
             _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
         _rows_coef(w, R, C, rpc, nchunk, 0, C)
-        for k in range(nchunk):
+        for k in range(napply):
             _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
     elif nchunk == 1:
         # few rows of many channels (R <= MIN_CHUNK_ROWS): the threads split the channels
@@ -756,17 +763,18 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
             for k in prange(ncol, schedule="static"):
                 _rows_columns(a, b, w, R, C, k * cw, _stop(k, cw, C))
             _barrier()
-            for k in prange((R + rpt - 1) // rpt, schedule="static"):
+            for k in prange((R + rpt - 1) // rpt if w.phases & APPLY else 0,
+                            schedule="static"):
                 _rows_apply(a, b, out, w, C, k * rpt, _stop(k, rpt, R))
     else:
         with parallel(num_threads=nthreads):
-            for k in prange(nchunk, schedule="static"):
+            for k in prange(nreduce, schedule="static"):
                 _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
             _barrier()
             for k in prange(ncol, schedule="static"):
                 _rows_coef(w, R, C, rpc, nchunk, k * cw, _stop(k, cw, C))
             _barrier()
-            for k in prange(nchunk, schedule="static"):
+            for k in prange(napply, schedule="static"):
                 _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
 
 
