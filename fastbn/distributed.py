@@ -1,0 +1,365 @@
+"""Synchronized Batch Normalization across processes, over MPI (mpi4py).
+
+Data-parallel training splits each batch over the processes of an MPI communicator. Here
+the statistics are those of the whole batch, the union of every process's slice, exactly
+as if one process held it all:
+
+* forward: each process computes its slice's (count, mean, M2) per channel with fastbn's
+  statistics kernel (in double); one all-gather gives every process every slice's triple,
+  and every process merges them with Chan's formula in rank order. Every process thus
+  computes the same mean and invstd to the bit, run after run, whatever MPI's reduction
+  algorithm; then it normalizes its own slice.
+* backward: each process computes its slice's sum(dy) and sum(dy * (x - mean)); one
+  all-gather, a sum in rank order, and each process computes dx of its slice from the
+  whole batch's sums. dweight and dbias are the process's share: summed over the
+  processes (with the other parameter gradients) they are the whole batch's.
+
+The same all-gather carries each process's arguments (channel count, dtype, layout, eps,
+affine-ness, running statistics, momentum) and any error it raised while checking its own
+arguments, so a mismatch or a bad argument on one process raises on every process instead
+of leaving the others waiting. mpi4py is imported here only (``pip install "fastbn[mpi]"``).
+
+Traffic per process and call: one all-gather of about 16 C + 300 bytes from each process
+(two float64 vectors of C channels and a small header, pickled), so each process receives
+K times that. It grows linearly with the number of processes K; for large K, synchronize
+within groups (a communicator from ``comm.Split``), as the statistics of a group of 8-32
+processes are as good as the whole batch's.
+"""
+import math
+import zlib
+
+import numpy as np
+
+from . import _memory, functional
+from ._threads import effective_threads
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, grad_dtype,
+                        gradient_pair, momentum_value, out_array, running_buffers)
+from .functional import PLANAR, _finish, _kernels, _like, _plan, _result, _update_running
+from .layers import BatchNorm
+
+__all__ = ["sync_batch_norm_train", "sync_batch_norm_backward", "SyncBatchNorm"]
+
+NEEDS = ("fastbn.distributed needs mpi4py and an MPI library: "
+         "pip install \"fastbn[mpi]\" (mpi4py and mpich)")
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(NEEDS) from exc
+    return MPI
+
+
+def _communicator(comm):
+    """comm as an mpi4py intracommunicator, or TypeError."""
+    MPI = _mpi()
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
+                        f"from comm.Split), got {type(comm).__name__}")
+    return comm
+
+
+# --------------------------------------------------------------------------------------------
+# one collective: every process's arguments, partial results and errors
+# --------------------------------------------------------------------------------------------
+
+class _Local:
+    """What one process contributes to the collective: `meta`, the arguments that must
+    agree across processes; `data`, its partial results; `error`, the exception its own
+    checks raised (then meta and data are None)."""
+
+    def __init__(self):
+        self.meta = self.data = self.error = None
+
+
+def _exchange(comm, local, what):
+    """All-gather (meta, data, error) of every process; raise on every process if any
+    process failed or the metas differ. Returns the list of data, in rank order."""
+    error = None if local.error is None else (type(local.error).__name__, str(local.error))
+    everyone = comm.allgather((local.meta, local.data, error))
+    failed = [(r, e) for r, (_, _, e) in enumerate(everyone) if e is not None]
+    if failed:
+        if local.error is not None:
+            raise local.error
+        r, (kind, msg) = failed[0]
+        raise ValueError(f"{what} failed on process {r} of {comm.Get_size()} "
+                         f"({kind}: {msg}); no process changed anything")
+    metas = [m for m, _, _ in everyone]
+    for key in metas[0]:
+        values = [m[key] for m in metas]
+        if any(v != values[0] for v in values[1:]):
+            raise ValueError(f"{what}: {key} differs between processes: " +
+                             ", ".join(f"process {r}: {v!r}" for r, v in enumerate(values)))
+    return [d for _, d, _ in everyone]
+
+
+def _digest(*arrays):
+    """A checksum of per-channel vectors, to check that processes pass the same ones."""
+    crc = 0
+    for a in arrays:
+        if a is not None:
+            crc = zlib.crc32(np.ascontiguousarray(a, dtype=np.float64).tobytes(), crc)
+    return crc
+
+
+def _chan_merge(parts):
+    """(count, mean, M2) of the union of the (count, mean (C,), M2 (C,)) parts, merged in
+    the order given (Chan, Golub and LeVeque), in float64. Never E[x^2] - E[x]^2."""
+    n, mean, m2 = 0, None, None
+    for nb, mb, m2b in parts:
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = nb, mb.copy(), m2b.copy()
+            continue
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta * delta * (n * nb / total)
+        n = total
+    return n, mean, m2
+
+
+# --------------------------------------------------------------------------------------------
+# the functional API
+# --------------------------------------------------------------------------------------------
+
+def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="NCHW",
+                          running_mean=None, running_var=None, momentum=0.1, out=None,
+                          num_threads=None):
+    """Batch Normalization training forward over the whole batch held by the processes of
+    comm, each process passing its slice x.
+
+    Every process of comm calls together. mean and invstd are those of the union of all
+    slices (slices may differ in size, and may be empty), computed identically on every
+    process; y is this process's slice of the whole-batch result; running_mean and
+    running_var (pass the same values on every process) are updated identically with the
+    whole batch's unbiased variance.
+
+    Parameters
+    ----------
+    x : ndarray
+        This process's slice: (n, C, ...) for ``layout="NCHW"`` or (n, ..., C) for
+        ``"NHWC"``, n >= 0; float32, float64, float16 or bfloat16.
+    weight, bias, eps, layout, running_mean, running_var, momentum, out, num_threads
+        As :func:`fastbn.batch_norm_train`; every argument but x, out and num_threads must
+        agree across the processes.
+    comm : mpi4py.MPI.Intracomm
+        The processes that share the batch: ``MPI.COMM_WORLD``, or a group of it from
+        ``comm.Split``.
+
+    Returns
+    -------
+    y : ndarray
+        Shape and dtype of x.
+    mean, invstd : ndarray (C,), float64
+        Of the whole batch, the same bits on every process.
+
+    Raises
+    ------
+    TypeError
+        comm is not an mpi4py intracommunicator (raised by the processes that passed it).
+    ValueError
+        On every process, with nothing changed: the processes disagree on the channel
+        count, dtype, layout, eps, weight and bias being given, running statistics being
+        given, or momentum; the whole batch has at most one value per channel; or an
+        argument is bad on some process (that process raises its own TypeError or
+        ValueError, as :func:`fastbn.batch_norm_train` would).
+
+    Examples
+    --------
+    Run under ``mpiexec -n 2 python -m mpi4py script.py``; each process holds half of the
+    batch::
+
+        from mpi4py import MPI
+        x_local = x[MPI.COMM_WORLD.Get_rank()::2]
+        y, mean, invstd = fastbn.distributed.sync_batch_norm_train(x_local, w, b,
+                                                                   comm=MPI.COMM_WORLD)
+    """
+    comm = _communicator(comm)
+    local = _Local()
+    try:
+        x = data_array("x", x)
+        axis = channel_axis(layout, x.ndim)
+        C = x.shape[axis]
+        w = channel_vector("weight", weight, C)
+        b = channel_vector("bias", bias, C)
+        eps = eps_value(eps)
+        running_buffers(running_mean, running_var, C)
+        momentum = momentum_value(momentum)
+        out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
+                        "running_mean": running_mean, "running_var": running_var},
+                        may_alias=("x",))
+        M = x.size // C if C else 0
+        plan, xc = _plan(x, axis, layout)
+        nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
+        stats = np.zeros((5, C))
+        if x.size:
+            _kernels.train_forward(xc, None, plan.view, plan.N, C, plan.S, None, None, eps,
+                                   stats, None, nthreads, stats_only=True)
+        local.meta = {"channel count": C, "dtype": x.dtype.name, "layout": layout,
+                      "eps": eps, "weight given": weight is not None,
+                      "bias given": bias is not None,
+                      "running statistics given": running_mean is not None,
+                      "momentum": momentum}
+        local.data = (M, stats[0], stats[1] * M)
+    except (TypeError, ValueError) as exc:
+        local.error = exc
+    parts = _exchange(comm, local, "sync_batch_norm_train")
+    n, mean, m2 = _chan_merge(parts)
+    if n <= 1:
+        raise ValueError(
+            f"x must have more than 1 value per channel over all {comm.Get_size()} processes "
+            f"in training, got {n} in all (this process: shape {x.shape})")
+    var = m2 / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        invstd = 1.0 / np.sqrt(var + eps)
+    y = functional._infer(x, mean, var, w, b, eps, layout, out, num_threads)
+    if running_mean is not None and C:
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, m2 / (n - 1), momentum)
+    return y, mean, invstd
+
+
+def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="NCHW",
+                             out=None, num_threads=None):
+    """Backward of :func:`sync_batch_norm_train`: this process's dx, dweight and dbias.
+
+    dx is the gradient of the sum of all processes' losses with respect to this process's
+    x: ``dx = weight * invstd * (dy - sum(dy)/m - xhat * sum(dy * xhat)/m)`` with the sums
+    and m over the whole batch. dweight and dbias are this process's share (its own slice's
+    ``sum(dy * xhat)`` and ``sum(dy)``): summed over the processes they are the whole
+    batch's gradient, so reduce them with the other parameter gradients.
+
+    Parameters
+    ----------
+    dy, x : ndarray
+        This process's slices (the shape and dtype of its forward's x).
+    mean, invstd : array_like (C,)
+        As :func:`sync_batch_norm_train` returned them (the same on every process).
+    weight : array_like (C,), optional
+    comm, layout, out, num_threads
+        As :func:`sync_batch_norm_train`; out may be dy itself.
+
+    Returns
+    -------
+    dx : ndarray
+    dweight, dbias : ndarray (C,)
+        This process's share, in x's dtype (float32 for 16-bit data).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`sync_batch_norm_train`: disagreements (channel count, dtype, layout,
+        weight given, mean and invstd) and bad arguments raise on every process.
+    """
+    comm = _communicator(comm)
+    local = _Local()
+    try:
+        dy, x = gradient_pair(dy, x)
+        axis = channel_axis(layout, x.ndim)
+        C = x.shape[axis]
+        mean_k = channel_vector("mean", mean, C, optional=False)
+        invstd_k = channel_vector("invstd", invstd, C, optional=False)
+        w = channel_vector("weight", weight, C)
+        out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
+                        "invstd": invstd, "weight": weight}, may_alias=("dy",))
+        plan, xc = _plan(x, axis, layout)
+        nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
+        gc = _like(dy, plan)
+        sums = np.zeros((2, C))
+        if x.size:
+            _kernels.backward(gc, xc, None, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
+                              True, np.empty((2, C)), nthreads, sums_out=sums)
+        local.meta = {"channel count": C, "dtype": x.dtype.name, "layout": layout,
+                      "weight given": weight is not None,
+                      "mean and invstd": _digest(mean_k, invstd_k)}
+        local.data = (x.size // C if C else 0, sums)
+    except (TypeError, ValueError) as exc:
+        local.error = exc
+    parts = _exchange(comm, local, "sync_batch_norm_backward")
+    m = sum(count for count, _ in parts)
+    total = np.zeros((2, C))
+    for _, s in parts:                       # in rank order: the same bits everywhere
+        total += s
+    dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
+    if x.size:
+        _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
+                          True, np.empty((2, C)), nthreads,
+                          _memory.stream_output(x.nbytes, out), sums_in=total, count=m)
+    gdt = grad_dtype(x.dtype)
+    return (_finish(dx, dxc, direct, plan), (sums[1] * invstd_k).astype(gdt),
+            sums[0].astype(gdt))
+
+
+# --------------------------------------------------------------------------------------------
+# the layer
+# --------------------------------------------------------------------------------------------
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`fastbn.BatchNorm` whose training statistics are those of the whole batch
+    over the processes of comm (:func:`sync_batch_norm_train`).
+
+    The interface and the state_dict are BatchNorm's (and PyTorch's). In training mode every
+    process of comm calls forward together, and backward together; the running statistics
+    and num_batches_tracked stay identical on every process (start them equal: the same
+    initialization, or the same loaded state). Evaluation mode communicates nothing: it
+    normalizes with the running statistics, or, with ``track_running_stats=False``, with
+    the statistics of this process's batch (as PyTorch's SyncBatchNorm). weight_grad and
+    bias_grad accumulate this process's share: all-reduce them with the other parameter
+    gradients.
+
+    Parameters
+    ----------
+    num_features : int
+    comm : mpi4py.MPI.Intracomm
+        The processes that share each batch.
+    eps, momentum, affine, track_running_stats, layout, dtype
+        As :class:`fastbn.BatchNorm` (momentum None: the cumulative average).
+
+    Raises
+    ------
+    TypeError
+        comm is not an mpi4py intracommunicator; and as :class:`fastbn.BatchNorm`.
+    """
+
+    def __init__(self, num_features, *, comm, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, layout="NCHW", dtype=np.float32):
+        self.comm = _communicator(comm)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, layout=layout, dtype=dtype)
+
+    def _forward_train(self, x, residual):
+        if not self.training:        # evaluation without running statistics: no communication
+            return super()._forward_train(x, residual)
+        update = self.track_running_stats
+        layout, comm = self.layout, self.comm
+        y, mean, invstd = sync_batch_norm_train(
+            x, self.weight, self.bias, comm=comm, eps=self.eps, layout=layout,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._factor() if update else 0.0)
+        if update:
+            self._count_step()
+        weight = None if self.weight is None else self.weight.copy()
+
+        def backward(dy):
+            dx, dweight, dbias = sync_batch_norm_backward(dy, x, mean, invstd, weight,
+                                                          comm=comm, layout=layout)
+            return dx, dweight, dbias, None
+        return y, backward
+
+    def __reduce__(self):
+        raise TypeError("a SyncBatchNorm holds an MPI communicator and does not pickle; "
+                        "save its state_dict() instead")
+
+
+def _main(argv=None):
+    from . import _bench_distributed
+    return _bench_distributed.main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main())
