@@ -253,6 +253,15 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
     TypeError, ValueError
         As :func:`sync_batch_norm_train`: disagreements (channel count, dtype, layout,
         weight given, mean and invstd) and bad arguments raise on every process.
+
+    Examples
+    --------
+    After the forward of :func:`sync_batch_norm_train`, on every process::
+
+        dx, dweight, dbias = fastbn.distributed.sync_batch_norm_backward(
+            dy_local, x_local, mean, invstd, w, comm=MPI.COMM_WORLD)
+        grads = np.concatenate([dweight, dbias])
+        MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, grads)    # the whole batch's gradient
     """
     comm = _communicator(comm)
     local = _Local()
@@ -322,6 +331,16 @@ class SyncBatchNorm(BatchNorm):
     ------
     TypeError
         comm is not an mpi4py intracommunicator; and as :class:`fastbn.BatchNorm`.
+
+    Examples
+    --------
+    One training step on every process (a complete one: :doc:`/distributed`)::
+
+        bn = fastbn.distributed.SyncBatchNorm(64, comm=MPI.COMM_WORLD)
+        y = bn.forward(x_local)                 # whole-batch statistics
+        dx = bn.backward(dy_local)
+        grads = np.concatenate([bn.weight_grad, bn.bias_grad])
+        MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, grads)
     """
 
     def __init__(self, num_features, *, comm, eps=1e-5, momentum=0.1, affine=True,

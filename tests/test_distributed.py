@@ -6,6 +6,7 @@ test instead of the suite. Without mpi4py or an mpiexec they are skipped, with t
 """
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,3 +105,27 @@ def test_without_mpi4py_the_error_says_what_to_install():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "IMPORTERROR" in done.stdout and "fastbn[mpi]" in done.stdout, done.stdout
+
+
+@needs_mpi
+def test_docs_training_example_is_independent_of_the_process_count():
+    """docs/examples/data_parallel.py prints the same losses and running mean with 1 and
+    with 3 processes (uneven slices): the data-parallel step is the whole-batch step."""
+    example = os.path.join(os.path.dirname(HERE), "docs", "examples", "data_parallel.py")
+    outputs = {}
+    for k in (1, 3):
+        code, out = mpirun(k, example)
+        assert code == 0, out
+        outputs[k] = [line for line in out.splitlines()
+                      if line.startswith(("step", "running_mean"))]
+    assert len(outputs[1]) == len(outputs[3]) == 9, outputs
+
+    def numbers(line):                   # the decimals, before the "(... processes)" note
+        return [float(v) for v in re.findall(r"-?\d+\.\d+", line.split("(")[0])]
+    for one, three in zip(outputs[1], outputs[3]):
+        a, b = numbers(one), numbers(three)
+        assert len(a) == len(b) > 0 and all(abs(u - v) <= 2e-5 * max(1, abs(u))
+                                        for u, v in zip(a, b)), (one, three)
+    first = float(outputs[1][0].split("loss")[1].split()[0])
+    last = float(outputs[1][7].split("loss")[1].split()[0])
+    assert last < 0.5 * first, outputs[1]          # it learns

@@ -31,11 +31,13 @@ MODULES = [
     "fastbn.fusion",
     "fastbn.onnx",
     "fastbn.caffe",
+    "fastbn.distributed",
 ]
 
 # Modules whose ``__all__`` is public API (the submodules fastbn re-exports are covered by
 # fastbn's own ``__all__``).
-PUBLIC = ["fastbn", "fastbn.reference", "fastbn.renorm", "fastbn.onnx", "fastbn.caffe"]
+PUBLIC = ["fastbn", "fastbn.reference", "fastbn.renorm", "fastbn.onnx", "fastbn.caffe",
+          "fastbn.distributed"]
 
 
 def _import(name):
