@@ -69,8 +69,15 @@ class _Local:
     agree across processes; `data`, its partial results; `error`, the exception its own
     checks raised (then meta and data are None)."""
 
-    def __init__(self):
-        self.meta = self.data = self.error = None
+    def __init__(self, error=None):
+        self.meta = self.data = None
+        self.error = error
+
+
+def _fail_together(comm, error, what):
+    """Join the collective the other processes are in with `error`: raise it here, and a
+    ValueError naming this process on the others."""
+    _exchange(comm, _Local(error), what)
 
 
 def _exchange(comm, local, what):
@@ -348,6 +355,39 @@ class SyncBatchNorm(BatchNorm):
         self.comm = _communicator(comm)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, layout=layout, dtype=dtype)
+
+    @property
+    def activation(self):
+        """Always None: the fused residual add and ReLU are not synchronized (apply the
+        ReLU to the output)."""
+        return None
+
+    @activation.setter
+    def activation(self, value):
+        if value is not None:
+            raise ValueError(f"SyncBatchNorm has no fused activation, got {value!r}: apply "
+                             "the ReLU (and the residual add) to its output")
+
+    def forward(self, x, residual=None):
+        # in training the other processes wait in the collective: a bad input here must
+        # raise there too (the checks are BatchNorm's, then again in forward: cheap)
+        if self.training:
+            try:
+                self._check_input(x)
+                if residual is not None:
+                    raise ValueError("SyncBatchNorm takes no residual (it has no fused "
+                                     "activation): add it to the output")
+            except (TypeError, ValueError) as exc:
+                _fail_together(self.comm, exc, "sync_batch_norm_train")
+        return super().forward(x, residual)
+
+    def backward(self, dy):
+        if self.training and self._saved_get("backward") is None:
+            _fail_together(self.comm, RuntimeError("backward called before forward (in "
+                                                   "this thread)"), "sync_batch_norm_backward")
+        return super().backward(dy)
+
+    __call__ = forward
 
     def _forward_train(self, x, residual):
         if not self.training:        # evaluation without running statistics: no communication

@@ -389,6 +389,33 @@ def mode_errors():
         expect("backward weight given", lambda: distributed.sync_batch_norm_backward(
             dy, x, mean, invstd, None if last else w, comm=WORLD), args_b, ValueError,
             "weight given", differ)
+        # the layer: a bad input on one process raises on every process
+        bn = distributed.SyncBatchNorm(4, comm=WORLD)
+        state = {k: v.copy() for k, v in bn.state_dict().items()}
+        bad = x.astype(np.float64) if last else x
+        expect("layer dtype", lambda: bn.forward(bad), (x,), TypeError if last else ValueError,
+               "dtype" if last else "failed on process")
+        bad = x[:, :3] if last else x
+        expect("layer channels", lambda: bn(bad), (x,), ValueError,
+               "channels" if last else "failed on process")
+        expect("layer residual", lambda: bn(x, x.copy() if last else None), (x,), ValueError,
+               "residual" if last else "failed on process")
+        check(all(np.array_equal(state[k], v) for k, v in bn.state_dict().items()),
+              "the layer's state changed on an error")
+        expect("layer backward first everywhere", lambda: bn.backward(dy), (dy,),
+               RuntimeError, "before forward")
+        bn(x)
+        layer = distributed.SyncBatchNorm(4, comm=WORLD) if last else bn
+        expect("layer backward first", lambda: layer.backward(dy), (dy,),
+               RuntimeError if last else ValueError, "before forward")
+        expect("layer backward dy", lambda: bn.backward(dy[:, :, :1] if last else dy), (dy,),
+               ValueError, "dy" if last else "failed on process")
+        bn.backward(dy)
+        try:
+            bn.activation = "relu"
+            check(False, "SyncBatchNorm took activation='relu'")
+        except ValueError as exc:
+            check("no fused activation" in str(exc), f"activation message: {exc}")
     # the whole batch with one value per channel (here: on process 0 only, or nowhere)
     one = x[:1, :, :1, :1] if RANK == 0 else x[:0, :, :1, :1]
     expect("one value", lambda: train(one, w, b, rm, rv, None), args, ValueError,
