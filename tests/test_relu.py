@@ -444,6 +444,61 @@ def test_kernel_variants_agree():
         functional._kernels = saved
 
 
+BITS_CASES = [(1200, 600), (40, 7, 5, 611), (400, 2051), (72, 9, 9, 129)]   # NHWC shapes
+
+
+@pytest.mark.parametrize("shape", BITS_CASES, ids=str)
+def test_mask_bits_path_gives_the_unfused_bits(shape, monkeypatch):
+    """Channels-last float32 data beyond the caches: the backward keeps y > 0 as bits
+    between its passes (relu_mask_bits) and reads them in its own vector dx loops; every
+    build, 1 and 2 threads, with and without dresidual and streaming stores, NaN in y, C
+    past the stage (2051) and not a multiple of 16 give the unfused bits."""
+    import importlib
+    import importlib.util
+    from fastbn import functional
+    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
+    mods = ["fastbn._kernels"]
+    for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
+                           ("fastbn._kernels_avx512", cpu_has_avx512)):
+        if cpu_runs() and importlib.util.find_spec(name) is not None:
+            mods.append(name)
+    rng = np.random.default_rng(12)
+    C = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b = rng.uniform(-0.5, 0.5, C).astype(np.float32)
+    res = rng.standard_normal(shape).astype(np.float32)
+    y, mean, invstd = fastbn.batch_norm_relu_train(x, w, b, residual=res, layout="NHWC")
+    y.reshape(-1)[::997] = np.nan
+    g = np.where(y > 0, dy, 0).astype(np.float32)
+    rows, S = int(np.prod(shape[:-1])), 1
+    saved = functional._kernels
+    try:
+        for name in mods:
+            functional._kernels = k = importlib.import_module(name)
+            for nt in (1, 2):
+                assert k.relu_mask_bits(1, rows, C, S, 4, True, nt) == (name != "fastbn._kernels")
+                want = fastbn.batch_norm_backward(g, x, mean, invstd, w, layout="NHWC",
+                                                  num_threads=nt)
+                for stream_above in (None, 0):
+                    if stream_above is not None:
+                        monkeypatch.setattr(_memory, "STREAM_ABOVE", stream_above)
+                    for with_dres in (False, True):
+                        dres = np.empty_like(x) if with_dres else None
+                        got = fastbn.batch_norm_relu_backward(
+                            dy, y, x, mean, invstd, w, layout="NHWC", out=np.empty_like(x),
+                            dresidual=dres, num_threads=nt)
+                        where = f"{name} {nt} threads stream={stream_above} dres={with_dres}"
+                        for a, e in zip(got, want):
+                            assert a.tobytes() == e.tobytes(), where
+                        if with_dres:
+                            assert dres.tobytes() == g.tobytes(), where
+                    monkeypatch.undo()
+    finally:
+        functional._kernels = saved
+
+
 # --------------------------------------------------------------------------------------------
 # the layers: activation="relu"
 # --------------------------------------------------------------------------------------------

@@ -361,9 +361,198 @@ cdef extern from *:
         memcpy(&g, &b, sizeof b);
         return g;
     }
+    /* The fused ReLU's mask as bits (see _bits_stride in entry_points.pxi): bit i % 8 of
+       bits[i / 8] is y[i] > 0 (0 for NaN), written by the rows backward's reduction pass
+       and read by its dx pass instead of y; bits starts at a byte. */
+    static void fastbn_pack_tail_f32(const float* y, Py_ssize_t i0, Py_ssize_t n,
+                                     unsigned char* bits) {
+        Py_ssize_t i;
+        for (i = i0; i < n; i++) {
+            if (i % 8 == 0) bits[i / 8] = 0;
+            bits[i / 8] |= (unsigned char)((y[i] > 0) << (i % 8));
+        }
+    }
+    static void fastbn_pack_tail_f64(const double* y, Py_ssize_t i0, Py_ssize_t n,
+                                     unsigned char* bits) {
+        Py_ssize_t i;
+        for (i = i0; i < n; i++) {
+            if (i % 8 == 0) bits[i / 8] = 0;
+            bits[i / 8] |= (unsigned char)((y[i] > 0) << (i % 8));
+        }
+    }
+    /* g where bit j of word is set, else +0: the bits of fastbn_mask_f/_d */
+    static inline float fastbn_bit_f(float g, uint32_t word, Py_ssize_t j) {
+        uint32_t b;
+        memcpy(&b, &g, sizeof b);
+        b &= (uint32_t)0 - ((word >> j) & 1u);
+        memcpy(&g, &b, sizeof b);
+        return g;
+    }
+    static inline double fastbn_bit_d(double g, uint32_t word, Py_ssize_t j) {
+        uint64_t b;
+        memcpy(&b, &g, sizeof b);
+        b &= (uint64_t)0 - (uint64_t)((word >> j) & 1u);
+        memcpy(&g, &b, sizeof b);
+        return g;
+    }
     """
     float _mask_f "fastbn_mask_f"(float g, float y) noexcept nogil
     double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
+    float _bit_f "fastbn_bit_f"(float g, unsigned int word, Py_ssize_t j) noexcept nogil
+    double _bit_d "fastbn_bit_d"(double g, unsigned int word, Py_ssize_t j) noexcept nogil
+
+
+cdef extern from *:
+    """
+    /* fastbn_pack_f32/_f64: the mask bits of y[0:n] into bits, 16 or 8 values per
+       comparison where the instructions allow */
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
+        Py_ssize_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + i), _mm512_setzero_ps(),
+                                             _CMP_GT_OQ);
+            memcpy(bits + i / 8, &k, 2);
+        }
+        fastbn_pack_tail_f32(y, i, n, bits);
+    }
+    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            bits[i / 8] = (unsigned char)_mm512_cmp_pd_mask(_mm512_loadu_pd(y + i),
+                                                            _mm512_setzero_pd(), _CMP_GT_OQ);
+        fastbn_pack_tail_f64(y, i, n, bits);
+    }
+    #elif defined(__AVX2__)
+    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            bits[i / 8] = (unsigned char)_mm256_movemask_ps(
+                _mm256_cmp_ps(_mm256_loadu_ps(y + i), _mm256_setzero_ps(), _CMP_GT_OQ));
+        fastbn_pack_tail_f32(y, i, n, bits);
+    }
+    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
+        Py_ssize_t i = 0;
+        __m256d z = _mm256_setzero_pd();
+        for (; i + 8 <= n; i += 8) {
+            int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(y + i), z, _CMP_GT_OQ));
+            int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(y + i + 4), z,
+                                                      _CMP_GT_OQ));
+            bits[i / 8] = (unsigned char)(lo | (hi << 4));
+        }
+        fastbn_pack_tail_f64(y, i, n, bits);
+    }
+    #else
+    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
+        fastbn_pack_tail_f32(y, 0, n, bits);
+    }
+    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
+        fastbn_pack_tail_f64(y, 0, n, bits);
+    }
+    #endif
+    """
+    void _pack_f32 "fastbn_pack_f32"(const float* y, Py_ssize_t n, unsigned char* bits) noexcept nogil
+    void _pack_f64 "fastbn_pack_f64"(const double* y, Py_ssize_t n, unsigned char* bits) noexcept nogil
+
+
+cdef inline void _pack(const floating* y, Py_ssize_t n, unsigned char* bits) noexcept nogil:
+    """The mask bits of y[0:n] (y > 0) into bits (which starts at a byte)."""
+    if floating is float:
+        _pack_f32(y, n, bits)
+    else:
+        _pack_f64(y, n, bits)
+
+
+cdef inline floating _bit(floating g, unsigned int word, Py_ssize_t j) noexcept nogil:
+    """g where bit j of word is set, else 0; branch-free (the bits of _masked)."""
+    if floating is float:
+        return _bit_f(g, word, j)
+    else:
+        return _bit_d(g, word, j)
+
+
+cdef extern from *:
+    """
+    /* dx of one piece of a float32 row (n values) in float32, training, with dy masked by
+       the mask bits (bit j of the piece's bits: value j; the piece starts at a byte):
+       d = ((v - gm) - gl) * a + ((x - m) * kx + k), v = dy where the bit is set, else +0,
+       with the two products fused into the additions as the compiler fuses them in the
+       loops of _rows_dx32 (so the same bits); e (or NULL) receives v. The dy loads are
+       masked loads (AVX-512) or an AND with the bits spread to lanes (AVX2). */
+    static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl,
+                                       float a, float kx, float k) {
+        return ((v - gm) - gl) * a + ((x - m) * kx + k);
+    }
+    #if defined(__AVX512F__) && defined(__AVX512BW__)
+    #define FASTBN_HAVE_DX_BITS 1
+    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
+                                   Py_ssize_t n, const float* m, const float* gm,
+                                   const float* gl, const float* a, const float* kx,
+                                   const float* k, const unsigned char* bits) {
+        Py_ssize_t c = 0;
+        for (; c + 16 <= n; c += 16) {
+            __mmask16 b;
+            memcpy(&b, bits + c / 8, 2);
+            __m512 v = _mm512_maskz_loadu_ps(b, g + c);
+            __m512 t = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_loadu_ps(gm + c)),
+                                     _mm512_loadu_ps(gl + c));
+            __m512 u = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c),
+                                                     _mm512_loadu_ps(m + c)),
+                                       _mm512_loadu_ps(kx + c), _mm512_loadu_ps(k + c));
+            if (e) _mm512_storeu_ps(e + c, v);
+            _mm512_storeu_ps(d + c, _mm512_fmadd_ps(t, _mm512_loadu_ps(a + c), u));
+        }
+        for (; c < n; c++) {
+            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
+            if (e) e[c] = v;
+            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
+        }
+    }
+    #elif defined(__AVX2__) && defined(__FMA__)
+    #define FASTBN_HAVE_DX_BITS 1
+    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
+                                   Py_ssize_t n, const float* m, const float* gm,
+                                   const float* gl, const float* a, const float* kx,
+                                   const float* k, const unsigned char* bits) {
+        Py_ssize_t c = 0;
+        const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (; c + 8 <= n; c += 8) {
+            __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[c / 8]), lane);
+            __m256 v = _mm256_and_ps(_mm256_loadu_ps(g + c),
+                                     _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane)));
+            __m256 t = _mm256_sub_ps(_mm256_sub_ps(v, _mm256_loadu_ps(gm + c)),
+                                     _mm256_loadu_ps(gl + c));
+            __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c),
+                                                     _mm256_loadu_ps(m + c)),
+                                       _mm256_loadu_ps(kx + c), _mm256_loadu_ps(k + c));
+            if (e) _mm256_storeu_ps(e + c, v);
+            _mm256_storeu_ps(d + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(a + c), u));
+        }
+        for (; c < n; c++) {
+            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
+            if (e) e[c] = v;
+            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
+        }
+    }
+    #else
+    #define FASTBN_HAVE_DX_BITS 0
+    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
+                                   Py_ssize_t n, const float* m, const float* gm,
+                                   const float* gl, const float* a, const float* kx,
+                                   const float* k, const unsigned char* bits) {
+        Py_ssize_t c;
+        for (c = 0; c < n; c++) {
+            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
+            if (e) e[c] = v;
+            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
+        }
+    }
+    #endif
+    """
+    const bint HAVE_DX_BITS "FASTBN_HAVE_DX_BITS"
+    void _dx_bits_f32 "fastbn_dx_bits_f32"(const float* g, const float* x, float* d, float* e,
+        Py_ssize_t n, const float* m, const float* gm, const float* gl, const float* a,
+        const float* kx, const float* k, const unsigned char* bits) noexcept nogil
 
 
 cdef inline floating _masked(floating g, floating y) noexcept nogil:
@@ -623,3 +812,6 @@ cdef struct Work:
     const void* res     # forward: a residual added before the ReLU, or NULL
     const void* ymask   # backward: the forward's y; dy counts where y > 0, or NULL
     void* dres          # backward: receives the masked dy (the residual's gradient), or NULL
+    unsigned char* bits # rows backward with ymask: y > 0 as bits, written by the reduction
+                        # and read by the dx pass instead of y (or NULL: it reads y)
+    Py_ssize_t bits_stride  # bytes of bits per row

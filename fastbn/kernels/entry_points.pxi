@@ -238,6 +238,7 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
         w.relu = relu
         w.ymask = NULL
         w.dres = NULL
+        w.bits = NULL
         out = cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), out, &w, nthreads)
@@ -271,6 +272,9 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     if residual is not None and not relu:
         raise ValueError("the kernels add a residual only before the ReLU")
     work.res = _like_data(residual, x)
+    work.ymask = NULL
+    work.dres = NULL
+    work.bits = NULL
     work.relu = relu
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
@@ -316,6 +320,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
     cdef float* grads32 = NULL
     cdef Py_ssize_t c, npart, reduce_bytes
     cdef void* out
+    cdef unsigned char* bits = NULL
     _check_dims(view, N, C, S, nthreads)
     if sums_out is not None and sums_in is not None:
         raise ValueError("kernel sums_out and sums_in are two calls")
@@ -381,6 +386,16 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
         w.dres = <void*>_like_data(dres, x, True)
         if w.dres != NULL and w.ymask == NULL:
             raise ValueError("kernel dres needs ymask")
+        w.bits = NULL
+        w.bits_stride = 0
+        if (HAVE_DX_BITS and w.ymask != NULL and w.phases == REDUCE | APPLY and
+                w.dtype == F32 and training):
+            w.bits_stride = _bits_stride(view, N, C, S, reduce_bytes, nthreads)
+        if w.bits_stride:
+            bits = <unsigned char*>malloc(w.bits_stride * N)
+            if bits == NULL:
+                raise MemoryError()
+            w.bits = bits
         out = cnp.PyArray_DATA(<cnp.ndarray>dx)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), out, &w, nthreads)
@@ -389,6 +404,38 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
                     grads32[c] = <float>gd.dweight[c]
     finally:
         free(part)
+        free(bits)
+
+
+def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize,
+                   bint training, int nthreads):
+    """Whether the fused ReLU's backward of data of `itemsize` bytes on this view keeps its
+    mask as bits between its two passes (_bits_stride); for tests and for reading the code."""
+    _check_dims(view, N, C, S, nthreads)
+    return bool(HAVE_DX_BITS and itemsize == 4 and training and
+                _bits_stride(view, N, C, S, 2 * N * C * S * itemsize, nthreads) > 0)
+
+
+cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                             Py_ssize_t reduce_bytes, int nthreads):
+    """Bytes of the fused ReLU's mask bits per row of a rows view (a multiple of 8, so that
+    the rows of two threads never share a byte), or 0: the dx pass reads y itself. (Bits
+    are kept for float32 data in training, in the AVX2 and AVX-512 builds: the dx loop of
+    that form, _dx_bits_f32, has vector code there.)
+
+    The bits pay where y does not stay in cache between the backward's two passes: rows
+    views (their reduction and dx passes each sweep all the data) whose dy, x and y
+    outgrow CACHED_BYTES. A planar view reduces and differentiates one channel (group) at
+    a time, while it is in cache. Where the threads split the channels of a rows
+    reduction (one chunk of rows) they would share bytes: no bits there. The results are
+    the same bits either way."""
+    cdef Py_ssize_t rpc
+    if view != ROWS or reduce_bytes + reduce_bytes // 2 <= CACHED_BYTES:
+        return 0
+    rpc = _rows_per_chunk(N, C)
+    if nthreads > 1 and (N + rpc - 1) // rpc == 1:
+        return 0
+    return (C + 63) // 64 * 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -329,10 +329,12 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
 
 cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                         Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
-                        acc_t* sd, bint multi_row, const floating* ym) noexcept nogil:
+                        acc_t* sd, bint multi_row, const floating* ym,
+                        unsigned char* bits, Py_ssize_t rowbytes) noexcept nogil:
     """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
-    memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0."""
+    memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0;
+    with bits too, each row's mask is also stored there (row r at bits + r * rowbytes)."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
@@ -342,7 +344,7 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
         sg[c] = 0
         sd[c] = 0
     if ym != NULL:
-        _rows_sums_masked(g, x, ym, C, r0, r4, r1, width, mean, sg, sd)
+        _rows_sums_masked(g, x, ym, C, r0, r4, r1, width, mean, sg, sd, bits, rowbytes)
         return
     for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
@@ -364,10 +366,11 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
 cdef void _rows_sums_masked(const floating* g, const floating* x, const floating* ym,
                             Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r4, Py_ssize_t r1,
                             Py_ssize_t width, const acc_t* mean, double* sg,
-                            acc_t* sd) noexcept nogil:
+                            acc_t* sd, unsigned char* bits, Py_ssize_t rowbytes) noexcept nogil:
     """The loops of _rows_sums_in on g masked by ym (sg, sd zeroed by the caller; four
     rows per sweep up to r4): the same arithmetic, so the same bits as the unmasked loops
-    on a masked copy of g."""
+    on a masked copy of g. With bits, the rows' masks are packed first (each sweep's rows
+    then come from L1)."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
@@ -378,6 +381,9 @@ cdef void _rows_sums_masked(const floating* g, const floating* x, const floating
         xr = x + r * C
         gr = g + r * C
         yr = ym + r * C
+        if bits != NULL:
+            for c in range(4):
+                _pack(yr + c * C, width, bits + (r + c) * rowbytes)
         for c in range(width):
             m = mean[c]
             g0 = _masked(gr[c], yr[c])
@@ -391,6 +397,8 @@ cdef void _rows_sums_masked(const floating* g, const floating* x, const floating
         xr = x + r * C
         gr = g + r * C
         yr = ym + r * C
+        if bits != NULL:
+            _pack(yr, width, bits + r * rowbytes)
         for c in range(width):
             g0 = _masked(gr[c], yr[c])
             sg[c] = sg[c] + g0
@@ -400,13 +408,15 @@ cdef void _rows_sums_masked(const floating* g, const floating* x, const floating
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
                            Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
                            double* sg, double* sd, bint multi_row,
-                           const floating* ym) noexcept nogil:
+                           const floating* ym, unsigned char* bits,
+                           Py_ssize_t rowbytes) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
     sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
     tile's dot added in double with the mean's low part corrected, and a tile dot out of
     float32's comfortable range summed again in double (as _block_sums does). With ym (the
-    fused ReLU's output, laid out as g, or NULL), of g masked by y > 0."""
+    fused ReLU's output, laid out as g, or NULL), of g masked by y > 0, and the mask stored
+    as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C)."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
@@ -431,7 +441,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
                 _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row, ym)
+                              dot32, multi_row, ym, bits, rowbytes)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
@@ -445,7 +455,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                     sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
             free(work)
             return
-    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym)
+    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym, bits, rowbytes)
 
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
@@ -654,6 +664,32 @@ cdef void _rows_dx_v(const floating* g, const floating* x, floating* dx, Py_ssiz
     _stream_fence()
 
 
+cdef void _rows_dx_bits(const float* g, const float* x, float* dx, Py_ssize_t C,
+                        Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                        const unsigned char* bits, Py_ssize_t rowbytes,
+                        float* dres) noexcept nogil:
+    """dx of float32 data in float32 (training, every channel allowing it: _rows_dx32's
+    form) on rows [r0, r1), with dy masked by the reduction's mask bits (row r at bits +
+    r * rowbytes) instead of y, in vector loops of their own (_dx_bits_f32); through an
+    L1 stage with streaming stores when `stream`. The same bits as _rows_dx."""
+    cdef float stage[STAGE]
+    cdef Py_ssize_t r, n, c0, base
+    for r in range(r0, r1):
+        c0 = 0
+        while c0 < C:
+            n = STAGE if c0 + STAGE <= C else C - c0
+            base = r * C + c0
+            _dx_bits_f32(g + base, x + base, &stage[0] if stream else dx + base,
+                         _at_w(dres, base), n, gd.mean32 + c0, gd.gmean32 + c0,
+                         gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0,
+                         bits + r * rowbytes + c0 // 8)
+            if stream:
+                _stream(dx + base, stage, n)
+            c0 = c0 + n
+    if stream:
+        _stream_fence()
+
+
 # ---------------------------------------------------------------------------------------------
 # The three phases of a training forward or a backward, and their schedule
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +705,8 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
                           w.multi_row)
     else:
         _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
-                         w.part + (2 * k + 1) * C, w.multi_row, <const floating*>w.ymask)
+                         w.part + (2 * k + 1) * C, w.multi_row, <const floating*>w.ymask,
+                         w.bits if c0 == 0 and c1 == C else NULL, w.bits_stride)
 
 
 cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,
@@ -692,8 +729,13 @@ cdef inline void _rows_apply_t(const floating* a, const floating* b, floating* o
     if w.op == TRAIN:
         _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream, <const floating*>w.res, w.relu)
     else:
-        _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream, <const floating*>w.ymask,
-                 <floating*>w.dres)
+        if (floating is float and w.bits != NULL and w.gd.training and
+                w.gd.mean32 != NULL and _all_set(w.gd.ok32, C)):
+            _rows_dx_bits(a, b, out, C, r0, r1, w.gd, w.stream, w.bits, w.bits_stride,
+                          <float*>w.dres)
+        else:
+            _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream, <const floating*>w.ymask,
+                     <floating*>w.dres)
 
 
 cdef inline void _rows_reduce(const void* a, const void* b, const Work* w, Py_ssize_t C,
