@@ -444,15 +444,19 @@ def test_kernel_variants_agree():
         functional._kernels = saved
 
 
-BITS_CASES = [(1200, 600), (40, 7, 5, 611), (400, 2051), (72, 9, 9, 129)]   # NHWC shapes
+BITS_CASES = [("NHWC", (1200, 600)), ("NHWC", (40, 7, 5, 611)), ("NHWC", (400, 2051)),
+              ("NHWC", (72, 9, 9, 129)), ("NCHW", (8, 24, 112, 112)),
+              ("NCHW", (16, 3, 130, 131)), ("NCHW", (4, 5, 300, 301)),
+              ("NCHW", (96, 40, 13, 15))]
 
 
-@pytest.mark.parametrize("shape", BITS_CASES, ids=str)
-def test_mask_bits_path_gives_the_unfused_bits(shape, monkeypatch):
-    """Channels-last float32 data beyond the caches: the backward keeps y > 0 as bits
-    between its passes (relu_mask_bits) and reads them in its own vector dx loops; every
-    build, 1 and 2 threads, with and without dresidual and streaming stores, NaN in y, C
-    past the stage (2051) and not a multiple of 16 give the unfused bits."""
+@pytest.mark.parametrize("layout, shape", BITS_CASES, ids=str)
+def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch):
+    """float32 data beyond the caches: the backward keeps y > 0 as bits between its passes
+    (relu_mask_bits) and reads them in its own vector dx loops; every build, 1 and 2
+    threads, with and without dresidual and streaming stores, NaN in y, long planes cut in
+    pieces, short planes in runs, a channel team (C = 3), channels-last C past the stage
+    (2051) and not a multiple of 16 give the unfused bits."""
     import importlib
     import importlib.util
     from fastbn import functional
@@ -463,23 +467,27 @@ def test_mask_bits_path_gives_the_unfused_bits(shape, monkeypatch):
         if cpu_runs() and importlib.util.find_spec(name) is not None:
             mods.append(name)
     rng = np.random.default_rng(12)
-    C = shape[-1]
+    C = shape[-1] if layout == "NHWC" else shape[1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     w = rng.uniform(0.5, 1.5, C).astype(np.float32)
     b = rng.uniform(-0.5, 0.5, C).astype(np.float32)
     res = rng.standard_normal(shape).astype(np.float32)
-    y, mean, invstd = fastbn.batch_norm_relu_train(x, w, b, residual=res, layout="NHWC")
+    y, mean, invstd = fastbn.batch_norm_relu_train(x, w, b, residual=res, layout=layout)
     y.reshape(-1)[::997] = np.nan
     g = np.where(y > 0, dy, 0).astype(np.float32)
-    rows, S = int(np.prod(shape[:-1])), 1
+    if layout == "NHWC":
+        view, N, S = 1, int(np.prod(shape[:-1])), 1
+    else:
+        view, N, S = 0, shape[0], int(np.prod(shape[2:]))
     saved = functional._kernels
     try:
         for name in mods:
             functional._kernels = k = importlib.import_module(name)
             for nt in (1, 2):
-                assert k.relu_mask_bits(1, rows, C, S, 4, True, nt) == (name != "fastbn._kernels")
-                want = fastbn.batch_norm_backward(g, x, mean, invstd, w, layout="NHWC",
+                assert k.relu_mask_bits(view, N, C, S, 4, True, nt) == \
+                    (name != "fastbn._kernels")
+                want = fastbn.batch_norm_backward(g, x, mean, invstd, w, layout=layout,
                                                   num_threads=nt)
                 for stream_above in (None, 0):
                     if stream_above is not None:
@@ -487,7 +495,7 @@ def test_mask_bits_path_gives_the_unfused_bits(shape, monkeypatch):
                     for with_dres in (False, True):
                         dres = np.empty_like(x) if with_dres else None
                         got = fastbn.batch_norm_relu_backward(
-                            dy, y, x, mean, invstd, w, layout="NHWC", out=np.empty_like(x),
+                            dy, y, x, mean, invstd, w, layout=layout, out=np.empty_like(x),
                             dresidual=dres, num_threads=nt)
                         where = f"{name} {nt} threads stream={stream_above} dres={with_dres}"
                         for a, e in zip(got, want):

@@ -392,7 +392,8 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
                 w.dtype == F32 and training):
             w.bits_stride = _bits_stride(view, N, C, S, reduce_bytes, nthreads)
         if w.bits_stride:
-            bits = <unsigned char*>malloc(w.bits_stride * N)
+            bits = <unsigned char*>malloc(w.bits_stride * (N if view == ROWS else
+                                                           N * C * p.pieces))
             if bits == NULL:
                 raise MemoryError()
             w.bits = bits
@@ -423,15 +424,20 @@ cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     are kept for float32 data in training, in the AVX2 and AVX-512 builds: the dx loop of
     that form, _dx_bits_f32, has vector code there.)
 
-    The bits pay where y does not stay in cache between the backward's two passes: rows
-    views (their reduction and dx passes each sweep all the data) whose dy, x and y
-    outgrow CACHED_BYTES. A planar view reduces and differentiates one channel (group) at
-    a time, while it is in cache. Where the threads split the channels of a rows
-    reduction (one chunk of rows) they would share bytes: no bits there. The results are
-    the same bits either way."""
-    cdef Py_ssize_t rpc
-    if view != ROWS or reduce_bytes + reduce_bytes // 2 <= CACHED_BYTES:
+    Planar views: bytes per run of a block (each run of each sample, channel and piece of
+    a plane owns its bytes, see _run_bits). The bits pay where y does not stay in cache
+    between the backward's two passes: data whose dy, x and y outgrow CACHED_BYTES (rows
+    views sweep all of it twice; planar views reduce and differentiate one channel group
+    at a time, whose dy, x and y then outgrow L2). Where the threads split the channels
+    of a rows reduction (one chunk of rows) they would share bytes: no bits there. The
+    results are the same bits either way."""
+    cdef Py_ssize_t rpc, longest, pieces
+    if reduce_bytes + reduce_bytes // 2 <= CACHED_BYTES:
         return 0
+    if view == PLANAR:
+        pieces = (S + BLOCK - 1) // BLOCK if S > BLOCK else 1      # as _planar cuts runs
+        longest = (S + pieces - 1) // pieces
+        return (longest + 63) // 64 * 8
     rpc = _rows_per_chunk(N, C)
     if nthreads > 1 and (N + rpc - 1) // rpc == 1:
         return 0

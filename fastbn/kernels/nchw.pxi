@@ -127,15 +127,31 @@ cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
 # Backward: the two sums per chunk, added per channel, then dx
 # ---------------------------------------------------------------------------------------------
 
+cdef inline unsigned char* _run_bits(const Planar* p, unsigned char* bits, Py_ssize_t stride,
+                                     Py_ssize_t c, Py_ssize_t b) noexcept nogil:
+    """The mask bits of the first run of block b of channel c: each run (sample n, channel
+    c, piece q) owns `stride` bytes, at run index (n * C + c) * pieces + q; the next run of
+    a block (the next sample) is C * stride bytes on."""
+    cdef Py_ssize_t n, q
+    if p.pieces == 1:
+        return bits + (b * p.runs * p.C + c) * stride
+    n = b // p.pieces
+    q = b - n * p.pieces
+    return bits + ((n * p.C + c) * p.pieces + q) * stride
+
+
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part,
-                                    const floating* ym) noexcept nogil:
+                                    const floating* ym, unsigned char* bits,
+                                    Py_ssize_t bstride) noexcept nogil:
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
-    with ym (the fused ReLU's forward output), of g masked by y > 0, in the same loops."""
-    cdef Py_ssize_t b, c
+    with ym (the fused ReLU's forward output), of g masked by y > 0, in the same loops; with
+    bits too, the block's mask is also stored as bits (_run_bits), from cache."""
+    cdef Py_ssize_t b, c, r
     cdef Block blk
     cdef double* q
+    cdef unsigned char* rb
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -150,17 +166,30 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
             else:
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
                             ym + blk.offset, <short>0)
+                if bits != NULL:
+                    rb = _run_bits(p, bits, bstride, c, b)
+                    for r in range(blk.nrun):
+                        _pack(ym + blk.offset + r * blk.stride, blk.length,
+                              rb + r * p.C * bstride)
 
 
 cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floating* x,
                                   floating* dx, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                   const Grad* gd, bint stream, const floating* ym,
-                                  floating* dres) noexcept nogil:
+                                  floating* dres, const unsigned char* bits,
+                                  Py_ssize_t bstride) noexcept nogil:
     cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
+            if (floating is float and bits != NULL and gd.training and gd.mean32 != NULL
+                    and gd.ok32[c]):
+                _dx_run_bits(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length,
+                             blk.nrun, blk.stride, gd, c, stream,
+                             _run_bits(p, <unsigned char*>bits, bstride, c, b),
+                             p.C * bstride, dres + blk.offset if dres != NULL else NULL)
+                continue
             _dx_run(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length, blk.nrun,
                     blk.stride, gd, c, stream, ym + blk.offset if ym != NULL else NULL,
                     dres + blk.offset if dres != NULL else NULL)
@@ -188,7 +217,8 @@ cdef inline void _planar_reduce_t(const Planar* p, const floating* a, const floa
     if w.op == TRAIN:
         _planar_chunk_stats(p, a, c0, c1, k, w.part)
     else:
-        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part, <const floating*>w.ymask)
+        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part, <const floating*>w.ymask,
+                           w.bits, w.bits_stride)
 
 
 cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
@@ -216,7 +246,7 @@ cdef inline void _planar_apply_t(const Planar* p, const floating* a, const float
                              w.relu)
     else:
         _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream, <const floating*>w.ymask,
-                         <floating*>w.dres)
+                         <floating*>w.dres, w.bits, w.bits_stride)
     if w.stream:
         _stream_fence()        # the streaming stores are seen before the task ends
 

@@ -558,6 +558,32 @@ cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, Py_s
         _affine_into(x, y, length, nrun, stride, af, c, res, relu)
 
 
+cdef void _dx_run_bits(const float* g, const float* x, float* dx, Py_ssize_t length,
+                      Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
+                      bint stream, const unsigned char* bits, Py_ssize_t bits_step,
+                      float* dres) noexcept nogil:
+    """_dx_into's float32 training form for channel c with dy masked by the reduction's mask
+    bits (run r's at bits + r * bits_step) instead of y, in vector loops of their own
+    (_dx_bits_run_f32); streamed through the L1 stage as _dx_run streams. The same bits."""
+    cdef float stage[STAGE]
+    cdef Py_ssize_t off, n, r, base
+    cdef bint streamed = stream and length >= STREAM_MIN
+    for r in range(nrun):
+        off = 0
+        while off < length:
+            n = length - off if length - off < STAGE else STAGE
+            if not streamed:
+                n = length
+            base = r * stride + off
+            _dx_bits_run_f32(g + base, x + base, &stage[0] if streamed else dx + base,
+                             dres + base if dres != NULL else NULL, n, gd.mean32[c],
+                             gd.gmean32[c], gd.gmean_lo32[c], gd.a32[c], gd.kx32[c],
+                             gd.c32[c], bits + r * bits_step + off // 8)
+            if streamed:
+                _stream(dx + base, stage, n)
+            off = off + n
+
+
 cdef inline void _dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
                          Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
                          bint stream, const floating* ym, floating* dres) noexcept nogil:
