@@ -7,7 +7,8 @@ Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
 (:func:`batch_renorm_train`, :func:`batch_renorm_backward`) and :func:`fuse_conv_bn`;
 threads: :func:`get_num_threads`, :func:`set_num_threads`; build facts: :func:`show_config`.
 Stateful layers with PyTorch-compatible state: :class:`BatchNorm`, :class:`BatchRenorm`.
-Framework conventions: :mod:`fastbn.caffe` (BatchNorm + Scale), :mod:`fastbn.onnx`.
+Framework conventions: :mod:`fastbn.caffe` (BatchNorm + Scale), :mod:`fastbn.onnx`;
+synchronized Batch Normalization over MPI: :mod:`fastbn.distributed` (needs mpi4py).
 :mod:`fastbn.reference` is the plain NumPy twin of the functional kernels.
 """
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ from .fusion import fuse_conv_bn
 from .layers import BatchNorm, BatchRenorm
 from . import onnx
 from . import caffe
+from . import distributed      # imports mpi4py only when a function of it is called
 
 __all__ = [
     "batch_norm_train",
@@ -40,4 +42,5 @@ __all__ = [
     "BatchRenorm",
     "onnx",
     "caffe",
+    "distributed",
 ]
