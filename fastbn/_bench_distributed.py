@@ -142,21 +142,22 @@ def worker(args):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     dtype = np.dtype(args.dtype).type
-    x, dy, w, b = _bench.make_data(args.shape, args.layout, dtype, seed=rank)
-    w, b = _bench.make_data(args.shape, args.layout, dtype, seed=0)[2:]   # the same everywhere
+    x, dy, _, _ = _bench.make_data(args.shape, args.layout, dtype, seed=rank)
+    C = args.shape[1]
+    params = np.random.default_rng(0)                  # the same parameters everywhere
+    w = params.uniform(0.5, 1.5, C).astype(dtype)
+    b = params.uniform(-0.5, 0.5, C).astype(dtype)
     t = args.threads
     y_local, y_sync = np.zeros_like(x), np.zeros_like(x)
     dx_local, dx_sync = np.zeros_like(x), np.zeros_like(x)
     _, mean_l, invstd_l = functional.batch_norm_train(x, w, b, layout=args.layout)
     _, mean_s, invstd_s = distributed.sync_batch_norm_train(x, w, b, comm=comm,
                                                             layout=args.layout)
-    C = w.size
-    fwd_payload = ({"channel count": C, "dtype": args.dtype, "layout": args.layout,
-                    "eps": 1e-5, "weight given": True, "bias given": True,
-                    "running statistics given": False, "momentum": 0.1},
+    # the messages of the two collectives, alone (what _exchange sends)
+    fwd_payload = (distributed._train_meta(C, dtype, args.layout, 1e-5, True, True, False, 0.1),
                    (x.size // C, np.zeros(C), np.zeros(C)), None)
-    bwd_payload = ({"channel count": C, "dtype": args.dtype, "layout": args.layout,
-                    "weight given": True, "mean and invstd": 0},
+    bwd_payload = (distributed._backward_meta(C, dtype, args.layout, True,
+                                              distributed._digest(mean_s, invstd_s)),
                    (x.size // C, np.zeros((2, C))), None)
     xr = np.ascontiguousarray(x).reshape(-1).view(np.float32)
 

@@ -25,16 +25,15 @@ K times that. It grows linearly with the number of processes K; for large K, syn
 within groups (a communicator from ``comm.Split``), as the statistics of a group of 8-32
 processes are as good as the whole batch's.
 """
-import math
 import zlib
 
 import numpy as np
 
 from . import _memory, functional
 from ._threads import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, grad_dtype,
-                        gradient_pair, momentum_value, out_array, running_buffers)
-from .functional import PLANAR, _finish, _kernels, _like, _plan, _result, _update_running
+from ._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
+                        momentum_value, out_array, running_buffers)
+from .functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
 from .layers import BatchNorm
 
 __all__ = ["sync_batch_norm_train", "sync_batch_norm_backward", "SyncBatchNorm"]
@@ -99,6 +98,19 @@ def _exchange(comm, local, what):
             raise ValueError(f"{what}: {key} differs between processes: " +
                              ", ".join(f"process {r}: {v!r}" for r, v in enumerate(values)))
     return [d for _, d, _ in everyone]
+
+
+def _train_meta(C, dtype, layout, eps, has_weight, has_bias, has_running, momentum):
+    """The arguments of a synchronized training forward that must agree across processes."""
+    return {"channel count": C, "dtype": np.dtype(dtype).name, "layout": layout, "eps": eps,
+            "weight given": has_weight, "bias given": has_bias,
+            "running statistics given": has_running, "momentum": momentum}
+
+
+def _backward_meta(C, dtype, layout, has_weight, digest):
+    """The arguments of a synchronized backward that must agree across processes."""
+    return {"channel count": C, "dtype": np.dtype(dtype).name, "layout": layout,
+            "weight given": has_weight, "mean and invstd": digest}
 
 
 def _digest(*arrays):
@@ -205,11 +217,8 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         if x.size:
             _kernels.train_forward(xc, None, plan.view, plan.N, C, plan.S, None, None, eps,
                                    stats, None, nthreads, stats_only=True)
-        local.meta = {"channel count": C, "dtype": x.dtype.name, "layout": layout,
-                      "eps": eps, "weight given": weight is not None,
-                      "bias given": bias is not None,
-                      "running statistics given": running_mean is not None,
-                      "momentum": momentum}
+        local.meta = _train_meta(C, x.dtype, layout, eps, weight is not None,
+                                 bias is not None, running_mean is not None, momentum)
         local.data = (M, stats[0], stats[1] * M)
     except (TypeError, ValueError) as exc:
         local.error = exc
@@ -273,39 +282,32 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
     comm = _communicator(comm)
     local = _Local()
     try:
-        dy, x = gradient_pair(dy, x)
-        axis = channel_axis(layout, x.ndim)
-        C = x.shape[axis]
-        mean_k = channel_vector("mean", mean, C, optional=False)
-        invstd_k = channel_vector("invstd", invstd, C, optional=False)
-        w = channel_vector("weight", weight, C)
-        out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
-                        "invstd": invstd, "weight": weight}, may_alias=("dy",))
-        plan, xc = _plan(x, axis, layout)
-        nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
-        gc = _like(dy, plan)
+        g, _ = functional._grad_call(dy, x, mean, invstd, weight, True, layout, out,
+                                     num_threads)
+        C, plan = g.C, g.plan
         sums = np.zeros((2, C))
-        if x.size:
-            _kernels.backward(gc, xc, None, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
-                              True, np.empty((2, C)), nthreads, sums_out=sums)
-        local.meta = {"channel count": C, "dtype": x.dtype.name, "layout": layout,
-                      "weight given": weight is not None,
-                      "mean and invstd": _digest(mean_k, invstd_k)}
-        local.data = (x.size // C if C else 0, sums)
+        if g.x.size:
+            _kernels.backward(g.gc, g.xc, None, plan.view, plan.N, C, plan.S, g.mean,
+                              g.invstd, g.w, True, np.empty((2, C)), g.nthreads,
+                              sums_out=sums)
+        local.meta = _backward_meta(C, g.x.dtype, layout, weight is not None,
+                                    _digest(g.mean, g.invstd))
+        local.data = (g.x.size // C if C else 0, sums)
     except (TypeError, ValueError) as exc:
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_backward")
     m = sum(count for count, _ in parts)
     total = np.zeros((2, C))
-    for _, s in parts:                       # in rank order: the same bits everywhere
-        total += s
-    dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
+    for _, part in parts:                    # in rank order: the same bits everywhere
+        total += part
+    x = g.x
+    dx, dxc, direct = _result(plan, x.shape, x.dtype, g.out)
     if x.size:
-        _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
-                          True, np.empty((2, C)), nthreads,
-                          _memory.stream_output(x.nbytes, out), sums_in=total, count=m)
+        _kernels.backward(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean, g.invstd,
+                          g.w, True, np.empty((2, C)), g.nthreads,
+                          _memory.stream_output(x.nbytes, g.out), sums_in=total, count=m)
     gdt = grad_dtype(x.dtype)
-    return (_finish(dx, dxc, direct, plan), (sums[1] * invstd_k).astype(gdt),
+    return (_finish(dx, dxc, direct, plan), (sums[1] * g.invstd).astype(gdt),
             sums[0].astype(gdt))
 
 

@@ -372,10 +372,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     return _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads)
 
 
-def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y=None,
-              dresidual=None):
-    """batch_norm_backward; with y (the fused ReLU's forward output), dy counts where
-    y > 0 only, and dresidual receives that masked dy."""
+# A backward call's validated arguments and canonical views (what the kernels take)
+GradCall = namedtuple("GradCall", "dy x C mean w invstd training out inputs plan xc gc "
+                                  "nthreads")
+
+
+def _grad_call(dy, x, mean, invstd, weight, training, layout, out, num_threads, y=None):
+    """Validate the arguments of a backward (y: the fused ReLU's output, laid out as x, or
+    None) and put dy and x in their canonical view; returns (GradCall, y)."""
     dy, x = gradient_pair(dy, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -391,20 +395,30 @@ def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y
     inputs = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "y": y}
     if out is not None:
         out = out_array(out, x.shape, x.dtype, inputs, may_alias=("dy",))
-    if dresidual is not None:
-        dresidual = out_array(dresidual, x.shape, x.dtype, dict(inputs, out=out),
-                              name="dresidual")
     plan, xc = _plan(x, axis, layout)
     nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
-    gc = _like(dy, plan)
-    dx, dxc, direct = _result(plan, x.shape, x.dtype, out)
+    return GradCall(dy, x, C, mean_k, w, invstd_k, training, out, inputs, plan, xc,
+                    _like(dy, plan), nthreads), y
+
+
+def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y=None,
+              dresidual=None):
+    """batch_norm_backward; with y (the fused ReLU's forward output), dy counts where
+    y > 0 only, and dresidual receives that masked dy."""
+    g, y = _grad_call(dy, x, mean, invstd, weight, training, layout, out, num_threads, y)
+    x, C, plan = g.x, g.C, g.plan
+    if dresidual is not None:
+        dresidual = out_array(dresidual, x.shape, x.dtype, dict(g.inputs, out=g.out),
+                              name="dresidual")
+    dx, dxc, direct = _result(plan, x.shape, x.dtype, g.out)
     if dresidual is not None:
         dres, dresc, dres_direct = _result(plan, x.shape, x.dtype, dresidual)
     gdt = grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
-        _kernels.backward(gc, xc, dxc, plan.view, plan.N, C, plan.S, mean_k, invstd_k, w,
-                          training, grads, nthreads, _memory.stream_output(x.nbytes, out),
+        _kernels.backward(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean, g.invstd, g.w,
+                          g.training, grads, g.nthreads,
+                          _memory.stream_output(x.nbytes, g.out),
                           None if y is None else _like(y, plan),
                           None if dresidual is None else dresc)
     if dresidual is not None:

@@ -38,6 +38,21 @@ def snapshot():
     return Snapshot
 
 
+@pytest.fixture
+def kernel_modules():
+    """Names of the kernel builds this CPU runs: the portable one, and the AVX2 and AVX-512
+    ones where built and supported (checked before any import: a variant's module may not
+    even load on other CPUs)."""
+    import importlib.util
+    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
+    mods = ["fastbn._kernels"]
+    for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
+                           ("fastbn._kernels_avx512", cpu_has_avx512)):
+        if cpu_runs() and importlib.util.find_spec(name) is not None:
+            mods.append(name)
+    return mods
+
+
 def split_channels(a, layout):
     """a (N, C, ...) or (N, ..., C) as a list of per-channel 1-d float64 arrays."""
     axis = 1 if layout == "NCHW" else a.ndim - 1

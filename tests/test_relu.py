@@ -408,18 +408,12 @@ def test_half_precision_in_place(dt, layout):
         np.testing.assert_array_equal(out.view(np.uint16), yi.view(np.uint16))
 
 
-def test_kernel_variants_agree():
+def test_kernel_variants_agree(kernel_modules):
     """Every build of the kernels this CPU runs (portable, AVX2, AVX-512) gives the unfused
     bits, in the planar, rows and wide-rows kernels, with out= the residual itself."""
     import importlib
-    import importlib.util
     from fastbn import functional
-    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
-    mods = ["fastbn._kernels"]
-    for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
-                           ("fastbn._kernels_avx512", cpu_has_avx512)):
-        if cpu_runs() and importlib.util.find_spec(name) is not None:
-            mods.append(name)
+    mods = kernel_modules
     saved = functional._kernels
     picked = [c for c in CASES if c.nchw in ((3, 40, 17, 17), (2, 1100, 4, 4), (9000, 17))]
     try:
@@ -451,21 +445,15 @@ BITS_CASES = [("NHWC", (1200, 600)), ("NHWC", (40, 7, 5, 611)), ("NHWC", (400, 2
 
 
 @pytest.mark.parametrize("layout, shape", BITS_CASES, ids=str)
-def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch):
+def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch, kernel_modules):
     """float32 data beyond the caches: the backward keeps y > 0 as bits between its passes
     (relu_mask_bits) and reads them in its own vector dx loops; every build, 1 and 2
     threads, with and without dresidual and streaming stores, NaN in y, long planes cut in
     pieces, short planes in runs, a channel team (C = 3), channels-last C past the stage
     (2051) and not a multiple of 16 give the unfused bits."""
     import importlib
-    import importlib.util
     from fastbn import functional
-    from fastbn._support import cpu_has_avx2_fma, cpu_has_avx512
-    mods = ["fastbn._kernels"]
-    for name, cpu_runs in (("fastbn._kernels_avx2", cpu_has_avx2_fma),
-                           ("fastbn._kernels_avx512", cpu_has_avx512)):
-        if cpu_runs() and importlib.util.find_spec(name) is not None:
-            mods.append(name)
+    mods = kernel_modules
     rng = np.random.default_rng(12)
     C = shape[-1] if layout == "NHWC" else shape[1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)

@@ -388,9 +388,9 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
             raise ValueError("kernel dres needs ymask")
         w.bits = NULL
         w.bits_stride = 0
-        if (HAVE_DX_BITS and w.ymask != NULL and w.phases == REDUCE | APPLY and
-                w.dtype == F32 and training):
-            w.bits_stride = _bits_stride(view, N, C, S, reduce_bytes, nthreads)
+        if w.ymask != NULL and w.phases == REDUCE | APPLY:
+            w.bits_stride = _bits_stride(view, N, C, S, w.dtype == F32, training,
+                                         reduce_bytes, nthreads)
         if w.bits_stride:
             bits = <unsigned char*>malloc(w.bits_stride * (N if view == ROWS else
                                                            N * C * p.pieces))
@@ -413,16 +413,16 @@ def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int items
     """Whether the fused ReLU's backward of data of `itemsize` bytes on this view keeps its
     mask as bits between its two passes (_bits_stride); for tests and for reading the code."""
     _check_dims(view, N, C, S, nthreads)
-    return bool(HAVE_DX_BITS and itemsize == 4 and training and
-                _bits_stride(view, N, C, S, 2 * N * C * S * itemsize, nthreads) > 0)
+    return _bits_stride(view, N, C, S, itemsize == 4, training, 2 * N * C * S * itemsize,
+                        nthreads) > 0
 
 
-cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             Py_ssize_t reduce_bytes, int nthreads):
+cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint f32,
+                             bint training, Py_ssize_t reduce_bytes, int nthreads):
     """Bytes of the fused ReLU's mask bits per row of a rows view (a multiple of 8, so that
-    the rows of two threads never share a byte), or 0: the dx pass reads y itself. (Bits
-    are kept for float32 data in training, in the AVX2 and AVX-512 builds: the dx loop of
-    that form, _dx_bits_f32, has vector code there.)
+    the rows of two threads never share a byte), or 0: the dx pass reads y itself. Bits
+    are kept for float32 data (f32) in training, in the AVX2 and AVX-512 builds: the dx
+    loop of that form, _dx_bits_f32, has vector code there.
 
     Planar views: bytes per run of a block (each run of each sample, channel and piece of
     a plane owns its bytes, see _run_bits). The bits pay where y does not stay in cache
@@ -432,6 +432,8 @@ cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     of a rows reduction (one chunk of rows) they would share bytes: no bits there. The
     results are the same bits either way."""
     cdef Py_ssize_t rpc, longest, pieces
+    if not (HAVE_DX_BITS and f32 and training):
+        return 0
     if reduce_bytes + reduce_bytes // 2 <= CACHED_BYTES:
         return 0
     if view == PLANAR:
