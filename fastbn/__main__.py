@@ -4,56 +4,93 @@ fastbn against its NumPy reference, and against PyTorch's CPU kernels when torch
 importable, for every shape and layout; ``--quick`` runs a subset in under a minute.
 """
 import argparse
+import importlib.util
+import sys
 
 import numpy as np
-
-import sys
 
 from . import _bench, _config, _plot, _threads
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a subset of shapes, fewer rounds")
     p.add_argument("--vs-torch", action="store_true",
-                   help="fastbn against PyTorch only (no NumPy reference column)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: fastbn's)")
+                   help="fastbn against PyTorch only (no NumPy reference column; needs torch)")
+    p.add_argument("--threads", type=_bench.positive_count, default=None,
+                   help="threads, >= 1 (default: fastbn's)")
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                   default="float32", help="data dtype (bfloat16 needs ml_dtypes)")
-    p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default="both")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing")
-    p.add_argument("--markdown", metavar="FILE", default=None,
+                   default=None, help="data dtype (default float32; bfloat16 needs ml_dtypes)")
+    p.add_argument("--layout", choices=("NCHW", "NHWC", "both"), default=None,
+                   help="the layouts to time (default both)")
+    p.add_argument("--rounds", type=_bench.positive_count, default=None,
+                   help="interleaved rounds per timing, >= 1 (default 7, 3 with --quick)")
+    p.add_argument("--markdown", metavar="FILE", type=_bench.writable_file, default=None,
                    help="also write the table as Markdown to FILE")
-    p.add_argument("--plot", metavar="FILE", default=None,
+    p.add_argument("--plot", metavar="FILE", type=_bench.writable_file, default=None,
                    help="also draw fastbn / PyTorch against the input size into FILE "
-                        "(.png, .svg or .pdf; needs matplotlib)")
-    p.add_argument("--fused", action="store_true",
-                   help="only the fused residual add + ReLU rows (fastbn.batch_norm_relu_*) "
-                        "on the large shapes")
-    p.add_argument("--crossover", action="store_true",
-                   help="time 1 vs 2 threads on small inputs (where to stop forking threads)")
+                        "(.png, .svg or .pdf; needs matplotlib and torch)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fused", action="store_true",
+                      help="only the fused residual add + ReLU rows (fastbn.batch_norm_relu_*) "
+                           "on the large shapes (takes --layout, --threads, --rounds)")
+    mode.add_argument("--crossover", action="store_true",
+                      help="time 1 vs 2 threads on small inputs (where to stop forking "
+                           "threads; takes no other option)")
+    return p
+
+
+def _check(p, args):
+    """Every option checked before any work: p.error (exit 2) on a combination that would
+    be ignored or fail late."""
+    given = [name for name, on in (("--quick", args.quick), ("--vs-torch", args.vs_torch),
+                                   ("--threads", args.threads is not None),
+                                   ("--dtype", args.dtype is not None),
+                                   ("--layout", args.layout is not None),
+                                   ("--rounds", args.rounds is not None),
+                                   ("--markdown", args.markdown is not None),
+                                   ("--plot", args.plot is not None)) if on]
+    if args.crossover and given:
+        p.error(f"--crossover takes no other option, got {' '.join(given)}")
+    if args.fused:
+        unused = [g for g in given if g not in ("--layout", "--threads", "--rounds")]
+        if unused:
+            p.error(f"--fused takes only --layout, --threads and --rounds, got "
+                    f"{' '.join(unused)}")
+    if args.plot:
+        if not _plot.available():
+            p.error(_plot.NEEDS)
+        formats = _plot.formats()
+        ext = args.plot.rpartition(".")[2].lower() if "." in args.plot else ""
+        if ext not in formats:
+            p.error(f"--plot: the file name must end in one of "
+                    f"{', '.join('.' + f for f in sorted(formats))} (the format), "
+                    f"got {args.plot!r}")
+    if (args.plot or args.vs_torch) and importlib.util.find_spec("torch") is None:
+        p.error(f"{'--plot' if args.plot else '--vs-torch'} compares fastbn with PyTorch: "
+                "pip install torch")
+    if args.dtype == "bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+        p.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
-    if args.plot and not _plot.available():
-        print(_plot.NEEDS, file=sys.stderr)
-        return 2
+    _check(p, args)
     if args.crossover:
         _bench.crossover()
-        return
+        return 0
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.SHAPES
     rounds = args.rounds or (3 if args.quick else 7)
-    layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
+    layouts = ("NCHW", "NHWC") if args.layout in (None, "both") else (args.layout,)
     if args.fused:
         _bench.fused_table(layouts=layouts, threads=args.threads, rounds=rounds)
-        return
+        return 0
     if args.dtype == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            print("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes", file=sys.stderr)
-            return 2
+        import ml_dtypes
         dtype = ml_dtypes.bfloat16
     else:
-        dtype = np.dtype(args.dtype).type
+        dtype = np.dtype(args.dtype or "float32").type
     threads = args.threads or _threads.get_num_threads()
     rows = _bench.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=threads,
                       rounds=rounds, with_reference=not args.vs_torch, roofline=not args.quick,
@@ -65,6 +102,7 @@ def main(argv=None):
         cfg = _config.config()
         _plot.plot(rows, args.plot, f"fastbn {cfg['fastbn']} vs PyTorch, {np.dtype(dtype).name}, "
                    f"{threads} thread(s), {cfg['kernels']}", dtype)
+    return 0
 
 
 if __name__ == "__main__":

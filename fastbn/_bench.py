@@ -4,6 +4,8 @@ Every implementation of an operation is timed interleaved in one process (one ca
 each per round, best of several rounds), so the ratios are fair on a noisy machine even
 when the absolute times drift.
 """
+import argparse
+import os
 import sys
 import time
 
@@ -18,6 +20,33 @@ CACHED = SHAPES[3:5]           # in the last-level cache, compute-bound
 SMALL = SHAPES[5:]
 QUICK_SHAPES = [(32, 256, 56, 56), (1, 64, 56, 56), (8, 32, 8, 8), (256, 1024)]
 OPS = ("train", "infer", "backward")
+
+
+def positive_count(text):
+    """argparse type of --threads and --rounds: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def writable_file(text):
+    """argparse type of an output file: a path where a file can be written, tried now
+    (before any work) by opening it for appending; a file this creates is removed again."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    existed = os.path.exists(text)
+    try:
+        with open(text, "a"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
+    if not existed:
+        os.remove(text)
+    return text
 
 
 def make_data(shape, layout, dtype, seed=0):

@@ -58,8 +58,10 @@ def parser():
                    help="per-process x, given NCHW (default 16,256,28,28)")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=int, default=1, help="threads per process (default 1)")
-    p.add_argument("--rounds", type=int, default=15, help="rounds (best of)")
+    p.add_argument("--threads", type=_bench.positive_count, default=1,
+                   help="threads per process, >= 1 (default 1)")
+    p.add_argument("--rounds", type=_bench.positive_count, default=15,
+                   help="rounds (best of), >= 1 (default 15)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -193,9 +195,12 @@ def worker(args):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if not args.bench:
-        parser().print_help()
+        if sys.argv[1:] if argv is None else argv:
+            p.error("the options are the benchmark's: add --bench")
+        p.print_help()
         return 0
     if args.worker:
         worker(args)

@@ -20,6 +20,12 @@ def available():
     return True
 
 
+def formats():
+    """The file formats (extensions) matplotlib can write here."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot(rows, path, title, dtype=np.float32):
     """Draw the fastbn / PyTorch ratio of every timed row against its input size; write the
     figure to `path` (its extension picks the format: .png, .svg, .pdf)."""

@@ -25,7 +25,7 @@ from . import _caffe_gemv
 from ._layer_threads import PerThreadState
 from ._validate import (channel_vector, choice, data_array, eps_value, flag, float_dtype,
                         layer_blob, momentum_value, optional_bool, out_array, positive_int,
-                        same_shape)
+                        same_shape, store_rounded)
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 __all__ = ["BatchNorm", "Scale", "to_pytorch_state", "from_pytorch_state"]
@@ -210,9 +210,10 @@ class BatchNorm(PerThreadState):
         b0, b1, b2 = self.blobs
         maf = self.moving_average_fraction
         t = self.dtype.type
-        b2[0] = b2[0] * t(maf) + t(1)
-        b0[...] = mean + maf * b0
-        b1[...] = unbiased_var + maf * b1
+        with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
+            s = b2[0] * t(maf) + t(1)       # Caffe's own arithmetic, in the blob's dtype
+            store_rounded((b0, mean + maf * b0), (b1, unbiased_var + maf * b1))
+            b2[0] = s
 
     # ---- forward -------------------------------------------------------------------
 
@@ -548,7 +549,7 @@ class Scale(PerThreadState):
         diffs = self._checked("diffs")
         dx, dgamma, dbeta = batch_norm_backward(dy, x, self._zeros, self._ones,
                                                 blobs[0], training=False)
-        with self._lock:
+        with self._lock, np.errstate(all="ignore"):     # overflow to inf is not an error
             diffs[0] += dgamma
             if self.bias_term:
                 diffs[1] += dbeta

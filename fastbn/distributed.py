@@ -32,7 +32,7 @@ import numpy as np
 from . import _memory, functional
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
-                        momentum_value, out_array, running_buffers)
+                        momentum_value, out_array, rounded, running_buffers)
 from .functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
 from .layers import BatchNorm
 
@@ -53,9 +53,13 @@ def _mpi():
 def _communicator(comm):
     """comm as an mpi4py intracommunicator, or TypeError."""
     MPI = _mpi()
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+    if not isinstance(comm, MPI.Intracomm):
         raise TypeError(f"comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
                         f"from comm.Split), got {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise TypeError("comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
+                        "from comm.Split), got MPI.COMM_NULL: a null communicator, or one "
+                        "that was freed (comm.Free())")
     return comm
 
 
@@ -65,8 +69,10 @@ def _communicator(comm):
 
 class _Local:
     """What one process contributes to the collective: `meta`, the arguments that must
-    agree across processes; `data`, its partial results; `error`, the exception its own
-    checks raised (then meta and data are None)."""
+    agree across processes; `data`, its partial results; `error`, the exception (any
+    Exception) it raised before the collective (then meta and data are not read). Every
+    process joins the collective even when it failed: one that skipped it would pair its
+    next call with the others' current one."""
 
     def __init__(self, error=None):
         self.meta = self.data = None
@@ -79,10 +85,19 @@ def _fail_together(comm, error, what):
     _exchange(comm, _Local(error), what)
 
 
+def _message(exc):
+    """str(exc), or a note when even that raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return "(its message could not be read)"
+
+
 def _exchange(comm, local, what):
     """All-gather (meta, data, error) of every process; raise on every process if any
     process failed or the metas differ. Returns the list of data, in rank order."""
-    error = None if local.error is None else (type(local.error).__name__, str(local.error))
+    error = None if local.error is None else (type(local.error).__name__,
+                                              _message(local.error))
     everyone = comm.allgather((local.meta, local.data, error))
     failed = [(r, e) for r, (_, _, e) in enumerate(everyone) if e is not None]
     if failed:
@@ -98,6 +113,11 @@ def _exchange(comm, local, what):
             raise ValueError(f"{what}: {key} differs between processes: " +
                              ", ".join(f"process {r}: {v!r}" for r, v in enumerate(values)))
     return [d for _, d, _ in everyone]
+
+
+def _values_per_channel(shape, axis):
+    """Values per channel of an array of this shape (also with no channel)."""
+    return int(np.prod([s for i, s in enumerate(shape) if i != axis], dtype=np.int64))
 
 
 def _train_meta(C, dtype, layout, eps, has_weight, has_bias, has_running, momentum):
@@ -210,7 +230,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                         "running_mean": running_mean, "running_var": running_var},
                         may_alias=("x",))
-        M = x.size // C if C else 0
+        M = _values_per_channel(x.shape, axis)
         plan, xc = _plan(x, axis, layout)
         nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
         stats = np.zeros((5, C))
@@ -220,7 +240,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         local.meta = _train_meta(C, x.dtype, layout, eps, weight is not None,
                                  bias is not None, running_mean is not None, momentum)
         local.data = (M, stats[0], stats[1] * M)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:        # any error joins the collective: no process is left in it
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_train")
     n, mean, m2 = _chan_merge(parts)
@@ -233,8 +253,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         invstd = 1.0 / np.sqrt(var + eps)
     y = functional._infer(x, mean, var, w, b, eps, layout, out, num_threads)
     if running_mean is not None and C:
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, m2 / (n - 1), momentum)
+        _update_running(momentum, (running_mean, mean), (running_var, m2 / (n - 1)))
     return y, mean, invstd
 
 
@@ -292,8 +311,8 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
                               sums_out=sums)
         local.meta = _backward_meta(C, g.x.dtype, layout, weight is not None,
                                     _digest(g.mean, g.invstd))
-        local.data = (g.x.size // C if C else 0, sums)
-    except (TypeError, ValueError) as exc:
+        local.data = (_values_per_channel(g.x.shape, channel_axis(layout, g.x.ndim)), sums)
+    except Exception as exc:        # any error joins the collective: no process is left in it
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_backward")
     m = sum(count for count, _ in parts)
@@ -307,8 +326,9 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
                           g.w, True, np.empty((2, C)), g.nthreads,
                           _memory.stream_output(x.nbytes, g.out), sums_in=total, count=m)
     gdt = grad_dtype(x.dtype)
-    return (_finish(dx, dxc, direct, plan), (sums[1] * g.invstd).astype(gdt),
-            sums[0].astype(gdt))
+    with np.errstate(all="ignore"):
+        dweight = sums[1] * g.invstd
+    return _finish(dx, dxc, direct, plan), rounded(dweight, gdt), rounded(sums[0], gdt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +399,7 @@ class SyncBatchNorm(BatchNorm):
                 if residual is not None:
                     raise ValueError("SyncBatchNorm takes no residual (it has no fused "
                                      "activation): add it to the output")
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:
                 _fail_together(self.comm, exc, "sync_batch_norm_train")
         return super().forward(x, residual)
 

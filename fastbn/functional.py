@@ -20,7 +20,7 @@ from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
                         grad_dtype, gradient_pair, like_x, momentum_value, out_array,
-                        round_into, running_buffers)
+                        rounded, running_buffers, store_rounded)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -154,10 +154,13 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     return _finish(y, yc, direct, plan), stats[0], stats[1], stats[2], M
 
 
-def _update_running(running, batch, momentum):
-    """running <- (1 - momentum) * running + momentum * batch, in float64, in place, rounded
-    once to the buffer's dtype."""
-    round_into(running, momentum * batch + (1.0 - momentum) * running.astype(np.float64))
+def _update_running(momentum, *pairs):
+    """running <- (1 - momentum) * running + momentum * batch for each (running, batch)
+    pair, in float64, rounded once to each buffer's dtype, in place: every buffer or none,
+    and silently whatever np.errstate says (rounding overflows to inf, as defined)."""
+    with np.errstate(all="ignore"):
+        store_rounded(*[(running, momentum * batch + (1.0 - momentum) *
+                         running.astype(np.float64)) for running, batch in pairs])
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
@@ -235,8 +238,8 @@ def _batch_norm_train(x, weight, bias, eps, layout, running_mean, running_var, m
     # the kernel updates contiguous float buffers in one loop, NumPy any other
     if running_mean is not None and C and not _support.update_running(
             running_mean, running_var, mean.base, momentum, M / (M - 1.0)):
-        _update_running(running_mean, mean, momentum)
-        _update_running(running_var, var * (M / (M - 1.0)), momentum)
+        _update_running(momentum, (running_mean, mean),
+                        (running_var, var * (M / (M - 1.0))))
     return y, mean, invstd
 
 
@@ -402,9 +405,10 @@ def _grad_call(dy, x, mean, invstd, weight, training, layout, out, num_threads, 
 
 
 def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y=None,
-              dresidual=None):
+              dresidual=None, float64_grads=False):
     """batch_norm_backward; with y (the fused ReLU's forward output), dy counts where
-    y > 0 only, and dresidual receives that masked dy."""
+    y > 0 only, and dresidual receives that masked dy. float64_grads: dweight and dbias
+    are returned unrounded, in float64 (for callers that combine them further)."""
     g, y = _grad_call(dy, x, mean, invstd, weight, training, layout, out, num_threads, y)
     x, C, plan = g.x, g.C, g.plan
     if dresidual is not None:
@@ -413,7 +417,7 @@ def _backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, y
     dx, dxc, direct = _result(plan, x.shape, x.dtype, g.out)
     if dresidual is not None:
         dres, dresc, dres_direct = _result(plan, x.shape, x.dtype, dresidual)
-    gdt = grad_dtype(x.dtype)
+    gdt = np.float64 if float64_grads else grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
         _kernels.backward(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean, g.invstd, g.w,
@@ -458,7 +462,7 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     (array([0.5, 1. ]), array([-0.5, -2. ]))
     """
     rm, rv, w, b, eps, dtype = fold_arguments(running_mean, running_var, weight, bias, eps)
-    with np.errstate(divide="ignore", invalid="ignore"):   # var + eps == 0 gives inf/NaN
+    with np.errstate(all="ignore"):     # var + eps == 0 gives inf/NaN
         scale = w / np.sqrt(rv + eps)
         shift = b - rm * scale
-    return scale.astype(dtype), shift.astype(dtype)
+    return rounded(scale, dtype), rounded(shift, dtype)

@@ -7,7 +7,7 @@ inference engines fuse them.
 """
 import numpy as np
 
-from ._validate import channel_vector
+from ._validate import channel_vector, is_bfloat16, rounded
 from .functional import fold_batch_norm
 
 __all__ = ["fuse_conv_bn"]
@@ -63,8 +63,9 @@ def fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, ep
     array([-0.5,  1. ])
     """
     w = np.asarray(weight)
-    if w.dtype.kind != "f":
-        raise TypeError(f"weight must be a floating-point array, got dtype {w.dtype}")
+    if w.dtype.kind != "f" and not is_bfloat16(w.dtype):
+        raise TypeError(f"weight must be a floating-point array (float16, bfloat16, float32 "
+                        f"or float64), got dtype {w.dtype}")
     if w.ndim < 1:
         raise ValueError("weight must have at least 1 dimension (out-channels first), "
                          "got a scalar")
@@ -82,6 +83,7 @@ def fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, ep
     dtype = np.result_type(*[np.asarray(a).dtype for a in
                              (weight, bias, running_mean, running_var, bn_weight, bn_bias)
                              if a is not None])
-    fused_weight = w.astype(np.float64) * scale.reshape((C,) + (1,) * (w.ndim - 1))
-    fused_bias = shift if b is None else b * scale + shift
-    return fused_weight.astype(dtype), fused_bias.astype(dtype)
+    with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
+        fused_weight = w.astype(np.float64) * scale.reshape((C,) + (1,) * (w.ndim - 1))
+        fused_bias = shift if b is None else b * scale + shift
+    return rounded(fused_weight, dtype), rounded(fused_bias, dtype)

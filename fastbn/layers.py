@@ -9,7 +9,7 @@ import numpy as np
 from . import functional, renorm
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
-                        is_half, momentum_value, positive_int, real_scalar)
+                        is_bfloat16, is_half, momentum_value, positive_int, real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -201,7 +201,8 @@ class _Norm(PerThreadState):
             raise RuntimeError("backward called before forward (in this thread)")
         dx, dweight, dbias, dresidual = backward(dy)
         if self.affine:
-            with self._lock:
+            # both sums or neither: an overflow to inf is not an error
+            with self._lock, np.errstate(all="ignore"):
                 self.weight_grad += dweight
                 self.bias_grad += dbias
         return dx if dresidual is None else (dx, dresidual)
@@ -279,12 +280,13 @@ class _Norm(PerThreadState):
             if isinstance(v, np.ma.MaskedArray):
                 raise TypeError(f"{k} must not be a masked array")
             v = np.asarray(v)
-            if v.dtype.kind != "f":
-                raise TypeError(f"{k} must be a floating-point array, got dtype {v.dtype}")
+            if v.dtype.kind != "f" and not is_bfloat16(v.dtype):
+                raise TypeError(f"{k} must be a floating-point array (float16, bfloat16, "
+                                f"float32 or float64), got dtype {v.dtype}")
             if v.shape != (C,):
                 raise ValueError(f"{k} must have shape ({C},), got {v.shape}")
-            with np.errstate(over="ignore", under="ignore"):
-                v = v.astype(self.dtype)       # checked as it will be stored
+            with np.errstate(all="ignore"):    # overflow to inf: checked as it will be stored
+                v = v.astype(self.dtype)
             self._check_loaded(k, v)
             new[k] = v
         for k, v in new.items():
@@ -404,7 +406,8 @@ class BatchNorm(_Norm):
                               self.eps, layout, None, None, residual=residual,
                               relu=self.activation == "relu")
         mean = self.running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        with np.errstate(all="ignore"):     # a loaded var < 0 gives NaN, as the kernels do
+            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         return y, _backward_closure(functional._backward, x,
                                     (mean, invstd, _copy(self.weight), False, layout),
                                     y if self.activation else None, residual is not None)
@@ -586,6 +589,8 @@ class BatchRenorm(_Norm):
         y = functional._infer(x, mean, std, self.weight, self.bias, 0.0, layout, None, None,
                               divisor_is_std=True, residual=residual,
                               relu=self.activation == "relu")
+        with np.errstate(all="ignore"):     # a subnormal std gives inf, as the kernels do
+            invstd = 1.0 / std
         return y, _backward_closure(functional._backward, x,
-                                    (mean, 1.0 / std, _copy(self.weight), False, layout),
+                                    (mean, invstd, _copy(self.weight), False, layout),
                                     y if self.activation else None, residual is not None)

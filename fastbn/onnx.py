@@ -9,7 +9,7 @@ import numpy as np
 
 from . import functional
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        round_into)
+                        rounded)
 
 __all__ = ["batch_normalization"]
 
@@ -95,10 +95,8 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
         raise ValueError(f"X must have more than 1 value per channel in training mode, "
                          f"got shape {X.shape}")
     Y, mean, var, _, _ = functional._train(X, scale, B, epsilon, "NCHW", None, None)
-    running_mean = mean_in * momentum + mean * (1.0 - momentum)
-    running_var = var_in * momentum + var * (1.0 - momentum)
-    new_mean = np.empty(C, np.asarray(input_mean).dtype)
-    new_var = np.empty(C, np.asarray(input_var).dtype)
-    round_into(new_mean, running_mean)
-    round_into(new_var, running_var)
-    return Y, new_mean, new_var
+    with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
+        running_mean = mean_in * momentum + mean * (1.0 - momentum)
+        running_var = var_in * momentum + var * (1.0 - momentum)
+    return (Y, rounded(running_mean, np.asarray(input_mean).dtype),
+            rounded(running_var, np.asarray(input_var).dtype))

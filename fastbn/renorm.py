@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _support, functional
 from ._validate import (channel_axis, channel_vector, clipping, data_array, grad_dtype,
-                        gradient_pair, round_into,
+                        gradient_pair, rounded, store_rounded,
                         momentum_value, out_array, positive_vector, real_scalar, running_buffers,
                         scalar_at_least)
 
@@ -60,8 +60,9 @@ def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dma
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
     else:
         std = np.sqrt(var + float(eps))
-        round_into(running_mean, mu + momentum * (mean - mu))
-        round_into(running_std, sigma + momentum * (std - sigma))
+        with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
+            store_rounded((running_mean, mu + momentum * (mean - mu)),
+                          (running_std, sigma + momentum * (std - sigma)))
     return y, mean, std, r, d
 
 
@@ -202,12 +203,18 @@ def _renorm_backward(dy, x, mean, std, r, d, weight, layout, out, num_threads, y
     out_array(out, x.shape, x.dtype,
               {"dy": dy, "x": x, "mean": mean, "std": std, "r": r, "d": d, "weight": weight},
               may_alias=("dy",))
-    dx, dw_bn, dbias = functional._backward(dy, x, mean, 1.0 / std64, w * r64, True, layout,
-                                            out, num_threads, y=y, dresidual=dresidual)
-    # dw_bn = sum(dy * xhat0), dbias = sum(dy): r and d are constants, so
-    # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias.
-    dweight = r64 * dw_bn.astype(np.float64) + d64 * dbias.astype(np.float64)
-    return dx, dweight.astype(grad_dtype(x.dtype)), dbias
+    with np.errstate(all="ignore"):     # a subnormal std gives inf, as the kernels do
+        invstd, wr = 1.0 / std64, w * r64
+    dx, dw_bn, dbias = functional._backward(dy, x, mean, invstd, wr, True, layout, out,
+                                            num_threads, y=y, dresidual=dresidual,
+                                            float64_grads=True)
+    # dw_bn = sum(dy * xhat0), dbias = sum(dy), both unrounded: r and d are constants, so
+    # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias, combined in double and rounded
+    # once (the two terms may cancel: rounding them first would leave only the error)
+    with np.errstate(all="ignore"):
+        dweight = r64 * dw_bn + d64 * dbias
+    gdt = grad_dtype(x.dtype)
+    return dx, rounded(dweight, gdt), rounded(dbias, gdt)
 
 
 def linear_schedule(start, end, begin, stop):

@@ -93,12 +93,3 @@ def test_plot_of_a_small_table(tmp_path):
     path = tmp_path / "speed.png"
     _plot.plot(rows, str(path), "test")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys):
-    from fastbn import _plot
-    monkeypatch.setattr(_plot, "available", lambda: False)
-    ran = []
-    monkeypatch.setattr(_bench, "run", lambda **kw: ran.append(kw) or [])
-    assert main.main(["--quick", "--plot", "x.png"]) == 2
-    assert "pip install" in capsys.readouterr().err and not ran
