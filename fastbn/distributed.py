@@ -53,13 +53,13 @@ def _mpi():
 def _communicator(comm):
     """comm as an mpi4py intracommunicator, or TypeError."""
     MPI = _mpi()
-    if not isinstance(comm, MPI.Intracomm):
-        raise TypeError(f"comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
-                        f"from comm.Split), got {type(comm).__name__}")
-    if comm == MPI.COMM_NULL:
+    if isinstance(comm, MPI.Comm) and comm == MPI.COMM_NULL:
         raise TypeError("comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
                         "from comm.Split), got MPI.COMM_NULL: a null communicator, or one "
                         "that was freed (comm.Free())")
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an mpi4py intracommunicator (MPI.COMM_WORLD, or one "
+                        f"from comm.Split), got {type(comm).__name__}")
     return comm
 
 

@@ -25,7 +25,7 @@ needs_mpi = pytest.mark.skipif(
     not HAVE_MPI4PY or MPIEXEC is None,
     reason="needs mpi4py and an mpiexec: pip install mpi4py mpich (the 'test' extra has them)")
 
-MODES = ["match", "groups", "layer", "errors", "out"] + (["half"] if HAVE_ML_DTYPES else [])
+MODES = ["match", "groups", "layer", "errors", "out", "robust"] + (["half"] if HAVE_ML_DTYPES else [])
 
 
 def run(cmd, timeout):

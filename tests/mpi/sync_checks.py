@@ -457,8 +457,158 @@ def mode_out():
           np.array_equal(db2, db), "out=dy")
 
 
+# --------------------------------------------------------------------------------------------
+# mode "robust": any exception on one process joins the collective, so the processes stay
+# paired call for call; 16-bit running buffers are rounded silently and all-or-nothing;
+# C = 0; null and freed communicators
+# --------------------------------------------------------------------------------------------
+
+class Boom(Exception):
+    """Not a TypeError or ValueError: what a caller's own object may raise."""
+
+
+class Unconvertible:
+    """An array-like whose conversion raises (as np.asarray of a torch tensor that requires
+    grad raises RuntimeError)."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __array__(self, dtype=None, copy=None):
+        raise self.exc
+
+
+def whole_mean_check(where, layout="NCHW"):
+    """A good synchronized forward and backward after the failures: the whole batch's
+    statistics and this process's dx, against one process holding the whole batch."""
+    sizes = sizes_for(SIZE, 4)
+    shape = (sum(sizes), 3, 2, 2)
+    x, dy, w, b = whole_batch(shape, layout, np.float64, seed=11, offset=10.5)
+    _, mean1, invstd1 = fastbn.batch_norm_train(x, w, b, layout=layout)
+    dx1, _, _ = fastbn.batch_norm_backward(dy, x, mean1, invstd1, w, layout=layout)
+    xs, dys = my_slice(x, sizes, RANK), my_slice(dy, sizes, RANK)
+    _, mean, invstd = distributed.sync_batch_norm_train(xs, w, b, comm=WORLD, layout=layout)
+    dxs, _, _ = distributed.sync_batch_norm_backward(dys, xs, mean, invstd, w, comm=WORLD,
+                                                     layout=layout)
+    check(close(mean, mean1, tol(np.float64)) and close(invstd, invstd1, tol(np.float64)),
+          f"{where}: whole-batch statistics {mean} instead of {mean1}")
+    check(close(dxs, my_slice(dx1, sizes, RANK), tol(np.float64)), f"{where}: dx")
+    check(same_everywhere(WORLD, mean, invstd), f"{where}: processes disagree")
+
+
+def mode_robust():
+    last = RANK == SIZE - 1
+    x, dy, w, b, rm, rv, out = fresh()
+    failed_here = f"failed on process {SIZE - 1}"
+    for exc in (RuntimeError("grad"), Boom("boom"), MemoryError("no memory"),
+                KeyError("key"), ZeroDivisionError("zero")):
+        kind = type(exc)
+        bad = Unconvertible(exc) if last else x
+        # the forward: the original error where it happened, a ValueError elsewhere
+        expect(f"forward {kind.__name__}", lambda: train(bad, w, b, rm, rv, out),
+               (x, w, b, rm, rv, out), kind if last else ValueError,
+               str(exc.args[0]) if last else failed_here)
+        bad_w = Unconvertible(exc) if last else w
+        expect(f"forward weight {kind.__name__}", lambda: train(x, bad_w, b, rm, rv, out),
+               (x, w, b, rm, rv, out), kind if last else ValueError,
+               kind.__name__ if not last else str(exc.args[0]))
+        # the backward
+        y, mean, invstd = train(x, w, b, None, None, None)
+        bad_dy = Unconvertible(exc) if last else dy
+        dx_out = np.full_like(dy, 3)
+        expect(f"backward {kind.__name__}", lambda: distributed.sync_batch_norm_backward(
+            bad_dy, x, mean, invstd, w, comm=WORLD, out=dx_out), (dy, x, w, dx_out),
+            kind if last else ValueError, str(exc.args[0]) if last else failed_here)
+        # the layer, forward and backward
+        bn = distributed.SyncBatchNorm(4, comm=WORLD)
+        state = {k: v.copy() for k, v in bn.state_dict().items()}
+        expect(f"layer forward {kind.__name__}", lambda: bn(bad), (x,),
+               kind if last else ValueError, str(exc.args[0]) if last else failed_here)
+        check(all(np.array_equal(state[k], v) for k, v in bn.state_dict().items()),
+              f"layer forward {kind.__name__}: the layer's state changed")
+        bn(x)
+        expect(f"layer backward {kind.__name__}", lambda: bn.backward(bad_dy), (dy,),
+               kind if last else ValueError, str(exc.args[0]) if last else failed_here)
+        check(np.array_equal(bn.weight_grad, np.zeros(4, np.float32)),
+              f"layer backward {kind.__name__}: weight_grad changed")
+        # the processes are still paired call for call
+        whole_mean_check(f"after {kind.__name__}")
+    # a caller that catches the error and goes on, several times in a row, one process only
+    for i in range(3):
+        try:
+            train(Unconvertible(RuntimeError("skip")) if last else x, w, b, None, None, None)
+        except (RuntimeError, ValueError):
+            pass
+        whole_mean_check(f"skipped batch {i}")
+
+    # 16-bit running buffers near their range, under errstate raise and warnings as errors
+    import warnings
+    pdt_list = [np.float16]
+    try:
+        import ml_dtypes
+        pdt_list.append(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    xr = x - x.mean(axis=(0, 2, 3), keepdims=True)        # a mean near 0 on each process
+    for pdt in pdt_list:
+        for start_mean, start_var, scale in ((5e-5, 1.0, 1.0), (6e4, 6e4, 1e4)):
+            rm16 = np.full(4, start_mean, pdt)
+            rv16 = np.full(4, start_var, pdt)
+            xin = xr * scale
+            rm_start = rm16.astype(np.float64)
+            rm_ref, rv_ref = rm16.copy(), rv16.copy()
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                y_ref, mean_ref, _ = distributed.sync_batch_norm_train(
+                    xin, comm=WORLD, running_mean=rm_ref, running_var=rv_ref, momentum=0.5)
+            where = f"16-bit running buffers {np.dtype(pdt).name} start {start_mean}"
+            try:
+                with np.errstate(all="raise"), warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    out16 = np.zeros_like(xin)
+                    distributed.sync_batch_norm_train(xin, comm=WORLD, running_mean=rm16,
+                                                      running_var=rv16, momentum=0.5,
+                                                      out=out16)
+            except Exception as exc:
+                check(False, f"{where}: raised {type(exc).__name__}: {exc}")
+                continue
+            check(np.array_equal(out16, y_ref), f"{where}: y")
+            check(rm16.tobytes() == rm_ref.tobytes() and rv16.tobytes() == rv_ref.tobytes(),
+                  f"{where}: running buffers differ from the default errstate's")
+            want_m = rm_start * 0.5 + 0.5 * mean_ref
+            check(np.array_equal(rm16.astype(np.float64),
+                                 np.asarray(want_m).astype(pdt).astype(np.float64))
+                  or np.dtype(pdt).name == "bfloat16",
+                  f"{where}: running_mean {rm16} is not the rounded {want_m}")
+            check(same_everywhere(WORLD, rm16.view(np.uint16), rv16.view(np.uint16)),
+                  f"{where}: processes disagree")
+
+    # C = 0: empty results, as the local function gives
+    for layout, shape in (("NCHW", (3, 0, 2)), ("NHWC", (3, 2, 0)), ("NCHW", (4, 0))):
+        xe = np.zeros(shape, np.float32)
+        try:
+            ye, me, ie = distributed.sync_batch_norm_train(xe, comm=WORLD, layout=layout)
+            yl, ml, il = fastbn.batch_norm_train(xe, layout=layout)
+            check(ye.shape == yl.shape and me.shape == ml.shape == (0,) and
+                  ie.shape == il.shape == (0,), f"C=0 {shape}: shapes")
+            dxe, dwe, dbe = distributed.sync_batch_norm_backward(xe, xe, me, ie, comm=WORLD,
+                                                                 layout=layout)
+            check(dxe.shape == shape and dwe.shape == dbe.shape == (0,), f"C=0 {shape}: bwd")
+        except Exception as exc:
+            check(False, f"C=0 {shape}: raised {type(exc).__name__}: {exc}")
+
+    # a null or freed communicator: said so
+    freed = WORLD.Dup()
+    freed.Free()
+    for comm, what in ((MPI.COMM_NULL, "null"), (freed, "freed")):
+        expect(f"{what} communicator", lambda: distributed.sync_batch_norm_train(
+            x, w, b, comm=comm), (x, w, b), TypeError, "COMM_NULL", "freed")
+        expect(f"{what} communicator, backward", lambda: distributed.sync_batch_norm_backward(
+            dy, x, np.zeros(4), np.ones(4), comm=comm), (dy, x), TypeError, "COMM_NULL")
+    whole_mean_check("at the end")
+
+
 MODES = {"match": mode_match, "half": mode_half, "groups": mode_groups, "layer": mode_layer,
-         "errors": mode_errors, "out": mode_out}
+         "errors": mode_errors, "out": mode_out, "robust": mode_robust}
 
 if __name__ == "__main__":
     for mode in sys.argv[1:]:
