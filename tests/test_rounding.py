@@ -203,8 +203,8 @@ def cancelling(dtype, layout, ndim):
     """x: -1 everywhere but three values -1 + delta (delta a few ulps of the dtype), so with
     mean 0, std 1, r = d = 1 and dy = 1, dweight = sum(x) + sum(dy) = 3 * delta exactly,
     while each of the two sums rounded to float32 alone is off by more than that."""
-    delta = 4 * float(np.finfo(np.float16).eps) if dtype == "float16" else \
-        2.0 ** -6 if dtype == "bfloat16" else 2.0 ** -8
+    delta = 2.0 ** -8            # -1 + delta is a float16 and a bfloat16 (a float32 ulp
+                                 # of sum(x) = -2**18 + 3 * delta is 2**-6)
     shape = (2 ** 18, 1) if ndim == 2 else (2 ** 12, 1, 8, 8)
     x = np.full(shape, -1.0)
     x.reshape(-1)[:3] += delta
