@@ -1,15 +1,20 @@
 """Fuzz every public fastbn entry point with hypothesis (not collected by pytest).
 
 Each hypothesis example builds a pool of arrays (valid and invalid dtypes, shapes, memory
-orders, values with NaN/inf/huge/tiny, views sharing memory) and makes several calls with
-arguments drawn from it. Invariants: the process never crashes; a call either returns or
-raises TypeError/ValueError (layers may also raise RuntimeError for a backward without a
-forward); on an error every array passed is unchanged; a functional call that returns agrees
-in shape/dtype with the reference, and in value when its inputs are finite and moderate.
+orders, values with NaN/inf/huge/tiny, views sharing memory, 16-bit running buffers near
+their range, array-likes whose conversion raises) and makes several calls with arguments
+drawn from it, under one floating-point error mode (np.errstate "ignore", "raise", or
+warnings as errors). Invariants: the process never crashes; a call either returns or
+raises TypeError/ValueError, or the caller's own object's exception (layers may also raise
+RuntimeError for a backward without a forward); never a FloatingPointError or a warning,
+whatever the mode; on an error every array passed is unchanged; a functional call that
+returns agrees in shape/dtype with the reference, and in value when its inputs are finite
+and moderate. With mpi4py, the synchronized calls run on MPI.COMM_SELF.
 
     python tests/fuzz_calls.py --calls 100000 [--seed 0]
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +32,16 @@ import fastbn                                   # noqa: E402
 from fastbn import caffe, onnx, reference       # noqa: E402
 from conftest import Snapshot                   # noqa: E402
 
+try:
+    import ml_dtypes
+    HALF_TYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+except ImportError:
+    HALF_TYPES = [np.dtype(np.float16)]
+try:
+    from mpi4py import MPI
+except ImportError:
+    MPI = None
+
 CALLS = 0
 ERRORS = {}
 FAILURES = []
@@ -34,6 +49,50 @@ FAILURES = []
 DTYPES = [np.float32, np.float64, np.float32, np.float64, np.float16, np.int32, np.bool_,
           np.complex64, object]
 SPECIAL = [np.nan, np.inf, -np.inf, 1e30, -1e-30, 0.0, 1e300]
+# values near each 16-bit type's range: subnormal, smallest normal, near the maximum
+NEAR_RANGE = {"float16": [6e-8, 5e-5, 6.2e-5, 1.0, 6e4, 65504.0],
+              "bfloat16": [1e-40, 1e-38, 1.2e-38, 1.0, 3e38, 3.38e38]}
+MODE = ["ignore"]         # this example's floating-point error mode (see _errors)
+
+
+class ConversionError(Exception):
+    """What an Unconvertible raises: not a TypeError or ValueError."""
+
+
+class Unconvertible:
+    """An array-like whose conversion raises (as np.asarray of a torch tensor that requires
+    grad raises RuntimeError)."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise ConversionError("this object cannot become an array")
+
+    def __float__(self):
+        raise ConversionError("this object cannot become a number")
+
+
+@contextlib.contextmanager
+def _errors(mode):
+    """The caller's floating-point error handling around one call."""
+    with warnings.catch_warnings():
+        if mode == "ignore":
+            with np.errstate(all="ignore"):
+                yield
+            return
+        warnings.simplefilter("error")     # any warning fastbn lets out is a failure
+        with np.errstate(all="raise" if mode == "raise" else "warn"):
+            yield
+
+
+@st.composite
+def half_buffer(draw, C):
+    """A 16-bit running buffer of C values near its dtype's range (sometimes strided)."""
+    dt = draw(st.sampled_from(HALF_TYPES))
+    values = draw(st.lists(st.sampled_from(NEAR_RANGE[dt.name]), min_size=C, max_size=C))
+    with np.errstate(all="ignore"):
+        a = np.array(values, np.float64).astype(dt)
+    if draw(st.booleans()):
+        a = np.repeat(a, 2)[::2]
+    return a
 
 
 @st.composite
@@ -95,7 +154,7 @@ def _flag(draw, valid):
 
 def _junk(draw, pool):
     return draw(st.sampled_from(pool + [None, None, 0, -1, 1.5, np.nan, "NCHW", True, [1.0, 2.0],
-                                        1j, np.float32(2.0)]))
+                                        1j, np.float32(2.0), Unconvertible()]))
 
 
 def _count(fn):
@@ -107,8 +166,9 @@ def _count(fn):
 def _check_call(name, fn, args, kwargs, allowed=(TypeError, ValueError)):
     snap = Snapshot(args, kwargs)
     _count(fn)
+    allowed = tuple(allowed) + (ConversionError,)
     try:
-        with np.errstate(all="ignore"):
+        with _errors(MODE[0]):
             res = fn(*args, **kwargs)
     except allowed as e:
         ERRORS[(name, type(e).__name__)] = ERRORS.get((name, type(e).__name__), 0) + 1
@@ -155,6 +215,7 @@ def channel_like(draw, C, pool, valid=False):
 
 def fuzz_once(data):
     draw = data.draw
+    MODE[0] = draw(st.sampled_from(["ignore", "ignore", "raise", "error"]))
     # half of the examples are valid calls (so the kernels run), half anything goes
     valid = draw(st.booleans())
     if valid:
@@ -190,10 +251,14 @@ def fuzz_once(data):
         return None
 
     which = draw(st.sampled_from(["train", "infer", "backward", "fold", "renorm", "layer",
-                                  "renorm_layer", "onnx", "caffe", "scale", "fuse"]))
+                                  "renorm_layer", "onnx", "caffe", "scale", "fuse", "relu",
+                                  "sync"]))
+    half = draw(st.integers(0, 3)) == 0 and C >= 0     # 16-bit running buffers
     if which == "train":
         w, b = vec(), vec()
         rm, rv = (vec(), vec()) if draw(st.booleans()) else (None, None)
+        if half:
+            rm, rv = draw(half_buffer(C)), draw(half_buffer(C))
         if rm is not None and isinstance(rm, np.ndarray) and rm.flags.writeable is False \
                 and draw(st.booleans()):
             rm = rm.copy()
@@ -249,6 +314,8 @@ def fuzz_once(data):
                     [vec(), vec(), vec(), vec()], dict(eps=eps))
     elif which == "renorm":
         w, b, rm, rs = vec(), vec(), vec(), vec()
+        if half:
+            rm, rs = draw(half_buffer(C)), draw(half_buffer(C))
         kw = dict(rmax=draw(st.sampled_from([3.0, 1.0, 0.5, np.inf])),
                   dmax=draw(st.sampled_from([5.0, 0.0, -1.0])),
                   momentum=draw(st.sampled_from([0.01, 1.5])), eps=eps, layout=layout,
@@ -300,7 +367,8 @@ def fuzz_once(data):
                             allowed)
     elif which == "onnx":
         _check_call("onnx.batch_normalization", onnx.batch_normalization,
-                    [x, vec(), vec(), vec(), vec()],
+                    [x, vec(), vec()] + ([draw(half_buffer(C)), draw(half_buffer(C))] if half
+                                         else [vec(), vec()]),
                     dict(epsilon=eps, momentum=draw(st.sampled_from([0.9, 0.0, 1.5])),
                          training_mode=draw(st.sampled_from([0, 1, 2, True]))))
     elif which == "caffe":
@@ -330,10 +398,72 @@ def fuzz_once(data):
         _check_call("caffe.Scale.forward", layer.forward, [x], {}, allowed)
         _check_call("caffe.Scale.backward", layer.backward,
                     [draw(arrays(shape=x.shape, float_only=True))], {}, allowed)
+    elif which == "relu":
+        fuzz_relu(draw, x, C, vec, layout, nt, eps, make_out, half)
+    elif which == "sync":
+        if MPI is not None:
+            fuzz_sync(draw, x, C, vec, layout, nt, eps, make_out, half)
     else:
         wshape = draw(st.sampled_from([(C, 3, 2, 2), (C, 4), (C,), (C + 1, 2), ()]))
         _check_call("fuse_conv_bn", fastbn.fuse_conv_bn,
                     [draw(arrays(shape=wshape)), vec(), vec(), vec(), vec(), vec(), eps], {})
+
+
+def fuzz_relu(draw, x, C, vec, layout, nt, eps, make_out, half):
+    """The fused residual add + ReLU: train (16-bit running buffers too), infer, backward."""
+    w, b = vec(), vec()
+    kind = draw(st.sampled_from(["none", "x", "like", "junk"]))
+    residual = x if kind == "x" else _junk(draw, [x]) if kind == "junk" else \
+        draw(arrays(shape=x.shape, float_only=True)) if kind == "like" and x.ndim else None
+    rm, rv = (draw(half_buffer(C)), draw(half_buffer(C))) if half else (None, None)
+    res = _check_call("batch_norm_relu_train", fastbn.batch_norm_relu_train, [x, w, b],
+                      dict(residual=residual, eps=eps, layout=layout, running_mean=rm,
+                           running_var=rv, out=make_out(x), num_threads=nt))
+    if isinstance(res, Exception):
+        _check_call("batch_norm_relu_infer", fastbn.batch_norm_relu_infer,
+                    [x, vec(), vec(), w, b],
+                    dict(residual=residual, eps=eps, layout=layout, num_threads=nt))
+        return
+    y, mean, invstd = res
+    g = draw(arrays(shape=x.shape, float_only=True))
+    if g.dtype != y.dtype and draw(st.booleans()):
+        with np.errstate(all="ignore"):
+            g = g.astype(y.dtype)
+    dres = draw(st.sampled_from([None, "fresh", "g"]))
+    dres = np.empty_like(y) if dres == "fresh" else g if dres == "g" else None
+    _check_call("batch_norm_relu_backward", fastbn.batch_norm_relu_backward,
+                [g, y, x, mean, invstd, w],
+                dict(layout=layout, out=make_out(g), dresidual=dres, num_threads=nt))
+
+
+def fuzz_sync(draw, x, C, vec, layout, nt, eps, make_out, half):
+    """The synchronized calls on MPI.COMM_SELF: the local calls' results and errors."""
+    w, b = vec(), vec()
+    rm, rv = (draw(half_buffer(C)), draw(half_buffer(C))) if half else \
+        ((vec(), vec()) if draw(st.booleans()) else (None, None))
+    kw = dict(comm=MPI.COMM_SELF, eps=eps, layout=layout, running_mean=rm, running_var=rv,
+              momentum=draw(st.sampled_from([0.1, 0.0, 1.0, -0.5])), out=make_out(x),
+              num_threads=nt)
+    x_before = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+    res = _check_call("sync_batch_norm_train", fastbn.distributed.sync_batch_norm_train,
+                      [x, w, b], kw)
+    if isinstance(res, Exception):
+        return
+    y, mean, invstd = res
+    if _moderate(x_before, w, b) and C > 0:
+        try:
+            with np.errstate(all="ignore"):
+                want = reference.batch_norm_train(x_before, w, b, eps=eps, layout=layout)
+        except (TypeError, ValueError):
+            return
+        assert _close(mean, want[1], 1e-5), "sync mean"
+    g = draw(arrays(shape=x.shape, float_only=True))
+    if g.dtype != y.dtype:
+        with np.errstate(all="ignore"):
+            g = g.astype(y.dtype)
+    _check_call("sync_batch_norm_backward", fastbn.distributed.sync_batch_norm_backward,
+                [g, x, mean, invstd, draw(st.sampled_from([w, vec()]))],
+                dict(comm=MPI.COMM_SELF, layout=layout, out=make_out(g), num_threads=nt))
 
 
 def main():
@@ -364,7 +494,8 @@ def main():
         rounds += 1
         print(f"round {rounds}: {CALLS} calls, {time.time() - t0:.0f} s, "
               f"{len(FAILURES)} failing rounds", flush=True)
-    print(f"\n{CALLS} calls in {time.time() - t0:.0f} s; failures: {len(FAILURES)}")
+    print(f"\n{CALLS} calls in {time.time() - t0:.0f} s, seed {args.seed}; "
+          f"failures: {len(FAILURES)}")
     for (name, kind), n in sorted(ERRORS.items()):
         print(f"  {name:<32} {kind:<12} {n}")
     return 1 if FAILURES else 0
