@@ -6,6 +6,7 @@ MAX_THREADS; small inputs run on one thread (:func:`effective_threads`). The ker
 that count as an explicit argument: how they split the work among the threads (whole
 channels, a team per channel, chunks of rows) never changes their results.
 """
+import contextlib
 import operator
 import os
 
@@ -105,3 +106,17 @@ def effective_threads(num_threads, size, planar=False):
     if size < (SERIAL_BELOW_PLANAR if planar else SERIAL_BELOW_ROWS) or not OPENMP:
         return 1
     return get_num_threads() if num_threads is None else num_threads
+
+
+@contextlib.contextmanager
+def serial_below(*, planar, rows):
+    """Within the block, the serial thresholds are `planar` and `rows` values (0: every
+    input may run on several threads); for measuring where they belong (``python -m fastbn
+    --crossover``). Not thread-safe: it changes them for every thread of the process."""
+    global SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS
+    saved = SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS
+    SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS = planar, rows
+    try:
+        yield
+    finally:
+        SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS = saved

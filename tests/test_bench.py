@@ -1,11 +1,12 @@
-"""The speed table machinery behind `python -m fastbn` runs, with and without PyTorch."""
+"""The benchmarks (fastbn.bench): the speed table behind `python -m fastbn` runs, with and
+without PyTorch; the Caffe engines' rows."""
 import io
 
 import numpy as np
 import pytest
 
-from fastbn import _bench
-from fastbn import __main__ as main
+from fastbn.bench import caffe as caffe_bench
+from fastbn.bench import cli, plot, table, timing
 
 
 @pytest.mark.parametrize("with_torch", [False, True])
@@ -13,7 +14,7 @@ def test_run_small_table(with_torch):
     if with_torch:
         pytest.importorskip("torch")
     out = io.StringIO()
-    rows = _bench.run(shapes=[(8, 32, 8, 8), (33, 64, 32, 32)], layouts=("NCHW", "NHWC"),
+    rows = table.run(shapes=[(8, 32, 8, 8), (33, 64, 32, 32)], layouts=("NCHW", "NHWC"),
                       rounds=1, with_torch=with_torch, caffe=False, file=out)
     text = out.getvalue()
     assert "openmp" in text and "(8, 32, 8, 8)" in text
@@ -22,13 +23,13 @@ def test_run_small_table(with_torch):
         for op in ("train", "infer", "backward", "brn_train"):
             assert ((8, 32, 8, 8), layout, op) in ops
         assert ((33, 64, 32, 32), layout, "train_out") in ops      # roofline row (8 MB)
-    timed = [r for r in rows if r["op"] in _bench.OPS]
+    timed = [r for r in rows if r["op"] in table.OPS]
     assert all(r["fastbn"] > 0 and r["ref"] > 0 for r in timed)
     if with_torch:
         assert all(np.isfinite(r["vs_torch"]) for r in timed)
     else:
         assert all(np.isnan(r["vs_torch"]) for r in timed)
-    md = _bench.markdown(rows, threads=2)
+    md = table.markdown(rows, threads=2)
     assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 4
 
 
@@ -36,7 +37,7 @@ def test_fused_rows(monkeypatch):
     """The fused-ReLU rows: every ratio measured and finite, in the Markdown table, and
     python -m fastbn --fused runs them alone."""
     out = io.StringIO()
-    rows = _bench.fused_table(shapes=[(4, 8, 16, 16)], layouts=("NCHW", "NHWC"), rounds=1,
+    rows = table.fused_table(shapes=[(4, 8, 16, 16)], layouts=("NCHW", "NHWC"), rounds=1,
                               file=out)
     assert [r["layout"] for r in rows] == ["NCHW", "NHWC"]
     for r in rows:
@@ -44,11 +45,11 @@ def test_fused_rows(monkeypatch):
                   "relu_backward"):
             assert np.isfinite(r[k]) and r[k] > 0, k
     assert out.getvalue().count("relu_backward/backward") == 2
-    md = _bench.markdown(rows, threads=2)
+    md = table.markdown(rows, threads=2)
     assert md.count("relu_backward / backward") == 2
     seen = {}
-    monkeypatch.setattr(_bench, "fused_table", lambda **kw: seen.update(kw) or [])
-    main.main(["--fused", "--layout", "NHWC", "--rounds", "2"])
+    monkeypatch.setattr(table, "fused_table", lambda **kw: seen.update(kw) or [])
+    cli.main(["--fused", "--layout", "NHWC", "--rounds", "2"])
     assert seen["layouts"] == ("NHWC",) and seen["rounds"] == 2
 
 
@@ -56,7 +57,7 @@ def test_crossover_table_restores_thresholds():
     from fastbn import _threads
     saved = _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR
     out = io.StringIO()
-    _bench.crossover(sizes=(1 << 12,), rounds=2, file=out)
+    table.crossover(sizes=(1 << 12,), rounds=2, file=out)
     lines = out.getvalue().splitlines()
     assert lines[0].split()[:3] == ["values", "layout", "op"]
     assert [line.split()[:3] for line in lines[1:]] == [
@@ -67,7 +68,7 @@ def test_crossover_table_restores_thresholds():
 
 
 def test_make_data_layouts():
-    x, dy, w, b = _bench.make_data((2, 3, 4, 5), "NHWC", np.float32)
+    x, dy, w, b = timing.make_data((2, 3, 4, 5), "NHWC", np.float32)
     assert x.shape == dy.shape == (2, 4, 5, 3) and w.shape == b.shape == (3,)
     assert x.dtype == np.float32 and np.isfinite(x).all()
 
@@ -78,18 +79,26 @@ def test_main_quick_args(monkeypatch):
     def fake_run(**kw):
         seen.update(kw)
         return []
-    monkeypatch.setattr(_bench, "run", fake_run)
-    main.main(["--quick", "--layout", "NHWC", "--threads", "1", "--dtype", "float64"])
-    assert seen["shapes"] == _bench.QUICK_SHAPES and seen["layouts"] == ("NHWC",)
+    monkeypatch.setattr(table, "run", fake_run)
+    cli.main(["--quick", "--layout", "NHWC", "--threads", "1", "--dtype", "float64"])
+    assert seen["shapes"] == table.QUICK_SHAPES and seen["layouts"] == ("NHWC",)
     assert seen["threads"] == 1 and seen["dtype"] is np.float64 and seen["rounds"] == 3
 
 
 def test_plot_of_a_small_table(tmp_path):
     pytest.importorskip("matplotlib")
-    from fastbn import _plot
     rows = [dict(shape=s, layout=L, op=op, vs_torch=r)
             for s, r in (((8, 32, 8, 8), 0.5), ((32, 64, 16, 16), 1.5))
-            for L in ("NCHW", "NHWC") for op in _bench.OPS]
+            for L in ("NCHW", "NHWC") for op in table.OPS]
     path = tmp_path / "speed.png"
-    _plot.plot(rows, str(path), "test")
+    plot.plot(rows, str(path), "test")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_caffe_rows_structure():
+    rows = caffe_bench.bench_rows([(2, 3, 4, 4)], rounds=1)
+    assert [r["op"] for r in rows] == ["forward TRAIN", "backward"]
+    for r in rows:
+        assert r["shape"] == (2, 3, 4, 4) and r["dtype"] == "float32"
+        assert r["fused"] > 0 and r["gemv"] > 0
+        assert r["ratio"] == pytest.approx(r["gemv"] / r["fused"])

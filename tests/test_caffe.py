@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from fastbn import _blas
-from fastbn._bench_caffe import bench_rows
 from fastbn.caffe import BatchNorm, Scale, from_pytorch_state, to_pytorch_state
 
 ENGINES = ("fused", "gemv")
@@ -364,15 +363,6 @@ def test_blas_wrappers_match_numpy(dtype):
     np.testing.assert_array_equal(z, y7)
     with pytest.raises(ValueError, match="gemv"):
         _blas.gemv(False, 1.0, A, x7, 0.0, y7.copy())
-
-
-def test_bench_rows_structure():
-    rows = bench_rows([(2, 3, 4, 4)], rounds=1)
-    assert [r["op"] for r in rows] == ["forward TRAIN", "backward"]
-    for r in rows:
-        assert r["shape"] == (2, 3, 4, 4) and r["dtype"] == "float32"
-        assert r["fused"] > 0 and r["gemv"] > 0
-        assert r["ratio"] == pytest.approx(r["gemv"] / r["fused"])
 
 
 # ---- bad arguments: exception type, the argument's name, nothing changed -----------------

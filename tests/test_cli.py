@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fastbn import __main__ as main
-from fastbn import _bench, _bench_distributed, _plot
+from fastbn.bench import cli, options, plot, table
+from fastbn.bench import distributed as dist_bench
 
 
 @pytest.fixture
@@ -16,9 +16,9 @@ def no_work(monkeypatch):
     work started."""
     ran = []
     for name in ("run", "fused_table", "crossover"):
-        monkeypatch.setattr(_bench, name, lambda *a, _n=name, **kw: ran.append(_n) or [])
-    monkeypatch.setattr(_bench_distributed, "launch", lambda args: ran.append("launch") or 0)
-    monkeypatch.setattr(_bench_distributed, "worker", lambda args: ran.append("worker"))
+        monkeypatch.setattr(table, name, lambda *a, _n=name, **kw: ran.append(_n) or [])
+    monkeypatch.setattr(dist_bench, "launch", lambda args: ran.append("launch") or 0)
+    monkeypatch.setattr(dist_bench, "worker", lambda args: ran.append("worker"))
     return ran
 
 
@@ -38,14 +38,14 @@ BAD_COUNTS = ["0", "-1", "1.5", "x", ""]
 @pytest.mark.parametrize("value", BAD_COUNTS)
 @pytest.mark.parametrize("mode", [[], ["--quick"], ["--fused"]])
 def test_counts_must_be_positive(option, value, mode, capsys, no_work):
-    refused(main.main, mode + [option, value], capsys, f"argument {option}", ">= 1")
+    refused(cli.main, mode + [option, value], capsys, f"argument {option}", ">= 1")
     assert not no_work
 
 
 @pytest.mark.parametrize("option", ["--threads", "--rounds"])
 @pytest.mark.parametrize("value", BAD_COUNTS)
 def test_distributed_counts_must_be_positive(option, value, capsys, no_work):
-    refused(_bench_distributed.main, ["--bench", option, value], capsys,
+    refused(dist_bench.main, ["--bench", option, value], capsys,
             f"argument {option}", ">= 1")
     assert not no_work
 
@@ -61,14 +61,14 @@ def test_distributed_counts_must_be_positive(option, value, capsys, no_work):
     (["--bench", "--bogus"], "unrecognized"),
 ])
 def test_distributed_options(argv, needle, capsys, no_work):
-    refused(_bench_distributed.main, argv, capsys, needle)
+    refused(dist_bench.main, argv, capsys, needle)
     assert not no_work
 
 
 def test_distributed_good_options_reach_the_benchmark(no_work, monkeypatch):
-    monkeypatch.setattr(_bench_distributed, "under_mpiexec", lambda: False)
-    monkeypatch.setattr(_bench_distributed.importlib.util, "find_spec", lambda name: True)
-    assert _bench_distributed.main(["--bench", "--threads", "2", "--rounds", "1"]) == 0
+    monkeypatch.setattr(dist_bench, "under_mpiexec", lambda: False)
+    monkeypatch.setattr(dist_bench.importlib.util, "find_spec", lambda name: True)
+    assert dist_bench.main(["--bench", "--threads", "2", "--rounds", "1"]) == 0
     assert no_work == ["launch"]
 
 
@@ -76,14 +76,14 @@ def test_distributed_good_options_reach_the_benchmark(no_work, monkeypatch):
 def test_output_paths_are_tried_first(option, tmp_path, capsys, no_work):
     ext = ".md" if option == "--markdown" else ".png"
     missing_dir = str(tmp_path / "no" / "such" / ("table" + ext))
-    refused(main.main, ["--quick", option, missing_dir], capsys, f"argument {option}",
+    refused(cli.main, ["--quick", option, missing_dir], capsys, f"argument {option}",
             "cannot write", "No such file or directory")
-    refused(main.main, ["--quick", option, str(tmp_path)], capsys, f"argument {option}",
+    refused(cli.main, ["--quick", option, str(tmp_path)], capsys, f"argument {option}",
             "is a directory")
     if os.geteuid() != 0:                 # root writes anywhere: the mode bits do not stop it
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        refused(main.main, ["--quick", option, str(locked / ("t" + ext))], capsys,
+        refused(cli.main, ["--quick", option, str(locked / ("t" + ext))], capsys,
                 "cannot write")
     assert not no_work and not (tmp_path / "no").exists()
 
@@ -91,30 +91,30 @@ def test_output_paths_are_tried_first(option, tmp_path, capsys, no_work):
 def test_path_probe_leaves_files_as_they_were(tmp_path, no_work):
     existing = tmp_path / "old.md"
     existing.write_text("keep me\n")
-    assert _bench.writable_file(str(existing)) == str(existing)
+    assert options.writable_file(str(existing)) == str(existing)
     assert existing.read_text() == "keep me\n"
     new = tmp_path / "new.md"
-    assert _bench.writable_file(str(new)) == str(new) and not new.exists()
+    assert options.writable_file(str(new)) == str(new) and not new.exists()
 
 
 def test_plot_format_and_needs(tmp_path, capsys, no_work, monkeypatch):
     pytest.importorskip("matplotlib")
-    refused(main.main, ["--quick", "--plot", str(tmp_path / "speed.txt")], capsys,
+    refused(cli.main, ["--quick", "--plot", str(tmp_path / "speed.txt")], capsys,
             "--plot", ".png", "speed.txt")
-    refused(main.main, ["--quick", "--plot", str(tmp_path / "speed")], capsys, "--plot")
-    monkeypatch.setattr(_plot, "available", lambda: False)
-    refused(main.main, ["--quick", "--plot", str(tmp_path / "speed.png")], capsys,
+    refused(cli.main, ["--quick", "--plot", str(tmp_path / "speed")], capsys, "--plot")
+    monkeypatch.setattr(plot, "available", lambda: False)
+    refused(cli.main, ["--quick", "--plot", str(tmp_path / "speed.png")], capsys,
             "matplotlib", "pip install")
     assert not no_work and not list(tmp_path.iterdir())
 
 
 def test_peer_options_need_torch(tmp_path, capsys, no_work, monkeypatch):
-    real = main.importlib.util.find_spec
-    monkeypatch.setattr(main.importlib.util, "find_spec",
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
                         lambda name: None if name == "torch" else real(name))
-    refused(main.main, ["--vs-torch"], capsys, "--vs-torch", "pip install torch")
-    if _plot.available():
-        refused(main.main, ["--plot", str(tmp_path / "s.png")], capsys, "--plot",
+    refused(cli.main, ["--vs-torch"], capsys, "--vs-torch", "pip install torch")
+    if plot.available():
+        refused(cli.main, ["--plot", str(tmp_path / "s.png")], capsys, "--plot",
                 "pip install torch")
     assert not no_work
 
@@ -131,23 +131,23 @@ def test_peer_options_need_torch(tmp_path, capsys, no_work, monkeypatch):
     (["--bogus"], "unrecognized"),
 ])
 def test_combinations_that_would_be_ignored(argv, needle, capsys, no_work):
-    refused(main.main, argv, capsys, needle)
+    refused(cli.main, argv, capsys, needle)
     assert not no_work
 
 
 def test_bfloat16_needs_ml_dtypes(capsys, no_work, monkeypatch):
-    real = main.importlib.util.find_spec
-    monkeypatch.setattr(main.importlib.util, "find_spec",
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
                         lambda name: None if name == "ml_dtypes" else real(name))
-    refused(main.main, ["--quick", "--dtype", "bfloat16"], capsys, "ml_dtypes")
+    refused(cli.main, ["--quick", "--dtype", "bfloat16"], capsys, "ml_dtypes")
     assert not no_work
 
 
 def test_good_options_reach_the_benchmark(no_work, tmp_path):
-    assert main.main(["--quick", "--threads", "1", "--rounds", "1",
+    assert cli.main(["--quick", "--threads", "1", "--rounds", "1",
                       "--markdown", str(tmp_path / "t.md")]) == 0
-    assert main.main(["--fused", "--layout", "NCHW", "--rounds", "2", "--threads", "1"]) == 0
-    assert main.main(["--crossover"]) == 0
+    assert cli.main(["--fused", "--layout", "NCHW", "--rounds", "2", "--threads", "1"]) == 0
+    assert cli.main(["--crossover"]) == 0
     assert no_work == ["run", "fused_table", "crossover"]
     assert (tmp_path / "t.md").exists()          # written after the (recorded) run
 

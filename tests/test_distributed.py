@@ -7,17 +7,25 @@ test instead of the suite. Without mpi4py or an mpiexec they are skipped, with t
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from fastbn import _bench_distributed
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "mpi", "sync_checks.py")
-MPIEXEC = _bench_distributed.mpiexec()
+
+
+def _mpiexec():
+    """The mpiexec of this environment (pip install mpich puts it next to the Python), else
+    the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
 HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 HAVE_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
 

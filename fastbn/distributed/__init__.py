@@ -29,12 +29,12 @@ import zlib
 
 import numpy as np
 
-from . import _memory, functional
-from ._threads import effective_threads
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
+from .. import _memory, functional
+from .._threads import effective_threads
+from .._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
                         momentum_value, out_array, rounded, running_buffers)
-from .functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
-from .layers import BatchNorm
+from ..functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
+from ..layers import BatchNorm
 
 __all__ = ["sync_batch_norm_train", "sync_batch_norm_backward", "SyncBatchNorm"]
 
@@ -85,6 +85,27 @@ def _fail_together(comm, error, what):
     _exchange(comm, _Local(error), what)
 
 
+def _wire(meta, data, error):
+    """The one message format of the all-gather: a process's meta, data and error."""
+    return (meta, data, error)
+
+
+def forward_message(C, count, dtype, layout, *, eps=1e-5, weight=True, bias=True,
+                    running=False, momentum=0.1):
+    """The message a process sends in the all-gather of :func:`sync_batch_norm_train` for
+    these arguments (statistics zero): its size is the communication of one call, which
+    the benchmark times alone."""
+    return _wire(_train_meta(C, dtype, layout, eps, weight, bias, running, momentum),
+                 (count, np.zeros(C), np.zeros(C)), None)
+
+
+def backward_message(C, count, dtype, layout, mean, invstd, *, weight=True):
+    """The message a process sends in the all-gather of :func:`sync_batch_norm_backward`
+    for these arguments (sums zero), as :func:`forward_message`."""
+    return _wire(_backward_meta(C, dtype, layout, weight, _digest(mean, invstd)),
+                 (count, np.zeros((2, C))), None)
+
+
 def _message(exc):
     """str(exc), or a note when even that raises."""
     try:
@@ -98,7 +119,7 @@ def _exchange(comm, local, what):
     process failed or the metas differ. Returns the list of data, in rank order."""
     error = None if local.error is None else (type(local.error).__name__,
                                               _message(local.error))
-    everyone = comm.allgather((local.meta, local.data, error))
+    everyone = comm.allgather(_wire(local.meta, local.data, error))
     failed = [(r, e) for r, (_, _, e) in enumerate(everyone) if e is not None]
     if failed:
         if local.error is not None:
@@ -435,12 +456,3 @@ class SyncBatchNorm(BatchNorm):
         raise TypeError("a SyncBatchNorm holds an MPI communicator and does not pickle; "
                         "save its state_dict() instead")
 
-
-def _main(argv=None):
-    from . import _bench_distributed
-    return _bench_distributed.main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(_main())

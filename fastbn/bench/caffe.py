@@ -1,17 +1,17 @@
 """Speed of the Caffe BatchNorm layer's two engines (``engine="fused"`` vs ``"gemv"``).
 
 Both engines run in one process, one after the other (each the best of its rounds), on the
-same data from fastbn._bench.make_data, writing into preallocated outputs (as Caffe's top
-and bottom blobs are). They are not interleaved: OpenBLAS's threads spin for a while after
-each gemv call and would slow the fused engine's threads that follow. ``python -m fastbn._bench_caffe``
-prints the rows.
+same data from fastbn.bench.timing.make_data, writing into preallocated outputs (as Caffe's
+top and bottom blobs are). They are not interleaved: OpenBLAS's threads spin for a while
+after each gemv call and would slow the fused engine's threads that follow.
+``python -m fastbn.bench.caffe`` prints the rows.
 """
 import sys
 
 import numpy as np
 
-from ._bench import interleaved, make_data
-from .caffe import ENGINES, BatchNorm
+from ..caffe import ENGINES, BatchNorm
+from .timing import interleaved, make_data
 
 SHAPES = [(32, 256, 56, 56), (8, 32, 8, 8)]
 
@@ -36,7 +36,7 @@ def bench_rows(shapes=SHAPES, dtype=np.float32, rounds=5):
     Examples
     --------
     >>> import numpy as np
-    >>> from fastbn._bench_caffe import bench_rows
+    >>> from fastbn.bench.caffe import bench_rows
     >>> rows = bench_rows([(2, 3, 4, 4)], rounds=1)
     >>> [r["op"] for r in rows], sorted(rows[0])
     (['forward TRAIN', 'backward'], ['dtype', 'fused', 'gemv', 'op', 'ratio', 'shape'])

@@ -22,7 +22,10 @@ import time
 
 import numpy as np
 
-from . import _bench, _config, functional
+from .. import _config, distributed, functional
+from .._dispatch import kernels
+from .options import positive_count
+from .timing import make_data
 
 DEFAULT_SHAPE = (16, 256, 28, 28)
 COLUMNS = ("local fwd", "sync fwd", "read", "comm fwd", "local bwd", "sync bwd", "comm bwd")
@@ -58,9 +61,9 @@ def parser():
                    help="per-process x, given NCHW (default 16,256,28,28)")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=_bench.positive_count, default=1,
+    p.add_argument("--threads", type=positive_count, default=1,
                    help="threads per process, >= 1 (default 1)")
-    p.add_argument("--rounds", type=_bench.positive_count, default=15,
+    p.add_argument("--rounds", type=positive_count, default=15,
                    help="rounds (best of), >= 1 (default 15)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -139,12 +142,10 @@ def worker(args):
     """Measure on the processes of COMM_WORLD; the slowest process's best times, on rank 0."""
     from mpi4py import MPI
 
-    from . import distributed
-
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     dtype = np.dtype(args.dtype).type
-    x, dy, _, _ = _bench.make_data(args.shape, args.layout, dtype, seed=rank)
+    x, dy, _, _ = make_data(args.shape, args.layout, dtype, seed=rank)
     C = args.shape[1]
     params = np.random.default_rng(0)                  # the same parameters everywhere
     w = params.uniform(0.5, 1.5, C).astype(dtype)
@@ -155,12 +156,10 @@ def worker(args):
     _, mean_l, invstd_l = functional.batch_norm_train(x, w, b, layout=args.layout)
     _, mean_s, invstd_s = distributed.sync_batch_norm_train(x, w, b, comm=comm,
                                                             layout=args.layout)
-    # the messages of the two collectives, alone (what _exchange sends)
-    fwd_payload = (distributed._train_meta(C, dtype, args.layout, 1e-5, True, True, False, 0.1),
-                   (x.size // C, np.zeros(C), np.zeros(C)), None)
-    bwd_payload = (distributed._backward_meta(C, dtype, args.layout, True,
-                                              distributed._digest(mean_s, invstd_s)),
-                   (x.size // C, np.zeros((2, C))), None)
+    # the messages of the two collectives, alone
+    fwd_payload = distributed.forward_message(C, x.size // C, dtype, args.layout)
+    bwd_payload = distributed.backward_message(C, x.size // C, dtype, args.layout, mean_s,
+                                               invstd_s)
     xr = np.ascontiguousarray(x).reshape(-1).view(np.float32)
 
     calls = [
@@ -168,7 +167,7 @@ def worker(args):
                                             num_threads=t),
         lambda: distributed.sync_batch_norm_train(x, w, b, comm=comm, layout=args.layout,
                                                   out=y_sync, num_threads=t),
-        lambda: functional._kernels.read_pass(xr, t),
+        lambda: kernels.read_pass(xr, t),
         lambda: comm.allgather(fwd_payload),
         lambda: functional.batch_norm_backward(dy, x, mean_l, invstd_l, w, layout=args.layout,
                                                out=dx_local, num_threads=t),

@@ -6,7 +6,7 @@ parity is the dashed line at 1. It needs matplotlib (``pip install "fastbn[plot]
 """
 import numpy as np
 
-from . import _bench
+from .table import OPS
 
 NEEDS = "--plot needs matplotlib: pip install 'fastbn[plot]' (or: pip install matplotlib)"
 
@@ -38,7 +38,7 @@ def plot(rows, path, title, dtype=np.float32):
     fig, axes = plt.subplots(1, max(1, len(layouts)), figsize=(6 * max(1, len(layouts)), 4.5),
                              sharey=True, squeeze=False)
     for ax, layout in zip(axes[0], layouts):
-        for op, marker in zip(_bench.OPS, "os^"):
+        for op, marker in zip(OPS, "os^"):
             pts = sorted((int(np.prod(r["shape"])) * itemsize, r["vs_torch"])
                          for r in rows if r.get("op") == op and r["layout"] == layout
                          and np.isfinite(r.get("vs_torch", np.nan)))

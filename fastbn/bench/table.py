@@ -1,0 +1,243 @@
+"""The speed table behind ``python -m fastbn``: fastbn against its NumPy reference and
+PyTorch for every shape and layout, fastbn against itself and against the memory system
+(the roofline rows), and the serial-threshold crossover table.
+"""
+import sys
+
+import numpy as np
+
+from .. import _config, _threads, functional
+from . import caffe as caffe_rows
+from .case import Case
+from .timing import interleaved, make_data, torch_module
+
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
+          (16, 128, 28, 28), (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
+LARGE = SHAPES[:3]             # beyond the caches: memory-bound
+QUICK_SHAPES = [(32, 256, 56, 56), (1, 64, 56, 56), (8, 32, 8, 8), (256, 1024)]
+OPS = ("train", "infer", "backward")
+# Inputs above this many bytes get the rows that compare fastbn with itself and with the
+# memory system (self, fused, train out=), and one round of the slow NumPy reference: at
+# 8 MiB an input is past the per-core L2 of every machine this project runs on (1-2 MiB)
+# and past most of their shared L3, so those rows show the memory system, not the caches.
+LARGE_BYTES = 8 << 20
+# A pass that reads x (or the residual) once more is held to this many read passes: a
+# stated budget (one pass and 30% for the merge and the second parallel region), not a
+# measurement; a ratio <= 1 against it means the extra read costs at most that.
+READ_ALLOWANCE = 1.3
+
+
+def _fmt_ms(t):
+    return f"{'-':>9}" if not np.isfinite(t) else f"{t * 1e3:9.3f}"
+
+
+def _fmt_ratio(r):
+    return f"{'-':>6}" if not np.isfinite(r) else f"{r:6.2f}"
+
+
+def _ratio(a, b):
+    """a / b, NaN when either time is missing (a column that was not measured)."""
+    return a / b if np.isfinite(a) and np.isfinite(b) else float("nan")
+
+
+def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
+        rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, fused=True,
+        file=None):
+    """Print the speed table; return its rows as dicts."""
+    file = file or sys.stdout
+    threads = _threads.get_num_threads() if threads is None else threads
+    torch = torch_module() if with_torch else None
+    if torch is not None:
+        torch.set_num_threads(threads)
+    _config.show_config(file=file)
+    print(f"  {'threads used':<16} {threads}", file=file)
+    print(f"  {'torch':<16} {torch.__version__ if torch is not None else 'not installed'}",
+          file=file)
+    print(f"\ndtype {np.dtype(dtype).name}; times in ms, best of {rounds} interleaved rounds; "
+          "ref = NumPy reference (fastbn.reference); speed-up = ref/fastbn; "
+          "vs torch = fastbn/torch (lower is better)\n", file=file)
+    head = (f"{'shape':<20} {'layout':<6} {'op':<9} {'fastbn':>9} {'ref':>9} {'torch':>9} "
+            f"{'speed-up':>8} {'vs torch':>8}")
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    rows = []
+    total = len(shapes) * len(layouts)
+    done = 0
+    for shape in shapes:
+        for layout in layouts:
+            if len(shape) == 2 and layout == "NHWC":
+                done += 1
+                continue          # (N, C) is the same array in both layouts
+            case = Case(shape, layout, dtype, threads, torch)
+            nbytes = case.x.nbytes
+            for op in OPS:
+                ref_rounds = 1 if nbytes > LARGE_BYTES else 3
+                t_fast, t_peer = interleaved([case.fast(op), case.peer(op)], rounds)
+                t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
+                         if with_reference else np.inf)
+                row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
+                           torch=t_peer, speedup=_ratio(t_ref, t_fast),
+                           vs_torch=_ratio(t_fast, t_peer))
+                rows.append(row)
+                print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
+                      f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
+                      f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
+            t_bn, t_brn = interleaved([case.fast("train"), case.renorm_train()], rounds)
+            row = dict(shape=shape, layout=layout, op="brn_train", fastbn=t_brn, bn=t_bn,
+                       vs_bn=t_brn / t_bn)
+            rows.append(row)
+            print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
+                  f"batch_renorm_train / batch_norm_train: {row['vs_bn']:.2f}",
+                  file=file, flush=True)
+            if nbytes > LARGE_BYTES:
+                rows.append(self_ratios(case, shape, layout, rows, rounds, file))
+            if fused and nbytes > LARGE_BYTES:
+                rows.append(fused_ratios(case, shape, layout, rounds, file))
+            if roofline and nbytes > LARGE_BYTES:
+                t_out, t_read, t_copy = interleaved(
+                    [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
+                row = dict(shape=shape, layout=layout, op="train_out", fastbn=t_out,
+                           read=t_read, copy=t_copy, roofline=t_out / (t_read + t_copy))
+                rows.append(row)
+                print(f"{str(shape):<20} {layout:<6} {'train out=':<9}{_fmt_ms(t_out)}  "
+                      f"read pass {t_read * 1e3:.3f} + copy pass {t_copy * 1e3:.3f} ms: "
+                      f"{row['roofline']:.2f}x of (read + copy)", file=file, flush=True)
+            done += 1
+            print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
+    if caffe:
+        print("\nCaffe BatchNorm layer, NCHW: engine='fused' (fastbn kernels) vs engine='gemv' "
+              "(Caffe's BLAS call sequence)", file=file)
+        caffe_rows.main(file=file, shapes=[s for s in shapes if len(s) == 4][:2], rounds=rounds)
+    return rows
+
+
+def self_ratios(case, shape, layout, rows, rounds, file):
+    """fastbn against itself on one large input: training and backward against inference
+    (with fresh outputs, from the rows already timed, and with out=), and the NHWC training
+    forward against inference plus one read pass (its statistics need a pass of their own).
+    These ratios depend on the memory system only, not on a peer."""
+    t_train, t_infer, t_bwd, t_read = interleaved(
+        [case.fast("train_out"), case.fast("infer_out"), case.fast("backward_out"),
+         case.read_pass()], rounds)
+    fresh = {r["op"]: r["fastbn"] for r in rows
+             if r["shape"] == shape and r["layout"] == layout and r["op"] in OPS}
+    row = dict(shape=shape, layout=layout, op="self", train_out=t_train, infer_out=t_infer,
+               backward_out=t_bwd, read=t_read,
+               train_infer_fresh=_ratio(fresh.get("train", np.nan), fresh.get("infer", np.nan)),
+               train_infer_out=t_train / t_infer, backward_infer_out=t_bwd / t_infer,
+               train_vs_infer_read=t_train / (t_infer + READ_ALLOWANCE * t_read))
+    print(f"{str(shape):<20} {layout:<6} {'self':<9} train/infer {row['train_infer_fresh']:.2f} "
+          f"(fresh), {row['train_infer_out']:.2f} (out=); backward/infer (out=) "
+          f"{row['backward_infer_out']:.2f}; train(out=) / (infer(out=) + {READ_ALLOWANCE:g} read) "
+          f"{row['train_vs_infer_read']:.2f} ({t_train * 1e3:.3f} vs {t_infer * 1e3:.3f} + "
+          f"{READ_ALLOWANCE:g} x {t_read * 1e3:.3f} ms)", file=file, flush=True)
+    return row
+
+
+def fused_ratios(case, shape, layout, rounds, file):
+    """The fused residual add + ReLU against the plain kernels on one large input: the
+    ReLU's cost (relu_train / train and relu_infer / infer, out= both), the residual's
+    (relu_infer with a residual against inference plus 1.3 read passes: the residual is one
+    more read), what fusing saves (fused, fresh output, against fastbn then np.maximum in
+    place) and the backward's (relu_backward / backward, out=; it also reads y)."""
+    names = ("train_out", "relu_train", "infer_out", "relu_infer", "relu_infer_res", "read",
+             "relu_train_fresh", "then_max_train", "relu_infer_fresh", "then_max_infer",
+             "backward_out", "relu_backward")
+    funcs = [case.read_pass() if k == "read" else case.fast(k) if k in ("train_out",
+             "infer_out", "backward_out") else case.fused(k) for k in names]
+    t = dict(zip(names, interleaved(funcs, rounds)))
+    row = dict(shape=shape, layout=layout, op="fused", times=t,
+               relu_train=t["relu_train"] / t["train_out"],
+               relu_infer=t["relu_infer"] / t["infer_out"],
+               residual=t["relu_infer_res"] / (t["infer_out"] + READ_ALLOWANCE * t["read"]),
+               vs_max_train=t["relu_train_fresh"] / t["then_max_train"],
+               vs_max_infer=t["relu_infer_fresh"] / t["then_max_infer"],
+               relu_backward=t["relu_backward"] / t["backward_out"])
+    print(f"{str(shape):<20} {layout:<6} {'fused':<9} relu_train/train {row['relu_train']:.2f}, "
+          f"relu_infer/infer {row['relu_infer']:.2f} (out=); relu_infer+residual / (infer + "
+          f"{READ_ALLOWANCE:g} read) {row['residual']:.2f}; fused / (fastbn then np.maximum) train "
+          f"{row['vs_max_train']:.2f}, infer {row['vs_max_infer']:.2f}; relu_backward/backward "
+          f"{row['relu_backward']:.2f}", file=file, flush=True)
+    return row
+
+
+def fused_table(shapes=LARGE[:2], layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
+                rounds=7, file=None):
+    """Only the fused residual add + ReLU rows (``python -m fastbn --fused``)."""
+    file = file or sys.stdout
+    threads = _threads.get_num_threads() if threads is None else threads
+    print(f"dtype {np.dtype(dtype).name}, {threads} threads, best of {rounds} interleaved "
+          "rounds", file=file)
+    return [fused_ratios(Case(shape, layout, dtype, threads), shape, layout, rounds, file)
+            for shape in shapes for layout in layouts]
+
+
+def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
+              channels=16, rounds=200, file=None):
+    """Time 1 against 2 threads on small inputs, to place the serial thresholds
+    (fastbn._threads.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW_ROWS for NHWC), for the training
+    forward and the backward, float32."""
+    file = file or sys.stdout
+    print(f"{'values':>8} {'layout':<6} {'op':<9} {'1 thread us':>12} {'2 threads us':>13} "
+          f"{'2/1':>6}", file=file)
+    with _threads.serial_below(planar=0, rows=0):        # every size may fork
+        for size in sizes:
+            for layout in ("NCHW", "NHWC"):
+                shape = (4, channels, size // (4 * channels))
+                x, dy, w, b = make_data(shape, layout, np.float32)
+                y = np.empty_like(x)
+                _, mean, invstd = functional.batch_norm_train(x, w, b, layout=layout)
+                ops = {"train": lambda n: functional.batch_norm_train(
+                           x, w, b, layout=layout, out=y, num_threads=n),
+                       "backward": lambda n: functional.batch_norm_backward(
+                           dy, x, mean, invstd, w, layout=layout, out=y, num_threads=n)}
+                for op, f in ops.items():
+                    t1, t2 = interleaved([lambda: f(1), lambda: f(2)], rounds)
+                    print(f"{size:8d} {layout:<6} {op:<9} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} "
+                          f"{t2 / t1:6.2f}", file=file, flush=True)
+
+
+def markdown(rows, threads, dtype=np.float32):
+    """The speed table as Markdown (for README.md and docs/performance.rst)."""
+    ms = lambda t: "-" if not np.isfinite(t) else f"{t * 1e3:.3f}"
+    ratio = lambda r: "-" if not np.isfinite(r) else f"{r:.2f}"
+    lines = [f"{np.dtype(dtype).name}, {threads} threads; times in ms (best of the interleaved "
+             "rounds); speed-up = NumPy reference / fastbn; vs torch = fastbn / PyTorch "
+             "(lower is better)", "",
+             "| shape | layout | op | fastbn | reference | torch | speed-up | vs torch |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    extra = []
+    for r in rows:
+        shape = "(" + ", ".join(str(v) for v in r["shape"]) + ")"
+        if r["op"] in OPS:
+            lines.append(f"| {shape} | {r['layout']} | {r['op']} | {ms(r['fastbn'])} | "
+                         f"{ms(r['ref'])} | {ms(r['torch'])} | {ratio(r['speedup'])} | "
+                         f"{ratio(r['vs_torch'])} |")
+        elif r["op"] == "brn_train":
+            extra.append(f"| {shape} | {r['layout']} | batch_renorm_train / batch_norm_train "
+                         f"| {ratio(r['vs_bn'])} |")
+        elif r["op"] == "self":
+            extra.append(f"| {shape} | {r['layout']} | train / infer (fresh outputs; out=) | "
+                         f"{ratio(r['train_infer_fresh'])}; {ratio(r['train_infer_out'])} |")
+            extra.append(f"| {shape} | {r['layout']} | backward / infer (out=) | "
+                         f"{ratio(r['backward_infer_out'])} |")
+            extra.append(f"| {shape} | {r['layout']} | train(out=) / (infer(out=) + {READ_ALLOWANCE:g} read "
+                         f"pass) | {ratio(r['train_vs_infer_read'])} ({ms(r['train_out'])} ms "
+                         f"vs {ms(r['infer_out'])} + {READ_ALLOWANCE:g} x {ms(r['read'])}) |")
+        elif r["op"] == "fused":
+            extra.append(f"| {shape} | {r['layout']} | relu_train / train; relu_infer / infer "
+                         f"(out=) | {ratio(r['relu_train'])}; {ratio(r['relu_infer'])} |")
+            extra.append(f"| {shape} | {r['layout']} | relu_infer with a residual / (infer + "
+                         f"{READ_ALLOWANCE:g} read pass) (out=) | {ratio(r['residual'])} |")
+            extra.append(f"| {shape} | {r['layout']} | fused / (fastbn then np.maximum), "
+                         f"train; infer (fresh) | {ratio(r['vs_max_train'])}; "
+                         f"{ratio(r['vs_max_infer'])} |")
+            extra.append(f"| {shape} | {r['layout']} | relu_backward / backward (out=) | "
+                         f"{ratio(r['relu_backward'])} |")
+        elif r["op"] == "train_out":
+            extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
+                         f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "
+                         f"{ms(r['copy'])}) |")
+    if extra:
+        lines += ["", "| shape | layout | comparison | ratio |", "|---|---|---|---|"] + extra
+    return "\n".join(lines)

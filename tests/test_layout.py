@@ -1,0 +1,136 @@
+"""The package's layout, read from its source: the imports run one way (no circles), the
+library never imports its benchmarks, and the contributor guide's map names every file."""
+import ast
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "fastbn")
+SOURCES = (".py", ".pyx", ".pxd", ".pxi")
+
+if not os.path.isfile(os.path.join(PACKAGE, "__init__.py")):     # an installed copy only
+    pytest.skip("needs the source tree", allow_module_level=True)
+
+
+def modules():
+    """{dotted name: path} of every Python module of the package."""
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                found[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return found
+
+
+MODULES = modules()
+
+
+def _package_of(name, path):
+    return name if path.endswith("__init__.py") else name.rpartition(".")[0]
+
+
+def imports(name):
+    """The package's modules that module `name` imports (anywhere in its body), resolved
+    from relative imports; `from package import submodule` counts as the submodule."""
+    path = MODULES[name]
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    here = _package_of(name, path)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = here.split(".")
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                       for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in MODULES:          # fastbn.functional.x -> fastbn.functional
+                t = t.rpartition(".")[0]
+            if t and t != name and t != "fastbn":
+                out.add(t)
+    return out
+
+
+GRAPH = {name: imports(name) for name in MODULES}
+ENTRY_POINTS = {"fastbn.__main__", "fastbn.distributed.__main__"}
+
+
+def is_bench(name):
+    return name == "fastbn.bench" or name.startswith("fastbn.bench.")
+
+
+def test_the_library_does_not_import_the_benchmarks():
+    wrong = {name: sorted(filter(is_bench, deps)) for name, deps in GRAPH.items()
+             if not is_bench(name) and name not in ENTRY_POINTS
+             and any(map(is_bench, deps))}
+    assert not wrong, wrong
+
+
+def test_no_import_circles():
+    state, path, circles = {}, [], []
+
+    def visit(n):
+        state[n] = "open"
+        path.append(n)
+        for m in sorted(GRAPH[n]):
+            if state.get(m) == "open":
+                circles.append(path[path.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        path.pop()
+        state[n] = "done"
+    for n in sorted(GRAPH):
+        if n not in state:
+            visit(n)
+    assert not circles, circles
+
+
+def test_the_graph_is_read():
+    """The parser sees the imports it should (a guard against a test that cannot fail)."""
+    assert "fastbn.functional" in GRAPH["fastbn.layers"]
+    assert "fastbn._validate" in GRAPH["fastbn.functional"]
+    assert {"fastbn.bench.table", "fastbn.bench.options"} <= GRAPH["fastbn.bench.cli"]
+    assert "fastbn.bench.cli" in GRAPH["fastbn.__main__"]
+    assert "fastbn.distributed" in GRAPH["fastbn.bench.distributed"]
+
+
+def package_files():
+    """Every source file of the package, relative to fastbn/ (generated C excluded)."""
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(SOURCES):
+                yield os.path.relpath(os.path.join(folder, f), PACKAGE).replace(os.sep, "/")
+
+
+def development_map():
+    """The literal block under "Where things live" in docs/development.rst."""
+    with open(os.path.join(ROOT, "docs", "development.rst"), encoding="utf-8") as f:
+        text = f.read()
+    lines = text[text.index("::\n", text.index("Where things live")) + 3:].split("\n")
+    block = []
+    for line in lines:
+        if line and not line.startswith(" "):
+            break
+        block.append(line)
+    return "\n".join(block)
+
+
+@pytest.mark.parametrize("rel", sorted(package_files()))
+def test_the_development_map_names_every_file(rel):
+    text = development_map()
+    if "/" in rel:
+        assert rel in text, f"docs/development.rst does not name fastbn/{rel}"
+    else:
+        pattern = r"(fastbn/|[\s,])" + re.escape(rel) + r"(?![\w.])"
+        assert re.search(pattern, text), f"docs/development.rst does not name fastbn/{rel}"
