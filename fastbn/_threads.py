@@ -7,12 +7,10 @@ that count as an explicit argument: how they split the work among the threads (w
 channels, a team per channel, chunks of rows) never changes their results.
 """
 import contextlib
-import operator
 import os
 
-import numpy as np
-
 from . import _support
+from ._validate import positive_int
 
 OPENMP = bool(_support.openmp_enabled())
 
@@ -39,16 +37,7 @@ def thread_count(num_threads, default):
         return num_threads     # the common case
     if num_threads is None:
         return min(max(1, int(default())), MAX_THREADS)
-    if isinstance(num_threads, (bool, np.bool_)):
-        raise TypeError("num_threads must be an integer, got bool")
-    try:
-        n = operator.index(num_threads)
-    except TypeError:
-        raise TypeError(
-            f"num_threads must be an integer, got {type(num_threads).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
-    return min(n, MAX_THREADS)
+    return min(positive_int("num_threads", num_threads), MAX_THREADS)
 
 
 def get_num_threads():

@@ -102,6 +102,26 @@ def channel_vector(name, a, C, *, optional=True):
     return np.require(a, np.float64, ("C", "A"))      # contiguous, aligned, native order
 
 
+def values_per_channel(shape, axis):
+    """How many values each channel of an array of this shape holds (also with no channel)."""
+    return math.prod(s for i, s in enumerate(shape) if i != axis)
+
+
+def training_count(name, shape, axis, count=None, over=None):
+    """The values per channel of a training batch, which must be more than 1 (a variance
+    needs two), else a ValueError naming `name` and its shape. The batch is the array of
+    this shape, or (`over`, e.g. "all 4 processes") the union of such arrays, with `count`
+    values per channel in all."""
+    m = values_per_channel(shape, axis) if count is None else count
+    if m > 1:
+        return m
+    if over is None:
+        raise ValueError(f"{name} must have more than 1 value per channel in training, got "
+                         f"shape {shape} ({m} value(s) per channel)")
+    raise ValueError(f"{name} must have more than 1 value per channel over {over} in "
+                     f"training, got {m} in all (this process: shape {shape})")
+
+
 def running_buffers(running_mean, running_var, C, names=("running_mean", "running_var")):
     """Check a pair of running-statistic buffers that will be updated in place."""
     if (running_mean is None) != (running_var is None):

@@ -20,7 +20,8 @@ from ._dispatch import kernels as _kernels
 from ._threads import effective_threads
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, flag, fold_arguments,
                         grad_dtype, gradient_pair, like_x, momentum_value, out_array,
-                        rounded, running_buffers, store_rounded)
+                        rounded, running_buffers, store_rounded, training_count,
+                        values_per_channel)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 
@@ -128,7 +129,7 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
     C = x.shape[axis]
     if residual is not None:
         residual = like_x("residual", residual, x)
-    M = x.size // C if C else int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
+    M = values_per_channel(x.shape, axis)
     eps = eps_value(eps)
     if _support.params_ok(C, 0, weight, bias):
         w, b = weight, bias
@@ -139,10 +140,7 @@ def _train(x, weight, bias, eps, layout, out, num_threads, renorm=None, extra_in
         inputs = {"x": x, "weight": weight, "bias": bias, "residual": residual}
         inputs.update(extra_inputs or {})
         out = out_array(out, x.shape, x.dtype, inputs, may_alias=("x", "residual"))
-    if M <= 1:
-        raise ValueError(
-            f"x must have more than 1 value per channel in training, got shape {x.shape} "
-            f"({M} value(s) per channel)")
+    training_count("x", x.shape, axis, M)
     plan, xc = _plan(x, axis, layout)
     nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
     y, yc, direct = _result(plan, x.shape, x.dtype, out)

@@ -1,6 +1,6 @@
 """The ONNX BatchNormalization operator (opset 15 semantics) on NumPy arrays.
 
-ONNX's conventions differ from PyTorch's (see DESIGN.md section 3): ``momentum`` is the
+ONNX's conventions differ from PyTorch's (docs/conventions.rst): ``momentum`` is the
 weight of the OLD running value (default 0.9) and the running variance is updated with the
 biased batch variance. The channel axis is 1. Inputs are never modified: the updated running
 statistics are returned as new arrays.
@@ -9,7 +9,7 @@ import numpy as np
 
 from . import functional
 from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        rounded)
+                        rounded, training_count)
 
 __all__ = ["batch_normalization"]
 
@@ -91,9 +91,7 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
     if not training:
         return functional.batch_norm_infer(X, input_mean, input_var, scale, B, eps=epsilon,
                                            layout="NCHW")
-    if int(np.prod(X.shape[:1] + X.shape[2:])) <= 1:
-        raise ValueError(f"X must have more than 1 value per channel in training mode, "
-                         f"got shape {X.shape}")
+    training_count("X", X.shape, 1)
     Y, mean, var, _, _ = functional._train(X, scale, B, epsilon, "NCHW", None, None)
     with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
         running_mean = mean_in * momentum + mean * (1.0 - momentum)

@@ -9,7 +9,7 @@ import numpy as np
 from ._threads import thread_count
 from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
                         fold_arguments, gradient_pair, like_x, momentum_value, out_array, positive_vector,
-                        running_buffers)
+                        running_buffers, training_count)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm",
            "batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward",
@@ -53,10 +53,7 @@ def _affine(weight, bias, C):
 
 def _centred_batch(x, axis, red):
     """(x - mean in float64, the batch mean, values per channel) of a training batch."""
-    m = int(np.prod([s for i, s in enumerate(x.shape) if i != axis]))
-    if m <= 1:
-        raise ValueError(f"x must have more than 1 value per channel in training, got shape "
-                         f"{x.shape}")
+    m = training_count("x", x.shape, axis)
     xd = x.astype(np.float64)
     mean = xd.mean(axis=red)
     # docs/math.rst: a NaN or an infinity in a channel makes its statistics NaN (the

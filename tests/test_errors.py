@@ -153,20 +153,13 @@ BAD_DTYPES = [np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex12
               np.int16, np.uint16, "V2"]
 
 
-# Known gaps of fastbn/reference.py (the oracle), kept visible as strict xfails.
-REFERENCE_GAPS = {}
-
-
 def _cases():
     """(id, function name, builder kwargs (callable -> dict), exception, argument name)."""
     cases = []
 
     def add(fn, cid, make, exc, name):
         for impl in ("fastbn", "reference"):
-            gap = REFERENCE_GAPS.get((fn, cid)) if impl == "reference" else None
-            marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
-            cases.append(pytest.param(impl, fn, make, exc, name, id=f"{fn}-{cid}-{impl}",
-                                      marks=marks))
+            cases.append(pytest.param(impl, fn, make, exc, name, id=f"{fn}-{cid}-{impl}"))
 
     data_fns = TRAIN + INFER + BACKWARD
     for fn in data_fns:

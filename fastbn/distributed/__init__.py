@@ -32,7 +32,8 @@ import numpy as np
 from .. import _memory, functional
 from .._threads import effective_threads
 from .._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
-                        momentum_value, out_array, rounded, running_buffers)
+                        momentum_value, out_array, rounded, running_buffers, training_count,
+                        values_per_channel)
 from ..functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
 from ..layers import BatchNorm
 
@@ -134,11 +135,6 @@ def _exchange(comm, local, what):
             raise ValueError(f"{what}: {key} differs between processes: " +
                              ", ".join(f"process {r}: {v!r}" for r, v in enumerate(values)))
     return [d for _, d, _ in everyone]
-
-
-def _values_per_channel(shape, axis):
-    """Values per channel of an array of this shape (also with no channel)."""
-    return int(np.prod([s for i, s in enumerate(shape) if i != axis], dtype=np.int64))
 
 
 def _train_meta(C, dtype, layout, eps, has_weight, has_bias, has_running, momentum):
@@ -251,7 +247,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                         "running_mean": running_mean, "running_var": running_var},
                         may_alias=("x",))
-        M = _values_per_channel(x.shape, axis)
+        M = values_per_channel(x.shape, axis)
         plan, xc = _plan(x, axis, layout)
         nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
         stats = np.zeros((5, C))
@@ -265,10 +261,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_train")
     n, mean, m2 = _chan_merge(parts)
-    if n <= 1:
-        raise ValueError(
-            f"x must have more than 1 value per channel over all {comm.Get_size()} processes "
-            f"in training, got {n} in all (this process: shape {x.shape})")
+    training_count("x", x.shape, axis, n, over=f"all {comm.Get_size()} processes")
     var = m2 / n
     with np.errstate(divide="ignore", invalid="ignore"):
         invstd = 1.0 / np.sqrt(var + eps)
@@ -332,7 +325,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
                               sums_out=sums)
         local.meta = _backward_meta(C, g.x.dtype, layout, weight is not None,
                                     _digest(g.mean, g.invstd))
-        local.data = (_values_per_channel(g.x.shape, channel_axis(layout, g.x.ndim)), sums)
+        local.data = (values_per_channel(g.x.shape, channel_axis(layout, g.x.ndim)), sums)
     except Exception as exc:        # any error joins the collective: no process is left in it
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_backward")
