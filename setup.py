@@ -132,7 +132,7 @@ def extension(path):
     return Extension(
         "fastbn." + name,
         [path],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), os.path.join("fastbn", "kernels")],   # the C headers
         define_macros=[
             ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
             ("FASTBN_CFLAGS", '"%s"' % " ".join(flags)),

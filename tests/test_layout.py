@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "fastbn")
-SOURCES = (".py", ".pyx", ".pxd", ".pxi")
+SOURCES = (".py", ".pyx", ".pxd", ".pxi", ".h")
 
 if not os.path.isfile(os.path.join(PACKAGE, "__init__.py")):     # an installed copy only
     pytest.skip("needs the source tree", allow_module_level=True)
@@ -134,3 +134,11 @@ def test_the_development_map_names_every_file(rel):
     else:
         pattern = r"(fastbn/|[\s,])" + re.escape(rel) + r"(?![\w.])"
         assert re.search(pattern, text), f"docs/development.rst does not name fastbn/{rel}"
+
+
+@pytest.mark.parametrize("rel", sorted(r for r in package_files() if r.endswith((".pyx", ".pxi",
+                                                                                ".pxd"))))
+def test_no_c_inside_python_strings(rel):
+    """C lives in the headers of fastbn/kernels/, where C tools can read it."""
+    with open(os.path.join(PACKAGE, rel), encoding="utf-8") as f:
+        assert "cdef extern from *" not in f.read(), rel

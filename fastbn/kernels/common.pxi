@@ -31,169 +31,19 @@ from libc.string cimport memcpy
 
 cimport numpy as cnp
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    /* orphaned barrier: binds to the enclosing parallel region (Cython's prange inside a
-       parallel block is "omp for nowait", so phases are ordered explicitly) */
-    static void fastbn_barrier(void) {
-        #pragma omp barrier
-    }
-    #else
-    static void fastbn_barrier(void) { }
-    #endif
-    /* AVX-512's 32 vector registers hold the LANES sums of a long run (_devs_run); with
-       16 registers they would spill, so other builds keep their sums in memory lanes */
-    #if defined(__AVX512F__)
-    #define FASTBN_REGISTER_LANES 1
-    #else
-    #define FASTBN_REGISTER_LANES 0
-    #endif
-    """
+cdef extern from "parallel.h":
     void _barrier "fastbn_barrier"() noexcept nogil
     bint REGISTER_LANES "FASTBN_REGISTER_LANES"
 
 
-cdef extern from *:
-    """
-    /* Streaming (non-temporal) stores of a staged block to its destination: the output
-       of a pass over data larger than the caches goes straight to memory, neither reading
-       its cache lines first nor evicting the input the pass still needs. The destination's
-       unaligned head and tail use ordinary stores. Without SSE (non-x86), a plain copy. */
-    #include <stdint.h>
-    #if defined(__SSE2__) || defined(_M_X64)
-    #include <immintrin.h>
-    #endif
-    #if defined(__AVX512F__)
-    #define FASTBN_VEC_BYTES 64
-    #define FASTBN_STREAM_PS(p, s) _mm512_stream_ps((p), _mm512_loadu_ps(s))
-    #define FASTBN_STREAM_PD(p, s) _mm512_stream_pd((p), _mm512_loadu_pd(s))
-    #define FASTBN_STREAM_I(p, s) _mm512_stream_si512((void*)(p), _mm512_loadu_si512((const void*)(s)))
-    #elif defined(__AVX__)
-    #define FASTBN_VEC_BYTES 32
-    #define FASTBN_STREAM_PS(p, s) _mm256_stream_ps((p), _mm256_loadu_ps(s))
-    #define FASTBN_STREAM_PD(p, s) _mm256_stream_pd((p), _mm256_loadu_pd(s))
-    #define FASTBN_STREAM_I(p, s) _mm256_stream_si256((__m256i*)(p), _mm256_loadu_si256((const __m256i*)(s)))
-    #elif defined(__SSE2__) || defined(_M_X64)
-    #define FASTBN_VEC_BYTES 16
-    #define FASTBN_STREAM_PS(p, s) _mm_stream_ps((p), _mm_loadu_ps(s))
-    #define FASTBN_STREAM_PD(p, s) _mm_stream_pd((p), _mm_loadu_pd(s))
-    #define FASTBN_STREAM_I(p, s) _mm_stream_si128((__m128i*)(p), _mm_loadu_si128((const __m128i*)(s)))
-    #endif
-    #ifdef FASTBN_VEC_BYTES
-    #define FASTBN_STREAM_BODY(T, STORE)                                               \
-        Py_ssize_t i = 0, k, lanes = FASTBN_VEC_BYTES / (Py_ssize_t)sizeof(T);          \
-        while (i < n && ((size_t)(dst + i) % FASTBN_VEC_BYTES) != 0) {                  \
-            dst[i] = src[i]; i++;                                                        \
-        }                                                                                \
-        for (; i + lanes <= n; i += lanes) STORE(dst + i, src + i);                     \
-        for (k = i; k < n; k++) dst[k] = src[k];
-    static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
-        FASTBN_STREAM_BODY(float, FASTBN_STREAM_PS)
-    }
-    static void fastbn_stream_f64(double* dst, const double* src, Py_ssize_t n) {
-        FASTBN_STREAM_BODY(double, FASTBN_STREAM_PD)
-    }
-    static void fastbn_stream_fence(void) { _mm_sfence(); }
-    static void fastbn_stream_u16(uint16_t* dst, const uint16_t* src, Py_ssize_t n) {
-        FASTBN_STREAM_BODY(uint16_t, FASTBN_STREAM_I)
-    }
-    #else
-    static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
-        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
-    }
-    static void fastbn_stream_f64(double* dst, const double* src, Py_ssize_t n) {
-        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
-    }
-    static void fastbn_stream_fence(void) { }
-    static void fastbn_stream_u16(uint16_t* dst, const uint16_t* src, Py_ssize_t n) {
-        Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
-    }
-    #endif
-    """
+cdef extern from "stream.h":
     void _stream_f32 "fastbn_stream_f32"(float* dst, const float* src, Py_ssize_t n) noexcept nogil
     void _stream_f64 "fastbn_stream_f64"(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void _stream_fence "fastbn_stream_fence"() noexcept nogil
     void _stream_u16 "fastbn_stream_u16"(unsigned short* dst, const unsigned short* src, Py_ssize_t n) noexcept nogil
 
 
-cdef extern from *:
-    """
-    /* 16-bit data (IEEE float16 and bfloat16) are converted to float32 for the arithmetic
-       and rounded back once, to nearest even. float16 <-> float32 uses the F16C (or
-       AVX-512) conversion instructions where the build has them, else the portable bit
-       code below (F. Giesen's round-to-nearest-even float_to_half, exact the other way);
-       bfloat16 is the top half of a float32. NaN stays NaN (quiet), overflow gives inf. */
-    #include <stdint.h>
-    #include <string.h>
-    static inline uint32_t fastbn_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-    static inline float fastbn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-    static inline float fastbn_half_to_float(uint16_t h) {
-        uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-        if (e == 0) {                              /* zero or subnormal: m * 2**-24, exact */
-            float v = (float)m * 5.9604644775390625e-08f;
-            return fastbn_bits_f32(fastbn_f32_bits(v) | sign);
-        }
-        if (e == 31) return fastbn_bits_f32(sign | 0x7f800000u | (m << 13));
-        return fastbn_bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-    }
-    static inline uint16_t fastbn_float_to_half(float f) {
-        const uint32_t f32infty = 255u << 23, f16max = (127u + 16u) << 23;
-        const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-        uint32_t u = fastbn_f32_bits(f), sign = u & 0x80000000u;
-        uint16_t o;
-        u ^= sign;
-        if (u >= f16max) {
-            o = (u > f32infty) ? 0x7e00 : 0x7c00;      /* NaN -> quiet NaN; inf/overflow */
-        } else if (u < (113u << 23)) {                  /* subnormal or zero result */
-            o = (uint16_t)(fastbn_f32_bits(fastbn_bits_f32(u) + fastbn_bits_f32(denorm_magic))
-                           - denorm_magic);
-        } else {
-            uint32_t odd = (u >> 13) & 1u;
-            u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
-            o = (uint16_t)(u >> 13);
-        }
-        return (uint16_t)(o | (sign >> 16));
-    }
-    static void fastbn_f16_to_f32(const uint16_t* src, float* dst, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-    #if defined(__AVX512F__)
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
-    #elif defined(__F16C__)
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
-    #endif
-        for (; i < n; i++) dst[i] = fastbn_half_to_float(src[i]);
-    }
-    static void fastbn_f32_to_f16(const float* src, uint16_t* dst, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-    #if defined(__AVX512F__)
-        for (; i + 16 <= n; i += 16)
-            _mm256_storeu_si256((__m256i*)(dst + i),
-                                _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    #elif defined(__F16C__)
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i*)(dst + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    #endif
-        for (; i < n; i++) dst[i] = fastbn_float_to_half(src[i]);
-    }
-    static void fastbn_bf16_to_f32(const uint16_t* src, float* dst, Py_ssize_t n) {
-        Py_ssize_t i;
-        uint32_t* d = (uint32_t*)dst;
-        for (i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
-    }
-    static void fastbn_f32_to_bf16(const float* src, uint16_t* dst, Py_ssize_t n) {
-        Py_ssize_t i;
-        const uint32_t* s = (const uint32_t*)src;
-        for (i = 0; i < n; i++) {
-            uint32_t u = s[i];
-            uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            dst[i] = (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
-        }
-    }
-    """
+cdef extern from "half_convert.h":
     void _f16_to_f32 "fastbn_f16_to_f32"(const unsigned short* src, float* dst, Py_ssize_t n) noexcept nogil
     void _f32_to_f16 "fastbn_f32_to_f16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
     void _bf16_to_f32 "fastbn_bf16_to_f32"(const unsigned short* src, float* dst, Py_ssize_t n) noexcept nogil
@@ -291,11 +141,7 @@ cdef enum:
 
 # float32 arithmetic on float32 data keeps its relative precision, with room for the products
 # of a pass, while every coefficient and sum stays within [F32_SMALL, F32_BIG] (or is 0)
-cdef extern from *:
-    """
-    #define FASTBN_F32_BIG 1e30
-    #define FASTBN_F32_SMALL 1e-30
-    """
+cdef extern from "f32_range.h":
     const double F32_BIG "FASTBN_F32_BIG"
     const double F32_SMALL "FASTBN_F32_SMALL"
 
@@ -339,118 +185,14 @@ cdef enum:
     STAGE = 1024
 
 
-cdef extern from *:
-    """
-    /* The fused ReLU's mask: g where y > 0, else +0 (a NaN y gives 0), as a bit AND of g
-       with the comparison's all-ones or all-zeros word. Written so, loops of it vectorize
-       (GCC 12 keeps an if/else select scalar when its value feeds a float-to-double sum;
-       a load under the condition would keep any loop scalar). */
-    #include <stdint.h>
-    #include <string.h>
-    static inline float fastbn_mask_f(float g, float y) {
-        uint32_t b;
-        memcpy(&b, &g, sizeof b);
-        b &= (uint32_t)0 - (uint32_t)(y > 0);
-        memcpy(&g, &b, sizeof b);
-        return g;
-    }
-    static inline double fastbn_mask_d(double g, double y) {
-        uint64_t b;
-        memcpy(&b, &g, sizeof b);
-        b &= (uint64_t)0 - (uint64_t)(y > 0);
-        memcpy(&g, &b, sizeof b);
-        return g;
-    }
-    /* The fused ReLU's mask as bits (see _bits_stride in entry_points.pxi): bit i % 8 of
-       bits[i / 8] is y[i] > 0 (0 for NaN), written by the rows backward's reduction pass
-       and read by its dx pass instead of y; bits starts at a byte. */
-    static void fastbn_pack_tail_f32(const float* y, Py_ssize_t i0, Py_ssize_t n,
-                                     unsigned char* bits) {
-        Py_ssize_t i;
-        for (i = i0; i < n; i++) {
-            if (i % 8 == 0) bits[i / 8] = 0;
-            bits[i / 8] |= (unsigned char)((y[i] > 0) << (i % 8));
-        }
-    }
-    static void fastbn_pack_tail_f64(const double* y, Py_ssize_t i0, Py_ssize_t n,
-                                     unsigned char* bits) {
-        Py_ssize_t i;
-        for (i = i0; i < n; i++) {
-            if (i % 8 == 0) bits[i / 8] = 0;
-            bits[i / 8] |= (unsigned char)((y[i] > 0) << (i % 8));
-        }
-    }
-    /* g where bit j of word is set, else +0: the bits of fastbn_mask_f/_d */
-    static inline float fastbn_bit_f(float g, uint32_t word, Py_ssize_t j) {
-        uint32_t b;
-        memcpy(&b, &g, sizeof b);
-        b &= (uint32_t)0 - ((word >> j) & 1u);
-        memcpy(&g, &b, sizeof b);
-        return g;
-    }
-    static inline double fastbn_bit_d(double g, uint32_t word, Py_ssize_t j) {
-        uint64_t b;
-        memcpy(&b, &g, sizeof b);
-        b &= (uint64_t)0 - (uint64_t)((word >> j) & 1u);
-        memcpy(&g, &b, sizeof b);
-        return g;
-    }
-    """
+cdef extern from "relu_mask.h":
     float _mask_f "fastbn_mask_f"(float g, float y) noexcept nogil
     double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
     float _bit_f "fastbn_bit_f"(float g, unsigned int word, Py_ssize_t j) noexcept nogil
     double _bit_d "fastbn_bit_d"(double g, unsigned int word, Py_ssize_t j) noexcept nogil
 
 
-cdef extern from *:
-    """
-    /* fastbn_pack_f32/_f64: the mask bits of y[0:n] into bits, 16 or 8 values per
-       comparison where the instructions allow */
-    #if defined(__AVX512F__) && defined(__AVX512BW__)
-    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
-        Py_ssize_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(y + i), _mm512_setzero_ps(),
-                                             _CMP_GT_OQ);
-            memcpy(bits + i / 8, &k, 2);
-        }
-        fastbn_pack_tail_f32(y, i, n, bits);
-    }
-    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            bits[i / 8] = (unsigned char)_mm512_cmp_pd_mask(_mm512_loadu_pd(y + i),
-                                                            _mm512_setzero_pd(), _CMP_GT_OQ);
-        fastbn_pack_tail_f64(y, i, n, bits);
-    }
-    #elif defined(__AVX2__)
-    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            bits[i / 8] = (unsigned char)_mm256_movemask_ps(
-                _mm256_cmp_ps(_mm256_loadu_ps(y + i), _mm256_setzero_ps(), _CMP_GT_OQ));
-        fastbn_pack_tail_f32(y, i, n, bits);
-    }
-    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
-        Py_ssize_t i = 0;
-        __m256d z = _mm256_setzero_pd();
-        for (; i + 8 <= n; i += 8) {
-            int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(y + i), z, _CMP_GT_OQ));
-            int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(y + i + 4), z,
-                                                      _CMP_GT_OQ));
-            bits[i / 8] = (unsigned char)(lo | (hi << 4));
-        }
-        fastbn_pack_tail_f64(y, i, n, bits);
-    }
-    #else
-    static void fastbn_pack_f32(const float* y, Py_ssize_t n, unsigned char* bits) {
-        fastbn_pack_tail_f32(y, 0, n, bits);
-    }
-    static void fastbn_pack_f64(const double* y, Py_ssize_t n, unsigned char* bits) {
-        fastbn_pack_tail_f64(y, 0, n, bits);
-    }
-    #endif
-    """
+cdef extern from "mask_bits.h":
     void _pack_f32 "fastbn_pack_f32"(const float* y, Py_ssize_t n, unsigned char* bits) noexcept nogil
     void _pack_f64 "fastbn_pack_f64"(const double* y, Py_ssize_t n, unsigned char* bits) noexcept nogil
 
@@ -471,138 +213,7 @@ cdef inline floating _bit(floating g, unsigned int word, Py_ssize_t j) noexcept 
         return _bit_d(g, word, j)
 
 
-cdef extern from *:
-    """
-    /* dx of one piece of a float32 row (n values) in float32, training, with dy masked by
-       the mask bits (bit j of the piece's bits: value j; the piece starts at a byte); the
-       _run form: one planar run of one channel, its coefficients scalars:
-       d = ((v - gm) - gl) * a + ((x - m) * kx + k), v = dy where the bit is set, else +0,
-       with the two products fused into the additions as the compiler fuses them in the
-       loops of _rows_dx32 (so the same bits); e (or NULL) receives v. The dy loads are
-       masked loads (AVX-512) or an AND with the bits spread to lanes (AVX2). */
-    static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl,
-                                       float a, float kx, float k) {
-        return ((v - gm) - gl) * a + ((x - m) * kx + k);
-    }
-    #if defined(__AVX512F__) && defined(__AVX512BW__)
-    #define FASTBN_HAVE_DX_BITS 1
-    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
-                                   Py_ssize_t n, const float* m, const float* gm,
-                                   const float* gl, const float* a, const float* kx,
-                                   const float* k, const unsigned char* bits) {
-        Py_ssize_t c = 0;
-        for (; c + 16 <= n; c += 16) {
-            __mmask16 b;
-            memcpy(&b, bits + c / 8, 2);
-            __m512 v = _mm512_maskz_loadu_ps(b, g + c);
-            __m512 t = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_loadu_ps(gm + c)),
-                                     _mm512_loadu_ps(gl + c));
-            __m512 u = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c),
-                                                     _mm512_loadu_ps(m + c)),
-                                       _mm512_loadu_ps(kx + c), _mm512_loadu_ps(k + c));
-            if (e) _mm512_storeu_ps(e + c, v);
-            _mm512_storeu_ps(d + c, _mm512_fmadd_ps(t, _mm512_loadu_ps(a + c), u));
-        }
-        for (; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
-        }
-    }
-    static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
-                                       Py_ssize_t n, float m, float gm, float gl, float a,
-                                       float kx, float k, const unsigned char* bits) {
-        Py_ssize_t c = 0;
-        const __m512 vm = _mm512_set1_ps(m), vgm = _mm512_set1_ps(gm), vgl = _mm512_set1_ps(gl);
-        const __m512 va = _mm512_set1_ps(a), vkx = _mm512_set1_ps(kx), vk = _mm512_set1_ps(k);
-        for (; c + 16 <= n; c += 16) {
-            __mmask16 b;
-            memcpy(&b, bits + c / 8, 2);
-            __m512 v = _mm512_maskz_loadu_ps(b, g + c);
-            __m512 t = _mm512_sub_ps(_mm512_sub_ps(v, vgm), vgl);
-            __m512 u = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), vm), vkx, vk);
-            if (e) _mm512_storeu_ps(e + c, v);
-            _mm512_storeu_ps(d + c, _mm512_fmadd_ps(t, va, u));
-        }
-        for (; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
-        }
-    }
-    #elif defined(__AVX2__) && defined(__FMA__)
-    #define FASTBN_HAVE_DX_BITS 1
-    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
-                                   Py_ssize_t n, const float* m, const float* gm,
-                                   const float* gl, const float* a, const float* kx,
-                                   const float* k, const unsigned char* bits) {
-        Py_ssize_t c = 0;
-        const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        for (; c + 8 <= n; c += 8) {
-            __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[c / 8]), lane);
-            __m256 v = _mm256_and_ps(_mm256_loadu_ps(g + c),
-                                     _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane)));
-            __m256 t = _mm256_sub_ps(_mm256_sub_ps(v, _mm256_loadu_ps(gm + c)),
-                                     _mm256_loadu_ps(gl + c));
-            __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c),
-                                                     _mm256_loadu_ps(m + c)),
-                                       _mm256_loadu_ps(kx + c), _mm256_loadu_ps(k + c));
-            if (e) _mm256_storeu_ps(e + c, v);
-            _mm256_storeu_ps(d + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(a + c), u));
-        }
-        for (; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
-        }
-    }
-    static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
-                                       Py_ssize_t n, float m, float gm, float gl, float a,
-                                       float kx, float k, const unsigned char* bits) {
-        Py_ssize_t c = 0;
-        const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        const __m256 vm = _mm256_set1_ps(m), vgm = _mm256_set1_ps(gm), vgl = _mm256_set1_ps(gl);
-        const __m256 va = _mm256_set1_ps(a), vkx = _mm256_set1_ps(kx), vk = _mm256_set1_ps(k);
-        for (; c + 8 <= n; c += 8) {
-            __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[c / 8]), lane);
-            __m256 v = _mm256_and_ps(_mm256_loadu_ps(g + c),
-                                     _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane)));
-            __m256 t = _mm256_sub_ps(_mm256_sub_ps(v, vgm), vgl);
-            __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm), vkx, vk);
-            if (e) _mm256_storeu_ps(e + c, v);
-            _mm256_storeu_ps(d + c, _mm256_fmadd_ps(t, va, u));
-        }
-        for (; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
-        }
-    }
-    #else
-    #define FASTBN_HAVE_DX_BITS 0
-    static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
-                                   Py_ssize_t n, const float* m, const float* gm,
-                                   const float* gl, const float* a, const float* kx,
-                                   const float* k, const unsigned char* bits) {
-        Py_ssize_t c;
-        for (c = 0; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
-        }
-    }
-    static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
-                                       Py_ssize_t n, float m, float gm, float gl, float a,
-                                       float kx, float k, const unsigned char* bits) {
-        Py_ssize_t c;
-        for (c = 0; c < n; c++) {
-            float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-            if (e) e[c] = v;
-            d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
-        }
-    }
-    #endif
-    """
+cdef extern from "mask_bits_dx.h":
     const bint HAVE_DX_BITS "FASTBN_HAVE_DX_BITS"
     void _dx_bits_f32 "fastbn_dx_bits_f32"(const float* g, const float* x, float* d, float* e,
         Py_ssize_t n, const float* m, const float* gm, const float* gl, const float* a,

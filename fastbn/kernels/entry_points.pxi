@@ -8,30 +8,7 @@ from fastbn._arrays cimport _native, _vec
 
 cnp.import_array()
 
-cdef extern from *:
-    """
-    #ifndef FASTBN_CFLAGS
-    #define FASTBN_CFLAGS "?"
-    #endif
-    #if defined(__AVX512F__)
-    #define FASTBN_SIMD "AVX-512"
-    #elif defined(__AVX2__)
-    #define FASTBN_SIMD "AVX2"
-    #elif defined(__AVX__)
-    #define FASTBN_SIMD "AVX"
-    #elif defined(__SSE2__) || defined(_M_X64)
-    #define FASTBN_SIMD "SSE2"
-    #elif defined(__ARM_NEON)
-    #define FASTBN_SIMD "NEON"
-    #else
-    #define FASTBN_SIMD "none"
-    #endif
-    #ifdef __VERSION__
-    #define FASTBN_CC_VERSION __VERSION__
-    #else
-    #define FASTBN_CC_VERSION "unknown"
-    #endif
-    """
+cdef extern from "build_info.h":
     const char* FASTBN_CFLAGS
     const char* FASTBN_SIMD
     const char* FASTBN_CC_VERSION
