@@ -32,6 +32,7 @@ from libc.string cimport memcpy
 cimport numpy as cnp
 
 cdef extern from "parallel.h":
+    int _thread_num "fastbn_thread_num"() noexcept nogil
     void _barrier "fastbn_barrier"() noexcept nogil
     bint REGISTER_LANES "FASTBN_REGISTER_LANES"
 
@@ -483,3 +484,8 @@ cdef struct Work:
     unsigned char* bits # backward with ymask: y > 0 as bits, written by the reduction and
                         # read by the dx pass instead of y (or NULL: it reads y)
     Py_ssize_t bits_stride  # bytes of bits per row (rows) or per run of a block (planar)
+    # rows reductions: each thread's scratch, scratch_bytes apart (_rows_scratch_bytes),
+    # allocated by the entry point before the kernel runs, so that out of memory is a
+    # MemoryError there and never a silent change of results inside the kernel
+    char* scratch
+    Py_ssize_t scratch_bytes

@@ -20,6 +20,40 @@ def build_flags():
                                           FASTBN_CC_VERSION.decode())
 
 
+# Largest kernel scratch allocation in bytes, -1 for no limit: for tests, which make an
+# allocation fail as an exhausted memory would (scratch_limit).
+cdef Py_ssize_t _scratch_limit = -1
+
+
+def scratch_limit(limit):
+    """For tests: make every kernel scratch allocation of more than `limit` bytes fail as
+    an exhausted memory would (a MemoryError before the kernel runs); None lifts the limit.
+    Returns the previous limit."""
+    global _scratch_limit
+    previous = None if _scratch_limit < 0 else _scratch_limit
+    _scratch_limit = -1 if limit is None else limit
+    return previous
+
+
+cdef char* _rows_scratch(Work* w, int view, Py_ssize_t R, Py_ssize_t C,
+                         int nthreads) except? NULL:
+    """Allocate each thread's scratch of a rows reduction into w (NULL for the planar
+    view, which needs none); MemoryError when it cannot be had. The caller frees it."""
+    cdef Py_ssize_t n
+    cdef char* s
+    w.scratch = NULL
+    w.scratch_bytes = 0
+    if view != ROWS or C == 0:
+        return NULL
+    w.scratch_bytes = _rows_scratch_bytes(R, C, w.dtype == F16 or w.dtype == BF16)
+    n = nthreads * w.scratch_bytes
+    s = NULL if 0 <= _scratch_limit < n else <char*>malloc(n)
+    if s == NULL:
+        raise MemoryError(f"fastbn: {n} bytes of kernel scratch")
+    w.scratch = s
+    return s
+
+
 cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                           Py_ssize_t reduce_bytes) noexcept:
     """Doubles of scratch for the per-chunk partial results."""
@@ -171,6 +205,7 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
     cdef Py_ssize_t npart, reduce_bytes
     cdef void* out
     _check_dims(view, N, C, S, nthreads)
+    w.scratch = NULL
     if y is None:
         if not stats_only:
             raise ValueError("kernel output missing")
@@ -216,11 +251,13 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
         w.ymask = NULL
         w.dres = NULL
         w.bits = NULL
+        _rows_scratch(&w, view, N, C, nthreads)
         out = cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), out, &w, nthreads)
     finally:
         free(part)
+        free(w.scratch)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
@@ -253,6 +290,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     work.dres = NULL
     work.bits = NULL
     work.relu = relu
+    work.scratch = NULL         # inference reduces nothing
+    work.scratch_bytes = 0
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -299,6 +338,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
     cdef void* out
     cdef unsigned char* bits = NULL
     _check_dims(view, N, C, S, nthreads)
+    w.scratch = NULL
     if sums_out is not None and sums_in is not None:
         raise ValueError("kernel sums_out and sums_in are two calls")
     if dx is None:
@@ -374,6 +414,8 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
             if bits == NULL:
                 raise MemoryError()
             w.bits = bits
+        if w.phases & REDUCE:
+            _rows_scratch(&w, view, N, C, nthreads)
         out = cnp.PyArray_DATA(<cnp.ndarray>dx)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), out, &w, nthreads)
@@ -383,6 +425,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
     finally:
         free(part)
         free(bits)
+        free(w.scratch)
 
 
 def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize,

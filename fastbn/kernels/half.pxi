@@ -198,16 +198,12 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
     cdef double* out0 = w.part + 2 * k * C + c0
     cdef double* out1 = w.part + (2 * k + 1) * C + c0
     cdef Grad gview
-    cdef float* sa = <float*>malloc((2 if w.op != TRAIN else 1) * nr * width * sizeof(float))
+    cdef float* sa = _scratch_stage(w, C)      # nr * width values (of g, then of x)
     cdef float* sb
-    if sa == NULL:             # out of memory: NaN partials rather than a crash
-        for c in range(width):
-            out0[c] = NAN
-            out1[c] = NAN
-        return
     _stage_rows(a, C, c0, width, r0, r1, sa, w.dtype)
     if w.op == TRAIN:
-        _rows_chunk_stats(sa, width, 0, width, 0, nr, out0, out1, w.multi_row)
+        _rows_chunk_stats(sa, width, 0, width, 0, nr, out0, out1, w.multi_row,
+                          _scratch_stats(w, C))
     else:
         sb = sa + nr * width
         _stage_rows(b, C, c0, width, r0, r1, sb, w.dtype)
@@ -219,8 +215,7 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
             gview.mean32 = gview.mean32 + c0
             gview.mean_lo = gview.mean_lo + c0
         _rows_chunk_sums(sa, sb, width, 0, width, 0, nr, &gview, out0, out1, w.multi_row,
-                         <const float*>NULL, NULL, 0)
-    free(sa)
+                         <const float*>NULL, NULL, 0, _scratch_sums(w, C))
 
 
 cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, const Work* w,
