@@ -27,31 +27,19 @@ cdef Py_ssize_t _scratch_limit = -1
 
 def scratch_limit(limit):
     """For tests: make every kernel scratch allocation of more than `limit` bytes fail as
-    an exhausted memory would (a MemoryError before the kernel runs); None lifts the limit.
-    Returns the previous limit."""
+    an exhausted memory would (the call raises MemoryError); None lifts the limit. Returns
+    the previous limit."""
     global _scratch_limit
     previous = None if _scratch_limit < 0 else _scratch_limit
     _scratch_limit = -1 if limit is None else limit
     return previous
 
 
-cdef char* _rows_scratch(Work* w, int view, Py_ssize_t R, Py_ssize_t C,
-                         int nthreads) except? NULL:
-    """Allocate each thread's scratch of a rows reduction into w (NULL for the planar
-    view, which needs none); MemoryError when it cannot be had. The caller frees it."""
-    cdef Py_ssize_t n
-    cdef char* s
-    w.scratch = NULL
-    w.scratch_bytes = 0
-    if view != ROWS or C == 0:
-        return NULL
-    w.scratch_bytes = _rows_scratch_bytes(R, C, w.dtype == F16 or w.dtype == BF16)
-    n = nthreads * w.scratch_bytes
-    s = NULL if 0 <= _scratch_limit < n else <char*>malloc(n)
-    if s == NULL:
-        raise MemoryError(f"fastbn: {n} bytes of kernel scratch")
-    w.scratch = s
-    return s
+cdef int _check_alloc(const Work* w) except -1:
+    """MemoryError if a kernel's scratch allocation failed (see _kernel_alloc)."""
+    if w.failed[0]:
+        raise MemoryError("fastbn: out of memory for a kernel's scratch")
+    return 0
 
 
 cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -204,8 +192,10 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
     cdef double* part
     cdef Py_ssize_t npart, reduce_bytes
     cdef void* out
+    cdef int failed = 0
     _check_dims(view, N, C, S, nthreads)
-    w.scratch = NULL
+    w.failed = &failed
+    w.alloc_limit = _scratch_limit
     if y is None:
         if not stats_only:
             raise ValueError("kernel output missing")
@@ -251,13 +241,12 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
         w.ymask = NULL
         w.dres = NULL
         w.bits = NULL
-        _rows_scratch(&w, view, N, C, nthreads)
         out = cnp.PyArray_DATA(<cnp.ndarray>y)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), out, &w, nthreads)
+        _check_alloc(&w)
     finally:
         free(part)
-        free(w.scratch)
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
@@ -290,8 +279,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     work.dres = NULL
     work.bits = NULL
     work.relu = relu
-    work.scratch = NULL         # inference reduces nothing
-    work.scratch_bytes = 0
+    work.failed = NULL          # inference allocates nothing in the kernel
+    work.alloc_limit = -1
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -337,8 +326,10 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
     cdef Py_ssize_t c, npart, reduce_bytes
     cdef void* out
     cdef unsigned char* bits = NULL
+    cdef int failed = 0
     _check_dims(view, N, C, S, nthreads)
-    w.scratch = NULL
+    w.failed = &failed
+    w.alloc_limit = _scratch_limit
     if sums_out is not None and sums_in is not None:
         raise ValueError("kernel sums_out and sums_in are two calls")
     if dx is None:
@@ -414,18 +405,16 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
             if bits == NULL:
                 raise MemoryError()
             w.bits = bits
-        if w.phases & REDUCE:
-            _rows_scratch(&w, view, N, C, nthreads)
         out = cnp.PyArray_DATA(<cnp.ndarray>dx)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), out, &w, nthreads)
-            if grads32 != NULL:
-                for c in range(2 * C):
-                    grads32[c] = <float>gd.dweight[c]
+        _check_alloc(&w)
+        if grads32 != NULL:
+            for c in range(2 * C):
+                grads32[c] = <float>gd.dweight[c]
     finally:
         free(part)
         free(bits)
-        free(w.scratch)
 
 
 def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize,

@@ -198,12 +198,17 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
     cdef double* out0 = w.part + 2 * k * C + c0
     cdef double* out1 = w.part + (2 * k + 1) * C + c0
     cdef Grad gview
-    cdef float* sa = _scratch_stage(w, C)      # nr * width values (of g, then of x)
+    cdef float* sa = <float*>_kernel_alloc(w, (2 if w.op != TRAIN else 1) * nr * width *
+                                           sizeof(float))
     cdef float* sb
+    if sa == NULL:             # out of memory (w.failed is set): NaN, then a MemoryError
+        for c in range(width):
+            out0[c] = NAN
+            out1[c] = NAN
+        return
     _stage_rows(a, C, c0, width, r0, r1, sa, w.dtype)
     if w.op == TRAIN:
-        _rows_chunk_stats(sa, width, 0, width, 0, nr, out0, out1, w.multi_row,
-                          _scratch_stats(w, C))
+        _rows_chunk_stats(sa, width, 0, width, 0, nr, out0, out1, w.multi_row, w)
     else:
         sb = sa + nr * width
         _stage_rows(b, C, c0, width, r0, r1, sb, w.dtype)
@@ -215,7 +220,8 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
             gview.mean32 = gview.mean32 + c0
             gview.mean_lo = gview.mean_lo + c0
         _rows_chunk_sums(sa, sb, width, 0, width, 0, nr, &gview, out0, out1, w.multi_row,
-                         <const float*>NULL, NULL, 0, _scratch_sums(w, C))
+                         <const float*>NULL, NULL, 0, w)
+    free(sa)
 
 
 cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, const Work* w,

@@ -32,33 +32,6 @@ cdef inline Py_ssize_t _rows_per_task(Py_ssize_t R, Py_ssize_t C) noexcept nogil
     return _spread_rows(R, ROW_CHUNK_VALUES // C if C < ROW_CHUNK_VALUES else 1)
 
 
-cdef Py_ssize_t _rows_scratch_bytes(Py_ssize_t R, Py_ssize_t C, bint half) noexcept nogil:
-    """Bytes of scratch one thread of a rows reduction needs: 4 C doubles for the
-    statistics (_rows_chunk_stats), C doubles and C floats for the float32 sums
-    (_rows_chunk_sums), and for 16-bit data the widened g and x of a chunk (at most
-    _rows_per_chunk rows of C channels each, _rows16_reduce); rounded up to whole cache
-    lines, so that two threads' scratch never share one."""
-    cdef Py_ssize_t n = 4 * C * sizeof(double) + C * (sizeof(double) + sizeof(float))
-    if half:
-        n += 2 * _rows_per_chunk(R, C) * C * sizeof(float)
-    return (n + 63) // 64 * 64
-
-
-cdef inline double* _scratch_stats(const Work* w, Py_ssize_t C) noexcept nogil:
-    """This thread's scratch for _rows_chunk_stats (see _rows_scratch_bytes)."""
-    return <double*>(w.scratch + _thread_num() * w.scratch_bytes)
-
-
-cdef inline double* _scratch_sums(const Work* w, Py_ssize_t C) noexcept nogil:
-    """This thread's scratch for _rows_chunk_sums, after _scratch_stats's."""
-    return _scratch_stats(w, C) + 4 * C
-
-
-cdef inline float* _scratch_stage(const Work* w, Py_ssize_t C) noexcept nogil:
-    """This thread's scratch for the widened 16-bit chunk, after _scratch_sums's."""
-    return <float*>(_scratch_sums(w, C) + C) + C
-
-
 cdef inline bint _multi_row(Py_ssize_t C, Py_ssize_t reduce_bytes) noexcept nogil:
     """Whether a rows kernel updates several rows per sweep over the channels; `reduce_bytes`
     is the number of bytes a reduction pass reads (x, or g and x), 0 for the normalizing passes.
@@ -108,14 +81,14 @@ cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_
 
 cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
                             Py_ssize_t r0, Py_ssize_t r1, double* cmean, double* cm2,
-                            bint multi_row, double* work) noexcept nogil:
+                            bint multi_row, const Work* w) noexcept nogil:
     """Mean and m2 of channels [c0, c1) (of C) over rows [r0, r1), into cmean[c], cm2[c],
     tile by tile: the TILE_ROWS rows of a tile are read once in memory order, summing
     d = x - pivot and d*d in double about the tile's first row (as _block_stats does; a
     channel whose sums would cancel is redone in two passes), and each tile is merged into
-    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1).
-    `work`: 4 (c1 - c0) doubles of scratch (_scratch_stats)."""
+    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1)."""
     cdef Py_ssize_t width = c1 - c0
+    cdef double* work = <double*>_kernel_alloc(w, 4 * width * sizeof(double))
     cdef double* pivot = work
     cdef double* s1 = work + width          # then the tile's mean
     cdef double* s2 = work + 2 * width
@@ -126,6 +99,11 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     cdef double nb, n = 0, t1
     cdef double limit = _cancel_limit(x)
     cdef const floating* row
+    if work == NULL:           # out of memory (w.failed is set): NaN, then a MemoryError
+        for c in range(c0, c1):
+            cmean[c] = NAN
+            cm2[c] = NAN
+        return
     x = x + c0                 # channel c0 + c of row r is x[r * C + c] from here on
     cmean = cmean + c0
     cm2 = cm2 + c0
@@ -168,6 +146,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
                 _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &tile_m2[c])
         _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
         n = n + nb
+    free(work)
 
 
 cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,
@@ -430,18 +409,18 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                            Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
                            double* sg, double* sd, bint multi_row,
                            const floating* ym, unsigned char* bits,
-                           Py_ssize_t rowbytes, double* work) noexcept nogil:
+                           Py_ssize_t rowbytes, const Work* w) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
     sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
     tile's dot added in double with the mean's low part corrected, and a tile dot out of
     float32's comfortable range summed again in double (as _block_sums does). With ym (the
     fused ReLU's output, laid out as g, or NULL), of g masked by y > 0, and the mask stored
-    as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C). `work`: (c1 - c0)
-    doubles and as many floats of scratch (_scratch_sums)."""
+    as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C)."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
+    cdef double* work
     cdef float* dot32
     cdef double t, m
     g = g + c0
@@ -451,7 +430,9 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     if ym != NULL:
         ym = ym + c0
     if floating is float:
-        if gd.mean32 != NULL:
+        work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float))) \
+            if gd.mean32 != NULL else NULL
+        if work != NULL:
             dot32 = <float*>(work + width)
             for c in range(width):
                 sg[c] = 0
@@ -472,6 +453,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                         t = t + gd.mean_lo[c0 + c] * work[c]      # cancelled below
                     sg[c] = sg[c] + work[c]
                     sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
+            free(work)
             return
     _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym, bits, rowbytes)
 
@@ -720,12 +702,11 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
     (float32 and float64 data)."""
     if w.op == TRAIN:
         _rows_chunk_stats(a, C, c0, c1, r0, r1, w.part + 2 * k * C, w.part + (2 * k + 1) * C,
-                          w.multi_row, _scratch_stats(w, C))
+                          w.multi_row, w)
     else:
         _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
                          w.part + (2 * k + 1) * C, w.multi_row, <const floating*>w.ymask,
-                         w.bits if c0 == 0 and c1 == C else NULL, w.bits_stride,
-                         _scratch_sums(w, C))
+                         w.bits if c0 == 0 and c1 == C else NULL, w.bits_stride, w)
 
 
 cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,

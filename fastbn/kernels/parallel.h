@@ -9,16 +9,8 @@
 static void fastbn_barrier(void) {
     #pragma omp barrier
 }
-/* the calling thread's number in its team, 0 outside a parallel region */
-#include <omp.h>
-static inline int fastbn_thread_num(void) {
-    return omp_get_thread_num();
-}
 #else
 static void fastbn_barrier(void) { }
-static inline int fastbn_thread_num(void) {
-    return 0;
-}
 #endif
 /* AVX-512's 32 vector registers hold the LANES sums of a long run (_devs_run); with
    16 registers they would spill, so other builds keep their sums in memory lanes */
