@@ -69,39 +69,13 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                 done += 1
                 continue          # (N, C) is the same array in both layouts
             case = Case(shape, layout, dtype, threads, torch)
-            nbytes = case.x.nbytes
-            for op in OPS:
-                ref_rounds = 1 if nbytes > LARGE_BYTES else 3
-                t_fast, t_peer = interleaved([case.fast(op), case.peer(op)], rounds)
-                t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
-                         if with_reference else np.inf)
-                row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
-                           torch=t_peer, speedup=_ratio(t_ref, t_fast),
-                           vs_torch=_ratio(t_fast, t_peer))
-                rows.append(row)
-                print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
-                      f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
-                      f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
-            t_bn, t_brn = interleaved([case.fast("train"), case.renorm_train()], rounds)
-            row = dict(shape=shape, layout=layout, op="brn_train", fastbn=t_brn, bn=t_bn,
-                       vs_bn=t_brn / t_bn)
-            rows.append(row)
-            print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
-                  f"batch_renorm_train / batch_norm_train: {row['vs_bn']:.2f}",
-                  file=file, flush=True)
-            if nbytes > LARGE_BYTES:
+            rows += op_rows(case, shape, layout, rounds, with_reference, file)
+            if case.x.nbytes > LARGE_BYTES:
                 rows.append(self_ratios(case, shape, layout, rows, rounds, file))
-            if fused and nbytes > LARGE_BYTES:
-                rows.append(fused_ratios(case, shape, layout, rounds, file))
-            if roofline and nbytes > LARGE_BYTES:
-                t_out, t_read, t_copy = interleaved(
-                    [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
-                row = dict(shape=shape, layout=layout, op="train_out", fastbn=t_out,
-                           read=t_read, copy=t_copy, roofline=t_out / (t_read + t_copy))
-                rows.append(row)
-                print(f"{str(shape):<20} {layout:<6} {'train out=':<9}{_fmt_ms(t_out)}  "
-                      f"read pass {t_read * 1e3:.3f} + copy pass {t_copy * 1e3:.3f} ms: "
-                      f"{row['roofline']:.2f}x of (read + copy)", file=file, flush=True)
+                if fused:
+                    rows.append(fused_ratios(case, shape, layout, rounds, file))
+                if roofline:
+                    rows.append(roofline_row(case, shape, layout, rounds, file))
             done += 1
             print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
     if caffe:
@@ -109,6 +83,42 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
               "(Caffe's BLAS call sequence)", file=file)
         caffe_rows.main(file=file, shapes=[s for s in shapes if len(s) == 4][:2], rounds=rounds)
     return rows
+
+
+def op_rows(case, shape, layout, rounds, with_reference, file):
+    """The rows of one shape and layout: fastbn, the reference and PyTorch for each of OPS,
+    and Batch Renormalization's training forward against Batch Normalization's."""
+    rows = []
+    for op in OPS:
+        ref_rounds = 1 if case.x.nbytes > LARGE_BYTES else 3
+        t_fast, t_peer = interleaved([case.fast(op), case.peer(op)], rounds)
+        t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
+                 if with_reference else np.inf)
+        row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
+                   torch=t_peer, speedup=_ratio(t_ref, t_fast),
+                   vs_torch=_ratio(t_fast, t_peer))
+        rows.append(row)
+        print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
+              f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
+              f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
+    t_bn, t_brn = interleaved([case.fast("train"), case.renorm_train()], rounds)
+    rows.append(dict(shape=shape, layout=layout, op="brn_train", fastbn=t_brn, bn=t_bn,
+                     vs_bn=t_brn / t_bn))
+    print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
+          f"batch_renorm_train / batch_norm_train: {t_brn / t_bn:.2f}", file=file, flush=True)
+    return rows
+
+
+def roofline_row(case, shape, layout, rounds, file):
+    """The training forward with out= against one read pass plus one copy pass."""
+    t_out, t_read, t_copy = interleaved(
+        [case.fast("train_out"), case.read_pass(), case.copy_pass()], rounds)
+    row = dict(shape=shape, layout=layout, op="train_out", fastbn=t_out, read=t_read,
+               copy=t_copy, roofline=t_out / (t_read + t_copy))
+    print(f"{str(shape):<20} {layout:<6} {'train out=':<9}{_fmt_ms(t_out)}  "
+          f"read pass {t_read * 1e3:.3f} + copy pass {t_copy * 1e3:.3f} ms: "
+          f"{row['roofline']:.2f}x of (read + copy)", file=file, flush=True)
+    return row
 
 
 def self_ratios(case, shape, layout, rows, rounds, file):

@@ -252,8 +252,7 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
         stats = np.zeros((5, C))
         if x.size:
-            _kernels.train_forward(xc, None, plan.view, plan.N, C, plan.S, None, None, eps,
-                                   stats, None, nthreads, stats_only=True)
+            _kernels.train_statistics(xc, plan.view, plan.N, C, plan.S, stats, nthreads)
         local.meta = _train_meta(C, x.dtype, layout, eps, weight is not None,
                                  bias is not None, running_mean is not None, momentum)
         local.data = (M, stats[0], stats[1] * M)
@@ -320,9 +319,8 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
         C, plan = g.C, g.plan
         sums = np.zeros((2, C))
         if g.x.size:
-            _kernels.backward(g.gc, g.xc, None, plan.view, plan.N, C, plan.S, g.mean,
-                              g.invstd, g.w, True, np.empty((2, C)), g.nthreads,
-                              sums_out=sums)
+            _kernels.backward_sums(g.gc, g.xc, plan.view, plan.N, C, plan.S, g.mean,
+                                   g.invstd, sums, g.nthreads)
         local.meta = _backward_meta(C, g.x.dtype, layout, weight is not None,
                                     _digest(g.mean, g.invstd))
         local.data = (values_per_channel(g.x.shape, channel_axis(layout, g.x.ndim)), sums)
@@ -336,9 +334,9 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
     x = g.x
     dx, dxc, direct = _result(plan, x.shape, x.dtype, g.out)
     if x.size:
-        _kernels.backward(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean, g.invstd,
-                          g.w, True, np.empty((2, C)), g.nthreads,
-                          _memory.stream_output(x.nbytes, g.out), sums_in=total, count=m)
+        _kernels.backward_dx(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean,
+                             g.invstd, g.w, total, m, g.nthreads,
+                             _memory.stream_output(x.nbytes, g.out))
     gdt = grad_dtype(x.dtype)
     with np.errstate(all="ignore"):
         dweight = sums[1] * g.invstd

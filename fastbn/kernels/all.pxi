@@ -3,8 +3,8 @@
 # (AVX-512 F/VL/DQ/BW, 512-bit vectors) include this file; fastbn/_dispatch.py imports the
 # best one the CPU runs. Everything that needs no vector instructions is in _support.pyx.
 include "common.pxi"          # types, tuning constants, Chan merges, coefficients
-include "nchw_blocks.pxi"     # NCHW: statistics and sums of one block
-include "nchw.pxi"            # NCHW: training forward, inference, backward
-include "nhwc.pxi"            # NHWC and (N, C): training forward, inference, backward
+include "planar_blocks.pxi"   # the planar view (NCHW memory): statistics and sums of a block
+include "planar.pxi"          # the planar view: training forward, inference, backward
+include "rows.pxi"            # the rows view (channels-last memory, and (N, C)): the same
 include "half.pxi"            # float16 and bfloat16 data, staged through float32
 include "entry_points.pxi"    # the Python entry points, and the bandwidth yardsticks

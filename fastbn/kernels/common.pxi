@@ -3,13 +3,13 @@
 #
 # The kernels work on one of two canonical C-contiguous views, chosen by fastbn/functional.py:
 #   PLANAR (N, C, S): each (n, c) pair is one contiguous run of S values (NCHW memory, S > 1);
-#                     kernels in nchw.pxi, block arithmetic in nchw_blocks.pxi;
+#                     kernels in planar.pxi, block arithmetic in planar_blocks.pxi;
 #   ROWS   (R, C):    each row holds one value per channel (NHWC memory, and (N, C));
-#                     kernels in nhwc.pxi.
+#                     kernels in rows.pxi.
 # Statistics, coefficients and sum(dy) are accumulated in double whatever the data type.
 # For float32 data the elementwise passes and the backward's dot sum(dy * (x - mean)) run in
 # float32 around the mean split into a float32 value and its remainder, so inputs with a
-# large mean keep their low-order digits (nchw_blocks.pxi, docs/math.rst); float64 data runs
+# large mean keep their low-order digits (planar_blocks.pxi, docs/math.rst); float64 data runs
 # in double throughout.
 #
 # Determinism: the data of a channel is cut into a fixed list of chunks that depends on the
@@ -30,6 +30,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 cimport numpy as cnp
+import numpy as np
 
 cdef extern from "parallel.h":
     void _barrier "fastbn_barrier"() noexcept nogil
@@ -96,6 +97,7 @@ cdef enum Op:
     # what a reduction kernel computes (Work.op)
     TRAIN = 0          # statistics, coefficients, y = (x - mean) * scale + shift
     BACKWARD = 1       # sum(g) and sum(g * (x - mean)), gradient coefficients, dx
+    INFER = 2          # y from given coefficients: one elementwise pass (op not read)
 
 
 # Values per statistics block: a block is read twice (sum, then squared deviations) while it
@@ -160,7 +162,7 @@ cdef inline bint _f32_bounded(double v) noexcept nogil:
 
 
 cdef inline bint _f32_coefs_ok(double mean, double scale, double shift) noexcept nogil:
-    """Whether (x - mean) * scale + shift can run in float32 (see nchw_blocks.pxi): the mean
+    """Whether (x - mean) * scale + shift can run in float32 (see planar_blocks.pxi): the mean
     and shift bounded, the scale representable with its precision. NaN coefficients are
     fine: the channel's outputs are NaN either way."""
     return _f32_bounded(mean) and _f32_bounded(shift) and _f32_fits(scale)
@@ -188,8 +190,6 @@ cdef enum:
 cdef extern from "relu_mask.h":
     float _mask_f "fastbn_mask_f"(float g, float y) noexcept nogil
     double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
-    float _bit_f "fastbn_bit_f"(float g, unsigned int word, Py_ssize_t j) noexcept nogil
-    double _bit_d "fastbn_bit_d"(double g, unsigned int word, Py_ssize_t j) noexcept nogil
 
 
 cdef extern from "mask_bits.h":
@@ -203,14 +203,6 @@ cdef inline void _pack(const floating* y, Py_ssize_t n, unsigned char* bits) noe
         _pack_f32(y, n, bits)
     else:
         _pack_f64(y, n, bits)
-
-
-cdef inline floating _bit(floating g, unsigned int word, Py_ssize_t j) noexcept nogil:
-    """g where bit j of word is set, else 0; branch-free (the bits of _masked)."""
-    if floating is float:
-        return _bit_f(g, word, j)
-    else:
-        return _bit_d(g, word, j)
 
 
 cdef extern from "mask_bits_dx.h":
@@ -303,7 +295,7 @@ cdef inline void _chan_merge_all(double* mean, double* m2, const double* mb,
 
 cdef struct Affine:
     # y = (x - mean) * scale + shift per channel (length C), and its float32 form for float32
-    # data, y = (x - mean32) * scale32 + shift32 (see nchw_blocks.pxi), which channel c may
+    # data, y = (x - mean32) * scale32 + shift32 (see planar_blocks.pxi), which channel c may
     # use where ok32[c] (the rows kernels use it when every channel may)
     const double* mean
     const double* scale
@@ -409,7 +401,7 @@ cdef struct Grad:
     double* gmean       # sum(g) / m in training (k0 = -gmean * a), else 0
     # float32 data (else NULL): the mean rounded to float32 and what it leaves, and dx in
     # float32 as ((g - gmean32) - gmean_lo32) * a32 + ((x - mean32) * kx32 + c32), with
-    # c32 = -(mean - mean32) * kx, usable where ok32[c] (see nchw_blocks.pxi)
+    # c32 = -(mean - mean32) * kx, usable where ok32[c] (see planar_blocks.pxi)
     float* mean32
     double* mean_lo
     float* gmean32
@@ -458,7 +450,7 @@ cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) no
 
 
 # ---------------------------------------------------------------------------------------------
-# One call's work, for the scheduling skeletons of nchw.pxi and nhwc.pxi
+# One call's work, for the scheduling skeletons of planar.pxi and rows.pxi
 # ---------------------------------------------------------------------------------------------
 
 cdef enum:

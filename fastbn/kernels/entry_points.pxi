@@ -170,10 +170,41 @@ def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
     return "rows columns" if (N + rpc - 1) // rpc == 1 else "rows chunks"
 
 
-def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
+cdef Work _new_work(int op, int dtype, int phases, int* failed) noexcept:
+    """A Work with every field set: nothing fused, no partials, no mask bits, streaming
+    off; the caller sets what its call needs."""
+    cdef Work w
+    w.op = op
+    w.dtype = dtype
+    w.cf = NULL
+    w.gd = NULL
+    w.part = NULL
+    w.multi_row = False
+    w.stream = False
+    w.phases = phases
+    w.relu = False
+    w.res = NULL
+    w.ymask = NULL
+    w.dres = NULL
+    w.bits = NULL
+    w.bits_stride = 0
+    w.failed = failed
+    w.alloc_limit = _scratch_limit
+    return w
+
+
+cdef int _set_epilogue(Work* w, cnp.ndarray x, residual, bint relu) except -1:
+    """The forward's fused epilogue y = max(y + residual, 0) (residual None: no add)."""
+    if residual is not None and not relu:
+        raise ValueError("the kernels add a residual only before the ReLU")
+    w.res = _like_data(residual, x)
+    w.relu = relu
+    return 0
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                  int nthreads, bint stream=False, residual=None, bint relu=False,
-                  bint stats_only=False):
+                  int nthreads, bint stream=False, residual=None, bint relu=False):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
@@ -182,29 +213,36 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
     (running_mean, running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays,
     for Batch Renormalization (running_mean and running_std may also be float32). stream:
     write y with non-temporal stores (an output larger than the caches). residual (an array
-    laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0).
-    stats_only: the statistics pass alone (y is not written and may be None): stats then
-    holds this data's mean and biased var (fastbn.distributed merges them across processes).
-    """
+    laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0)."""
+    _train(x, y, view, N, C, S, weight, bias, eps, stats, renorm, nthreads, stream,
+           residual, relu, REDUCE | APPLY)
+
+
+def train_statistics(cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                     cnp.ndarray stats, int nthreads):
+    """The statistics pass of a training forward alone: stats (float64 (5, C)) receives
+    this data's mean and biased var in its first two rows (fastbn.distributed merges them
+    across processes)."""
+    _train(x, x, view, N, C, S, None, None, 0.0, stats, None, nthreads, False, None,
+           False, REDUCE)
+
+
+cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
+                Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
+                int nthreads, bint stream, residual, bint relu, int phases) except -1:
     cdef Coef cf
-    cdef Work w
     cdef Planar p
     cdef double* part
     cdef Py_ssize_t npart, reduce_bytes
-    cdef void* out
     cdef int failed = 0
+    cdef Work w = _new_work(TRAIN, 0, phases, &failed)
     _check_dims(view, N, C, S, nthreads)
-    w.failed = &failed
-    w.alloc_limit = _scratch_limit
-    if y is None:
-        if not stats_only:
-            raise ValueError("kernel output missing")
-        y = x
-    w.dtype = _data_type(x, <cnp.ndarray?>y, N * C * S, not stats_only)
-    w.phases = REDUCE if stats_only else REDUCE | APPLY
+    w.dtype = _data_type(x, y, N * C * S, phases & APPLY)
     reduce_bytes = N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
+    # the partials, then weight, bias, running mean and std (C doubles each), then the
+    # float32 form of the affine coefficients
     part = <double*>malloc((npart + 4 * C) * sizeof(double) + _AFFINE32_BYTES * C)
     if part == NULL:
         raise MemoryError()
@@ -218,35 +256,36 @@ def train_forward(cnp.ndarray x, y, int view, Py_ssize_t N, Py_ssize_t C,
         cf.scale = cf.mean + 3 * C
         cf.shift = cf.mean + 4 * C
         _affine_arrays(&cf.af, cf.mean, cf.scale, cf.shift, <char*>(part + npart + 4 * C), C)
-        cf.renorm = 0
-        if renorm is not None:
-            cf.renorm = 1
-            cf.run_mean = _param(renorm[0], C, part + npart + 2 * C)
-            cf.run_std = _param(renorm[1], C, part + npart + 3 * C)
-            cf.r = _vec(renorm[2], C)
-            cf.d = _vec(renorm[3], C)
-            cf.rmin = renorm[4]
-            cf.rmax = renorm[5]
-            cf.dmax = renorm[6]
-        w.op = TRAIN
+        _renorm(&cf, renorm, C, part + npart + 2 * C)
         w.cf = &cf
-        w.gd = NULL
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
-        if residual is not None and not relu:
-            raise ValueError("the kernels add a residual only before the ReLU")
-        w.res = _like_data(residual, x)
-        w.relu = relu
-        w.ymask = NULL
-        w.dres = NULL
-        w.bits = NULL
-        out = cnp.PyArray_DATA(<cnp.ndarray>y)
+        _set_epilogue(&w, x, residual, relu)
         with nogil:
-            _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), out, &w, nthreads)
+            _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &w,
+                 nthreads)
         _check_alloc(&w)
     finally:
         free(part)
+    return 0
+
+
+cdef int _renorm(Coef* cf, renorm, Py_ssize_t C, double* slots) except -1:
+    """Batch Renormalization's arguments into cf (renorm None: plain Batch Normalization);
+    slots: 2 C doubles for the running mean and std when they are float32."""
+    cf.renorm = 0
+    if renorm is None:
+        return 0
+    cf.renorm = 1
+    cf.run_mean = _param(renorm[0], C, slots)
+    cf.run_std = _param(renorm[1], C, slots + C)
+    cf.r = _vec(renorm[2], C)
+    cf.d = _vec(renorm[3], C)
+    cf.rmin = renorm[4]
+    cf.rmax = renorm[5]
+    cf.dmax = renorm[6]
+    return 0
 
 
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
@@ -260,7 +299,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     relu: the fused epilogue y = max(y + residual, 0)."""
     cdef Planar p
     cdef Affine af
-    cdef Work work
+    cdef Work work = _new_work(INFER, 0, APPLY, NULL)
     cdef int dtype
     cdef Py_ssize_t c
     cdef const double* rm
@@ -272,15 +311,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     dtype = _data_type(x, y, N * C * S)
     work.dtype = dtype
     work.stream = stream
-    if residual is not None and not relu:
-        raise ValueError("the kernels add a residual only before the ReLU")
-    work.res = _like_data(residual, x)
-    work.ymask = NULL
-    work.dres = NULL
-    work.bits = NULL
-    work.relu = relu
-    work.failed = NULL          # inference allocates nothing in the kernel
-    work.alloc_limit = -1
+    _set_epilogue(&work, x, residual, relu)
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -306,108 +337,140 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
         free(coef)
 
 
-def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
+def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
-             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None,
-             sums_out=None, sums_in=None, double count=0):
+             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
     mean, invstd, weight: float32 or float64 (C,), weight may be None. ymask (the fused
     ReLU's forward output, laid out as g): dy counts where y > 0 only; dres receives that
-    masked dy (or None). The two phases apart (fastbn.distributed), with float64 (2, C)
-    arrays of sum(g) and sum(g * (x - mean)): sums_out receives this data's sums and dx is
-    not computed (it may be None); sums_in gives the sums (over `count` values per channel)
-    that dx uses, and this data is not reduced."""
-    cdef Planar p
-    cdef Grad gd
-    cdef Work w
-    cdef double* part
-    cdef float* grads32 = NULL
-    cdef Py_ssize_t c, npart, reduce_bytes
-    cdef void* out
-    cdef unsigned char* bits = NULL
-    cdef int failed = 0
-    _check_dims(view, N, C, S, nthreads)
-    w.failed = &failed
-    w.alloc_limit = _scratch_limit
-    if sums_out is not None and sums_in is not None:
-        raise ValueError("kernel sums_out and sums_in are two calls")
-    if dx is None:
-        if sums_out is None:
-            raise ValueError("kernel output missing")
-        dx = x
-    w.dtype = _data_type(x, <cnp.ndarray?>dx, N * C * S, sums_out is None)
-    if _data_type(g, dx, N * C * S, sums_out is None) != w.dtype:
-        raise TypeError("kernel gradient dtype differs")
-    w.phases = REDUCE if sums_out is not None else APPLY if sums_in is not None else \
-        REDUCE | APPLY
+    masked dy (or None)."""
+    _backward(g, x, dx, view, N, C, S, mean, invstd, weight, training, grads, nthreads,
+              stream, ymask, dres, REDUCE | APPLY, None, 0)
+
+
+def backward_sums(cnp.ndarray g, cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, mean, invstd, cnp.ndarray sums, int nthreads):
+    """The reduction of a training backward alone: sums (float64 (2, C)) receives this
+    data's sum(g) and sum(g * (x - mean)); no dx (fastbn.distributed adds the sums of
+    every process)."""
+    _backward(g, x, x, view, N, C, S, mean, invstd, None, True, np.empty((2, C)), nthreads,
+              False, None, None, REDUCE, sums, 0)
+
+
+def backward_dx(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
+                Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, cnp.ndarray sums,
+                double count, int nthreads, bint stream=False):
+    """dx of a training backward from given sums (float64 (2, C), as backward_sums gives
+    them, over `count` values per channel); this data is not reduced."""
+    if count <= 0:
+        raise ValueError("kernel sums need a count")
+    _backward(g, x, dx, view, N, C, S, mean, invstd, weight, True, np.empty((2, C)),
+              nthreads, stream, None, None, APPLY, sums, count)
+
+
+# The backward's per-channel scratch, after the partials: C doubles for each of these...
+cdef enum GradSlot:
+    G_A, G_KX, G_K0, G_MEAN, G_INVSTD, G_WEIGHT, G_DWEIGHT, G_DBIAS, G_GMEAN, G_MEAN_LO,
+    G_DOUBLES
+# ...then C floats for each of mean32, gmean32, gmean_lo32, a32, kx32, c32, and C bytes ok32
+cdef Py_ssize_t G_FLOATS = 6
+
+
+cdef int _grad_slots(Grad* gd, double* slots, Py_ssize_t C, mean, invstd, weight,
+                     grads, bint float32_data, float** grads32) except -1:
+    """Set gd's per-channel arrays over `slots` (see GradSlot); dweight and dbias go to
+    grads when it is float64, else to slots and then, rounded, to grads32[0]."""
+    cdef Py_ssize_t c
+    cdef float* f
+    grads32[0] = NULL
     if (cnp.PyArray_TYPE(grads) == cnp.NPY_FLOAT32 and cnp.PyArray_IS_C_CONTIGUOUS(grads)
             and cnp.PyArray_SIZE(grads) >= 2 * C and cnp.PyArray_ISWRITEABLE(grads)
             and _native(grads)):
-        grads32 = <float*>cnp.PyArray_DATA(grads)
+        grads32[0] = <float*>cnp.PyArray_DATA(grads)
+    gd.a = slots + G_A * C
+    gd.kx = slots + G_KX * C
+    gd.k0 = slots + G_K0 * C
+    gd.dweight = slots + G_DWEIGHT * C if grads32[0] != NULL else _vec(grads, 2 * C)
+    gd.dbias = gd.dweight + C
+    gd.mean = _param(mean, C, slots + G_MEAN * C)
+    gd.invstd = _param(invstd, C, slots + G_INVSTD * C)
+    gd.weight = _param(weight, C, slots + G_WEIGHT * C, True)
+    gd.gmean = slots + G_GMEAN * C
+    gd.mean32 = NULL
+    gd.mean_lo = NULL
+    if float32_data:            # the float32 form of the mean (see planar_blocks.pxi)
+        gd.mean_lo = slots + G_MEAN_LO * C
+        f = <float*>(slots + G_DOUBLES * C)
+        gd.mean32, gd.gmean32, gd.gmean_lo32 = f, f + C, f + 2 * C
+        gd.a32, gd.kx32, gd.c32 = f + 3 * C, f + 4 * C, f + 5 * C
+        gd.ok32 = <unsigned char*>(f + G_FLOATS * C)
+        for c in range(C):
+            gd.mean32[c] = <float>gd.mean[c] if _f32_bounded(gd.mean[c]) else 0.0
+            gd.mean_lo[c] = gd.mean[c] - <double>gd.mean32[c]
+    return 0
+
+
+cdef int _mask(Work* w, int view, Planar* p, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+               cnp.ndarray x, ymask, dres, bint training, Py_ssize_t reduce_bytes,
+               int nthreads, unsigned char** bits) except -1:
+    """The fused ReLU's backward: the mask y (ymask), the residual's gradient (dres) and,
+    where they pay, the mask bits kept between the two passes (allocated into bits[0])."""
+    w.ymask = _like_data(ymask, x)
+    w.dres = <void*>_like_data(dres, x, True)
+    if w.dres != NULL and w.ymask == NULL:
+        raise ValueError("kernel dres needs ymask")
+    if w.ymask != NULL and w.phases == REDUCE | APPLY:
+        w.bits_stride = _bits_stride(view, N, C, S, w.dtype == F32, training, reduce_bytes,
+                                     nthreads)
+    if w.bits_stride:
+        bits[0] = <unsigned char*>malloc(w.bits_stride * (N if view == ROWS else
+                                                          N * C * p.pieces))
+        if bits[0] == NULL:
+            raise MemoryError()
+        w.bits = bits[0]
+    return 0
+
+
+cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
+                   Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
+                   cnp.ndarray grads, int nthreads, bint stream, ymask, dres, int phases,
+                   sums, double count) except -1:
+    cdef Planar p
+    cdef Grad gd
+    cdef double* part
+    cdef float* grads32 = NULL
+    cdef Py_ssize_t c, npart, reduce_bytes
+    cdef unsigned char* bits = NULL
+    cdef int failed = 0
+    cdef Work w = _new_work(BACKWARD, 0, phases, &failed)
+    _check_dims(view, N, C, S, nthreads)
+    w.dtype = _data_type(x, dx, N * C * S, phases & APPLY)
+    if _data_type(g, dx, N * C * S, phases & APPLY) != w.dtype:
+        raise TypeError("kernel gradient dtype differs")
     gd.training = training
-    gd.m = <double>(N * S) if sums_in is None else count
+    gd.m = <double>(N * S) if phases & REDUCE else count
     gd.nc = C
-    gd.sums = NULL if sums_out is None else _vec(sums_out, 2 * C)
-    gd.given = NULL if sums_in is None else _vec(sums_in, 2 * C)
-    if sums_in is not None and count <= 0:
-        raise ValueError("kernel sums_in needs a count")
+    gd.sums = _vec(sums, 2 * C) if phases == REDUCE else NULL
+    gd.given = _vec(sums, 2 * C) if phases == APPLY else NULL
     reduce_bytes = 2 * N * C * S * cnp.PyArray_ITEMSIZE(x)
     npart = _partials(view, N, C, S, reduce_bytes)
     p = _planar(N, C, S, reduce_bytes)
-    part = <double*>malloc((npart + 10 * C) * sizeof(double) + (6 * sizeof(float) + 1) * C)
+    part = <double*>malloc((npart + G_DOUBLES * C) * sizeof(double) +
+                           (G_FLOATS * sizeof(float) + 1) * C)
     if part == NULL:
         raise MemoryError()
-    gd.a = part + npart
-    gd.kx = gd.a + C
-    gd.k0 = gd.a + 2 * C
-    gd.mean32 = NULL
-    gd.mean_lo = NULL
     try:
-        gd.dweight = gd.a + 6 * C if grads32 != NULL else _vec(grads, 2 * C)
-        gd.dbias = gd.dweight + C
-        gd.mean = _param(mean, C, gd.a + 3 * C)
-        gd.invstd = _param(invstd, C, gd.a + 4 * C)
-        gd.weight = _param(weight, C, gd.a + 5 * C, True)
-        gd.gmean = gd.a + 8 * C
-        if w.dtype != F64:      # the float32 form of the mean (see nchw_blocks.pxi)
-            gd.mean_lo = gd.a + 9 * C
-            gd.mean32 = <float*>(gd.a + 10 * C)
-            gd.gmean32 = gd.mean32 + C
-            gd.gmean_lo32 = gd.mean32 + 2 * C
-            gd.a32 = gd.mean32 + 3 * C
-            gd.kx32 = gd.mean32 + 4 * C
-            gd.c32 = gd.mean32 + 5 * C
-            gd.ok32 = <unsigned char*>(gd.mean32 + 6 * C)
-            for c in range(C):
-                gd.mean32[c] = <float>gd.mean[c] if _f32_bounded(gd.mean[c]) else 0.0
-                gd.mean_lo[c] = gd.mean[c] - <double>gd.mean32[c]
-        w.op = BACKWARD
-        w.cf = NULL
+        _grad_slots(&gd, part + npart, C, mean, invstd, weight, grads, w.dtype != F64,
+                    &grads32)
         w.gd = &gd
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
-        w.res = NULL
-        w.relu = False
-        w.ymask = _like_data(ymask, x)
-        w.dres = <void*>_like_data(dres, x, True)
-        if w.dres != NULL and w.ymask == NULL:
-            raise ValueError("kernel dres needs ymask")
-        w.bits = NULL
-        w.bits_stride = 0
-        if w.ymask != NULL and w.phases == REDUCE | APPLY:
-            w.bits_stride = _bits_stride(view, N, C, S, w.dtype == F32, training,
-                                         reduce_bytes, nthreads)
-        if w.bits_stride:
-            bits = <unsigned char*>malloc(w.bits_stride * (N if view == ROWS else
-                                                           N * C * p.pieces))
-            if bits == NULL:
-                raise MemoryError()
-            w.bits = bits
-        out = cnp.PyArray_DATA(<cnp.ndarray>dx)
+        _mask(&w, view, &p, N, C, S, x, ymask, dres, training, reduce_bytes, nthreads, &bits)
         with nogil:
-            _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), out, &w, nthreads)
+            _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
+                 &w, nthreads)
         _check_alloc(&w)
         if grads32 != NULL:
             for c in range(2 * C):
@@ -415,6 +478,7 @@ def backward(cnp.ndarray g, cnp.ndarray x, dx, int view, Py_ssize_t N,
     finally:
         free(part)
         free(bits)
+    return 0
 
 
 def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize,

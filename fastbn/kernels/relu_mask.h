@@ -49,12 +49,5 @@ static inline float fastbn_bit_f(float g, uint32_t word, Py_ssize_t j) {
     memcpy(&g, &b, sizeof b);
     return g;
 }
-static inline double fastbn_bit_d(double g, uint32_t word, Py_ssize_t j) {
-    uint64_t b;
-    memcpy(&b, &g, sizeof b);
-    b &= (uint64_t)0 - (uint64_t)((word >> j) & 1u);
-    memcpy(&g, &b, sizeof b);
-    return g;
-}
 
 #endif  /* FASTBN_RELU_MASK_H */

@@ -2,7 +2,7 @@
 # one channel, and the elementwise passes over one run. A block is BLOCK values at most: part
 # of one long run, or several short runs of the channel (one per sample, C*S values apart); it
 # is read twice at most while it sits in L1. The chunking of channels into blocks, and the
-# kernels that call these, are in nchw.pxi.
+# kernels that call these, are in planar.pxi.
 
 
 cdef struct Block:

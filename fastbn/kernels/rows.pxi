@@ -313,7 +313,7 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
                        Py_ssize_t r1, const Affine* af, bint stream, const floating* res,
                        bint relu) noexcept nogil:
     """The normalization of rows [r0, r1) (and the fused epilogue when asked): in float32
-    for float32 data whose every channel allows it (see nchw_blocks.pxi), else in double."""
+    for float32 data whose every channel allows it (see planar_blocks.pxi), else in double."""
     if floating is float:
         if _all_set(af.ok32, C):
             _rows_affine_staged(x, y, C, r0, r1, <const float*>af.mean32,
