@@ -7,6 +7,7 @@ comparisons and debugging; when this CPU cannot run it, the baseline). Results a
 bit-identical across thread counts within one module; modules may differ in the last bits
 (FMA rounds once, and the vector width changes how the compiler splits some loops).
 """
+import contextlib
 import importlib
 import os
 
@@ -36,3 +37,16 @@ def _select():
 
 
 kernels = _select()
+
+
+@contextlib.contextmanager
+def using(module):
+    """Within the block, fastbn's calls run on the kernel module `module` (another build,
+    for tests that compare the builds and for A/B measurements). Not thread-safe."""
+    global kernels
+    saved = kernels
+    kernels = module
+    try:
+        yield module
+    finally:
+        kernels = saved

@@ -1,12 +1,12 @@
 """Stateful layers with PyTorch-compatible state: BatchNorm and BatchRenorm.
 
-Both are thin clients of the functional API: a forward picks the functional call for the
-mode (training statistics or running statistics), keeps what the backward needs, and
-updates the state; the math lives in :mod:`fastbn.functional` and :mod:`fastbn.renorm`.
+Both are thin clients of fastbn's call requests (fastbn._calls, what the functional API
+runs): a forward picks the call for the mode (training statistics or running statistics),
+keeps what the backward needs, and updates the state.
 """
 import numpy as np
 
-from . import functional, renorm
+from . import _calls, renorm
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
                         is_bfloat16, is_half, momentum_value, positive_int, real_scalar)
@@ -389,38 +389,40 @@ class BatchNorm(_Norm):
     def _forward_train(self, x, residual):
         update = self.training and self.track_running_stats
         layout = self.layout
-        y, mean, invstd = functional._batch_norm_train(
-            x, self.weight, self.bias, self.eps, layout,
-            self.running_mean if update else None, self.running_var if update else None,
-            self._factor() if update else 0.0, None, None, residual=residual,
+        y, mean, invstd = _calls.batch_norm_train(
+            x, self.weight, self.bias, eps=self.eps, layout=layout,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._factor() if update else 0.0, residual=residual,
             relu=self.activation == "relu")
         if update:
             self._count_step()
-        return y, _backward_closure(functional._backward, x,
-                                    (mean, invstd, _copy(self.weight), True, layout),
+        return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
+                                    dict(training=True, layout=layout),
                                     y if self.activation else None, residual is not None)
 
     def _forward_eval(self, x, residual):
         layout = self.layout
-        y = functional._infer(x, self.running_mean, self.running_var, self.weight, self.bias,
-                              self.eps, layout, None, None, residual=residual,
-                              relu=self.activation == "relu")
+        y = _calls.infer(_calls.Batch(x, layout), self.running_mean, self.running_var,
+                         self.weight, self.bias, eps=self.eps, residual=residual,
+                         relu=self.activation == "relu")
         mean = self.running_mean.astype(np.float64)
         with np.errstate(all="ignore"):     # a loaded var < 0 gives NaN, as the kernels do
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-        return y, _backward_closure(functional._backward, x,
-                                    (mean, invstd, _copy(self.weight), False, layout),
+        return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
+                                    dict(training=False, layout=layout),
                                     y if self.activation else None, residual is not None)
 
 
-def _backward_closure(grad, x, args, y, has_residual):
-    """The backward of one forward: grad(dy, x, *args, out=None, num_threads=None, y=y,
-    dresidual=...) -> (dx, dweight, dbias, dresidual or None). args hold the forward's
-    statistics and a copy of the weight (an optimizer step in between does not change it);
-    y is the fused ReLU's output (its mask), or None."""
+def _backward_closure(grad, x, args, kwargs, y, has_residual):
+    """The backward of one forward: grad(dy, x, *args, **kwargs, y=y, dresidual=...) ->
+    (dx, dweight, dbias, dresidual or None). args hold the forward's statistics and a copy
+    of the weight (an optimizer step in between does not change it), kwargs the layout
+    (and whether the statistics were the batch's); y is the fused ReLU's output (its
+    mask), or None."""
     def backward(dy):
         dres = np.empty_like(x) if has_residual else None
-        dx, dweight, dbias = grad(dy, x, *args, None, None, y=y, dresidual=dres)
+        dx, dweight, dbias = grad(dy, x, *args, **kwargs, y=y, dresidual=dres)
         return dx, dweight, dbias, dres
     return backward
 
@@ -571,13 +573,13 @@ class BatchRenorm(_Norm):
     def _forward_train(self, x, residual):
         rmin, rmax, dmax = self.clipping()
         layout = self.layout
-        y, mean, std, r, d = renorm._renorm_train(
+        y, mean, std, r, d = _calls.renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
             rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=layout,
-            out=None, num_threads=None, residual=residual, relu=self.activation == "relu")
+            residual=residual, relu=self.activation == "relu")
         self._count_step()
-        return y, _backward_closure(renorm._renorm_backward, x,
-                                    (mean, std, r, d, _copy(self.weight), layout),
+        return y, _backward_closure(_calls.renorm_backward, x,
+                                    (mean, std, r, d, _copy(self.weight)), dict(layout=layout),
                                     y if self.activation else None, residual is not None)
 
     def _forward_eval(self, x, residual):
@@ -586,11 +588,11 @@ class BatchRenorm(_Norm):
         std = self.running_std.astype(np.float64)
         # y = (x - mean) * (weight / std) + bias: std is divided by, never squared, so an
         # extreme std (1e-200, 1e200) neither underflows nor overflows
-        y = functional._infer(x, mean, std, self.weight, self.bias, 0.0, layout, None, None,
-                              divisor_is_std=True, residual=residual,
-                              relu=self.activation == "relu")
+        y = _calls.infer(_calls.Batch(x, layout), mean, std, self.weight, self.bias, eps=0.0,
+                         divisor_is_std=True, residual=residual,
+                         relu=self.activation == "relu")
         with np.errstate(all="ignore"):     # a subnormal std gives inf, as the kernels do
             invstd = 1.0 / std
-        return y, _backward_closure(functional._backward, x,
-                                    (mean, invstd, _copy(self.weight), False, layout),
+        return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
+                                    dict(training=False, layout=layout),
                                     y if self.activation else None, residual is not None)

@@ -7,9 +7,8 @@ statistics are returned as new arrays.
 """
 import numpy as np
 
-from . import functional
-from ._validate import (channel_axis, channel_vector, data_array, eps_value, momentum_value,
-                        rounded, training_count)
+from . import _calls
+from ._validate import channel_vector, eps_value, momentum_value, rounded
 
 __all__ = ["batch_normalization"]
 
@@ -79,8 +78,8 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
     >>> running_mean, running_var
     (array([0.2, 0.4], dtype=float32), array([1. , 1.3], dtype=float32))
     """
-    X = data_array("X", X)
-    C = X.shape[channel_axis("NCHW", X.ndim)]
+    batch = _calls.Batch(X, "NCHW", name="X")
+    C = batch.C
     for name, v in (("scale", scale), ("B", B)):
         channel_vector(name, v, C, optional=False)
     mean_in = channel_vector("input_mean", input_mean, C, optional=False)
@@ -89,10 +88,8 @@ def batch_normalization(X, scale, B, input_mean, input_var, *, epsilon=1e-5, mom
     momentum = momentum_value(momentum)
     training = _training_mode(training_mode)
     if not training:
-        return functional.batch_norm_infer(X, input_mean, input_var, scale, B, eps=epsilon,
-                                           layout="NCHW")
-    training_count("X", X.shape, 1)
-    Y, mean, var, _, _ = functional._train(X, scale, B, epsilon, "NCHW", None, None)
+        return _calls.infer(batch, input_mean, input_var, scale, B, eps=epsilon)
+    Y, mean, var, _, _ = _calls.train(batch, scale, B, eps=epsilon, name="X")
     with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
         running_mean = mean_in * momentum + mean * (1.0 - momentum)
         running_var = var_in * momentum + var * (1.0 - momentum)

@@ -6,7 +6,7 @@ passes of :func:`fastbn.batch_norm_backward`: the unfused NumPy code,
 times. The kernels are those of :mod:`fastbn.functional`; the residual, the ReLU and the
 ReLU's mask are extra terms of their loops (see the performance guide, "Fused ReLU").
 """
-from . import functional
+from . import _calls
 
 __all__ = ["batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward"]
 
@@ -60,8 +60,10 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
     >>> bool(np.allclose(y, np.maximum(fastbn.batch_norm_train(x, eps=0.0)[0] + 1, 0)))
     True
     """
-    return functional._batch_norm_train(x, weight, bias, eps, layout, running_mean, running_var,
-                                        momentum, out, num_threads, residual=residual, relu=True)
+    return _calls.batch_norm_train(x, weight, bias, eps=eps, layout=layout,
+                                   running_mean=running_mean, running_var=running_var,
+                                   momentum=momentum, out=out, num_threads=num_threads,
+                                   residual=residual, relu=True)
 
 
 def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, *,
@@ -106,8 +108,9 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
     array([[0. , 3.5],
            [2.5, 0.5]])
     """
-    return functional._infer(x, running_mean, running_var, weight, bias, eps, layout, out,
-                             num_threads, residual=residual, relu=True)
+    return _calls.infer(_calls.Batch(x, layout), running_mean, running_var, weight, bias,
+                        eps=eps, out=out, num_threads=num_threads, residual=residual,
+                        relu=True)
 
 
 def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=True,
@@ -158,5 +161,5 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
     >>> bool((dres == (y > 0)).all()), bool(np.allclose(db, (y > 0).sum(axis=(0, 2))))
     (True, True)
     """
-    return functional._backward(dy, x, mean, invstd, weight, training, layout, out, num_threads,
-                                y=y, dresidual=dresidual)
+    return _calls.backward(dy, x, mean, invstd, weight, training=training, layout=layout,
+                           out=out, num_threads=num_threads, y=y, dresidual=dresidual)

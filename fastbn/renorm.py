@@ -17,53 +17,10 @@ This module also holds the rmax / dmax schedules used by :class:`fastbn.BatchRen
 """
 import numpy as np
 
-from . import _support, functional
-from ._validate import (channel_axis, channel_vector, clipping, data_array, grad_dtype,
-                        gradient_pair, rounded, store_rounded,
-                        momentum_value, out_array, positive_vector, real_scalar, running_buffers,
-                        scalar_at_least)
+from . import _calls
+from ._validate import real_scalar, scalar_at_least
 
 __all__ = ["batch_renorm_train", "batch_renorm_backward", "linear_schedule", "paper_schedules"]
-
-
-def _renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
-                  eps, layout, out, num_threads, residual=None, relu=False):
-    """batch_renorm_train with an explicit lower clip for r (None means 1 / rmax), and the
-    fused residual add and ReLU of fastbn.BatchRenorm(activation="relu")."""
-    x = data_array("x", x)
-    axis = channel_axis(layout, x.ndim)
-    C = x.shape[axis]
-    for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
-        if buf is None:
-            raise ValueError(f"{name} is required (a writable float array of shape ({C},))")
-    # the common case, checked at C speed: contiguous float buffers, disjoint, running_std
-    # finite and > 0; the kernel reads them before they are updated, in C, after it
-    fast = (_support.running_pair_ok(running_mean, running_std, C)
-            and _support.finite_positive(running_std, C))
-    if fast:
-        mu, sigma = running_mean, running_std
-    else:
-        running_buffers(running_mean, running_std, C, names=("running_mean", "running_std"))
-        mu = channel_vector("running_mean", running_mean, C, optional=False)
-        sigma = positive_vector("running_std", running_std, C)
-    rmin, rmax, dmax = clipping(rmin, rmax, dmax)
-    momentum = momentum_value(momentum)
-    r = np.empty(C)
-    d = np.empty(C)
-    y, mean, var, invstd, M = functional._train(
-        x, weight, bias, eps, layout, out, num_threads,
-        renorm=(mu, sigma, r, d, rmin, rmax, dmax),
-        extra_inputs={"running_mean": running_mean, "running_std": running_std},
-        residual=residual, relu=relu)
-    if fast and C:
-        std = np.empty(C)
-        _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
-    else:
-        std = np.sqrt(var + float(eps))
-        with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
-            store_rounded((running_mean, mu + momentum * (mean - mu)),
-                          (running_std, sigma + momentum * (std - sigma)))
-    return y, mean, std, r, d
 
 
 def batch_renorm_train(x, weight, bias, running_mean, running_std, *, rmax=3.0, dmax=5.0,
@@ -132,9 +89,9 @@ def batch_renorm_train(x, weight, bias, running_mean, running_std, *, rmax=3.0, 
     >>> running_mean
     array([0.075, 0.115, 0.155])
     """
-    return _renorm_train(x, weight, bias, running_mean, running_std, rmin=None, rmax=rmax,
-                         dmax=dmax, momentum=momentum, eps=eps, layout=layout, out=out,
-                         num_threads=num_threads)
+    return _calls.renorm_train(x, weight, bias, running_mean, running_std, rmin=None,
+                               rmax=rmax, dmax=dmax, momentum=momentum, eps=eps, layout=layout,
+                               out=out, num_threads=num_threads)
 
 
 def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW", out=None,
@@ -184,37 +141,8 @@ def batch_renorm_backward(dy, x, mean, std, r, d, weight=None, *, layout="NCHW",
     >>> bool(np.allclose(dweight, 128 * d))
     True
     """
-    return _renorm_backward(dy, x, mean, std, r, d, weight, layout, out, num_threads)
-
-
-def _renorm_backward(dy, x, mean, std, r, d, weight, layout, out, num_threads, y=None,
-                     dresidual=None):
-    """batch_renorm_backward; with y (the fused ReLU's forward output), dy counts where
-    y > 0 only, and dresidual receives that masked dy."""
-    dy, x = gradient_pair(dy, x)
-    axis = channel_axis(layout, x.ndim)
-    C = x.shape[axis]
-    channel_vector("mean", mean, C, optional=False)
-    std64 = positive_vector("std", std, C)
-    r64 = channel_vector("r", r, C, optional=False)
-    d64 = channel_vector("d", d, C, optional=False)
-    w = channel_vector("weight", weight, C)
-    w = np.ones(C) if w is None else w
-    out_array(out, x.shape, x.dtype,
-              {"dy": dy, "x": x, "mean": mean, "std": std, "r": r, "d": d, "weight": weight},
-              may_alias=("dy",))
-    with np.errstate(all="ignore"):     # a subnormal std gives inf, as the kernels do
-        invstd, wr = 1.0 / std64, w * r64
-    dx, dw_bn, dbias = functional._backward(dy, x, mean, invstd, wr, True, layout, out,
-                                            num_threads, y=y, dresidual=dresidual,
-                                            float64_grads=True)
-    # dw_bn = sum(dy * xhat0), dbias = sum(dy), both unrounded: r and d are constants, so
-    # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias, combined in double and rounded
-    # once (the two terms may cancel: rounding them first would leave only the error)
-    with np.errstate(all="ignore"):
-        dweight = r64 * dw_bn + d64 * dbias
-    gdt = grad_dtype(x.dtype)
-    return dx, rounded(dweight, gdt), rounded(dbias, gdt)
+    return _calls.renorm_backward(dy, x, mean, std, r, d, weight, layout=layout, out=out,
+                                  num_threads=num_threads)
 
 
 def linear_schedule(start, end, begin, stop):

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import fastbn                                    # noqa: E402
-from fastbn import _dispatch, functional         # noqa: E402
+from fastbn import _dispatch                     # noqa: E402
 from fastbn.bench.table import SHAPES            # noqa: E402
 from fastbn.bench.timing import make_data        # noqa: E402
 import cases                                     # noqa: E402
@@ -65,12 +65,8 @@ def run_all(x, g, layout, threads):
 
 
 def with_kernels(module, fn, *args):
-    saved = functional._kernels
-    functional._kernels = module
-    try:
+    with _dispatch.using(module):
         return fn(*args)
-    finally:
-        functional._kernels = saved
 
 
 def bits(old, new):

@@ -10,7 +10,7 @@ import pytest
 
 import fastbn
 from cases import CASES, ids
-from fastbn import functional
+from fastbn import _dispatch
 
 try:
     import ml_dtypes
@@ -52,13 +52,9 @@ def test_builds_agree(case, dtype, kernel_modules):
     x = (rng.standard_normal(case.shape) * 2 + 3).astype(np.float32).astype(dt)
     g = rng.standard_normal(case.shape).astype(np.float32).astype(dt)
     results = {}
-    saved = functional._kernels
-    try:
-        for name in kernel_modules:
-            functional._kernels = importlib.import_module(name)
+    for name in kernel_modules:
+        with _dispatch.using(importlib.import_module(name)):
             results[name] = outputs(x, g, case.layout)
-    finally:
-        functional._kernels = saved
     base = results[kernel_modules[0]]
     for name in kernel_modules[1:]:
         for key, want in base.items():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastbn import _threads, functional
+from fastbn import _calls, _dispatch, _threads
 from cases import CASES, ids
 
 
@@ -10,11 +10,11 @@ from cases import CASES, ids
 def test_case_drives_its_branch(case):
     x = np.empty(case.shape, np.float32)
     axis = 1 if case.layout == "NCHW" else x.ndim - 1
-    plan, _ = functional._plan(x, axis, case.layout)
-    n = _threads.effective_threads(2, x.size, plan.view == functional.PLANAR)
+    plan, _ = _calls.plan(x, axis, case.layout)
+    n = _threads.effective_threads(2, x.size, plan.view == _calls.PLANAR)
     if not _threads.OPENMP:
         pytest.skip("a build without OpenMP runs every call on one thread")
-    assert functional._kernels.schedule(plan.view, plan.N, plan.C, plan.S, n) == case.branch
+    assert _dispatch.kernels.schedule(plan.view, plan.N, plan.C, plan.S, n) == case.branch
 
 
 def test_every_branch_has_cases():

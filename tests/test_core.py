@@ -468,20 +468,16 @@ def test_kernel_variants_agree(kernel_modules):
     reference."""
     import importlib
     mods = kernel_modules
-    from fastbn import functional
-    saved = functional._kernels
+    from fastbn import _dispatch
     x, dy, w, b = data((4, 9, 13, 11), "NCHW", np.float32, seed=2)
     y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b)
-    try:
-        for name in mods:
-            functional._kernels = importlib.import_module(name)
+    for name in mods:
+        with _dispatch.using(importlib.import_module(name)):
             y, mean, invstd = fastbn.batch_norm_train(x, w, b)
             np.testing.assert_allclose(y, y_r, rtol=2e-6, atol=2e-6, err_msg=name)
             dx = fastbn.batch_norm_backward(dy, x, mean, invstd, w)[0]
             np.testing.assert_allclose(
                 dx, ref.batch_norm_backward(dy, x, mean, invstd, w)[0], rtol=1e-4, atol=1e-5)
-    finally:
-        functional._kernels = saved
 
 
 @pytest.mark.parametrize("wanted", ["baseline", "avx2", "avx512", "", "no-such-isa"])
@@ -514,8 +510,7 @@ def test_simd_variant_choice(wanted):
 
 def test_bandwidth_yardsticks():
     """The read and copy passes behind the speed table's roofline rows."""
-    from fastbn import functional
-    k = functional._kernels
+    from fastbn._dispatch import kernels as k
     x = np.random.default_rng(4).random(300_007).astype(np.float32)
     y = np.empty_like(x)
     for n in (1, 2):

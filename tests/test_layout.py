@@ -98,11 +98,67 @@ def test_no_import_circles():
 
 def test_the_graph_is_read():
     """The parser sees the imports it should (a guard against a test that cannot fail)."""
-    assert "fastbn.functional" in GRAPH["fastbn.layers"]
-    assert "fastbn._validate" in GRAPH["fastbn.functional"]
+    assert "fastbn._calls" in GRAPH["fastbn.layers"]
+    assert "fastbn._validate" in GRAPH["fastbn._calls"]
     assert {"fastbn.bench.table", "fastbn.bench.options"} <= GRAPH["fastbn.bench.cli"]
     assert "fastbn.bench.cli" in GRAPH["fastbn.__main__"]
     assert "fastbn.distributed" in GRAPH["fastbn.bench.distributed"]
+
+
+def private_names_used(name):
+    """(module, name) of every underscore name module `name` takes from another module of
+    the package: `from .m import _f`, or `m._f` with m a module it imported (private
+    modules themselves, such as fastbn._validate, are the package's to import)."""
+    path = MODULES[name]
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    here = _package_of(name, path)
+    modules, used = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            parts = here.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1] + [node.module or ""]
+                            ) if node.level else node.module or ""
+            base = base.rstrip(".")
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                if full in MODULES or full.replace(".", os.sep) + ".pyx" in PYX:
+                    modules[a.asname or a.name] = full
+                elif (a.name.startswith("_") and not a.name.startswith("__")
+                      and base.startswith("fastbn")):
+                    used.append((base, a.name))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in modules and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            used.append((modules[node.value.id], node.attr))
+    return used
+
+
+PYX = {os.path.relpath(os.path.join(folder, f), ROOT)
+       for folder, _, files in os.walk(PACKAGE) for f in files if f.endswith(".pyx")}
+
+
+def test_no_module_takes_a_siblings_private_names():
+    """Modules talk through public names (the call requests of fastbn._calls, among
+    others), never through another module's underscore names."""
+    wrong = {name: used for name in MODULES if (used := private_names_used(name))}
+    assert not wrong, wrong
+
+
+def test_private_names_are_seen():
+    """The check above sees both forms (a guard against a test that cannot fail)."""
+    code = "from .functional import _x\nfrom . import renorm\nrenorm._y()\n"
+    path = os.path.join(PACKAGE, "_probe_for_test.py")
+    MODULES["fastbn._probe_for_test"] = path
+    try:
+        with open(path, "w") as f:
+            f.write(code)
+        assert private_names_used("fastbn._probe_for_test") == [
+            ("fastbn.functional", "_x"), ("fastbn.renorm", "_y")]
+    finally:
+        os.remove(path)
+        del MODULES["fastbn._probe_for_test"]
 
 
 def package_files():

@@ -412,13 +412,11 @@ def test_kernel_variants_agree(kernel_modules):
     """Every build of the kernels this CPU runs (portable, AVX2, AVX-512) gives the unfused
     bits, in the planar, rows and wide-rows kernels, with out= the residual itself."""
     import importlib
-    from fastbn import functional
+    from fastbn import _dispatch
     mods = kernel_modules
-    saved = functional._kernels
     picked = [c for c in CASES if c.nchw in ((3, 40, 17, 17), (2, 1100, 4, 4), (9000, 17))]
-    try:
-        for name in mods:
-            functional._kernels = importlib.import_module(name)
+    for name in mods:
+        with _dispatch.using(importlib.import_module(name)):
             for case in picked:
                 x, res, dy, w, b, C = _data(case, np.float32, seed=11)
                 L = case.layout
@@ -434,8 +432,6 @@ def test_kernel_variants_agree(kernel_modules):
                 for a, e in zip(got, want):
                     np.testing.assert_array_equal(a, e, err_msg=f"{name} {case}")
                 np.testing.assert_array_equal(dres, g)
-    finally:
-        functional._kernels = saved
 
 
 BITS_CASES = [("NHWC", (1200, 600)), ("NHWC", (40, 7, 5, 611)), ("NHWC", (400, 2051)),
@@ -452,7 +448,7 @@ def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch, kerne
     pieces, short planes in runs, a channel team (C = 3), channels-last C past the stage
     (2051) and not a multiple of 16 give the unfused bits."""
     import importlib
-    from fastbn import functional
+    from fastbn import _dispatch
     mods = kernel_modules
     rng = np.random.default_rng(12)
     C = shape[-1] if layout == "NHWC" else shape[1]
@@ -468,10 +464,8 @@ def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch, kerne
         view, N, S = 1, int(np.prod(shape[:-1])), 1
     else:
         view, N, S = 0, shape[0], int(np.prod(shape[2:]))
-    saved = functional._kernels
-    try:
-        for name in mods:
-            functional._kernels = k = importlib.import_module(name)
+    for name in mods:
+        with _dispatch.using(importlib.import_module(name)) as k:
             for nt in (1, 2):
                 assert k.relu_mask_bits(view, N, C, S, 4, True, nt) == \
                     (name != "fastbn._kernels")
@@ -491,8 +485,6 @@ def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch, kerne
                         if with_dres:
                             assert dres.tobytes() == g.tobytes(), where
                     monkeypatch.undo()
-    finally:
-        functional._kernels = saved
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _validate, caffe, onnx, renorm
+from fastbn import _calls, _validate, caffe, onnx
 
 try:
     import ml_dtypes
@@ -275,8 +275,8 @@ def test_renorm_backward_fused_path_is_rounded_once():
     """The fused ReLU's backward (y given, all positive) combines the sums the same way."""
     x, exact = cancelling("float32", "NCHW", 2)
     one = np.ones(1)
-    _, dweight, _ = renorm._renorm_backward(np.ones_like(x), x, np.zeros(1), one, one, one,
-                                            None, "NCHW", None, None, y=np.ones_like(x))
+    _, dweight, _ = _calls.renorm_backward(np.ones_like(x), x, np.zeros(1), one, one, one,
+                                           None, layout="NCHW", y=np.ones_like(x))
     assert dweight[0] == exact
 
 

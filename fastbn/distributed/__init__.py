@@ -29,12 +29,10 @@ import zlib
 
 import numpy as np
 
-from .. import _memory, functional
-from .._threads import effective_threads
-from .._validate import (channel_axis, channel_vector, data_array, eps_value, grad_dtype,
-                        momentum_value, out_array, rounded, running_buffers, training_count,
+from .. import _calls
+from .._validate import (channel_axis, channel_vector, eps_value, grad_dtype, momentum_value,
+                        out_array, rounded, running_buffers, training_count,
                         values_per_channel)
-from ..functional import PLANAR, _finish, _kernels, _plan, _result, _update_running
 from ..layers import BatchNorm
 
 __all__ = ["sync_batch_norm_train", "sync_batch_norm_backward", "SyncBatchNorm"]
@@ -236,9 +234,8 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
     comm = _communicator(comm)
     local = _Local()
     try:
-        x = data_array("x", x)
-        axis = channel_axis(layout, x.ndim)
-        C = x.shape[axis]
+        batch = _calls.Batch(x, layout)
+        x, C = batch.x, batch.C
         w = channel_vector("weight", weight, C)
         b = channel_vector("bias", bias, C)
         eps = eps_value(eps)
@@ -247,26 +244,21 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm, eps=1e-5, layout="
         out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                         "running_mean": running_mean, "running_var": running_var},
                         may_alias=("x",))
-        M = values_per_channel(x.shape, axis)
-        plan, xc = _plan(x, axis, layout)
-        nthreads = effective_threads(num_threads, x.size, plan.view == PLANAR)
-        stats = np.zeros((5, C))
-        if x.size:
-            _kernels.train_statistics(xc, plan.view, plan.N, C, plan.S, stats, nthreads)
+        mean_b, var_b = _calls.statistics(batch, num_threads=num_threads)
         local.meta = _train_meta(C, x.dtype, layout, eps, weight is not None,
                                  bias is not None, running_mean is not None, momentum)
-        local.data = (M, stats[0], stats[1] * M)
+        local.data = (batch.M, mean_b, var_b * batch.M)
     except Exception as exc:        # any error joins the collective: no process is left in it
         local.error = exc
     parts = _exchange(comm, local, "sync_batch_norm_train")
     n, mean, m2 = _chan_merge(parts)
-    training_count("x", x.shape, axis, n, over=f"all {comm.Get_size()} processes")
+    training_count("x", x.shape, batch.axis, n, over=f"all {comm.Get_size()} processes")
     var = m2 / n
     with np.errstate(divide="ignore", invalid="ignore"):
         invstd = 1.0 / np.sqrt(var + eps)
-    y = functional._infer(x, mean, var, w, b, eps, layout, out, num_threads)
+    y = _calls.infer(batch, mean, var, w, b, eps=eps, out=out, num_threads=num_threads)
     if running_mean is not None and C:
-        _update_running(momentum, (running_mean, mean), (running_var, m2 / (n - 1)))
+        _calls.update_running(momentum, (running_mean, mean), (running_var, m2 / (n - 1)))
     return y, mean, invstd
 
 
@@ -314,13 +306,10 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
     comm = _communicator(comm)
     local = _Local()
     try:
-        g, _ = functional._grad_call(dy, x, mean, invstd, weight, True, layout, out,
-                                     num_threads)
-        C, plan = g.C, g.plan
-        sums = np.zeros((2, C))
-        if g.x.size:
-            _kernels.backward_sums(g.gc, g.xc, plan.view, plan.N, C, plan.S, g.mean,
-                                   g.invstd, sums, g.nthreads)
+        g, _ = _calls.grad_call(dy, x, mean, invstd, weight, training=True, layout=layout,
+                                out=out, num_threads=num_threads)
+        C = g.C
+        sums = _calls.backward_sums(g)
         local.meta = _backward_meta(C, g.x.dtype, layout, weight is not None,
                                     _digest(g.mean, g.invstd))
         local.data = (values_per_channel(g.x.shape, channel_axis(layout, g.x.ndim)), sums)
@@ -331,16 +320,11 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, layout="
     total = np.zeros((2, C))
     for _, part in parts:                    # in rank order: the same bits everywhere
         total += part
-    x = g.x
-    dx, dxc, direct = _result(plan, x.shape, x.dtype, g.out)
-    if x.size:
-        _kernels.backward_dx(g.gc, g.xc, dxc, plan.view, plan.N, C, plan.S, g.mean,
-                             g.invstd, g.w, total, m, g.nthreads,
-                             _memory.stream_output(x.nbytes, g.out))
-    gdt = grad_dtype(x.dtype)
+    dx = _calls.backward_dx(g, total, m)
+    gdt = grad_dtype(g.x.dtype)
     with np.errstate(all="ignore"):
         dweight = sums[1] * g.invstd
-    return _finish(dx, dxc, direct, plan), rounded(dweight, gdt), rounded(sums[0], gdt)
+    return dx, rounded(dweight, gdt), rounded(sums[0], gdt)
 
 
 # --------------------------------------------------------------------------------------------
