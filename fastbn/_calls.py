@@ -21,10 +21,10 @@ import numpy as np
 
 from . import _dispatch, _memory, _support
 from ._threads import effective_threads
+from ._rounding import rounded, store_rounded
 from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
                         grad_dtype, gradient_pair, like_x, momentum_value, out_array,
-                        positive_vector, rounded, running_buffers, store_rounded,
-                        training_count, values_per_channel)
+                        positive_vector, running_buffers, training_count, values_per_channel)
 
 # the canonical views, as the kernels name them
 PLANAR, ROWS = int(_dispatch.kernels.View.PLANAR), int(_dispatch.kernels.View.ROWS)

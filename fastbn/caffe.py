@@ -23,9 +23,10 @@ import numpy as np
 
 from . import _caffe_gemv
 from ._layer_threads import PerThreadState
+from ._rounding import store_rounded
 from ._validate import (channel_vector, choice, data_array, eps_value, flag, float_dtype,
                         layer_blob, momentum_value, optional_bool, out_array, positive_int,
-                        same_shape, store_rounded)
+                        same_shape)
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train
 
 __all__ = ["BatchNorm", "Scale", "to_pytorch_state", "from_pytorch_state"]

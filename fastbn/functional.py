@@ -7,7 +7,8 @@ fits neither) and runs the kernel.
 import numpy as np
 
 from . import _calls
-from ._validate import fold_arguments, rounded
+from ._rounding import rounded
+from ._validate import fold_arguments
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
 

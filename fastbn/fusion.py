@@ -7,7 +7,8 @@ inference engines fuse them.
 """
 import numpy as np
 
-from ._validate import channel_vector, is_bfloat16, rounded
+from ._rounding import rounded
+from ._validate import channel_vector, is_bfloat16
 from .functional import fold_batch_norm
 
 __all__ = ["fuse_conv_bn"]

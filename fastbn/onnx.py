@@ -8,7 +8,8 @@ statistics are returned as new arrays.
 import numpy as np
 
 from . import _calls
-from ._validate import channel_vector, eps_value, momentum_value, rounded
+from ._rounding import rounded
+from ._validate import channel_vector, eps_value, momentum_value
 
 __all__ = ["batch_normalization"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _memory, _validate
+from fastbn import _memory, _rounding
 from fastbn import reference as ref
 from cases import CASES, ids
 
@@ -157,8 +157,8 @@ def test_running_buffers_of_every_dtype_round_once(buf_dt):
     m = x.size // 4
     var = (1 / invstd ** 2 - 1e-5) * m / (m - 1)
     want_m, want_v = np.empty(4, buf_dt), np.empty(4, buf_dt)
-    _validate.round_into(want_m, 0.1 * mean + 0.9 * rm0)
-    _validate.round_into(want_v, 0.1 * var + 0.9 * rv0)
+    _rounding.round_into(want_m, 0.1 * mean + 0.9 * rm0)
+    _rounding.round_into(want_v, 0.1 * var + 0.9 * rv0)
     if buf_dt.itemsize == 2:       # the correctly rounded value of the float64 update
         np.testing.assert_array_equal(rm.view(np.uint16), want_m.view(np.uint16))
         np.testing.assert_array_equal(rv.view(np.uint16), want_v.view(np.uint16))
@@ -172,7 +172,7 @@ def test_bfloat16_rounding_of_float64_is_correct():
     v = np.array([1 + 2.0 ** -8 + 2.0 ** -40, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8,
                   -(1 + 2.0 ** -8 + 2.0 ** -40), 3.5e38, np.inf, np.nan, 1e-45])
     out = np.empty(len(v), BF16)
-    _validate.round_into(out, v)
+    _rounding.round_into(out, v)
     got = out.astype(np.float64)
     np.testing.assert_array_equal(got[:5], [1 + 2.0 ** -7, 1.0, 1 + 2 * 2.0 ** -7,
                                             -(1 + 2.0 ** -7), np.inf])

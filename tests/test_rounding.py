@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _calls, _validate, caffe, onnx
+from fastbn import _calls, _rounding, caffe, onnx
 
 try:
     import ml_dtypes
@@ -43,7 +43,7 @@ def round64(values, dtype):
     and float32 correctly; bfloat16's rounding is checked in test_half.py)."""
     with np.errstate(all="ignore"):
         if BF16 is not None and np.dtype(dtype) == BF16:
-            return _validate.rounded(values, dtype)
+            return _rounding.rounded(values, dtype)
         return np.asarray(values, np.float64).astype(dtype)
 
 
@@ -147,7 +147,7 @@ def test_onnx_running_outputs_near_their_range(mode):
 def test_the_update_is_all_or_nothing(monkeypatch):
     """If rounding one buffer raised, no buffer was written: every value is rounded before
     the first write."""
-    real = _validate.rounded
+    real = _rounding.rounded
     calls = []
 
     def fails_second(values, dtype):
@@ -155,13 +155,13 @@ def test_the_update_is_all_or_nothing(monkeypatch):
         if len(calls) == 2:
             raise MemoryError("while rounding the second buffer")
         return real(values, dtype)
-    monkeypatch.setattr(_validate, "rounded", fails_second)
+    monkeypatch.setattr(_rounding, "rounded", fails_second)
     a, b = np.zeros(3, np.float16), np.ones(3, np.float16)
     with pytest.raises(MemoryError):
-        _validate.store_rounded((a, np.full(3, 7.0)), (b, np.full(3, 9.0)))
+        _rounding.store_rounded((a, np.full(3, 7.0)), (b, np.full(3, 9.0)))
     assert (a == 0).all() and (b == 1).all()
-    monkeypatch.setattr(_validate, "rounded", real)
-    _validate.store_rounded((a, np.full(3, 7.0)), (b, np.full(3, 1e6)))
+    monkeypatch.setattr(_rounding, "rounded", real)
+    _rounding.store_rounded((a, np.full(3, 7.0)), (b, np.full(3, 1e6)))
     assert (a == 7).all() and np.isinf(b).all()
 
 
@@ -323,7 +323,7 @@ def test_fuse_conv_bn_takes_bfloat16():
     want_w = W.astype(np.float64) * scale[:, None, None, None]
     want_b = args[3].astype(np.float64) - args[0].astype(np.float64) * scale
     assert fw.dtype == fb.dtype == BF16
-    assert same(fw, _validate.rounded(want_w, BF16)) and same(fb, _validate.rounded(want_b, BF16))
+    assert same(fw, _rounding.rounded(want_w, BF16)) and same(fb, _rounding.rounded(want_b, BF16))
     # with float32 statistics: float32 out, as NumPy's promotion gives
     fw32, _ = fastbn.fuse_conv_bn(W, None, *[a.astype(np.float32) for a in (rm, rv, gamma, beta)],
                                   1e-5)

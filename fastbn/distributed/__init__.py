@@ -30,9 +30,9 @@ import zlib
 import numpy as np
 
 from .. import _calls
+from .._rounding import rounded
 from .._validate import (channel_axis, channel_vector, eps_value, grad_dtype, momentum_value,
-                        out_array, rounded, running_buffers, training_count,
-                        values_per_channel)
+                        out_array, running_buffers, training_count, values_per_channel)
 from ..layers import BatchNorm
 
 __all__ = ["sync_batch_norm_train", "sync_batch_norm_backward", "SyncBatchNorm"]

@@ -1,0 +1,100 @@
+"""Checks of the compiled kernels themselves, with the tools that read them: the AVX-512
+build keeps its long-run accumulator lanes in vector registers (objdump), and a tour of
+every kernel path runs clean under valgrind's memcheck. Each skips, saying why, when its
+tool or build is absent."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fastbn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.dirname(fastbn.__file__)
+
+
+def disassembly(module):
+    """{function name: its instructions} of a kernel build's shared object."""
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    paths = glob.glob(os.path.join(PACKAGE, module + ".*.so"))
+    if not paths:
+        pytest.skip(f"{module} is not built here")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", paths[0]],
+                          capture_output=True, text=True, check=True, timeout=300).stdout
+    functions, name = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if head:
+            name = head.group(1)
+            functions[name] = []
+        elif name is not None:
+            functions[name].append(line)
+    return {k: "\n".join(v) for k, v in functions.items()}
+
+
+def test_avx512_long_runs_keep_their_lanes_in_registers():
+    """The float32 _block_devs and _block_sums of the AVX-512 build accumulate their 32
+    lanes in zmm registers (about 30 vfmadd on zmm each) and never zero a memory array
+    (rep stos): GCC has turned them into 256-bit code with memory lanes after small edits
+    (5-30 % slower); see docs/development.rst, "Reading the generated code"."""
+    functions = disassembly("_kernels_avx512")
+    float32 = {k: v for k, v in functions.items()
+               if re.search(r"fuse_0(_\d)?__pyx_f_\w*_block_(devs|sums)\b", k)}
+    assert {re.search(r"_block_(devs|sums)", k).group(0) for k in float32} == {
+        "_block_devs", "_block_sums"}, sorted(functions)[:20]
+    for name, code in float32.items():
+        fmas = len(re.findall(r"vfmadd\S*\s+.*zmm", code))
+        assert fmas >= 24, f"{name}: {fmas} vfmadd on zmm registers"
+        assert "rep stos" not in code, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="valgrind runs on Linux")
+def test_every_kernel_path_is_clean_under_memcheck():
+    """tests/valgrind_kernels.py under memcheck: no invalid read or write, no use of
+    uninitialised memory, in any kernel path (planar and rows, every schedule, 1 and 2
+    threads, the layers, ONNX, Caffe)."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("needs valgrind")
+    env = dict(os.environ, PYTHONMALLOC="malloc", OMP_NUM_THREADS="2")
+    done = subprocess.run(
+        ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=no",
+         "--errors-for-leak-kinds=none", sys.executable,
+         os.path.join(HERE, "valgrind_kernels.py")],
+        capture_output=True, text=True, env=env, timeout=1200)
+    assert "valgrind tour:" in done.stdout, done.stderr[-4000:]
+    ours = [e for e in memcheck_errors(done.stderr) if "fastbn" in e]
+    assert not ours, "\n\n".join(ours[:3])
+
+
+def memcheck_errors(report):
+    """The error records of a memcheck report, each as its text (kind and stack). CPython
+    itself gives some (uninitialised values in its small-int cache, under this
+    interpreter build): the test counts those whose stack passes through fastbn."""
+    records, current = [], []
+    for line in report.splitlines():
+        body = re.sub(r"^==\d+==\s?", "", line)
+        if not body.strip():
+            if current:
+                records.append("\n".join(current))
+            current = []
+        else:
+            current.append(body)
+    if current:
+        records.append("\n".join(current))
+    kinds = ("Invalid ", "Conditional jump", "Use of uninitialised", "Syscall param",
+             "Mismatched free", "Source and destination overlap")
+    return [r for r in records if r.startswith(kinds)]
+
+
+def test_memcheck_errors_are_read():
+    """The report parser finds an error record and its stack (a guard for the test above)."""
+    report = ("==7== Memcheck\n==7== \n==7== Invalid read of size 4\n"
+              "==7==    at 0x1: __pyx_f_6fastbn_8_kernels__rows_reduce (in _kernels.so)\n"
+              "==7== \n==7== ERROR SUMMARY: 1 errors\n")
+    errors = memcheck_errors(report)
+    assert len(errors) == 1 and "fastbn" in errors[0]
