@@ -96,14 +96,15 @@ def bits(old, new):
     return differ
 
 
-def speed(old, new, rounds):
+def speed(old, new, rounds, dtype=np.float32):
+    print(f"{np.dtype(dtype).name}")
     print(f"{'shape':<20} {'layout':<6} {'op':<9} {'old ms':>8} {'new ms':>8} {'new/old':>8}")
     ratios = []
     for shape in SHAPES:
         for layout in ("NCHW", "NHWC"):
             if len(shape) == 2 and layout == "NHWC":
                 continue
-            x, dy, w, b = make_data(shape, layout, np.float32)
+            x, dy, w, b = make_data(shape, layout, dtype)
             y = np.zeros_like(x)
             _, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout)
             ops = {"train": lambda: fastbn.batch_norm_train(x, w, b, layout=layout, out=y),
@@ -132,13 +133,22 @@ def main():
     ap.add_argument("--variant", default=_dispatch.kernels.__name__.rpartition(".")[2])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-bits", action="store_true",
+                    help="speed only (builds whose constants differ differ in bits)")
+    ap.add_argument("--dtype", default="float32",
+                    choices=("float32", "float64", "float16", "bfloat16"))
     args = ap.parse_args()
     old = load(args.checkout, args.variant)
     new = importlib.import_module("fastbn." + args.variant)
     print(f"old: {old.__file__}\nnew: {new.__file__}")
-    differ = bits(old, new)
+    differ = 0 if args.no_bits else bits(old, new)
     if not args.no_speed:
-        speed(old, new, args.rounds)
+        if args.dtype == "bfloat16":
+            import ml_dtypes
+            dtype = ml_dtypes.bfloat16
+        else:
+            dtype = np.dtype(args.dtype).type
+        speed(old, new, args.rounds, dtype)
     return 1 if differ else 0
 
 

@@ -100,6 +100,8 @@ cdef enum Op:
     INFER = 2          # y from given coefficients: one elementwise pass (op not read)
 
 
+# The tuning constants below: what each decides, the measurement behind its value and the
+# command that re-measures it are in docs/development.rst, "Tuning constants".
 # Values per statistics block: a block is read twice (sum, then squared deviations) while it
 # sits in L1, so DRAM sees it once. 1024 float32 = 4 KiB; 64 terms per accumulator lane.
 cdef enum:
