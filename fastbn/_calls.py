@@ -116,28 +116,25 @@ def finish(target, flat, direct, plan):
 
 
 class Batch:
-    """A data array validated once, with its channel axis, channel count, values per
-    channel and (on first use) its canonical view: what every forward takes."""
+    """A data array validated once, with its channel axis, channel count and values per
+    channel; its canonical view is made on first use (view()), after every other argument
+    is checked, since it may copy the data: what every forward takes."""
 
     __slots__ = ("x", "layout", "axis", "C", "M", "_view")
 
     def __init__(self, x, layout, name="x"):
-        self.x = data_array(name, x)
+        self.x = x = data_array(name, x)
         self.layout = layout
-        self.axis = channel_axis(layout, self.x.ndim)
-        self.C = self.x.shape[self.axis]
-        self.M = values_per_channel(self.x.shape, self.axis)
+        self.axis = axis = channel_axis(layout, x.ndim)
+        self.C = C = x.shape[axis]
+        self.M = x.size // C if C else values_per_channel(x.shape, axis)
         self._view = None
 
     def view(self):
-        """(Plan, the data in the plan's C-contiguous order), computed once."""
+        """(Plan, the data in the plan's C-contiguous order), made once."""
         if self._view is None:
             self._view = plan(self.x, self.axis, self.layout)
         return self._view
-
-
-def _like_or_none(a, view_plan):
-    return None if a is None else like(a, view_plan)
 
 
 def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
@@ -162,7 +159,8 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         inputs = {name: x, "weight": weight, "bias": bias, "residual": residual}
         inputs.update(extra_inputs or {})
         out = out_array(out, x.shape, x.dtype, inputs, may_alias=(name, "residual"))
-    training_count(name, x.shape, batch.axis, batch.M)
+    if batch.M <= 1:
+        training_count(name, x.shape, batch.axis, batch.M)      # raises
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
     y, yc, direct = result(view_plan, x.shape, x.dtype, out)
@@ -171,7 +169,7 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         _dispatch.kernels.train_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, w, b, eps, stats, renorm,
             nthreads, _memory.stream_output(x.nbytes, out),
-            _like_or_none(residual, view_plan), relu)
+            None if residual is None else like(residual, view_plan), relu)
     return finish(y, yc, direct, view_plan), stats[0], stats[1], stats[2], batch.M
 
 
@@ -245,7 +243,7 @@ def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
         _dispatch.kernels.infer_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, rm, rv, w, b, eps, nthreads,
             divisor_is_std, _memory.stream_output(x.nbytes, out),
-            _like_or_none(residual, view_plan), relu)
+            None if residual is None else like(residual, view_plan), relu)
     return finish(y, yc, direct, view_plan)
 
 
@@ -299,7 +297,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
         _dispatch.kernels.backward(
             g.gc, g.xc, dxc, vp.view, vp.N, C, vp.S, g.mean, g.invstd, g.w, g.training, grads,
             g.nthreads, _memory.stream_output(x.nbytes, g.out),
-            _like_or_none(y, vp), None if dresidual is None else dresc)
+            None if y is None else like(y, vp), None if dresidual is None else dresc)
     if dresidual is not None:
         finish(dres, dresc, dres_direct, vp)
     return finish(dx, dxc, direct, vp), grads[0], grads[1]
