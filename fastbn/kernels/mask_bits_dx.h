@@ -13,122 +13,97 @@ static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl
                                    float a, float kx, float k) {
     return ((v - gm) - gl) * a + ((x - m) * kx + k);
 }
+/* The scalar tail of both forms: values [c, n) */
+#define FASTBN_DXB_TAIL(M, GM, GL, A, KX, K)                                          \
+    for (; c < n; c++) {                                                            \
+        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);                           \
+        if (e) e[c] = v;                                                            \
+        d[c] = fastbn_dxb_one(v, x[c], M, GM, GL, A, KX, K);                        \
+    }
+
+/* The vector forms, one body for both instruction sets: W lanes of float, LOAD / STORE /
+   SET1 / SUB / FMA, and MASKED(c): the W values of g from c with the bits' zeros as +0
+   (a masked load on AVX-512, an AND with the bits spread to lanes on AVX2). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define FASTBN_HAVE_DX_BITS 1
-static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
-                               Py_ssize_t n, const float* m, const float* gm,
-                               const float* gl, const float* a, const float* kx,
-                               const float* k, const unsigned char* bits) {
-    Py_ssize_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-        __mmask16 b;
-        memcpy(&b, bits + c / 8, 2);
-        __m512 v = _mm512_maskz_loadu_ps(b, g + c);
-        __m512 t = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_loadu_ps(gm + c)),
-                                 _mm512_loadu_ps(gl + c));
-        __m512 u = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c),
-                                                 _mm512_loadu_ps(m + c)),
-                                   _mm512_loadu_ps(kx + c), _mm512_loadu_ps(k + c));
-        if (e) _mm512_storeu_ps(e + c, v);
-        _mm512_storeu_ps(d + c, _mm512_fmadd_ps(t, _mm512_loadu_ps(a + c), u));
-    }
-    for (; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
-    }
+typedef __m512 fastbn_vf;
+#define FB_W 16
+#define FB_LOAD _mm512_loadu_ps
+#define FB_STORE _mm512_storeu_ps
+#define FB_SET1 _mm512_set1_ps
+#define FB_SUB _mm512_sub_ps
+#define FB_FMA _mm512_fmadd_ps
+#define FB_MASK_SETUP
+static inline __m512 fastbn_masked_g(const float* g, const unsigned char* bits,
+                                     Py_ssize_t c) {
+    __mmask16 b;
+    memcpy(&b, bits + c / 8, 2);
+    return _mm512_maskz_loadu_ps(b, g + c);
 }
-static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
-                                   Py_ssize_t n, float m, float gm, float gl, float a,
-                                   float kx, float k, const unsigned char* bits) {
-    Py_ssize_t c = 0;
-    const __m512 vm = _mm512_set1_ps(m), vgm = _mm512_set1_ps(gm), vgl = _mm512_set1_ps(gl);
-    const __m512 va = _mm512_set1_ps(a), vkx = _mm512_set1_ps(kx), vk = _mm512_set1_ps(k);
-    for (; c + 16 <= n; c += 16) {
-        __mmask16 b;
-        memcpy(&b, bits + c / 8, 2);
-        __m512 v = _mm512_maskz_loadu_ps(b, g + c);
-        __m512 t = _mm512_sub_ps(_mm512_sub_ps(v, vgm), vgl);
-        __m512 u = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + c), vm), vkx, vk);
-        if (e) _mm512_storeu_ps(e + c, v);
-        _mm512_storeu_ps(d + c, _mm512_fmadd_ps(t, va, u));
-    }
-    for (; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
-    }
-}
+#define FB_MASKED(c) fastbn_masked_g(g, bits, c)
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FASTBN_HAVE_DX_BITS 1
-static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
-                               Py_ssize_t n, const float* m, const float* gm,
-                               const float* gl, const float* a, const float* kx,
-                               const float* k, const unsigned char* bits) {
-    Py_ssize_t c = 0;
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (; c + 8 <= n; c += 8) {
-        __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[c / 8]), lane);
-        __m256 v = _mm256_and_ps(_mm256_loadu_ps(g + c),
-                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane)));
-        __m256 t = _mm256_sub_ps(_mm256_sub_ps(v, _mm256_loadu_ps(gm + c)),
-                                 _mm256_loadu_ps(gl + c));
-        __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c),
-                                                 _mm256_loadu_ps(m + c)),
-                                   _mm256_loadu_ps(kx + c), _mm256_loadu_ps(k + c));
-        if (e) _mm256_storeu_ps(e + c, v);
-        _mm256_storeu_ps(d + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(a + c), u));
-    }
-    for (; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
-    }
-}
-static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
-                                   Py_ssize_t n, float m, float gm, float gl, float a,
-                                   float kx, float k, const unsigned char* bits) {
-    Py_ssize_t c = 0;
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 vm = _mm256_set1_ps(m), vgm = _mm256_set1_ps(gm), vgl = _mm256_set1_ps(gl);
-    const __m256 va = _mm256_set1_ps(a), vkx = _mm256_set1_ps(kx), vk = _mm256_set1_ps(k);
-    for (; c + 8 <= n; c += 8) {
-        __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[c / 8]), lane);
-        __m256 v = _mm256_and_ps(_mm256_loadu_ps(g + c),
-                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane)));
-        __m256 t = _mm256_sub_ps(_mm256_sub_ps(v, vgm), vgl);
-        __m256 u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), vm), vkx, vk);
-        if (e) _mm256_storeu_ps(e + c, v);
-        _mm256_storeu_ps(d + c, _mm256_fmadd_ps(t, va, u));
-    }
-    for (; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
-    }
-}
+typedef __m256 fastbn_vf;
+#define FB_W 8
+#define FB_LOAD _mm256_loadu_ps
+#define FB_STORE _mm256_storeu_ps
+#define FB_SET1 _mm256_set1_ps
+#define FB_SUB _mm256_sub_ps
+#define FB_FMA _mm256_fmadd_ps
+#define FB_MASK_SETUP const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+#define FB_MASKED(c)                                                                \
+    _mm256_and_ps(_mm256_loadu_ps(g + (c)), _mm256_castsi256_ps(_mm256_cmpeq_epi32(    \
+        _mm256_and_si256(_mm256_set1_epi32(bits[(c) / 8]), lane), lane)))
 #else
 #define FASTBN_HAVE_DX_BITS 0
+#endif
+
+#if FASTBN_HAVE_DX_BITS
 static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
                                Py_ssize_t n, const float* m, const float* gm,
                                const float* gl, const float* a, const float* kx,
                                const float* k, const unsigned char* bits) {
-    Py_ssize_t c;
-    for (c = 0; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m[c], gm[c], gl[c], a[c], kx[c], k[c]);
+    Py_ssize_t c = 0;
+    FB_MASK_SETUP
+    for (; c + FB_W <= n; c += FB_W) {
+        fastbn_vf v = FB_MASKED(c);
+        fastbn_vf t = FB_SUB(FB_SUB(v, FB_LOAD(gm + c)), FB_LOAD(gl + c));
+        fastbn_vf u = FB_FMA(FB_SUB(FB_LOAD(x + c), FB_LOAD(m + c)), FB_LOAD(kx + c),
+                             FB_LOAD(k + c));
+        if (e) FB_STORE(e + c, v);
+        FB_STORE(d + c, FB_FMA(t, FB_LOAD(a + c), u));
     }
+    FASTBN_DXB_TAIL(m[c], gm[c], gl[c], a[c], kx[c], k[c])
 }
 static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
                                    Py_ssize_t n, float m, float gm, float gl, float a,
                                    float kx, float k, const unsigned char* bits) {
-    Py_ssize_t c;
-    for (c = 0; c < n; c++) {
-        float v = fastbn_bit_f(g[c], bits[c / 8], c % 8);
-        if (e) e[c] = v;
-        d[c] = fastbn_dxb_one(v, x[c], m, gm, gl, a, kx, k);
+    Py_ssize_t c = 0;
+    FB_MASK_SETUP
+    const fastbn_vf vm = FB_SET1(m), vgm = FB_SET1(gm), vgl = FB_SET1(gl);
+    const fastbn_vf va = FB_SET1(a), vkx = FB_SET1(kx), vk = FB_SET1(k);
+    for (; c + FB_W <= n; c += FB_W) {
+        fastbn_vf v = FB_MASKED(c);
+        fastbn_vf t = FB_SUB(FB_SUB(v, vgm), vgl);
+        fastbn_vf u = FB_FMA(FB_SUB(FB_LOAD(x + c), vm), vkx, vk);
+        if (e) FB_STORE(e + c, v);
+        FB_STORE(d + c, FB_FMA(t, va, u));
     }
+    FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
+}
+#else
+static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
+                               Py_ssize_t n, const float* m, const float* gm,
+                               const float* gl, const float* a, const float* kx,
+                               const float* k, const unsigned char* bits) {
+    Py_ssize_t c = 0;
+    FASTBN_DXB_TAIL(m[c], gm[c], gl[c], a[c], kx[c], k[c])
+}
+static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, float* e,
+                                   Py_ssize_t n, float m, float gm, float gl, float a,
+                                   float kx, float k, const unsigned char* bits) {
+    Py_ssize_t c = 0;
+    FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
 }
 #endif
 
