@@ -64,6 +64,12 @@ ctypedef fused acc_t:
     float
     double
 
+# arithmetic type of an elementwise pass (y, dx): float for float32 data whose per-channel
+# coefficients float32 carries (_f32_coefs_ok, _dx32_ok), double otherwise
+ctypedef fused opmath_t:
+    float
+    double
+
 # Compile-time variants of the loops the fused ReLU extends: Cython compiles one copy of a
 # loop per member type, and `if mask_t is char` is decided at compile time, so the plain
 # kernels keep their own loops, untouched, and the fused ones get theirs. The member types

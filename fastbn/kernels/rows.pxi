@@ -183,11 +183,11 @@ cdef inline floating _fin(floating v, const floating* res, Py_ssize_t c,
 
 
 cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                          Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                          const acc_t* shift, const floating* res,
+                          Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
+                          const opmath_t* shift, const floating* res,
                           epi_t variant) noexcept nogil:
-    """y = (x - mean) * scale + shift on rows [r0, r1), in acc_t arithmetic, in row order so x
-    streams through memory; for wide rows, four rows share each load of the per-channel
+    """y = (x - mean) * scale + shift on rows [r0, r1), in opmath_t arithmetic, in row
+    order so x streams through memory; for wide rows, four rows share each load of the per-channel
     coefficients. The fused epilogue in the same loop, in the given variant (epi_t; res is
     laid out as x, and y must not be res)."""
     cdef Py_ssize_t c, r = r0
@@ -204,7 +204,7 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
     cdef floating* y1
     cdef floating* y2
     cdef floating* y3
-    cdef acc_t m, a, b
+    cdef opmath_t m, a, b
     while multi_row and r + 4 <= r1:
         x0 = x + r * C
         x1 = x0 + C
@@ -253,8 +253,8 @@ cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
 
 
 cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                              Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                              const acc_t* shift, bint stream, const floating* res,
+                              Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
+                              const opmath_t* shift, bint stream, const floating* res,
                               bint relu) noexcept nogil:
     """_rows_affine_in with the fused epilogue, piece by piece (whole rows per piece when they
     fit, else pieces of a row). A piece goes through an L1 stage when its stores stream, or
@@ -269,8 +269,8 @@ cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_s
 
 
 cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                         Py_ssize_t r1, const acc_t* mean, const acc_t* scale,
-                         const acc_t* shift, bint stream, const floating* res,
+                         Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
+                         const opmath_t* shift, bint stream, const floating* res,
                          epi_t variant) noexcept nogil:
     """_rows_affine_staged in the given variant (epi_t)."""
     cdef floating stage[STAGE]
@@ -482,10 +482,11 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
 
 
 cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                     Py_ssize_t r0, Py_ssize_t r1, bint training, const acc_t* mean,
-                     const acc_t* a, const acc_t* kx, const acc_t* k0, const floating* ym,
+                     Py_ssize_t r0, Py_ssize_t r1, bint training, const opmath_t* mean,
+                     const opmath_t* a, const opmath_t* kx, const opmath_t* k0,
+                     const floating* ym,
                      floating* dres, mask_t variant) noexcept nogil:
-    """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in acc_t, in
+    """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in opmath_t, in
     row order; for wide rows, two rows share each coefficient load. With ym (the fused
     ReLU's output) g is masked by y > 0, and stored to dres when given (both laid out as g,
     or NULL)."""
@@ -501,7 +502,7 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
     cdef floating* e0
     cdef floating* e1
     cdef floating v0, v1
-    cdef acc_t m, aa, kkx, kk0
+    cdef opmath_t m, aa, kkx, kk0
     if not training:           # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
