@@ -185,13 +185,20 @@ def statistics(batch, *, num_threads=None):
     return stats[0], stats[1]
 
 
-def update_running(momentum, *pairs):
+def update_running(momentum, *pairs, toward=False):
     """running <- (1 - momentum) * running + momentum * batch for each (running, batch)
-    pair, in float64, rounded once to each buffer's dtype, in place: every buffer or none,
-    and silently whatever np.errstate says (rounding overflows to inf, as defined)."""
+    pair (toward: running + momentum * (batch - running), Batch Renormalization's form;
+    the same value up to rounding), in float64, rounded once to each buffer's dtype, in
+    place: every buffer or none, and silently whatever np.errstate says (rounding
+    overflows to inf, as defined). The NumPy twin of _support.update_running and
+    _support.renorm_update, for the buffers those do not take."""
+    def average(running, batch):
+        old = running.astype(np.float64)
+        if toward:
+            return old + momentum * (batch - old)
+        return momentum * batch + (1.0 - momentum) * old
     with np.errstate(all="ignore"):
-        store_rounded(*[(running, momentum * batch + (1.0 - momentum) *
-                         running.astype(np.float64)) for running, batch in pairs])
+        store_rounded(*[(running, average(running, batch)) for running, batch in pairs])
 
 
 def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None,
@@ -358,9 +365,7 @@ def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
     else:
         std = np.sqrt(var + float(eps))
-        with np.errstate(all="ignore"):     # rounding overflows to inf, as defined
-            store_rounded((running_mean, mu + momentum * (mean - mu)),
-                          (running_std, sigma + momentum * (std - sigma)))
+        update_running(momentum, (running_mean, mean), (running_std, std), toward=True)
     return y, mean, std, r, d
 
 
