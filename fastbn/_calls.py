@@ -177,11 +177,11 @@ def statistics(batch, *, num_threads=None):
     """(mean, biased var) of a Batch's channels, the statistics pass alone (zeros for no
     data)."""
     view_plan, xc = batch.view()
+    nthreads = effective_threads(num_threads, batch.x.size, view_plan.view == PLANAR)
     stats = np.zeros((5, batch.C))
     if batch.x.size:
-        _dispatch.kernels.train_statistics(
-            xc, view_plan.view, view_plan.N, batch.C, view_plan.S, stats,
-            effective_threads(num_threads, batch.x.size, view_plan.view == PLANAR))
+        _dispatch.kernels.train_statistics(xc, view_plan.view, view_plan.N, batch.C,
+                                           view_plan.S, stats, nthreads)
     return stats[0], stats[1]
 
 

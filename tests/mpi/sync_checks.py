@@ -533,6 +533,12 @@ def mode_robust():
               f"layer backward {kind.__name__}: weight_grad changed")
         # the processes are still paired call for call
         whole_mean_check(f"after {kind.__name__}")
+    # a bad thread count on a process whose slice is empty (it has nothing to reduce, but
+    # its argument is checked before the collective all the same)
+    mine = x[:0] if last else x
+    expect("num_threads on an empty slice", lambda: distributed.sync_batch_norm_train(
+        mine, w, b, comm=WORLD, num_threads=0 if last else None), (x, w, b), ValueError,
+        "num_threads" if last else failed_here)
     # a caller that catches the error and goes on, several times in a row, one process only
     for i in range(3):
         try:
