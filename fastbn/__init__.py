@@ -22,6 +22,7 @@ from .fusion import fuse_conv_bn
 from .layers import BatchNorm, BatchRenorm
 from . import onnx
 from . import caffe
+from . import distributed      # imports mpi4py only when a function of it is called
 
 __all__ = [
     "batch_norm_train",
@@ -43,17 +44,3 @@ __all__ = [
     "caffe",
     "distributed",
 ]
-
-
-def __getattr__(name):
-    # fastbn.distributed is imported on first use, not here: `python -m fastbn.distributed`
-    # runs that module as __main__, which must not already be imported as fastbn.distributed
-    # (and it imports mpi4py only when one of its functions is called)
-    if name == "distributed":
-        import importlib
-        return importlib.import_module(".distributed", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | {"distributed"})

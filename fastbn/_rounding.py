@@ -39,8 +39,3 @@ def store_rounded(*pairs):
     done = [(buf, rounded(values, buf.dtype)) for buf, values in pairs]
     for buf, values in done:
         buf[...] = values
-
-
-def round_into(buf, values):
-    """buf[...] = values (float64), rounded once to buf's dtype (:func:`store_rounded`)."""
-    store_rounded((buf, values))

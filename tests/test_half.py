@@ -157,8 +157,8 @@ def test_running_buffers_of_every_dtype_round_once(buf_dt):
     m = x.size // 4
     var = (1 / invstd ** 2 - 1e-5) * m / (m - 1)
     want_m, want_v = np.empty(4, buf_dt), np.empty(4, buf_dt)
-    _rounding.round_into(want_m, 0.1 * mean + 0.9 * rm0)
-    _rounding.round_into(want_v, 0.1 * var + 0.9 * rv0)
+    _rounding.store_rounded((want_m, 0.1 * mean + 0.9 * rm0))
+    _rounding.store_rounded((want_v, 0.1 * var + 0.9 * rv0))
     if buf_dt.itemsize == 2:       # the correctly rounded value of the float64 update
         np.testing.assert_array_equal(rm.view(np.uint16), want_m.view(np.uint16))
         np.testing.assert_array_equal(rv.view(np.uint16), want_v.view(np.uint16))
@@ -168,11 +168,11 @@ def test_running_buffers_of_every_dtype_round_once(buf_dt):
 
 
 def test_bfloat16_rounding_of_float64_is_correct():
-    """float64 -> float32 -> bfloat16 would round twice; round_into does not."""
+    """float64 -> float32 -> bfloat16 would round twice; store_rounded does not."""
     v = np.array([1 + 2.0 ** -8 + 2.0 ** -40, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8,
                   -(1 + 2.0 ** -8 + 2.0 ** -40), 3.5e38, np.inf, np.nan, 1e-45])
     out = np.empty(len(v), BF16)
-    _rounding.round_into(out, v)
+    _rounding.store_rounded((out, v))
     got = out.astype(np.float64)
     np.testing.assert_array_equal(got[:5], [1 + 2.0 ** -7, 1.0, 1 + 2 * 2.0 ** -7,
                                             -(1 + 2.0 ** -7), np.inf])
