@@ -39,7 +39,8 @@ def load(checkout, variant):
 
 def run_all(x, g, layout, threads):
     """Every kernel path fastbn's functions take on x: training forward (plain, fused
-    ReLU with a residual), inference, backward (plain, fused, eval), renorm."""
+    ReLU with and without a residual), inference, backward (plain, fused with and without
+    the residual's gradient, eval), renorm."""
     C = x.shape[1 if layout == "NCHW" else -1]
     pdt = np.float32 if x.dtype.itemsize == 2 else x.dtype
     w = np.linspace(0.5, 1.5, C).astype(pdt)
@@ -52,6 +53,9 @@ def run_all(x, g, layout, threads):
     yr, _, _ = fastbn.batch_norm_relu_train(x, w, b, residual=g, layout=layout,
                                             num_threads=threads)
     out += [yr, fastbn.batch_norm_infer(x, rm, rv, w, b, layout=layout, num_threads=threads)]
+    out += [fastbn.batch_norm_relu_train(x, w, b, layout=layout, num_threads=threads)[0]]
+    out += list(fastbn.batch_norm_relu_backward(g, yr, x, mean, invstd, w, layout=layout,
+                                                num_threads=threads))
     out += list(fastbn.batch_norm_backward(g, x, mean, invstd, w, layout=layout,
                                            num_threads=threads))
     out += list(fastbn.batch_norm_relu_backward(g, yr, x, mean, invstd, w, layout=layout,
@@ -138,9 +142,13 @@ def main():
     ap.add_argument("--dtype", default="float32",
                     choices=("float32", "float64", "float16", "bfloat16"))
     args = ap.parse_args()
-    old = load(args.checkout, args.variant)
+    # this checkout's module first: a build loaded under another name before it would be
+    # returned for it too
     new = importlib.import_module("fastbn." + args.variant)
+    old = load(args.checkout, args.variant)
     print(f"old: {old.__file__}\nnew: {new.__file__}")
+    if os.path.realpath(old.__file__) == os.path.realpath(new.__file__) or old is new:
+        sys.exit("the two builds are one module: nothing to compare")
     differ = 0 if args.no_bits else bits(old, new)
     if not args.no_speed:
         if args.dtype == "bfloat16":

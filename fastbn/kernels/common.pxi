@@ -27,7 +27,7 @@ from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
 import numpy as np
@@ -73,7 +73,7 @@ ctypedef fused opmath_t:
 # Compile-time variants of the loops the fused ReLU extends: Cython compiles one copy of a
 # loop per member type, and `if mask_t is char` is decided at compile time, so the plain
 # kernels keep their own loops, untouched, and the fused ones get theirs. The member types
-# only name the variant (a dummy argument of that type selects it):
+# only name the variant (an argument of that type selects it, one of the tags below):
 ctypedef fused mask_t:      # backward loops over dy
     char                    # plain: dy as it is
     short                   # dy masked by the fused ReLU's output (y > 0)
@@ -83,6 +83,14 @@ ctypedef fused epi_t:       # forward rows loops
     char                    # plain: the normalized value
     short                   # max(value, 0)
     int                     # max(value + residual, 0)
+
+# The tags a call site passes to select a variant (a variable of the member type; its value
+# is never read):
+cdef char PLAIN = 0             # mask_t and epi_t: the plain loop
+cdef short MASKED = 0           # mask_t: dy masked by y > 0
+cdef int MASKED_STORED = 0      # mask_t: masked, and stored
+cdef short RELU = 0             # epi_t: max(value, 0)
+cdef int RELU_RESIDUAL = 0      # epi_t: max(value + residual, 0)
 
 
 cpdef enum View:

@@ -171,23 +171,13 @@ def schedule(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
 
 
 cdef Work _new_work(int op, int dtype, int phases, int* failed) noexcept:
-    """A Work with every field set: nothing fused, no partials, no mask bits, streaming
-    off; the caller sets what its call needs."""
+    """A Work with every other field zero (nothing fused, no partials, no mask bits,
+    streaming off); the caller sets what its call needs."""
     cdef Work w
+    memset(&w, 0, sizeof(Work))
     w.op = op
     w.dtype = dtype
-    w.cf = NULL
-    w.gd = NULL
-    w.part = NULL
-    w.multi_row = False
-    w.stream = False
     w.phases = phases
-    w.relu = False
-    w.res = NULL
-    w.ymask = NULL
-    w.dres = NULL
-    w.bits = NULL
-    w.bits_stride = 0
     w.failed = failed
     w.alloc_limit = _scratch_limit
     return w

@@ -90,7 +90,7 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                 if w.ymask != NULL:         # the fused ReLU: dy where y > 0
                     _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype)
                 _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1], <const float*>NULL,
-                            <char>0)
+                            PLAIN)
 
 
 cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ssize_t n,
@@ -237,8 +237,6 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
     cdef float ds[STAGE]
     cdef half_bits hs[STAGE]
     cdef Py_ssize_t r = r0, n, c0 = 0, width, base, nrow
-    cdef Affine aview
-    cdef Grad gview
     cdef bint whole = C <= STAGE
     while r < r1:
         if whole:              # n whole rows
@@ -251,21 +249,19 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
         base = r * C + c0
         n = nrow * width
         if af != NULL:
-            aview = _affine_from(af, c0)
             _widen(a + base, xs, n, w.dtype)
-            _rows_affine(xs, ys, width, 0, nrow, &aview, False, NULL, False)
+            _rows_affine(xs, ys, width, 0, nrow, af, c0, False, NULL, False)
             if w.res != NULL:
                 _widen(<const half_bits*>w.res + base, gs, n, w.dtype)
             if w.res != NULL or w.relu:
                 _epilogue(ys, gs if w.res != NULL else NULL, n, w.relu)
         else:
-            gview = _grad_from(w.gd, c0)
             _widen(a + base, gs, n, w.dtype)
             if w.gd.training:
                 _widen(b + base, xs, n, w.dtype)
             if w.ymask != NULL:
                 _widen(<const half_bits*>w.ymask + base, ms, n, w.dtype)
-            _rows_dx(gs, xs, ys, width, 0, nrow, &gview, False,
+            _rows_dx(gs, xs, ys, width, 0, nrow, w.gd, c0, False,
                      ms if w.ymask != NULL else NULL, ds if w.dres != NULL else NULL)
             if w.dres != NULL:
                 _narrow(ds, <half_bits*>w.dres + base, n, w.dtype)
@@ -279,34 +275,3 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
                 r = r + 1
     if w.stream:
         _stream_fence()
-
-
-cdef inline Affine _affine_from(const Affine* af, Py_ssize_t c0) noexcept nogil:
-    """af seen from channel c0 on (for a piece of a row)."""
-    cdef Affine v = af[0]
-    v.mean = v.mean + c0
-    v.scale = v.scale + c0
-    v.shift = v.shift + c0
-    v.mean32 = v.mean32 + c0
-    v.scale32 = v.scale32 + c0
-    v.shift32 = v.shift32 + c0
-    v.ok32 = v.ok32 + c0
-    return v
-
-
-cdef inline Grad _grad_from(const Grad* gd, Py_ssize_t c0) noexcept nogil:
-    """The dx coefficients of gd seen from channel c0 on (for a piece of a row)."""
-    cdef Grad v = gd[0]
-    v.mean = v.mean + c0
-    v.a = v.a + c0
-    v.kx = v.kx + c0
-    v.k0 = v.k0 + c0
-    if v.mean32 != NULL:
-        v.mean32 = v.mean32 + c0
-        v.gmean32 = v.gmean32 + c0
-        v.gmean_lo32 = v.gmean_lo32 + c0
-        v.a32 = v.a32 + c0
-        v.kx32 = v.kx32 + c0
-        v.c32 = v.c32 + c0
-        v.ok32 = v.ok32 + c0
-    return v

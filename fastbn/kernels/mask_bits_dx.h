@@ -7,7 +7,7 @@
    _run form: one planar run of one channel, its coefficients scalars:
    d = ((v - gm) - gl) * a + ((x - m) * kx + k), v = dy where the bit is set, else +0,
    with the two products fused into the additions as the compiler fuses them in the
-   loops of _rows_dx32 (so the same bits); e (or NULL) receives v. The dy loads are
+   float32 form of _dx_value (so the same bits); e (or NULL) receives v. The dy loads are
    masked loads (AVX-512) or an AND with the bits spread to lanes (AVX2). */
 static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl,
                                    float a, float kx, float k) {

@@ -162,10 +162,10 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
             q = part + 2 * (c * p.nchunk + k)
             if ym == NULL:
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
-                            <const floating*>NULL, <char>0)
+                            <const floating*>NULL, PLAIN)
             else:
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
-                            ym + blk.offset, <short>0)
+                            ym + blk.offset, MASKED)
                 if bits != NULL:
                     rb = _run_bits(p, bits, bstride, c, b)
                     for r in range(blk.nrun):

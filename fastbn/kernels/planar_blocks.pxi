@@ -434,71 +434,64 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
     backward: with `ym` (the forward's y, laid out as g), g = dy where y > 0 else 0 (a NaN
     in y gives 0), written to `dres` (the residual's gradient) when given."""
     if ym == NULL:
-        _dx_in(g, x, dx, length, nrun, stride, gd, c, NULL, NULL, <char>0)
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, NULL, NULL, PLAIN)
     elif dres == NULL:
-        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, <short>0)
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, MASKED)
     else:
-        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, <int>0)
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, MASKED_STORED)
 
 
 cdef inline void _dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
                         Py_ssize_t nrun, Py_ssize_t stride, const Grad* gd, Py_ssize_t c,
                         const floating* ym, floating* dres, mask_t variant) noexcept nogil:
     """The loops of _dx_into, in the given variant (mask_t)."""
-    cdef Py_ssize_t i, r
-    cdef float m32, gm32, gl32, a32, kx32, c32
-    cdef double mean = gd.mean[c], a = gd.a[c], kx = gd.kx[c], k0 = gd.k0[c]
-    cdef const floating* gr
-    cdef const floating* xr
-    cdef const floating* yr
-    cdef floating* dr
-    cdef floating* er
-    cdef floating gv
+    cdef Py_ssize_t r, off
     if floating is float:
         if gd.mean32 != NULL and gd.ok32[c]:
-            a32 = gd.a32[c]
-            m32 = gd.mean32[c]
-            gm32 = gd.gmean32[c]
-            gl32 = gd.gmean_lo32[c]
-            kx32 = gd.kx32[c]
-            c32 = gd.c32[c]
             for r in range(nrun):
-                gr = g + r * stride
-                xr = x + r * stride
-                dr = dx + r * stride
-                yr = _at(ym, r * stride)
-                er = _at_w(dres, r * stride)
-                if gd.training:
-                    for i in range(length):
-                        gv = _gat(gr, yr, i, variant)
-                        if mask_t is int:
-                            er[i] = gv
-                        dr[i] = ((gv - gm32) - gl32) * a32 + ((xr[i] - m32) * kx32 + c32)
-                else:
-                    for i in range(length):
-                        gv = _gat(gr, yr, i, variant)
-                        if mask_t is int:
-                            er[i] = gv
-                        dr[i] = gv * a32
+                off = r * stride
+                _dx_span(g + off, x + off, dx + off, _at(ym, off), _at_w(dres, off), length,
+                         gd.training, gd.mean32[c], gd.a32[c], gd.kx32[c], gd.c32[c],
+                         gd.gmean32[c], gd.gmean_lo32[c], variant)
             return
     for r in range(nrun):
-        gr = g + r * stride
-        xr = x + r * stride
-        dr = dx + r * stride
-        yr = _at(ym, r * stride)
-        er = _at_w(dres, r * stride)
-        if gd.training:
-            for i in range(length):
-                gv = _gat(gr, yr, i, variant)
-                if mask_t is int:
-                    er[i] = gv
-                dr[i] = <floating>(gv * a + ((xr[i] - mean) * kx + k0))
-        else:
-            for i in range(length):
-                gv = _gat(gr, yr, i, variant)
-                if mask_t is int:
-                    er[i] = gv
-                dr[i] = <floating>(gv * a)
+        off = r * stride
+        _dx_span(g + off, x + off, dx + off, _at(ym, off), _at_w(dres, off), length,
+                 gd.training, gd.mean[c], gd.a[c], gd.kx[c], gd.k0[c], 0.0, 0.0, variant)
+
+
+cdef inline void _dx_span(const floating* g, const floating* x, floating* dx,
+                          const floating* ym, floating* dres, Py_ssize_t n, bint training,
+                          opmath_t mean, opmath_t a, opmath_t kx, opmath_t k0, opmath_t gm,
+                          opmath_t gl, mask_t variant) noexcept nogil:
+    """dx of n consecutive values of one channel: _dx_value in training, g * a with fixed
+    statistics (x is not read); g masked by ym and stored to dres as the variant says."""
+    cdef Py_ssize_t i
+    cdef floating gv
+    if training:
+        for i in range(n):
+            gv = _gat(g, ym, i, variant)
+            if mask_t is int:
+                dres[i] = gv
+            dx[i] = _dx_value(gv, x[i], mean, a, kx, k0, gm, gl)
+    else:
+        for i in range(n):
+            gv = _gat(g, ym, i, variant)
+            if mask_t is int:
+                dres[i] = gv
+            dx[i] = <floating>(gv * a)
+
+
+cdef inline floating _dx_value(floating g, floating x, opmath_t mean, opmath_t a, opmath_t kx,
+                               opmath_t k0, opmath_t gm, opmath_t gl) noexcept nogil:
+    """One dx value in training. In double: g * a + ((x - mean) * kx + k0). In float32 (float32
+    data where the channel allows it): ((g - gm) - gl) * a + ((x - mean) * kx + k0), the
+    gradient's mean split into its float32 value gm and the remainder gl, k0 = c32 (gm and
+    gl unused in double)."""
+    if opmath_t is float:
+        return <floating>(((g - gm) - gl) * a + ((x - mean) * kx + k0))
+    else:
+        return <floating>(g * a + ((x - mean) * kx + k0))
 
 
 cdef inline floating* _at_w(floating* p, Py_ssize_t off) noexcept nogil:

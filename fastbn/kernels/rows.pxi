@@ -261,11 +261,11 @@ cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_s
     when a residual is added (y may be the residual itself: each piece of the residual is
     read before that piece of y is written)."""
     if res != NULL:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <int>0)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, RELU_RESIDUAL)
     elif relu:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <short>0)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, RELU)
     else:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, <char>0)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, PLAIN)
 
 
 cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
@@ -310,17 +310,19 @@ cdef inline void _store(floating* y, const floating* stage, Py_ssize_t n,
 
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
-                       Py_ssize_t r1, const Affine* af, bint stream, const floating* res,
-                       bint relu) noexcept nogil:
-    """The normalization of rows [r0, r1) (and the fused epilogue when asked): in float32
-    for float32 data whose every channel allows it (see planar_blocks.pxi), else in double."""
+                       Py_ssize_t r1, const Affine* af, Py_ssize_t c0, bint stream,
+                       const floating* res, bint relu) noexcept nogil:
+    """The normalization of rows [r0, r1) of C channels, with the coefficients of channels
+    [c0, c0 + C) of af (and the fused epilogue when asked): in float32 for float32 data
+    whose every channel allows it (see planar_blocks.pxi), else in double."""
     if floating is float:
-        if _all_set(af.ok32, C):
-            _rows_affine_staged(x, y, C, r0, r1, <const float*>af.mean32,
-                                <const float*>af.scale32, <const float*>af.shift32, stream,
-                                res, relu)
+        if _all_set(af.ok32 + c0, C):
+            _rows_affine_staged(x, y, C, r0, r1, <const float*>(af.mean32 + c0),
+                                <const float*>(af.scale32 + c0),
+                                <const float*>(af.shift32 + c0), stream, res, relu)
             return
-    _rows_affine_staged(x, y, C, r0, r1, af.mean, af.scale, af.shift, stream, res, relu)
+    _rows_affine_staged(x, y, C, r0, r1, af.mean + c0, af.scale + c0, af.shift + c0, stream,
+                        res, relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,72 +337,54 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
     memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0;
     with bits too, each row's mask is also stored there (row r at bits + r * rowbytes)."""
-    cdef Py_ssize_t c, r
-    cdef const floating* xr
-    cdef const floating* gr
-    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
-    cdef acc_t m
-    for c in range(width):
-        sg[c] = 0
-        sd[c] = 0
-    if ym != NULL:
-        _rows_sums_masked(g, x, ym, C, r0, r4, r1, width, mean, sg, sd, bits, rowbytes)
-        return
-    for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
-        xr = x + r * C
-        gr = g + r * C
-        for c in range(width):
-            m = mean[c]
-            sg[c] = sg[c] + ((<double>gr[c] + gr[C + c]) + (<double>gr[2 * C + c] + gr[3 * C + c]))
-            sd[c] = sd[c] + ((gr[c] * (xr[c] - m) + gr[C + c] * (xr[C + c] - m))
-                             + (gr[2 * C + c] * (xr[2 * C + c] - m)
-                                + gr[3 * C + c] * (xr[3 * C + c] - m)))
-    for r in range(r4, r1):
-        xr = x + r * C
-        gr = g + r * C
-        for c in range(width):
-            sg[c] = sg[c] + gr[c]
-            sd[c] = sd[c] + gr[c] * (xr[c] - mean[c])
+    if ym == NULL:
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, 0, PLAIN)
+    else:
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, bits, rowbytes,
+                     MASKED)
 
 
-cdef void _rows_sums_masked(const floating* g, const floating* x, const floating* ym,
-                            Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r4, Py_ssize_t r1,
-                            Py_ssize_t width, const acc_t* mean, double* sg,
-                            acc_t* sd, unsigned char* bits, Py_ssize_t rowbytes) noexcept nogil:
-    """The loops of _rows_sums_in on g masked by ym (sg, sd zeroed by the caller; four
-    rows per sweep up to r4): the same arithmetic, so the same bits as the unmasked loops
-    on a masked copy of g. With bits, the rows' masks are packed first (each sweep's rows
-    then come from L1)."""
+cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
+                       Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
+                       acc_t* sd, bint multi_row, const floating* ym,
+                       unsigned char* bits, Py_ssize_t rowbytes,
+                       mask_t variant) noexcept nogil:
+    """_rows_sums_in in the given variant (mask_t: plain, or masked by ym with the rows'
+    masks packed into bits first when given, so that each sweep's rows then come from L1)."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
     cdef const floating* yr
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
     cdef floating g0, g1, g2, g3
     cdef acc_t m
-    for r in range(r0, r4, 4):
+    for c in range(width):
+        sg[c] = 0
+        sd[c] = 0
+    for r in range(r0, r4, 4):     # four rows per sweep (see _rows_chunk_stats)
         xr = x + r * C
         gr = g + r * C
-        yr = ym + r * C
-        if bits != NULL:
+        yr = _at(ym, r * C)
+        if mask_t is not char and bits != NULL:
             for c in range(4):
                 _pack(yr + c * C, width, bits + (r + c) * rowbytes)
         for c in range(width):
             m = mean[c]
-            g0 = _masked(gr[c], yr[c])
-            g1 = _masked(gr[C + c], yr[C + c])
-            g2 = _masked(gr[2 * C + c], yr[2 * C + c])
-            g3 = _masked(gr[3 * C + c], yr[3 * C + c])
+            g0 = _gat(gr, yr, c, variant)
+            g1 = _gat(gr, yr, C + c, variant)
+            g2 = _gat(gr, yr, 2 * C + c, variant)
+            g3 = _gat(gr, yr, 3 * C + c, variant)
             sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
             sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
                              + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
     for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
-        yr = ym + r * C
-        if bits != NULL:
+        yr = _at(ym, r * C)
+        if mask_t is not char and bits != NULL:
             _pack(yr, width, bits + r * rowbytes)
         for c in range(width):
-            g0 = _masked(gr[c], yr[c])
+            g0 = _gat(gr, yr, c, variant)
             sg[c] = sg[c] + g0
             sd[c] = sd[c] + g0 * (xr[c] - mean[c])
 
@@ -484,25 +468,23 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
 cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
                      Py_ssize_t r0, Py_ssize_t r1, bint training, const opmath_t* mean,
                      const opmath_t* a, const opmath_t* kx, const opmath_t* k0,
-                     const floating* ym,
+                     const opmath_t* gm, const opmath_t* gl, const floating* ym,
                      floating* dres, mask_t variant) noexcept nogil:
-    """dx = g * a + (x - mean) * kx + k0 (training) or g * a on rows [r0, r1), in opmath_t, in
-    row order; for wide rows, two rows share each coefficient load. With ym (the fused
+    """dx on rows [r0, r1) in row order: _dx_value of each value in training (gm and gl: the
+    gradient's split mean of the float32 form, NULL in double), g * a with fixed statistics
+    (x is not read); for wide rows, two rows share each coefficient load. With ym (the fused
     ReLU's output) g is masked by y > 0, and stored to dres when given (both laid out as g,
     or NULL)."""
     cdef Py_ssize_t c, r = r0
     cdef const floating* g0
-    cdef const floating* g1
     cdef const floating* x0
-    cdef const floating* x1
     cdef const floating* y0
     cdef const floating* y1
     cdef floating* d0
-    cdef floating* d1
     cdef floating* e0
     cdef floating* e1
     cdef floating v0, v1
-    cdef opmath_t m, aa, kkx, kk0
+    cdef opmath_t gmc = 0, glc = 0
     if not training:           # fixed statistics: dx = g * a, x is not read
         for r in range(r0, r1):
             g0 = g + r * C
@@ -515,85 +497,37 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
                     e0[c] = v0
                 d0[c] = <floating>(v0 * a[c])
         return
-    while r + 2 <= r1 and _multi_row(C, 0):
-        g0 = g + r * C
-        g1 = g0 + C
-        x0 = x + r * C
-        x1 = x0 + C
-        d0 = dx + r * C
-        d1 = d0 + C
-        y0 = _at(ym, r * C)
-        y1 = _at(ym, r * C + C)
-        e0 = _at_w(dres, r * C)
-        e1 = _at_w(dres, r * C + C)
-        for c in range(C):
-            m = mean[c]
-            aa = a[c]
-            kkx = kx[c]
-            kk0 = k0[c]
-            v0 = _gat(g0, y0, c, variant)
-            v1 = _gat(g1, y1, c, variant)
-            if mask_t is int:
-                e0[c] = v0
-                e1[c] = v1
-            d0[c] = <floating>(v0 * aa + ((x0[c] - m) * kkx + kk0))
-            d1[c] = <floating>(v1 * aa + ((x1[c] - m) * kkx + kk0))
-        r = r + 2
     while r < r1:
         g0 = g + r * C
         x0 = x + r * C
         d0 = dx + r * C
         y0 = _at(ym, r * C)
         e0 = _at_w(dres, r * C)
-        for c in range(C):
-            v0 = _gat(g0, y0, c, variant)
-            if mask_t is int:
-                e0[c] = v0
-            d0[c] = <floating>(v0 * a[c] + ((x0[c] - mean[c]) * kx[c] + k0[c]))
-        r = r + 1
-
-
-cdef void _rows_dx32(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t r0,
-                     Py_ssize_t r1, const float* m, const float* gm, const float* gl,
-                     const float* a, const float* kx, const float* k, const float* ym,
-                     float* dres, mask_t variant) noexcept nogil:
-    """dx of float32 data in float32 on rows [r0, r1) (the form of _dx_into; training only),
-    two rows per sweep for wide rows; ym and dres as in _rows_dx_in."""
-    cdef Py_ssize_t c, r = r0
-    cdef const float* g0
-    cdef const float* x0
-    cdef const float* y0
-    cdef float* d0
-    cdef float* e0
-    cdef float v0, v1
-    while r + 2 <= r1 and _multi_row(C, 0):
-        g0 = g + r * C
-        x0 = x + r * C
-        d0 = dx + r * C
-        y0 = _at(ym, r * C)
-        e0 = _at_w(dres, r * C)
-        for c in range(C):
-            v0 = _gat(g0, y0, c, variant)
-            v1 = _gat(g0, y0, C + c, variant)
-            if mask_t is int:
-                e0[c] = v0
-                e0[C + c] = v1
-            d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
-            d0[C + c] = (((v1 - gm[c]) - gl[c]) * a[c]
-                         + ((x0[C + c] - m[c]) * kx[c] + k[c]))
-        r = r + 2
-    while r < r1:
-        g0 = g + r * C
-        x0 = x + r * C
-        d0 = dx + r * C
-        y0 = _at(ym, r * C)
-        e0 = _at_w(dres, r * C)
-        for c in range(C):
-            v0 = _gat(g0, y0, c, variant)
-            if mask_t is int:
-                e0[c] = v0
-            d0[c] = ((v0 - gm[c]) - gl[c]) * a[c] + ((x0[c] - m[c]) * kx[c] + k[c])
-        r = r + 1
+        if r + 2 <= r1 and _multi_row(C, 0):
+            y1 = _at(ym, r * C + C)
+            e1 = _at_w(dres, r * C + C)
+            for c in range(C):
+                if opmath_t is float:
+                    gmc = gm[c]
+                    glc = gl[c]
+                v0 = _gat(g0, y0, c, variant)
+                v1 = _gat(g0 + C, y1, c, variant)
+                if mask_t is int:
+                    e0[c] = v0
+                    e1[c] = v1
+                d0[c] = _dx_value(v0, x0[c], mean[c], a[c], kx[c], k0[c], gmc, glc)
+                d0[C + c] = _dx_value(v1, x0[C + c], mean[c], a[c], kx[c], k0[c], gmc, glc)
+            r = r + 2
+        else:
+            for c in range(C):
+                if opmath_t is float:
+                    gmc = gm[c]
+                    glc = gl[c]
+                v0 = _gat(g0, y0, c, variant)
+                if mask_t is int:
+                    e0[c] = v0
+                d0[c] = _dx_value(v0, x0[c], mean[c], a[c], kx[c], k0[c], gmc, glc)
+            r = r + 1
 
 
 cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* dx,
@@ -603,65 +537,62 @@ cdef inline void _rows_dx_piece(const floating* g, const floating* x, floating* 
     """dx of rows [r0, r1) of C channels starting at channel c0 of the coefficients (rows C
     apart in g, x, dx, ym and dres), in the given variant (mask_t)."""
     if floating is float:
-        if use32 and gd.training:
-            _rows_dx32(g, x, dx, C, r0, r1, gd.mean32 + c0, gd.gmean32 + c0,
-                       gd.gmean_lo32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0, ym, dres,
-                       variant)
-            return
         if use32:
-            _rows_dx_in(g, x, dx, C, r0, r1, False, <const float*>(gd.mean32 + c0),
+            _rows_dx_in(g, x, dx, C, r0, r1, gd.training, <const float*>(gd.mean32 + c0),
                         <const float*>(gd.a32 + c0), <const float*>(gd.kx32 + c0),
-                        <const float*>(gd.c32 + c0), ym, dres, variant)
+                        <const float*>(gd.c32 + c0), <const float*>(gd.gmean32 + c0),
+                        <const float*>(gd.gmean_lo32 + c0), ym, dres, variant)
             return
     _rows_dx_in(g, x, dx, C, r0, r1, gd.training, gd.mean + c0, gd.a + c0, gd.kx + c0,
-                gd.k0 + c0, ym, dres, variant)
+                gd.k0 + c0, <const double*>NULL, <const double*>NULL, ym, dres, variant)
 
 
 cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                   Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, Py_ssize_t c0, bint stream,
                    const floating* ym, floating* dres) noexcept nogil:
-    """dx on rows [r0, r1): in float32 for float32 data whose every channel allows it (see
+    """dx on rows [r0, r1) of C channels, with the coefficients of channels [c0, c0 + C) of
+    gd: in float32 for float32 data whose every channel allows it (see
     _dx_into), else in double; through an L1 stage with streaming stores when `stream`.
     With ym (the fused ReLU's forward output), dy counts where y > 0 only, and that masked
     dy goes to dres (the residual's gradient) when given."""
     if ym == NULL:
-        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, NULL, NULL, <char>0)
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, NULL, NULL, PLAIN)
     elif dres == NULL:
-        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, ym, NULL, <short>0)
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, NULL, MASKED)
     else:
-        _rows_dx_v(g, x, dx, C, r0, r1, gd, stream, ym, dres, <int>0)
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, dres, MASKED_STORED)
 
 
 cdef void _rows_dx_v(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                     Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                     Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, Py_ssize_t c0, bint stream,
                      const floating* ym, floating* dres, mask_t variant) noexcept nogil:
     """_rows_dx in the given variant (mask_t)."""
     cdef floating stage[STAGE]
-    cdef Py_ssize_t r = r0, n, c0, base
+    cdef Py_ssize_t r = r0, n, cp, base
     cdef bint use32 = False
     if floating is float:
-        use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
+        use32 = gd.mean32 != NULL and _all_set(gd.ok32 + c0, C)
     if not stream:
-        _rows_dx_piece(g, x, dx, C, r0, r1, gd, 0, use32, ym, dres, variant)
+        _rows_dx_piece(g, x, dx, C, r0, r1, gd, c0, use32, ym, dres, variant)
         return
     if C <= STAGE:
         while r < r1:
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
             base = r * C
-            _rows_dx_piece(g + base, x + base, stage, C, 0, n, gd, 0, use32, _at(ym, base),
+            _rows_dx_piece(g + base, x + base, stage, C, 0, n, gd, c0, use32, _at(ym, base),
                            _at_w(dres, base), variant)
             _stream(dx + base, stage, n * C)
             r = r + n
     else:
         for r in range(r0, r1):
-            c0 = 0
-            while c0 < C:
-                n = STAGE if c0 + STAGE <= C else C - c0
-                base = r * C + c0
-                _rows_dx_piece(g + base, x + base, stage, n, 0, 1, gd, c0, use32,
+            cp = 0
+            while cp < C:
+                n = STAGE if cp + STAGE <= C else C - cp
+                base = r * C + cp
+                _rows_dx_piece(g + base, x + base, stage, n, 0, 1, gd, c0 + cp, use32,
                                _at(ym, base), _at_w(dres, base), variant)
                 _stream(dx + base, stage, n)
-                c0 = c0 + n
+                cp = cp + n
     _stream_fence()
 
 
@@ -669,7 +600,7 @@ cdef void _rows_dx_bits(const float* g, const float* x, float* dx, Py_ssize_t C,
                         Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
                         const unsigned char* bits, Py_ssize_t rowbytes,
                         float* dres) noexcept nogil:
-    """dx of float32 data in float32 (training, every channel allowing it: _rows_dx32's
+    """dx of float32 data in float32 (training, every channel allowing it: _dx_value's float32
     form) on rows [r0, r1), with dy masked by the reduction's mask bits (row r at bits +
     r * rowbytes) instead of y, in vector loops of their own (_dx_bits_f32); through an
     L1 stage with streaming stores when `stream`. The same bits as _rows_dx."""
@@ -728,14 +659,14 @@ cdef inline void _rows_apply_t(const floating* a, const floating* b, floating* o
                                Py_ssize_t r1) noexcept nogil:
     """y (or dx) of rows [r0, r1) (float32 and float64 data)."""
     if w.op == TRAIN:
-        _rows_affine(a, out, C, r0, r1, &w.cf.af, w.stream, <const floating*>w.res, w.relu)
+        _rows_affine(a, out, C, r0, r1, &w.cf.af, 0, w.stream, <const floating*>w.res, w.relu)
     else:
         if (floating is float and w.bits != NULL and w.gd.training and
                 w.gd.mean32 != NULL and _all_set(w.gd.ok32, C)):
             _rows_dx_bits(a, b, out, C, r0, r1, w.gd, w.stream, w.bits, w.bits_stride,
                           <float*>w.dres)
         else:
-            _rows_dx(a, b, out, C, r0, r1, w.gd, w.stream, <const floating*>w.ymask,
+            _rows_dx(a, b, out, C, r0, r1, w.gd, 0, w.stream, <const floating*>w.ymask,
                      <floating*>w.dres)
 
 
@@ -828,10 +759,10 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
 cdef void _rows_infer_task(const void* x, void* y, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1,
                            const Affine* af, const Work* w) noexcept nogil:
     if w.dtype == F32:
-        _rows_affine(<const float*>x, <float*>y, C, r0, r1, af, w.stream, <const float*>w.res,
-                     w.relu)
+        _rows_affine(<const float*>x, <float*>y, C, r0, r1, af, 0, w.stream,
+                     <const float*>w.res, w.relu)
     elif w.dtype == F64:
-        _rows_affine(<const double*>x, <double*>y, C, r0, r1, af, w.stream,
+        _rows_affine(<const double*>x, <double*>y, C, r0, r1, af, 0, w.stream,
                      <const double*>w.res, w.relu)
     else:
         _rows16_apply(<const half_bits*>x, NULL, <half_bits*>y, w, af, C, r0, r1)
