@@ -71,3 +71,30 @@ def test_fresh_outputs_are_not_streamed():
     assert not _memory.stream_output(1 << 40, None)
     assert _memory.stream_output(_memory.STREAM_ABOVE + 1, np.empty(1))
     assert _memory.L2_BYTES > 0 and _memory.LLC_BYTES >= _memory.L2_BYTES
+
+
+def test_the_streaming_threshold_counts_the_process_cpus():
+    """out= arrays are streamed above STREAM_PER_CPU bytes per usable CPU, never above the
+    last-level cache: a 2-CPU virtual machine whose host reports a 480 MiB cache streams
+    from 4 MiB, a 64-CPU process on an 8 MiB cache from 8 MiB."""
+    per = _memory.STREAM_PER_CPU
+    assert _memory.stream_threshold(480 << 20, 2) == 2 * per
+    assert _memory.stream_threshold(8 << 20, 64) == 8 << 20
+    assert _memory.stream_threshold(32 << 20, 1) == per
+    assert _memory.STREAM_ABOVE == _memory.stream_threshold(_memory.LLC_BYTES,
+                                                            _memory.usable_cpus())
+    assert 0 < _memory.STREAM_ABOVE <= _memory.LLC_BYTES
+
+
+def test_usable_cpus_follow_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(_memory.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert _memory.usable_cpus() == 1
+    monkeypatch.setattr(_memory.os, "sched_getaffinity", lambda pid: {0, 1, 2, 5},
+                        raising=False)
+    assert _memory.usable_cpus() == 4
+
+
+def test_usable_cpus_without_an_affinity_call(monkeypatch):
+    monkeypatch.delattr(_memory.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(_memory.os, "cpu_count", lambda: None)
+    assert _memory.usable_cpus() == 1
