@@ -12,7 +12,7 @@ import importlib
 import os
 
 from . import _kernels as _baseline
-from . import _support
+from . import _memory, _support
 
 # the best first
 _VARIANTS = (("avx512", "_kernels_avx512", _support.cpu_has_avx512),
@@ -36,7 +36,19 @@ def _select():
     return _baseline
 
 
-kernels = _select()
+def _configure(module):
+    """Tell a kernel module the cache sizes it cannot read itself: a planar group of
+    channels holds at most half the L2 cache the CPU reports between its two passes
+    (measured on an Intel Xeon with 2 MiB of L2, 2 threads, against the former groups of
+    about 16384 values per sample: (32, 512, 28, 28) float32 training 0.91x and backward
+    0.84x, float64 0.81x and 0.87x, bfloat16 backward 0.90x; other shapes 0.96-1.07x).
+    Builds without the setting (another checkout's) are left as they are."""
+    if hasattr(module, "group_bytes"):
+        module.group_bytes(max(_memory.L2_BYTES // 2, 1))
+    return module
+
+
+kernels = _configure(_select())
 
 
 @contextlib.contextmanager
@@ -45,7 +57,7 @@ def using(module):
     for tests that compare the builds and for A/B measurements). Not thread-safe."""
     global kernels
     saved = kernels
-    kernels = module
+    kernels = _configure(module)
     try:
         yield module
     finally:

@@ -9,6 +9,12 @@ from threadpoolctl import threadpool_limits
 
 import fastbn
 from cases import THREADS
+from fastbn import _dispatch, _memory
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
 
 # (shape, layout): every case of tests/cases.py that runs on several threads, and a
 # channels-last array described as NCHW (rows kernel, no copy)
@@ -127,3 +133,33 @@ def test_caffe_engines_thread_invariance(engine, dtype):
     with threadpool_limits(limits=2):
         _assert_identical(one, run(), f"caffe {engine}, 2 threads")
     _assert_identical(one, run(), f"caffe {engine}, default threads")
+
+
+GROUPED = [(c.shape, c.layout) for c in THREADS if c.branch.startswith("planar groups")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + ([ml_dtypes.bfloat16] if ml_dtypes else []),
+                         ids=str)
+@pytest.mark.parametrize("shape, layout", GROUPED, ids=[f"{s}-{l}" for s, l in GROUPED])
+def test_group_bytes_do_not_change_results(shape, layout, dtype):
+    """How many channels a planar group holds (the cache budget fastbn._dispatch sets from
+    the CPU's L2 size) changes the order in which channels are visited, never a result."""
+    x = _make(shape, np.float32, 4).astype(dtype)
+    run = _kernels(x, layout)
+    kernels = _dispatch.kernels
+    saved = kernels.group_bytes(1 << 40)
+    try:
+        one = run(2)
+        for budget in (1, 64 << 10, 1 << 20):
+            kernels.group_bytes(budget)
+            _assert_identical(one, run(2), f"group_bytes({budget})")
+            _assert_identical(one, run(1), f"group_bytes({budget}), 1 thread")
+    finally:
+        kernels.group_bytes(saved)
+
+
+def test_group_bytes_come_from_the_cpus_l2():
+    assert _dispatch.kernels.group_bytes(1) == max(_memory.L2_BYTES // 2, 1)
+    _dispatch.kernels.group_bytes(max(_memory.L2_BYTES // 2, 1))
+    with pytest.raises(ValueError, match="positive"):
+        _dispatch.kernels.group_bytes(0)

@@ -35,6 +35,18 @@ def scratch_limit(limit):
     return previous
 
 
+def group_bytes(n):
+    """Set how many bytes of data a planar group of channels may hold between its
+    statistics (or sums) and its elementwise pass, n > 0 (fastbn._dispatch sets half the
+    L2 cache the CPU reports); returns the previous value. Results do not depend on it."""
+    global _group_bytes
+    if n <= 0:
+        raise ValueError(f"group_bytes takes a positive byte count, got {n}")
+    previous = _group_bytes
+    _group_bytes = n
+    return previous
+
+
 cdef int _check_alloc(const Work* w) except -1:
     """MemoryError if a kernel's scratch allocation failed (see _kernel_alloc)."""
     if w.failed[0]:

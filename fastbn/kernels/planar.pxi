@@ -275,16 +275,23 @@ cdef inline void _planar_apply(const Planar* p, const void* a, const void* b, vo
                         c1, k)
 
 
+# Bytes of data a planar group of channels may hold between its two passes (set from the
+# L2 cache size the CPU reports: group_bytes, called by fastbn._dispatch)
+cdef Py_ssize_t _group_bytes = 1 << 20
+
+
 cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S,
-                                   int nthreads) noexcept nogil:
+                                   int nthreads, Py_ssize_t bytes_per_value) noexcept nogil:
     """Channels per task. Long planes (S > BLOCK) go one channel at a time: each sample's
     plane is already a long contiguous stream, and the channel stays in L2 between its
     statistics and its normalization. Short planes are grouped so that a task reads about
     GROUP_VALUES contiguous values per sample, keeping at least four tasks per thread.
     When the whole input is small enough to stay in the last-level cache, the group is
     also kept within GROUP_CACHED values, so that the second pass (normalization, dx)
-    finds it in L2; for larger inputs long DRAM streams matter more (measured: capping
-    (32, 512, 28, 28) halves its speed; capping (32, 2048, 7, 7) cuts backward by 25 %).
+    finds it in L2; for larger inputs long DRAM streams matter more (measured on AMD EPYC:
+    capping (32, 512, 28, 28) to GROUP_CACHED halves its speed; capping (32, 2048, 7, 7)
+    cuts backward by 25 %). Every group's data (x, or dy and x: bytes_per_value per value)
+    is also kept within _group_bytes, half the L2 cache the CPU reports (fastbn._dispatch).
     Results do not depend on it."""
     cdef Py_ssize_t g, most
     if S > BLOCK:
@@ -292,10 +299,18 @@ cdef inline Py_ssize_t _group_size(Py_ssize_t C, Py_ssize_t N, Py_ssize_t S,
     g = (GROUP_VALUES + S - 1) // S
     if N * C * S <= CACHED_VALUES and g * N * S > GROUP_CACHED:
         g = GROUP_CACHED // (N * S)
+    if g * N * S * bytes_per_value > _group_bytes:
+        g = _group_bytes // (N * S * bytes_per_value)
     most = (C + 4 * nthreads - 1) // (4 * nthreads)
     if g > most:
         g = most
     return g if g > 0 else 1
+
+
+cdef inline Py_ssize_t _work_bytes_per_value(const Work* w) noexcept nogil:
+    """Bytes a call reads per value of a channel: x (training), or dy and x (backward)."""
+    cdef Py_ssize_t item = 4 if w.dtype == F32 else 8 if w.dtype == F64 else 2
+    return item if w.op == TRAIN else 2 * item
 
 
 cdef void _planar_group(const Planar* p, const void* a, const void* b, void* out,
@@ -316,7 +331,7 @@ cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
     """A training forward (w.op TRAIN: a = x, out = y) or backward (BACKWARD: a = g, b = x,
     out = dx) on nthreads threads."""
     cdef Py_ssize_t g, c, t, ntask = p.C * p.nchunk
-    cdef Py_ssize_t gs = _group_size(p.C, p.N, p.S, nthreads)
+    cdef Py_ssize_t gs = _group_size(p.C, p.N, p.S, nthreads, _work_bytes_per_value(w))
     cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
     if nthreads == 1:
         for g in range(ngroup):
