@@ -70,13 +70,13 @@ def test_scales_mixed_within_a_channel(shape, layout):
     _check((x + 50.0).astype(np.float32), layout, "mixed scales")
 
 
-def test_a_pivot_far_from_its_blocks_mean():
+def test_first_values_far_from_their_blocks_mean():
     """Blocks whose first value, and every 64th, sit far from the rest of the block (a
     one-pass sum about such a value carries 63 times the centred sum of squares): the
     statistics keep the contract."""
     x = (np.random.default_rng(9).standard_normal((8, 2, 32, 32)) * 0.3).astype(np.float32)
     flat = x.reshape(8, 2, -1)
-    flat[:, :, ::64] = 100.0           # every value the pivot samples of a 1024-value block
+    flat[:, :, ::64] = 100.0           # the first value of each 1024-value plane, every 64th
     flat[:, :, 1::64] = -10.0
     _check(x, "NCHW", "far pivot")
 
