@@ -102,3 +102,24 @@ def test_caffe_rows_structure():
         assert r["shape"] == (2, 3, 4, 4) and r["dtype"] == "float32"
         assert r["fused"] > 0 and r["gemv"] > 0
         assert r["ratio"] == pytest.approx(r["gemv"] / r["fused"])
+
+
+def test_roofline_model():
+    """The issue's model: NCHW training I + kR and backward I + R + 2kR, k = 0 when a
+    channel fits in half the L2; NHWC I + R and I + 3R."""
+    I, R, l2 = 5.0, 2.0, 2 << 20
+    assert table.roofline_model("NCHW", 1 << 20, l2, I, R) == (5.0, 7.0, 0)
+    assert table.roofline_model("NCHW", (1 << 20) + 1, l2, I, R) == (7.0, 11.0, 1)
+    assert table.roofline_model("NHWC", 1, l2, I, R) == (7.0, 11.0, 1)
+
+
+def test_self_rows_carry_the_roofline_ratios():
+    out = io.StringIO()
+    rows = table.run(shapes=[(33, 64, 32, 32)], layouts=("NCHW",), rounds=1,
+                     with_reference=False, with_torch=False, caffe=False, fused=False,
+                     roofline=False, file=out)
+    (row,) = [r for r in rows if r["op"] == "self"]
+    assert row["train_vs_model"] == row["train_out"] / row["train_model"] > 0
+    assert row["backward_vs_model"] == row["backward_out"] / row["backward_model"] > 0
+    assert "roofline" in out.getvalue() and "target <= 1.15" in out.getvalue()
+    assert "roofline model" in table.markdown(rows, threads=1)

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from .. import _config, _threads, functional
+from .. import _config, _memory, _threads, functional
 from . import caffe as caffe_rows
 from .case import Case
 from .timing import interleaved, make_data, torch_module
@@ -25,6 +25,22 @@ LARGE_BYTES = 8 << 20
 # stated budget (one pass and 30% for the merge and the second parallel region), not a
 # measurement; a ratio <= 1 against it means the extra read costs at most that.
 READ_ALLOWANCE = 1.3
+# The roofline model's target: training and backward with out= within this factor of the
+# least their passes over memory can cost (roofline_model)
+ROOFLINE_TARGET = 1.15
+
+
+def roofline_model(layout, channel_bytes, l2_bytes, t_infer, t_read):
+    """The least a training forward and a backward with out= can cost, from I = inference
+    with out= (one read of x and one write, at the copy limit) and R = one read pass over
+    x: NCHW training I + k R and backward I + R + 2 k R, where k = 0 when one channel of x
+    fits in half the L2 cache of a core (its statistics pass leaves it there for the
+    normalization) and 1 otherwise; NHWC training I + R and backward I + 3 R (the rows
+    kernels read x, or dy and x, in a pass of their own). Returns (train, backward, k)."""
+    if layout == "NCHW":
+        k = 0 if channel_bytes <= l2_bytes // 2 else 1
+        return t_infer + k * t_read, t_infer + t_read + 2 * k * t_read, k
+    return t_infer + t_read, t_infer + 3 * t_read, 1
 
 
 def _fmt_ms(t):
@@ -123,24 +139,32 @@ def roofline_row(case, shape, layout, rounds, file):
 
 def self_ratios(case, shape, layout, rows, rounds, file):
     """fastbn against itself on one large input: training and backward against inference
-    (with fresh outputs, from the rows already timed, and with out=), and the NHWC training
-    forward against inference plus one read pass (its statistics need a pass of their own).
-    These ratios depend on the memory system only, not on a peer."""
+    (with fresh outputs, from the rows already timed, and with out=), and training and
+    backward with out= against the roofline model (roofline_model). These ratios depend on
+    the memory system only, not on a peer."""
     t_train, t_infer, t_bwd, t_read = interleaved(
         [case.fast("train_out"), case.fast("infer_out"), case.fast("backward_out"),
          case.read_pass()], rounds)
     fresh = {r["op"]: r["fastbn"] for r in rows
              if r["shape"] == shape and r["layout"] == layout and r["op"] in OPS}
+    channel_bytes = case.x.nbytes // shape[1 if layout == "NCHW" else -1]
+    m_train, m_bwd, k = roofline_model(layout, channel_bytes, _memory.L2_BYTES, t_infer,
+                                       t_read)
     row = dict(shape=shape, layout=layout, op="self", train_out=t_train, infer_out=t_infer,
                backward_out=t_bwd, read=t_read,
                train_infer_fresh=_ratio(fresh.get("train", np.nan), fresh.get("infer", np.nan)),
                train_infer_out=t_train / t_infer, backward_infer_out=t_bwd / t_infer,
-               train_vs_infer_read=t_train / (t_infer + READ_ALLOWANCE * t_read))
+               k=k, train_model=m_train, backward_model=m_bwd,
+               train_vs_model=t_train / m_train, backward_vs_model=t_bwd / m_bwd)
     print(f"{str(shape):<20} {layout:<6} {'self':<9} train/infer {row['train_infer_fresh']:.2f} "
           f"(fresh), {row['train_infer_out']:.2f} (out=); backward/infer (out=) "
-          f"{row['backward_infer_out']:.2f}; train(out=) / (infer(out=) + {READ_ALLOWANCE:g} read) "
-          f"{row['train_vs_infer_read']:.2f} ({t_train * 1e3:.3f} vs {t_infer * 1e3:.3f} + "
-          f"{READ_ALLOWANCE:g} x {t_read * 1e3:.3f} ms)", file=file, flush=True)
+          f"{row['backward_infer_out']:.2f}", file=file, flush=True)
+    rt = "I + R" if layout == "NHWC" else f"I + {k}R"
+    rb = "I + 3R" if layout == "NHWC" else f"I + {1 + 2 * k}R"
+    print(f"{'':<20} {layout:<6} {'roofline':<9} (out=; I = infer {t_infer * 1e3:.3f} ms, "
+          f"R = read pass {t_read * 1e3:.3f} ms; target <= {ROOFLINE_TARGET:g}) train "
+          f"{row['train_vs_model']:.2f}x of {rt}, backward {row['backward_vs_model']:.2f}x of "
+          f"{rb}", file=file, flush=True)
     return row
 
 
@@ -231,9 +255,12 @@ def markdown(rows, threads, dtype=np.float32):
                          f"{ratio(r['train_infer_fresh'])}; {ratio(r['train_infer_out'])} |")
             extra.append(f"| {shape} | {r['layout']} | backward / infer (out=) | "
                          f"{ratio(r['backward_infer_out'])} |")
-            extra.append(f"| {shape} | {r['layout']} | train(out=) / (infer(out=) + {READ_ALLOWANCE:g} read "
-                         f"pass) | {ratio(r['train_vs_infer_read'])} ({ms(r['train_out'])} ms "
-                         f"vs {ms(r['infer_out'])} + {READ_ALLOWANCE:g} x {ms(r['read'])}) |")
+            extra.append(f"| {shape} | {r['layout']} | train(out=) / roofline model "
+                         f"(I + kR, k = {r['k']}) | {ratio(r['train_vs_model'])} "
+                         f"({ms(r['train_out'])} ms vs {ms(r['train_model'])}) |")
+            extra.append(f"| {shape} | {r['layout']} | backward(out=) / roofline model "
+                         f"| {ratio(r['backward_vs_model'])} ({ms(r['backward_out'])} ms vs "
+                         f"{ms(r['backward_model'])}) |")
         elif r["op"] == "fused":
             extra.append(f"| {shape} | {r['layout']} | relu_train / train; relu_infer / infer "
                          f"(out=) | {ratio(r['relu_train'])}; {ratio(r['relu_infer'])} |")
