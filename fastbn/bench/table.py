@@ -161,7 +161,7 @@ def self_ratios(case, shape, layout, rows, rounds, file):
           f"{row['backward_infer_out']:.2f}", file=file, flush=True)
     rt = "I + R" if layout == "NHWC" else f"I + {k}R"
     rb = "I + 3R" if layout == "NHWC" else f"I + {1 + 2 * k}R"
-    print(f"{'':<20} {layout:<6} {'roofline':<9} (out=; I = infer {t_infer * 1e3:.3f} ms, "
+    print(f"{str(shape):<20} {layout:<6} {'roofline':<9} (out=; I = infer {t_infer * 1e3:.3f} ms, "
           f"R = read pass {t_read * 1e3:.3f} ms; target <= {ROOFLINE_TARGET:g}) train "
           f"{row['train_vs_model']:.2f}x of {rt}, backward {row['backward_vs_model']:.2f}x of "
           f"{rb}", file=file, flush=True)
