@@ -135,6 +135,9 @@ def extension(path):
         include_dirs=[np.get_include(), os.path.join("fastbn", "kernels")],   # the C headers
         define_macros=[
             ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+            # the oldest NumPy fastbn runs with (pyproject.toml); from 1.22 NumPy has the
+            # memory-handler calls the output cache uses
+            ("NPY_TARGET_VERSION", "NPY_1_25_API_VERSION"),
             ("FASTBN_CFLAGS", '"%s"' % " ".join(flags)),
         ],
         extra_compile_args=flags,

@@ -5,7 +5,9 @@ Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
 (:func:`batch_norm_relu_train`, :func:`batch_norm_relu_infer`,
 :func:`batch_norm_relu_backward`), Batch Renormalization
 (:func:`batch_renorm_train`, :func:`batch_renorm_backward`) and :func:`fuse_conv_bn`;
-threads: :func:`get_num_threads`, :func:`set_num_threads`; build facts: :func:`show_config`.
+threads: :func:`get_num_threads`, :func:`set_num_threads`; build facts: :func:`show_config`;
+the cache of freed outputs: :func:`set_output_cache`, :func:`empty_output_cache`,
+:func:`output_cache_info`.
 Stateful layers with PyTorch-compatible state: :class:`BatchNorm`, :class:`BatchRenorm`.
 Framework conventions: :mod:`fastbn.caffe` (BatchNorm + Scale), :mod:`fastbn.onnx`;
 synchronized Batch Normalization over MPI: :mod:`fastbn.distributed` (needs mpi4py).
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 
 from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
+from ._memory import empty_output_cache, output_cache_info, set_output_cache
 from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
 from .relu import batch_norm_relu_backward, batch_norm_relu_infer, batch_norm_relu_train
 from .renorm import batch_renorm_backward, batch_renorm_train
@@ -35,6 +38,9 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "show_config",
+    "set_output_cache",
+    "empty_output_cache",
+    "output_cache_info",
     "batch_renorm_train",
     "batch_renorm_backward",
     "fuse_conv_bn",

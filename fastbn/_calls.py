@@ -83,27 +83,37 @@ def plan(x, axis, layout):
         _plans[key] = hit
     view_plan, fits = hit
     xt = x if view_plan.perm is None else x.transpose(view_plan.perm)
-    return view_plan, (xt if fits and x.flags.aligned else np.array(xt, order="C"))
+    return view_plan, (xt if fits and x.flags.aligned else c_copy(xt))
 
 
 def like(a, plan):
     """a (same shape as x) in the plan's C-contiguous order: no copy when its memory fits."""
     at = a if plan.perm is None else a.transpose(plan.perm)
-    return at if at.flags.c_contiguous and at.flags.aligned else np.array(at, order="C")
+    return at if at.flags.c_contiguous and at.flags.aligned else c_copy(at)
+
+
+def c_copy(a):
+    """A C-contiguous copy of a (a large one in memory from the output cache: such copies
+    are dropped at the end of the call, and the next call reuses their memory)."""
+    c, _ = _memory.new_array(a.shape, a.dtype)
+    np.copyto(c, a, casting="no")
+    return c
 
 
 def result(plan, shape, dtype, out):
-    """(array to return, C-contiguous array the kernel writes into, written directly?)."""
+    """(array to return, C-contiguous array the kernel writes into, written directly?,
+    streaming stores? (_memory.stream_output)). A fresh array comes from
+    _memory.new_array (the output cache, for large ones)."""
     if out is not None:
         ot = out if plan.perm is None else out.transpose(plan.perm)
         if ot.flags.c_contiguous and ot.flags.aligned:
-            return out, ot, True
-        return out, np.empty(ot.shape, dtype=dtype), False
-    if plan.perm is None:
-        y = np.empty(shape, dtype=dtype)
-        return y, y, True
-    yt = np.empty(tuple(shape[i] for i in plan.perm), dtype=dtype)
-    return yt.transpose(plan.inv), yt, True
+            return out, ot, True, _memory.stream_output(out.nbytes, True)
+        flat, mapped = _memory.new_array(ot.shape, dtype)
+        return out, flat, False, _memory.stream_output(flat.nbytes, mapped)
+    shape_t = shape if plan.perm is None else tuple(shape[i] for i in plan.perm)
+    yt, mapped = _memory.new_array(shape_t, dtype)
+    y = yt if plan.perm is None else yt.transpose(plan.inv)
+    return y, yt, True, _memory.stream_output(yt.nbytes, mapped)
 
 
 def finish(target, flat, direct, plan):
@@ -163,12 +173,12 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         training_count(name, x.shape, batch.axis, batch.M)      # raises
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
-    y, yc, direct = result(view_plan, x.shape, x.dtype, out)
+    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out)
     stats = np.empty((5, C))
     if C:
         _dispatch.kernels.train_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, w, b, eps, stats, renorm,
-            nthreads, _memory.stream_output(x.nbytes, out),
+            nthreads, stream,
             None if residual is None else like(residual, view_plan), relu)
     return finish(y, yc, direct, view_plan), stats[0], stats[1], stats[2], batch.M
 
@@ -245,11 +255,11 @@ def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
                         may_alias=("x", "residual"))
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
-    y, yc, direct = result(view_plan, x.shape, x.dtype, out)
+    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out)
     if x.size:
         _dispatch.kernels.infer_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, rm, rv, w, b, eps, nthreads,
-            divisor_is_std, _memory.stream_output(x.nbytes, out),
+            divisor_is_std, stream,
             None if residual is None else like(residual, view_plan), relu)
     return finish(y, yc, direct, view_plan)
 
@@ -295,15 +305,15 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     if dresidual is not None:
         dresidual = out_array(dresidual, x.shape, x.dtype, dict(g.inputs, out=g.out),
                               name="dresidual")
-    dx, dxc, direct = result(vp, x.shape, x.dtype, g.out)
+    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out)
     if dresidual is not None:
-        dres, dresc, dres_direct = result(vp, x.shape, x.dtype, dresidual)
+        dres, dresc, dres_direct, _ = result(vp, x.shape, x.dtype, dresidual)
     gdt = np.float64 if float64_grads else grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
         _dispatch.kernels.backward(
             g.gc, g.xc, dxc, vp.view, vp.N, C, vp.S, g.mean, g.invstd, g.w, g.training, grads,
-            g.nthreads, _memory.stream_output(x.nbytes, g.out),
+            g.nthreads, stream,
             None if y is None else like(y, vp), None if dresidual is None else dresc)
     if dresidual is not None:
         finish(dres, dresc, dres_direct, vp)
@@ -324,11 +334,10 @@ def backward_dx(g, sums, count):
     """dx of a GradCall's data from given sums (over `count` values per channel), into
     its out= or a new array."""
     x, vp = g.x, g.plan
-    dx, dxc, direct = result(vp, x.shape, x.dtype, g.out)
+    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out)
     if x.size:
         _dispatch.kernels.backward_dx(g.gc, g.xc, dxc, vp.view, vp.N, g.C, vp.S, g.mean,
-                                      g.invstd, g.w, sums, count, g.nthreads,
-                                      _memory.stream_output(x.nbytes, g.out))
+                                      g.invstd, g.w, sums, count, g.nthreads, stream)
     return finish(dx, dxc, direct, vp)
 
 

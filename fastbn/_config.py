@@ -6,7 +6,7 @@ import sysconfig
 
 import numpy as np
 
-from . import _support
+from . import _memory, _support
 from ._dispatch import kernels as _kernels
 from ._threads import get_num_threads
 
@@ -27,7 +27,17 @@ def config():
         "compiler": sysconfig.get_config_var("CC"),
         "kernels": _kernels.__name__.rsplit(".", 1)[-1],
         "cflags": _kernels.build_flags(),
+        "output_cache": _cache_text(),
     }
+
+
+def _cache_text():
+    info = _memory.output_cache_info()
+    if not info["max_bytes"]:
+        return "off"
+    return (f"up to {info['max_bytes'] / 2**20:.0f} MiB of freed outputs from "
+            f"{info['min_bytes'] / 2**20:.0f} MiB (holds {info['bytes'] / 2**20:.0f} MiB; "
+            f"{info['hits']} hits, {info['misses']} misses)")
 
 
 def show_config(file=None):
@@ -47,5 +57,5 @@ def show_config(file=None):
     cfg = config()
     print(f"fastbn {cfg['fastbn']}", file=file)
     for key in ("python", "numpy", "platform", "cpu_count", "openmp", "threads",
-                "OMP_NUM_THREADS", "compiler", "kernels", "cflags"):
+                "OMP_NUM_THREADS", "compiler", "kernels", "cflags", "output_cache"):
         print(f"  {key:<16} {cfg[key]}", file=file)

@@ -6,7 +6,7 @@ keeps what the backward needs, and updates the state.
 """
 import numpy as np
 
-from . import _calls, renorm
+from . import _calls, _memory, renorm
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
                         is_bfloat16, is_half, momentum_value, positive_int, real_scalar)
@@ -421,7 +421,10 @@ def _backward_closure(grad, x, args, kwargs, y, has_residual):
     (and whether the statistics were the batch's); y is the fused ReLU's output (its
     mask), or None."""
     def backward(dy):
-        dres = np.empty_like(x) if has_residual else None
+        dres = None
+        if has_residual:
+            dres = (_memory.new_array(x.shape, x.dtype)[0] if x.flags.c_contiguous
+                    else np.empty_like(x))
         dx, dweight, dbias = grad(dy, x, *args, **kwargs, y=y, dresidual=dres)
         return dx, dweight, dbias, dres
     return backward
