@@ -1,9 +1,11 @@
 """One shape of the speed table: its data, and the calls timed on it (fastbn, the NumPy
-reference, PyTorch, and the read and copy passes that measure the memory system)."""
+reference, PyTorch, ONNX Runtime's inference, and the read and copy passes that measure the
+memory system)."""
 import numpy as np
 
 from .. import functional, reference, relu, renorm
 from .._dispatch import kernels
+from .ort import ort_infer
 from .timing import make_data
 
 
@@ -137,6 +139,15 @@ class Case:
         return lambda: torch.ops.aten.native_batch_norm_backward(
             self.tdy, self.tx, self.tw, self.trm, self.trv, self.tmean, self.tinvstd, True,
             1e-5, [True, True, True])
+
+    def ort(self, op, with_ort=True):
+        """ONNX Runtime's inference (fresh outputs), or None: other ops, channels-last data
+        (its BatchNormalization takes the channel axis 1 only), or no onnxruntime."""
+        if not with_ort or op != "infer" or (self.layout == "NHWC" and self.x.ndim > 2):
+            return None
+        if not hasattr(self, "_ort"):
+            self._ort = ort_infer(self.x, self.rm, self.rv, self.w, self.b, self.threads)
+        return self._ort
 
     def _bytes_as_float32(self):
         """x's bytes seen as float32 values (the yardsticks count bytes, not values)."""

@@ -9,6 +9,7 @@ import numpy as np
 from .. import _config, _memory, _threads, functional
 from . import caffe as caffe_rows
 from .case import Case
+from .ort import ort_modules, ort_version
 from .timing import interleaved, make_data, torch_module
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
@@ -58,7 +59,7 @@ def _ratio(a, b):
 
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
         rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, fused=True,
-        file=None):
+        with_ort=True, file=None):
     """Print the speed table; return its rows as dicts."""
     file = file or sys.stdout
     threads = _threads.get_num_threads() if threads is None else threads
@@ -69,11 +70,14 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
     print(f"  {'threads used':<16} {threads}", file=file)
     print(f"  {'torch':<16} {torch.__version__ if torch is not None else 'not installed'}",
           file=file)
-    print(f"\ndtype {np.dtype(dtype).name}; times in ms, best of {rounds} interleaved rounds; "
-          "ref = NumPy reference (fastbn.reference); speed-up = ref/fastbn; "
-          "vs torch = fastbn/torch (lower is better)\n", file=file)
+    with_ort = with_ort and ort_modules() is not None
+    print(f"  {'onnxruntime':<16} {ort_version()}", file=file)
+    print(f"\ndtype {np.dtype(dtype).name}; times in ms, best of {rounds} interleaved rounds, "
+          "fresh outputs; ref = NumPy reference (fastbn.reference); speed-up = ref/fastbn; "
+          "vs torch = fastbn/torch; ort = ONNX Runtime's BatchNormalization node (inference, "
+          "NCHW), vs ort = fastbn/ort (lower is better)\n", file=file)
     head = (f"{'shape':<20} {'layout':<6} {'op':<9} {'fastbn':>9} {'ref':>9} {'torch':>9} "
-            f"{'speed-up':>8} {'vs torch':>8}")
+            f"{'speed-up':>8} {'vs torch':>8} {'ort':>9} {'vs ort':>6}")
     print(head, file=file)
     print("-" * len(head), file=file)
     rows = []
@@ -85,7 +89,7 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                 done += 1
                 continue          # (N, C) is the same array in both layouts
             case = Case(shape, layout, dtype, threads, torch)
-            rows += op_rows(case, shape, layout, rounds, with_reference, file)
+            rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
             if case.x.nbytes > LARGE_BYTES:
                 rows.append(self_ratios(case, shape, layout, rows, rounds, file))
                 if fused:
@@ -101,22 +105,25 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
     return rows
 
 
-def op_rows(case, shape, layout, rounds, with_reference, file):
-    """The rows of one shape and layout: fastbn, the reference and PyTorch for each of OPS,
-    and Batch Renormalization's training forward against Batch Normalization's."""
+def op_rows(case, shape, layout, rounds, with_reference, file, with_ort=True):
+    """The rows of one shape and layout: fastbn, the reference, PyTorch and (inference, NCHW)
+    ONNX Runtime for each of OPS, and Batch Renormalization's training forward against
+    Batch Normalization's."""
     rows = []
     for op in OPS:
         ref_rounds = 1 if case.x.nbytes > LARGE_BYTES else 3
-        t_fast, t_peer = interleaved([case.fast(op), case.peer(op)], rounds)
+        t_fast, t_peer, t_ort = interleaved([case.fast(op), case.peer(op),
+                                             case.ort(op, with_ort)], rounds)
         t_ref = (interleaved([case.ref(op)], ref_rounds, budget=5.0)[0]
                  if with_reference else np.inf)
         row = dict(shape=shape, layout=layout, op=op, fastbn=t_fast, ref=t_ref,
                    torch=t_peer, speedup=_ratio(t_ref, t_fast),
-                   vs_torch=_ratio(t_fast, t_peer))
+                   vs_torch=_ratio(t_fast, t_peer), ort=t_ort, vs_ort=_ratio(t_fast, t_ort))
         rows.append(row)
         print(f"{str(shape):<20} {layout:<6} {op:<9} {_fmt_ms(t_fast)} {_fmt_ms(t_ref)} "
               f"{_fmt_ms(t_peer)} {_fmt_ratio(row['speedup']):>8} "
-              f"{_fmt_ratio(row['vs_torch']):>8}", file=file, flush=True)
+              f"{_fmt_ratio(row['vs_torch']):>8} {_fmt_ms(t_ort)} "
+              f"{_fmt_ratio(row['vs_ort'])}", file=file, flush=True)
     t_bn, t_brn = interleaved([case.fast("train"), case.renorm_train()], rounds)
     rows.append(dict(shape=shape, layout=layout, op="brn_train", fastbn=t_brn, bn=t_bn,
                      vs_bn=t_brn / t_bn))
@@ -236,17 +243,19 @@ def markdown(rows, threads, dtype=np.float32):
     ms = lambda t: "-" if not np.isfinite(t) else f"{t * 1e3:.3f}"
     ratio = lambda r: "-" if not np.isfinite(r) else f"{r:.2f}"
     lines = [f"{np.dtype(dtype).name}, {threads} threads; times in ms (best of the interleaved "
-             "rounds); speed-up = NumPy reference / fastbn; vs torch = fastbn / PyTorch "
-             "(lower is better)", "",
-             "| shape | layout | op | fastbn | reference | torch | speed-up | vs torch |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "rounds, fresh outputs); speed-up = NumPy reference / fastbn; vs torch = fastbn / "
+             "PyTorch; vs ort = fastbn / ONNX Runtime (inference, NCHW) (lower is better)", "",
+             "| shape | layout | op | fastbn | reference | torch | speed-up | vs torch | ort | "
+             "vs ort |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     extra = []
     for r in rows:
         shape = "(" + ", ".join(str(v) for v in r["shape"]) + ")"
         if r["op"] in OPS:
             lines.append(f"| {shape} | {r['layout']} | {r['op']} | {ms(r['fastbn'])} | "
                          f"{ms(r['ref'])} | {ms(r['torch'])} | {ratio(r['speedup'])} | "
-                         f"{ratio(r['vs_torch'])} |")
+                         f"{ratio(r['vs_torch'])} | {ms(r.get('ort', np.inf))} | "
+                         f"{ratio(r.get('vs_ort', np.nan))} |")
         elif r["op"] == "brn_train":
             extra.append(f"| {shape} | {r['layout']} | batch_renorm_train / batch_norm_train "
                          f"| {ratio(r['vs_bn'])} |")
