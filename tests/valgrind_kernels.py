@@ -8,7 +8,8 @@ and the shorter blocks of inputs beyond the cache), rows (NHWC, (N, C), HW = 1, 
 rows whose channels the threads split),
 float32/float64, 1 and 2 threads (inputs above the serial threshold), out= and in place,
 tails shorter than the SIMD width, training/eval backward, Batch Renormalization, the
-layers, ONNX and both Caffe engines.
+layers, ONNX and both Caffe engines; and the output cache: outputs in reused blocks, grown
+and shrunk by resize, read through np.frombuffer, freed in another order, given back.
 """
 import os
 import sys
@@ -82,7 +83,27 @@ def tour():
                 sc = caffe.Scale(C, bias_term=True, dtype=dtype)
                 sc.forward(x)
                 sc.backward(g)
-    return count
+    return count + cache_tour()
+
+
+def cache_tour():
+    """Outputs from the output cache (from 1 MiB): reused blocks, resize, frombuffer."""
+    fastbn.set_output_cache(64 << 20)
+    x = np.random.default_rng(1).normal(size=(4, 8, 96, 96)).astype(np.float32)
+    kept = []
+    for step in range(4):
+        y, mean, invstd = fastbn.batch_norm_train(x)
+        dx = fastbn.batch_norm_backward(y, x, mean, invstd)[0]
+        kept.append(np.frombuffer(memoryview(dx), np.float32)[::4096].sum())
+        if step == 1:
+            y.resize(y.size * 2, refcheck=False)       # grows into a new block
+            y[-1] = 1.0
+            dx.resize(10, refcheck=False)              # shrinks into a small block
+            kept.append(float(dx.sum()))
+        del y, dx
+    n = fastbn.empty_output_cache()
+    assert n > 0 and fastbn.output_cache_info()["bytes"] == 0
+    return len(kept)
 
 
 if __name__ == "__main__":
