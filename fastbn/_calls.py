@@ -109,11 +109,12 @@ def result(plan, shape, dtype, out):
         if ot.flags.c_contiguous and ot.flags.aligned:
             return out, ot, True, _memory.stream_output(out.nbytes, True)
         flat, mapped = _memory.new_array(ot.shape, dtype)
-        return out, flat, False, _memory.stream_output(flat.nbytes, mapped)
-    shape_t = shape if plan.perm is None else tuple(shape[i] for i in plan.perm)
-    yt, mapped = _memory.new_array(shape_t, dtype)
-    y = yt if plan.perm is None else yt.transpose(plan.inv)
-    return y, yt, True, _memory.stream_output(yt.nbytes, mapped)
+        return out, flat, False, mapped and _memory.stream_output(flat.nbytes, True)
+    if plan.perm is None:
+        y, mapped = _memory.new_array(shape, dtype)
+        return y, y, True, mapped and _memory.stream_output(y.nbytes, True)
+    yt, mapped = _memory.new_array(tuple(shape[i] for i in plan.perm), dtype)
+    return yt.transpose(plan.inv), yt, True, mapped and _memory.stream_output(yt.nbytes, True)
 
 
 def finish(target, flat, direct, plan):

@@ -28,6 +28,7 @@ kernel), else from the C library's sysconf, else the defaults below.
   through it.
 """
 import glob
+import math
 import os
 import warnings
 
@@ -151,13 +152,10 @@ _output_cache.set_max(_cache_max)
 
 
 def new_array(shape, dtype):
-    """(an uninitialised C-contiguous array for fastbn to fill, whether its pages are mapped
-    already): from the output cache from CACHE_FROM bytes up, while it is on."""
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
-    if _cache_max and nbytes >= CACHE_FROM:
+    """(an uninitialised C-contiguous array of this shape and np.dtype for fastbn to fill,
+    whether its pages are mapped already): from the output cache from CACHE_FROM bytes up,
+    while it is on."""
+    if _cache_max and dtype.itemsize * math.prod(shape) >= CACHE_FROM:
         return _output_cache.empty(shape, dtype)
     return np.empty(shape, dtype), False
 
