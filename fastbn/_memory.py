@@ -1,22 +1,24 @@
 """What the CPU's caches tell the kernels, read once at import.
 
-* Preallocated outputs (``out=``) larger than the cache this process can count on are
-  written with streaming (non-temporal) stores: they cannot stay in a cache anyway, and
-  ordinary stores would first read every output line from memory and evict the input that
-  the kernel still reads. Measured (AMD EPYC, 2 threads, float32, 103 MB and 51 MB inputs):
-  inference out= 0.80-0.92x, training 0.80-0.97x, backward 0.92-0.99x. A fresh output
-  is different: the kernel zeroes each new page as it is first written, which leaves the
-  page's lines in the cache, and ordinary stores then cost nothing extra (streaming them
-  measured 1.04-1.12x for inference). Outputs that fit are left in the cache for the next
-  layer to read.
+* Outputs whose pages are mapped already (the caller's ``out=``, or a block from the output
+  cache below) and larger than the cache this process can count on are written with
+  streaming (non-temporal) stores: they cannot stay in a cache anyway, and ordinary stores
+  would first read every output line from memory and evict the input that the kernel still
+  reads. Measured (AMD EPYC, 2 threads, float32, 103 MB and 51 MB inputs): inference out=
+  0.80-0.92x, training 0.80-0.97x, backward 0.92-0.99x. A new array is different: the
+  kernel zeroes each new page as it is first written, which leaves the page's lines in the
+  cache, and ordinary stores then cost nothing extra (streaming them measured 1.04-1.12x
+  for inference). Outputs that fit are left in the cache for the next layer to read.
 * The cache a process can count on is not the last-level cache the CPU reports: that one
   is shared with every other core of the socket, and a virtual machine reports its host's
   whole cache (an Intel Xeon host of 2-vCPU machines reports 480 MiB). fastbn counts
   STREAM_PER_CPU bytes for each CPU the process may run on, at most the last-level cache.
-  Measured on that Intel Xeon machine (2 threads, float32, out=, streaming / ordinary
-  stores over both layouts): 1-2 MiB outputs 0.99-1.61x, 4 MiB 0.75-1.02x, 8 MiB
-  0.72-1.01x, 16-64 MiB 0.62-0.98x; (32, 256, 56, 56) NCHW inference 0.69x, backward 0.67x,
-  training 0.89x (medians of 41 interleaved pairs in one process).
+  Measured on that Intel Xeon machine, 2 threads, float32, each store form called 30 times
+  in a row (three alternating runs of each; streaming / ordinary time): 6 MiB outputs
+  1.09-1.20x, 12 MiB 0.99-1.26x, 24 MiB 0.97-1.12x, 49 MiB 0.52-1.09x (0.77 for NCHW
+  inference), 100 MB 0.5x. Timed in interleaved pairs instead, streaming looks better from
+  4 MiB (0.75-1.02x): each ordinary call then finds its output evicted by the streaming
+  call before it, which a layer called again and again does not.
 
 Sizes come from Linux's /sys/devices/system/cpu (the CPU's own report, through the
 kernel), else from the C library's sysconf, else the defaults below.
@@ -82,12 +84,12 @@ def usable_cpus():
 
 
 # cache bytes counted per CPU the process may run on (the crossover measured above lies
-# between 1 and 2 MiB of output per CPU)
-STREAM_PER_CPU = 2 << 20
+# between 12 and 24 MiB of output for 2 CPUs)
+STREAM_PER_CPU = 8 << 20
 
 
 def stream_threshold(llc, cpus):
-    """The output size above which out= arrays are streamed: STREAM_PER_CPU for each of
+    """The output size above which mapped outputs are streamed: STREAM_PER_CPU for each of
     `cpus` CPUs, at most the last-level cache `llc`."""
     return min(llc, cpus * STREAM_PER_CPU)
 

@@ -67,16 +67,17 @@ def test_wide_rows_stream_in_pieces(monkeypatch):
         assert a.tobytes() == e.tobytes()
 
 
-def test_fresh_outputs_are_not_streamed():
-    assert not _memory.stream_output(1 << 40, None)
-    assert _memory.stream_output(_memory.STREAM_ABOVE + 1, np.empty(1))
+def test_only_mapped_outputs_are_streamed():
+    assert not _memory.stream_output(1 << 40, False)        # a new array's pages
+    assert _memory.stream_output(_memory.STREAM_ABOVE + 1, True)
+    assert not _memory.stream_output(_memory.STREAM_ABOVE, True)
     assert _memory.L2_BYTES > 0 and _memory.LLC_BYTES >= _memory.L2_BYTES
 
 
 def test_the_streaming_threshold_counts_the_process_cpus():
     """out= arrays are streamed above STREAM_PER_CPU bytes per usable CPU, never above the
     last-level cache: a 2-CPU virtual machine whose host reports a 480 MiB cache streams
-    from 4 MiB, a 64-CPU process on an 8 MiB cache from 8 MiB."""
+    from 16 MiB, a 64-CPU process on an 8 MiB cache from 8 MiB."""
     per = _memory.STREAM_PER_CPU
     assert _memory.stream_threshold(480 << 20, 2) == 2 * per
     assert _memory.stream_threshold(8 << 20, 64) == 8 << 20
