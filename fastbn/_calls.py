@@ -100,20 +100,21 @@ def c_copy(a):
     return c
 
 
-def result(plan, shape, dtype, out):
+def result(plan, shape, dtype, out, beside):
     """(array to return, C-contiguous array the kernel writes into, written directly?,
     streaming stores? (_memory.stream_output)). A fresh array comes from
-    _memory.new_array (the output cache, for large ones)."""
+    _memory.new_array (the output cache, for large ones), placed beside the kernel's
+    input `beside`."""
     if out is not None:
         ot = out if plan.perm is None else out.transpose(plan.perm)
         if ot.flags.c_contiguous and ot.flags.aligned:
             return out, ot, True, _memory.stream_output(out.nbytes, True)
-        flat, mapped = _memory.new_array(ot.shape, dtype)
+        flat, mapped = _memory.new_array(ot.shape, dtype, beside)
         return out, flat, False, mapped and _memory.stream_output(flat.nbytes, True)
     if plan.perm is None:
-        y, mapped = _memory.new_array(shape, dtype)
+        y, mapped = _memory.new_array(shape, dtype, beside)
         return y, y, True, mapped and _memory.stream_output(y.nbytes, True)
-    yt, mapped = _memory.new_array(tuple(shape[i] for i in plan.perm), dtype)
+    yt, mapped = _memory.new_array(tuple(shape[i] for i in plan.perm), dtype, beside)
     return yt.transpose(plan.inv), yt, True, mapped and _memory.stream_output(yt.nbytes, True)
 
 
@@ -174,7 +175,7 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         training_count(name, x.shape, batch.axis, batch.M)      # raises
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
-    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out)
+    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc)
     stats = np.empty((5, C))
     if C:
         _dispatch.kernels.train_forward(
@@ -256,7 +257,7 @@ def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
                         may_alias=("x", "residual"))
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
-    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out)
+    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc)
     if x.size:
         _dispatch.kernels.infer_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, rm, rv, w, b, eps, nthreads,
@@ -306,9 +307,9 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     if dresidual is not None:
         dresidual = out_array(dresidual, x.shape, x.dtype, dict(g.inputs, out=g.out),
                               name="dresidual")
-    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out)
+    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out, g.xc)
     if dresidual is not None:
-        dres, dresc, dres_direct, _ = result(vp, x.shape, x.dtype, dresidual)
+        dres, dresc, dres_direct, _ = result(vp, x.shape, x.dtype, dresidual, g.xc)
     gdt = np.float64 if float64_grads else grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
@@ -335,7 +336,7 @@ def backward_dx(g, sums, count):
     """dx of a GradCall's data from given sums (over `count` values per channel), into
     its out= or a new array."""
     x, vp = g.x, g.plan
-    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out)
+    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out, g.xc)
     if x.size:
         _dispatch.kernels.backward_dx(g.gc, g.xc, dxc, vp.view, vp.N, g.C, vp.S, g.mean,
                                       g.invstd, g.w, sums, count, g.nthreads, stream)

@@ -12,6 +12,7 @@ cdef extern from "output_cache.h":
     size_t fastbn_oc_empty() nogil
     void fastbn_oc_set_max(size_t max_bytes) nogil
     void fastbn_oc_set_poison(int on) nogil
+    void fastbn_oc_place_beside(size_t beside) nogil
     void fastbn_oc_counts(size_t* max_bytes, size_t* held, size_t* blocks,
                           unsigned long long* hits, unsigned long long* misses) nogil
 
@@ -21,11 +22,13 @@ cdef extern from "numpy/arrayobject.h":
 cdef object _handler = fastbn_oc_capsule()
 
 
-def empty(shape, dtype):
+def empty(shape, dtype, size_t beside=0):
     """(np.empty(shape, dtype) allocated through the cache, whether its block was reused:
-    its pages are then mapped already). The handler is fastbn's for this one allocation
-    only (NumPy keeps it per context: other threads and the caller's arrays are not
-    affected)."""
+    its pages are then mapped already). Its data starts half a page from the page offset
+    of the address `beside` (the array the kernel reads while it writes this one). The
+    handler is fastbn's for this one allocation only (NumPy keeps it per context: other
+    threads and the caller's arrays are not affected)."""
+    fastbn_oc_place_beside(beside)
     old = PyDataMem_SetHandler(_handler)
     try:
         a = np.empty(shape, dtype)

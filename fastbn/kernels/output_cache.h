@@ -3,9 +3,12 @@
    cache, its pages still mapped, for the next output of a fitting size: the kernel then
    writes into memory the operating system does not have to fault in and zero again.
 
-   Each block is one anonymous mapping: a 64-byte head (its sizes), then the array's data
-   (page offset 64, so 64-byte aligned). The cache is a short list of free blocks, oldest
-   first, guarded by a lock: NumPy frees arrays from any thread. */
+   Each block is one anonymous mapping: a 64-byte head (its sizes) at its start, then the
+   array's data, 64-byte aligned, at the page offset the caller asked for (fastbn asks for
+   half a page away from the input the kernel reads beside it: loads and stores 4 KiB
+   apart by a few bytes falsely depend on each other in the CPU's store buffer), with the
+   head's address just before it. The cache is a short list of free blocks, oldest first,
+   guarded by a lock: NumPy frees arrays from any thread. */
 #ifndef FASTBN_OUTPUT_CACHE_H
 #define FASTBN_OUTPUT_CACHE_H
 
@@ -21,16 +24,23 @@
 #include <unistd.h>
 #endif
 
-#define FASTBN_OC_HEAD 64
+#define FASTBN_OC_HEAD 64         /* the head's bytes; the data starts at least this far in */
 #define FASTBN_OC_SLOTS 64          /* free blocks held at most */
 #define FASTBN_OC_HUGE (4u << 20)   /* blocks from this size ask for huge pages, as NumPy's */
 
 typedef struct {
-    size_t cap;     /* data bytes the block holds */
-    size_t size;    /* data bytes its array asked for */
     size_t raw;     /* bytes mapped, head included */
+    size_t size;    /* data bytes its array asked for */
+    size_t offset;  /* where the data starts (bytes from the head) */
     int reused;     /* taken from the cache: its pages are mapped */
 } fastbn_oc_head;
+
+/* The page offset (64..4096) the next allocation of this thread puts its data at */
+#if defined(_MSC_VER)
+static __declspec(thread) size_t fastbn_oc_next_offset = FASTBN_OC_HEAD;
+#else
+static __thread size_t fastbn_oc_next_offset = FASTBN_OC_HEAD;
+#endif
 
 typedef struct {
     PyThread_type_lock lock;
@@ -45,7 +55,19 @@ typedef struct {
 static fastbn_oc_state fastbn_oc;
 
 static fastbn_oc_head* fastbn_oc_head_of(void* data) {
-    return (fastbn_oc_head*)((char*)data - FASTBN_OC_HEAD);
+    fastbn_oc_head* h;
+    memcpy(&h, (char*)data - sizeof(h), sizeof(h));
+    return h;
+}
+
+/* The block's data for an array of `size` bytes at the thread's offset, with the head's
+   address stored just before it. */
+static void* fastbn_oc_data(fastbn_oc_head* h, size_t size, size_t offset) {
+    char* d = (char*)h + offset;
+    h->size = size;
+    h->offset = offset;
+    memcpy(d - sizeof(h), &h, sizeof(h));
+    return d;
 }
 
 static size_t fastbn_oc_page(void) {
@@ -57,14 +79,14 @@ static size_t fastbn_oc_page(void) {
 #endif
 }
 
-/* A new block of at least `size` data bytes (its pages not yet touched), or NULL. */
-static fastbn_oc_head* fastbn_oc_map(size_t size) {
+/* A new block of at least `need` bytes (its pages not yet touched), or NULL. */
+static fastbn_oc_head* fastbn_oc_map(size_t need) {
     size_t page = fastbn_oc_page(), raw;
     void* p;
     fastbn_oc_head* h;
-    if (size > SIZE_MAX - FASTBN_OC_HEAD - page)
+    if (need > SIZE_MAX - page)
         return NULL;
-    raw = (size + FASTBN_OC_HEAD + page - 1) / page * page;
+    raw = (need + page - 1) / page * page;
 #ifdef _WIN32
     p = _aligned_malloc(raw, 64);
     if (p == NULL)
@@ -79,7 +101,6 @@ static fastbn_oc_head* fastbn_oc_map(size_t size) {
 #endif
 #endif
     h = (fastbn_oc_head*)p;
-    h->cap = raw - FASTBN_OC_HEAD;
     h->raw = raw;
     h->reused = 0;
     return h;
@@ -109,16 +130,20 @@ static size_t fastbn_oc_empty(void) {
     return bytes;
 }
 
-/* A block for `size` data bytes: the smallest free block that holds it without wasting
-   more than a quarter of it, else a new one. */
-static fastbn_oc_head* fastbn_oc_take(size_t size) {
+/* The data of `size` bytes at this thread's offset: in the smallest free block that holds
+   it without wasting more than a quarter of it, else in a new one; NULL if memory is
+   short even after the cache is given back. */
+static void* fastbn_oc_take(size_t size) {
     fastbn_oc_head* h = NULL;
-    size_t i, best = (size_t)-1;
+    size_t i, best = (size_t)-1, offset = fastbn_oc_next_offset, need;
+    if (size > SIZE_MAX - offset)
+        return NULL;
+    need = size + offset;
     PyThread_acquire_lock(fastbn_oc.lock, WAIT_LOCK);
     for (i = 0; i < fastbn_oc.n; i++) {
-        size_t cap = fastbn_oc.free[i]->cap;
-        if (cap >= size && cap - size <= size / 4 + fastbn_oc_page() &&
-                (best == (size_t)-1 || cap < fastbn_oc.free[best]->cap))
+        size_t raw = fastbn_oc.free[i]->raw;
+        if (raw >= need && raw - need <= need / 4 + fastbn_oc_page() &&
+                (best == (size_t)-1 || raw < fastbn_oc.free[best]->raw))
             best = i;
     }
     if (best != (size_t)-1) {
@@ -126,7 +151,7 @@ static fastbn_oc_head* fastbn_oc_take(size_t size) {
         memmove(fastbn_oc.free + best, fastbn_oc.free + best + 1,
                 (fastbn_oc.n - best - 1) * sizeof(h));
         fastbn_oc.n--;
-        fastbn_oc.held -= h->cap;
+        fastbn_oc.held -= h->raw;
         fastbn_oc.hits++;
         h->reused = 1;
     } else {
@@ -134,13 +159,13 @@ static fastbn_oc_head* fastbn_oc_take(size_t size) {
     }
     PyThread_release_lock(fastbn_oc.lock);
     if (h == NULL) {
-        h = fastbn_oc_map(size);
+        h = fastbn_oc_map(need);
         if (h == NULL && fastbn_oc_empty() > 0)     /* give the cache back and try again */
-            h = fastbn_oc_map(size);
+            h = fastbn_oc_map(need);
+        if (h == NULL)
+            return NULL;
     }
-    if (h != NULL)
-        h->size = size;
-    return h;
+    return fastbn_oc_data(h, size, offset);
 }
 
 /* A freed block into the cache, the oldest blocks out to make room (or straight back to
@@ -148,22 +173,22 @@ static fastbn_oc_head* fastbn_oc_take(size_t size) {
 static void fastbn_oc_give(fastbn_oc_head* h) {
     fastbn_oc_head* out[FASTBN_OC_SLOTS];
     size_t n = 0, i;
-    if (fastbn_oc.poison)
-        memset((char*)h + FASTBN_OC_HEAD, 0xFF, h->cap);
+    if (fastbn_oc.poison)       /* every byte an array of this block may see */
+        memset((char*)h + FASTBN_OC_HEAD, 0xFF, h->raw - FASTBN_OC_HEAD);
     PyThread_acquire_lock(fastbn_oc.lock, WAIT_LOCK);
-    if (h->cap > fastbn_oc.max_bytes) {
+    if (h->raw > fastbn_oc.max_bytes) {
         out[n++] = h;
     } else {
-        while (fastbn_oc.n > 0 && (fastbn_oc.held + h->cap > fastbn_oc.max_bytes ||
+        while (fastbn_oc.n > 0 && (fastbn_oc.held + h->raw > fastbn_oc.max_bytes ||
                                    fastbn_oc.n == FASTBN_OC_SLOTS)) {
             out[n] = fastbn_oc.free[0];
-            fastbn_oc.held -= out[n]->cap;
+            fastbn_oc.held -= out[n]->raw;
             n++;
             fastbn_oc.n--;
             memmove(fastbn_oc.free, fastbn_oc.free + 1, fastbn_oc.n * sizeof(h));
         }
         fastbn_oc.free[fastbn_oc.n++] = h;
-        fastbn_oc.held += h->cap;
+        fastbn_oc.held += h->raw;
     }
     PyThread_release_lock(fastbn_oc.lock);
     for (i = 0; i < n; i++)
@@ -178,7 +203,7 @@ static void fastbn_oc_set_max(size_t max_bytes) {
     fastbn_oc.max_bytes = max_bytes;
     while (fastbn_oc.n > 0 && fastbn_oc.held > max_bytes) {
         out[n] = fastbn_oc.free[0];
-        fastbn_oc.held -= out[n]->cap;
+        fastbn_oc.held -= out[n]->raw;
         n++;
         fastbn_oc.n--;
         memmove(fastbn_oc.free, fastbn_oc.free + 1, fastbn_oc.n * sizeof(out[0]));
@@ -190,24 +215,21 @@ static void fastbn_oc_set_max(size_t max_bytes) {
 
 /* The four functions of the handler (ctx unused: there is one cache) */
 static void* fastbn_oc_malloc(void* ctx, size_t size) {
-    fastbn_oc_head* h = fastbn_oc_take(size);
     (void)ctx;
-    return h == NULL ? NULL : (char*)h + FASTBN_OC_HEAD;
+    return fastbn_oc_take(size);
 }
 
 static void* fastbn_oc_calloc(void* ctx, size_t nelem, size_t elsize) {
-    fastbn_oc_head* h;
+    void* d;
     size_t size;
     (void)ctx;
     if (elsize != 0 && nelem > SIZE_MAX / elsize)
         return NULL;
     size = nelem * elsize;
-    h = fastbn_oc_take(size);
-    if (h == NULL)
-        return NULL;
-    if (h->reused)      /* a new mapping reads as zeros already */
-        memset((char*)h + FASTBN_OC_HEAD, 0, size);
-    return (char*)h + FASTBN_OC_HEAD;
+    d = fastbn_oc_take(size);
+    if (d != NULL && fastbn_oc_head_of(d)->reused)   /* a new mapping reads as zeros */
+        memset(d, 0, size);
+    return d;
 }
 
 static void fastbn_oc_free(void* ctx, void* ptr, size_t size) {
@@ -220,10 +242,12 @@ static void fastbn_oc_free(void* ctx, void* ptr, size_t size) {
 static void* fastbn_oc_realloc(void* ctx, void* ptr, size_t size) {
     fastbn_oc_head* h;
     void* q;
+    size_t cap;
     if (ptr == NULL)
         return fastbn_oc_malloc(ctx, size);
     h = fastbn_oc_head_of(ptr);
-    if (size <= h->cap && size >= h->cap / 2) {    /* a shrunk array keeps at most twice */
+    cap = h->raw - h->offset;
+    if (size <= cap && size >= cap / 2) {          /* a shrunk array keeps at most twice */
         h->size = size;
         return ptr;
     }
@@ -270,6 +294,13 @@ static void fastbn_oc_counts(size_t* max_bytes, size_t* held, size_t* blocks,
 
 static void fastbn_oc_set_poison(int on) {
     fastbn_oc.poison = on;
+}
+
+/* The next allocations of this thread start their data half a page from `beside`'s page
+   offset (64-byte aligned, at least FASTBN_OC_HEAD into the block). */
+static void fastbn_oc_place_beside(size_t beside) {
+    size_t page = 4096, t = (beside + page / 2) % page / 64 * 64;
+    fastbn_oc_next_offset = t < FASTBN_OC_HEAD ? t + page : t;
 }
 
 #endif
