@@ -146,6 +146,8 @@ def test_cached_arrays_behave_as_any_array(cache):
     y = fastbn.batch_norm_infer(x, np.zeros(8), np.ones(8), w, b)
     expected = y.copy()
     assert y.flags.owndata and y.flags.c_contiguous and y.ctypes.data % 64 == 0
+    # half a page from x's page offset (a store near a load's offset modulo 4 KiB stalls)
+    assert y.ctypes.data % 4096 == (x.ctypes.data + 2048) % 4096 // 64 * 64
     assert same(pickle.loads(pickle.dumps(y)), expected)
     view = y[1:, ::2]                               # a view outlives its array
     buf = np.frombuffer(memoryview(y), np.float32)  # and so does a buffer of it
