@@ -123,3 +123,29 @@ def test_self_rows_carry_the_roofline_ratios():
     assert row["backward_vs_model"] == row["backward_out"] / row["backward_model"] > 0
     assert "roofline" in out.getvalue() and "target <= 1.15" in out.getvalue()
     assert "roofline model" in table.markdown(rows, threads=1)
+
+
+def test_ort_inference_peer():
+    """ONNX Runtime's BatchNormalization node: the same inference as fastbn (to float32
+    rounding), timed in the table's ort column for NCHW inference only."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from fastbn import batch_norm_infer
+    from fastbn.bench import ort
+    x, _, w, b = timing.make_data((4, 8, 5, 5), "NCHW", np.float32)
+    rm = np.linspace(-1, 1, 8, dtype=np.float32)
+    rv = np.linspace(0.5, 2, 8, dtype=np.float32)
+    run = ort.ort_infer(x, rm, rv, w, b, threads=2)
+    np.testing.assert_allclose(run(), batch_norm_infer(x, rm, rv, w, b), rtol=2e-6,
+                               atol=2e-6)
+    out = io.StringIO()
+    rows = table.run(shapes=[(4, 8, 5, 5)], layouts=("NCHW", "NHWC"), rounds=1,
+                     with_torch=False, with_reference=False, caffe=False, file=out)
+    timed = {(r["layout"], r["op"]): r for r in rows if r["op"] in table.OPS}
+    assert np.isfinite(timed["NCHW", "infer"]["vs_ort"])
+    assert all(np.isnan(r["vs_ort"]) for k, r in timed.items() if k != ("NCHW", "infer"))
+    assert "onnxruntime" in out.getvalue() and "| vs ort |" in table.markdown(rows, 2)
+    out = io.StringIO()
+    rows = table.run(shapes=[(4, 8, 5, 5)], layouts=("NCHW",), rounds=1, with_torch=False,
+                     with_reference=False, caffe=False, with_ort=False, file=out)
+    assert all(np.isnan(r["vs_ort"]) for r in rows if r["op"] in table.OPS)
