@@ -49,6 +49,12 @@ cdef extern from "half_convert.h":
     void _f32_to_f16 "fastbn_f32_to_f16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
     void _bf16_to_f32 "fastbn_bf16_to_f32"(const unsigned short* src, float* dst, Py_ssize_t n) noexcept nogil
     void _f32_to_bf16 "fastbn_f32_to_bf16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
+    void _affine16 "fastbn_affine16"(const unsigned short* x, unsigned short* y, Py_ssize_t n,
+                                     float m, float a, float c, int bf16) noexcept nogil
+    void _affine16_rows "fastbn_affine16_rows"(const unsigned short* x, unsigned short* y,
+                                               Py_ssize_t nrow, Py_ssize_t width, const float* m,
+                                               const float* a, const float* c,
+                                               int bf16) noexcept nogil
 
 
 ctypedef fused floating:

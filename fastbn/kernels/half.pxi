@@ -104,6 +104,13 @@ cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ss
     cdef float ms[STAGE]
     cdef float ds[STAGE]
     cdef half_bits hs[STAGE]
+    if af != NULL and w.res == NULL and not w.relu and af.ok32[c]:
+        # the plain normalization in one loop over registers (the same bits, see _affine16)
+        _affine16(a, &hs[0] if w.stream else out, n, af.mean32[c], af.scale32[c], af.shift32[c],
+                  w.dtype == BF16)
+        if w.stream:
+            _stream_u16(out, hs, n)
+        return
     if af != NULL:
         _widen(a, xs, n, w.dtype)
         if w.res != NULL:
@@ -238,6 +245,7 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
     cdef half_bits hs[STAGE]
     cdef Py_ssize_t r = r0, n, c0 = 0, width, base, nrow
     cdef bint whole = C <= STAGE
+    cdef bint direct
     while r < r1:
         if whole:              # n whole rows
             nrow = STAGE // C if STAGE // C < r1 - r else r1 - r
@@ -248,7 +256,15 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
             width = STAGE if c0 + STAGE <= C else C - c0
         base = r * C + c0
         n = nrow * width
-        if af != NULL:
+        direct = (af != NULL and w.res == NULL and not w.relu and
+                  _all_set(af.ok32 + c0, width))
+        if direct:
+            # the plain normalization in one loop over registers (the same bits, _affine16)
+            _affine16_rows(a + base, &hs[0] if w.stream else out + base, nrow, width,
+                           af.mean32 + c0, af.scale32 + c0, af.shift32 + c0, w.dtype == BF16)
+            if w.stream:
+                _stream_u16(out + base, hs, n)
+        elif af != NULL:
             _widen(a + base, xs, n, w.dtype)
             _rows_affine(xs, ys, width, 0, nrow, af, c0, False, NULL, False)
             if w.res != NULL:
@@ -265,7 +281,8 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
                      ms if w.ymask != NULL else NULL, ds if w.dres != NULL else NULL)
             if w.dres != NULL:
                 _narrow(ds, <half_bits*>w.dres + base, n, w.dtype)
-        _store16(ys, out + base, hs, n, w.dtype, w.stream)
+        if not direct:
+            _store16(ys, out + base, hs, n, w.dtype, w.stream)
         if whole:
             r = r + nrow
         else:

@@ -77,4 +77,143 @@ static void fastbn_f32_to_bf16(const float* src, uint16_t* dst, Py_ssize_t n) {
     }
 }
 
+/* The normalization of 16-bit data in one loop: y = round16((widen(x) - m) * a + c), the
+   float32 expression of the float32 kernels' normalization (_affine_into), evaluated as the
+   compiler evaluates it there (fused multiply-add where the build has FMA, as GCC contracts
+   it), so the bits are those of widening into a stage, normalizing it and rounding it, in
+   one pass over registers instead of three over the stage. bf16: nonzero for bfloat16,
+   else float16. */
+static inline uint16_t fastbn_round_bf16(float f) {
+    uint32_t u = fastbn_f32_bits(f);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
+}
+/* W 16-bit values widened into a float32 vector (fastbn_load16), a float32 vector rounded
+   into W 16-bit values (fastbn_store16), and the normalization of a vector
+   (fastbn_affine16_v): W = 16 with AVX-512, 8 with AVX2 + F16C, none in the portable build. */
+#if defined(__AVX512F__)
+#define FASTBN_W16 16
+typedef __m512 fastbn_v16;
+static inline __m512 fastbn_load16(const uint16_t* p, int bf16) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+static inline void fastbn_store16(uint16_t* p, __m512 r, int bf16) {
+    if (bf16) {
+        const __m512i u = _mm512_castps_si512(r);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+            _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+        _mm256_storeu_si256((__m256i*)p,
+                            _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet)));
+    } else {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+static inline __m512 fastbn_affine16_v(__m512 v, __m512 m, __m512 a, __m512 c) {
+#if defined(__FMA__)
+    return _mm512_fmadd_ps(_mm512_sub_ps(v, m), a, c);
+#else
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, m), a), c);
+#endif
+}
+#define fastbn_set1_v16 _mm512_set1_ps
+#define fastbn_loadu_v16 _mm512_loadu_ps
+#elif defined(__AVX2__) && defined(__F16C__)
+#define FASTBN_W16 8
+typedef __m256 fastbn_v16;
+static inline __m256 fastbn_load16(const uint16_t* p, int bf16) {
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+static inline void fastbn_store16(uint16_t* p, __m256 r, int bf16) {
+    if (bf16) {
+        const __m256i u = _mm256_castps_si256(r);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        /* (u & 0x7fffffff) > 0x7f800000 compared as signed: both sides are non-negative */
+        const __m256i nan = _mm256_cmpgt_epi32(
+            _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+        const __m256i v = _mm256_blendv_epi8(rounded, quiet, nan);
+        _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(v),
+                                                       _mm256_extracti128_si256(v, 1)));
+    } else {
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+static inline __m256 fastbn_affine16_v(__m256 v, __m256 m, __m256 a, __m256 c) {
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(_mm256_sub_ps(v, m), a, c);
+#else
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, m), a), c);
+#endif
+}
+#define fastbn_set1_v16 _mm256_set1_ps
+#define fastbn_loadu_v16 _mm256_loadu_ps
+#endif
+
+/* One value of the normalization, as the vector forms compute it */
+static inline uint16_t fastbn_affine16_one(uint16_t x, float m, float a, float c, int bf16) {
+    float v = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
+    float r = (v - m) * a + c;
+    uint16_t h;
+    if (bf16)
+        return fastbn_round_bf16(r);
+    fastbn_f32_to_f16(&r, &h, 1);
+    return h;
+}
+
+/* Bytes ahead of the loads that the 16-bit loops ask the cache for: with the prefetch, NCHW
+   inference of (32, 64, 112, 112) float16 took 0.58x float32's time instead of 0.67x, bfloat16
+   0.61x instead of 0.81x (Intel Xeon, 2 threads; 1024 and 4096 bytes measured the same). Half
+   a vector of 16-bit values is loaded per step, which leaves the hardware prefetcher behind. */
+#define FASTBN_PREFETCH16 2048
+
+/* n values of one channel (planar data) */
+static void fastbn_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, float m, float a,
+                            float c, int bf16) {
+    Py_ssize_t i = 0;
+#ifdef FASTBN_W16
+    const fastbn_v16 vm = fastbn_set1_v16(m), va = fastbn_set1_v16(a), vc = fastbn_set1_v16(c);
+    for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
+        _mm_prefetch((const char*)(x + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
+        fastbn_store16(y + i, fastbn_affine16_v(fastbn_load16(x + i, bf16), vm, va, vc), bf16);
+    }
+#endif
+    for (; i < n; i++)
+        y[i] = fastbn_affine16_one(x[i], m, a, c, bf16);
+}
+
+/* nrow rows of `width` channels, contiguous, with the channels' coefficients (rows data) */
+static void fastbn_affine16_rows(const uint16_t* x, uint16_t* y, Py_ssize_t nrow,
+                                 Py_ssize_t width, const float* m, const float* a,
+                                 const float* c, int bf16) {
+    Py_ssize_t r, j;
+    for (r = 0; r < nrow; r++) {
+        const uint16_t* xr = x + r * width;
+        uint16_t* yr = y + r * width;
+        j = 0;
+#ifdef FASTBN_W16
+        for (; j + FASTBN_W16 <= width; j += FASTBN_W16) {
+            _mm_prefetch((const char*)(xr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            fastbn_store16(yr + j, fastbn_affine16_v(fastbn_load16(xr + j, bf16),
+                                                     fastbn_loadu_v16(m + j),
+                                                     fastbn_loadu_v16(a + j),
+                                                     fastbn_loadu_v16(c + j)), bf16);
+        }
+#endif
+        for (; j < width; j++)
+            yr[j] = fastbn_affine16_one(xr[j], m[j], a[j], c[j], bf16);
+    }
+}
+
 #endif  /* FASTBN_HALF_CONVERT_H */
