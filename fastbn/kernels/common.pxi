@@ -51,6 +51,15 @@ cdef extern from "half_convert.h":
     void _f32_to_bf16 "fastbn_f32_to_bf16"(const float* src, unsigned short* dst, Py_ssize_t n) noexcept nogil
     void _affine16 "fastbn_affine16"(const unsigned short* x, unsigned short* y, Py_ssize_t n,
                                      float m, float a, float c, int bf16) noexcept nogil
+    bint DIRECT16 "FASTBN_DIRECT16"
+    void _dx16 "fastbn_dx16"(const unsigned short* g, const unsigned short* x,
+                             unsigned short* d, Py_ssize_t n, int training, float mean, float a,
+                             float kx, float k0, float gm, float gl, int bf16) noexcept nogil
+    void _dx16_rows "fastbn_dx16_rows"(const unsigned short* g, const unsigned short* x,
+                                       unsigned short* d, Py_ssize_t nrow, Py_ssize_t width,
+                                       int training, const float* mean, const float* a,
+                                       const float* kx, const float* k0, const float* gm,
+                                       const float* gl, int bf16) noexcept nogil
     void _affine16_rows "fastbn_affine16_rows"(const unsigned short* x, unsigned short* y,
                                                Py_ssize_t nrow, Py_ssize_t width, const float* m,
                                                const float* a, const float* c,

@@ -104,10 +104,18 @@ cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ss
     cdef float ms[STAGE]
     cdef float ds[STAGE]
     cdef half_bits hs[STAGE]
-    if af != NULL and w.res == NULL and not w.relu and af.ok32[c]:
+    if DIRECT16 and af != NULL and w.res == NULL and not w.relu and af.ok32[c]:
         # the plain normalization in one loop over registers (the same bits, see _affine16)
         _affine16(a, &hs[0] if w.stream else out, n, af.mean32[c], af.scale32[c], af.shift32[c],
                   w.dtype == BF16)
+        if w.stream:
+            _stream_u16(out, hs, n)
+        return
+    if DIRECT16 and af == NULL and w.ymask == NULL and w.gd.mean32 != NULL and w.gd.ok32[c]:
+        # dx in one loop over registers (the same bits, see _dx16)
+        _dx16(a, b, &hs[0] if w.stream else out, n, w.gd.training, w.gd.mean32[c],
+              w.gd.a32[c], w.gd.kx32[c], w.gd.c32[c], w.gd.gmean32[c], w.gd.gmean_lo32[c],
+              w.dtype == BF16)
         if w.stream:
             _stream_u16(out, hs, n)
         return
@@ -245,7 +253,8 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
     cdef half_bits hs[STAGE]
     cdef Py_ssize_t r = r0, n, c0 = 0, width, base, nrow
     cdef bint whole = C <= STAGE
-    cdef bint direct
+    cdef bint direct, direct_dx
+    cdef const Grad* gd
     while r < r1:
         if whole:              # n whole rows
             nrow = STAGE // C if STAGE // C < r1 - r else r1 - r
@@ -256,9 +265,19 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
             width = STAGE if c0 + STAGE <= C else C - c0
         base = r * C + c0
         n = nrow * width
-        direct = (af != NULL and w.res == NULL and not w.relu and
+        direct = (DIRECT16 and af != NULL and w.res == NULL and not w.relu and
                   _all_set(af.ok32 + c0, width))
-        if direct:
+        direct_dx = (DIRECT16 and af == NULL and w.ymask == NULL and w.gd.mean32 != NULL and
+                     _all_set(w.gd.ok32 + c0, width))
+        if direct_dx:
+            # dx in one loop over registers (the same bits, see _dx16)
+            gd = w.gd
+            _dx16_rows(a + base, b + base, &hs[0] if w.stream else out + base, nrow, width,
+                       gd.training, gd.mean32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0,
+                       gd.gmean32 + c0, gd.gmean_lo32 + c0, w.dtype == BF16)
+            if w.stream:
+                _stream_u16(out + base, hs, n)
+        elif direct:
             # the plain normalization in one loop over registers (the same bits, _affine16)
             _affine16_rows(a + base, &hs[0] if w.stream else out + base, nrow, width,
                            af.mean32 + c0, af.scale32 + c0, af.shift32 + c0, w.dtype == BF16)
@@ -281,7 +300,7 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
                      ms if w.ymask != NULL else NULL, ds if w.dres != NULL else NULL)
             if w.dres != NULL:
                 _narrow(ds, <half_bits*>w.dres + base, n, w.dtype)
-        if not direct:
+        if not (direct or direct_dx):
             _store16(ys, out + base, hs, n, w.dtype, w.stream)
         if whole:
             r = r + nrow

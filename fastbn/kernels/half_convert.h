@@ -122,8 +122,19 @@ static inline __m512 fastbn_affine16_v(__m512 v, __m512 m, __m512 a, __m512 c) {
     return _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, m), a), c);
 #endif
 }
+/* dx in training, as _dx_value's float32 form: ((g - gm) - gl) * a + ((x - mean) * kx + k0) */
+static inline __m512 fastbn_dx16_v(__m512 g, __m512 x, __m512 mean, __m512 a, __m512 kx,
+                                   __m512 k0, __m512 gm, __m512 gl) {
+    __m512 dg = _mm512_sub_ps(_mm512_sub_ps(g, gm), gl), dm = _mm512_sub_ps(x, mean);
+#if defined(__FMA__)
+    return _mm512_fmadd_ps(dg, a, _mm512_fmadd_ps(dm, kx, k0));
+#else
+    return _mm512_add_ps(_mm512_mul_ps(dg, a), _mm512_add_ps(_mm512_mul_ps(dm, kx), k0));
+#endif
+}
 #define fastbn_set1_v16 _mm512_set1_ps
 #define fastbn_loadu_v16 _mm512_loadu_ps
+#define fastbn_mul_v16 _mm512_mul_ps
 #elif defined(__AVX2__) && defined(__F16C__)
 #define FASTBN_W16 8
 typedef __m256 fastbn_v16;
@@ -157,8 +168,27 @@ static inline __m256 fastbn_affine16_v(__m256 v, __m256 m, __m256 a, __m256 c) {
     return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, m), a), c);
 #endif
 }
+static inline __m256 fastbn_dx16_v(__m256 g, __m256 x, __m256 mean, __m256 a, __m256 kx,
+                                   __m256 k0, __m256 gm, __m256 gl) {
+    __m256 dg = _mm256_sub_ps(_mm256_sub_ps(g, gm), gl), dm = _mm256_sub_ps(x, mean);
+#if defined(__FMA__)
+    return _mm256_fmadd_ps(dg, a, _mm256_fmadd_ps(dm, kx, k0));
+#else
+    return _mm256_add_ps(_mm256_mul_ps(dg, a), _mm256_add_ps(_mm256_mul_ps(dm, kx), k0));
+#endif
+}
 #define fastbn_set1_v16 _mm256_set1_ps
 #define fastbn_loadu_v16 _mm256_loadu_ps
+#define fastbn_mul_v16 _mm256_mul_ps
+#endif
+
+/* Whether the one-loop forms below have vector code in this build (the kernels use them only
+   then: the portable build's staged loops are vectorized by the compiler, a scalar loop over
+   these would not be, and its NaNs could carry another sign than the staged loops give) */
+#ifdef FASTBN_W16
+#define FASTBN_DIRECT16 1
+#else
+#define FASTBN_DIRECT16 0
 #endif
 
 /* One value of the normalization, as the vector forms compute it */
@@ -213,6 +243,89 @@ static void fastbn_affine16_rows(const uint16_t* x, uint16_t* y, Py_ssize_t nrow
 #endif
         for (; j < width; j++)
             yr[j] = fastbn_affine16_one(xr[j], m[j], a[j], c[j], bf16);
+    }
+}
+
+/* dx of 16-bit data in one loop, as the float32 kernels compute it (_dx_value's float32
+   form in training, g * a with fixed statistics; x is then not read) and rounded once:
+   fastbn_dx16 on n values of one channel, fastbn_dx16_rows on nrow contiguous rows of
+   `width` channels with the channels' coefficients. */
+static inline uint16_t fastbn_dx16_one(uint16_t g, uint16_t x, int training, float mean,
+                                       float a, float kx, float k0, float gm, float gl,
+                                       int bf16) {
+    float gv = bf16 ? fastbn_bits_f32((uint32_t)g << 16) : fastbn_half_to_float(g), r;
+    uint16_t h;
+    if (training) {
+        float xv = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
+        r = ((gv - gm) - gl) * a + ((xv - mean) * kx + k0);
+    } else {
+        r = gv * a;
+    }
+    if (bf16)
+        return fastbn_round_bf16(r);
+    fastbn_f32_to_f16(&r, &h, 1);
+    return h;
+}
+
+static void fastbn_dx16(const uint16_t* g, const uint16_t* x, uint16_t* d, Py_ssize_t n,
+                        int training, float mean, float a, float kx, float k0, float gm,
+                        float gl, int bf16) {
+    Py_ssize_t i = 0;
+#ifdef FASTBN_W16
+    const fastbn_v16 vmean = fastbn_set1_v16(mean), va = fastbn_set1_v16(a),
+                     vkx = fastbn_set1_v16(kx), vk0 = fastbn_set1_v16(k0),
+                     vgm = fastbn_set1_v16(gm), vgl = fastbn_set1_v16(gl);
+    if (training) {
+        for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
+            _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            _mm_prefetch((const char*)(x + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            fastbn_store16(d + i, fastbn_dx16_v(fastbn_load16(g + i, bf16),
+                                                fastbn_load16(x + i, bf16), vmean, va, vkx,
+                                                vk0, vgm, vgl), bf16);
+        }
+    } else {
+        for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
+            _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            fastbn_store16(d + i, fastbn_mul_v16(fastbn_load16(g + i, bf16), va), bf16);
+        }
+    }
+#endif
+    for (; i < n; i++)
+        d[i] = fastbn_dx16_one(g[i], training ? x[i] : 0, training, mean, a, kx, k0, gm, gl,
+                               bf16);
+}
+
+static void fastbn_dx16_rows(const uint16_t* g, const uint16_t* x, uint16_t* d,
+                             Py_ssize_t nrow, Py_ssize_t width, int training,
+                             const float* mean, const float* a, const float* kx,
+                             const float* k0, const float* gm, const float* gl, int bf16) {
+    Py_ssize_t r, j;
+    for (r = 0; r < nrow; r++) {
+        const uint16_t* gr = g + r * width;
+        const uint16_t* xr = x + r * width;
+        uint16_t* dr = d + r * width;
+        j = 0;
+#ifdef FASTBN_W16
+        for (; j + FASTBN_W16 <= width; j += FASTBN_W16) {
+            _mm_prefetch((const char*)(gr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            if (training) {
+                _mm_prefetch((const char*)(xr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
+                fastbn_store16(dr + j, fastbn_dx16_v(
+                    fastbn_load16(gr + j, bf16), fastbn_load16(xr + j, bf16),
+                    fastbn_loadu_v16(mean + j), fastbn_loadu_v16(a + j),
+                    fastbn_loadu_v16(kx + j), fastbn_loadu_v16(k0 + j),
+                    fastbn_loadu_v16(gm + j), fastbn_loadu_v16(gl + j)), bf16);
+            } else {
+                fastbn_store16(dr + j, fastbn_mul_v16(fastbn_load16(gr + j, bf16),
+                                                      fastbn_loadu_v16(a + j)), bf16);
+            }
+        }
+#endif
+        for (; j < width; j++)
+            dr[j] = fastbn_dx16_one(gr[j], training ? xr[j] : 0, training,
+                                    training ? mean[j] : 0, a[j], training ? kx[j] : 0,
+                                    training ? k0[j] : 0, training ? gm[j] : 0,
+                                    training ? gl[j] : 0, bf16);
     }
 }
 
