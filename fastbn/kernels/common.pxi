@@ -42,6 +42,7 @@ cdef extern from "stream.h":
     void _stream_f64 "fastbn_stream_f64"(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void _stream_fence "fastbn_stream_fence"() noexcept nogil
     void _stream_u16 "fastbn_stream_u16"(unsigned short* dst, const unsigned short* src, Py_ssize_t n) noexcept nogil
+    void _prefetch "fastbn_prefetch"(const void* p, Py_ssize_t nbytes) noexcept nogil
 
 
 cdef extern from "half_convert.h":
@@ -153,6 +154,12 @@ cdef enum:
     # reductions also below NARROW_ROWS or on cached data (see _multi_row)
     WIDE_ROWS = 1024
     NARROW_ROWS = 64
+    # rows: the statistics pass asks the cache for the rows this many bytes ahead of the one
+    # it reads (_prefetch): the hardware prefetchers fall behind its loads, which wait on
+    # the accumulators' stores. Measured (Intel Xeon, 2 threads, float32, NHWC, 103 MB):
+    # the statistics pass 2.4x a read pass without, 1.5-1.9x with (1024, 2048 and 4096
+    # bytes measured alike)
+    PREFETCH_BYTES = 2048
     # planar: at most this many short runs per block when the reduction pass reads more than
     # CACHED_BYTES (a block reads its runs, C*S values apart, as that many interleaved
     # streams, of g and of x in the backward). Measured against BLOCK // S runs, for

@@ -119,6 +119,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
         r = b0
         while multi_row and r + 4 <= b1:        # four rows per sweep
             row = x + r * C
+            _prefetch(<const char*>row + PREFETCH_BYTES, 4 * C * sizeof(floating))
             for c in range(width):
                 k = pivot[c]
                 d = row[c] - k
@@ -130,6 +131,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
             r = r + 4
         while r < b1:
             row = x + r * C
+            _prefetch(<const char*>row + PREFETCH_BYTES, width * sizeof(floating))
             for c in range(width):
                 d = row[c] - pivot[c]
                 s1[c] = s1[c] + d

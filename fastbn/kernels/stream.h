@@ -10,6 +10,21 @@
 #if defined(__SSE2__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+/* Ask the cache for the lines of p[0:nbytes] (a hint: no fault, no effect on results). */
+static inline void fastbn_prefetch(const void* p, Py_ssize_t nbytes) {
+    const char* c = (const char*)p;
+    Py_ssize_t off;
+    for (off = 0; off < nbytes; off += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(c + off);
+#elif defined(_M_X64) || defined(_M_IX86)
+        _mm_prefetch(c + off, _MM_HINT_T0);
+#else
+        (void)c;
+#endif
+    }
+}
+
 #if defined(__AVX512F__)
 #define FASTBN_VEC_BYTES 64
 #define FASTBN_STREAM_PS(p, s) _mm512_stream_ps((p), _mm512_loadu_ps(s))
