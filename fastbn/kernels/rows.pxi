@@ -367,6 +367,8 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         xr = x + r * C
         gr = g + r * C
         yr = _at(ym, r * C)
+        _prefetch(<const char*>xr + PREFETCH_BYTES, 4 * C * sizeof(floating))
+        _prefetch(<const char*>gr + PREFETCH_BYTES, 4 * C * sizeof(floating))
         if mask_t is not char and bits != NULL:
             for c in range(4):
                 _pack(yr + c * C, width, bits + (r + c) * rowbytes)
@@ -383,6 +385,8 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         xr = x + r * C
         gr = g + r * C
         yr = _at(ym, r * C)
+        _prefetch(<const char*>xr + PREFETCH_BYTES, width * sizeof(floating))
+        _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(floating))
         if mask_t is not char and bits != NULL:
             _pack(yr, width, bits + r * rowbytes)
         for c in range(width):
