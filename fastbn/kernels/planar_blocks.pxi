@@ -133,6 +133,7 @@ cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride
     for k in range(nrun):
         r = q + k * stride
         for i in range(nstep):
+            _prefetch(<const char*>(r + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
             for j in range(LANES):
                 d = r[i * LANES + j] - bm
                 a[j] = a[j] + d
@@ -282,6 +283,8 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
         if ym != NULL:
             yr = ym + k * stride
         for i in range(nstep):
+            _prefetch(<const char*>(gr + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
+            _prefetch(<const char*>(xr + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
             for j in range(LANES):
                 gv = _gat(gr, yr, i * LANES + j, variant)
                 a[j] = a[j] + gv
