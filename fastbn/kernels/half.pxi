@@ -1,10 +1,13 @@
-# 16-bit data (float16, bfloat16): the NCHW and NHWC kernels' data passes, staged through
-# float32. Each block of a reduction (planar) or chunk of rows (rows) is widened into a
-# stage of float32 values and handed to the float32 code, so the statistics, sums and their
-# accuracy are exactly those of the float32 path on the widened values; each piece of an
-# elementwise pass is computed in float32 and rounded once, to nearest even, to the data
-# type. The float32 result is within 2 float32 ulps of the exact one, so the 16-bit output
-# is a faithful rounding (within one unit of its last place).
+# 16-bit data (float16, bfloat16): the NCHW and NHWC kernels' data passes. Each block of a
+# reduction (planar) or chunk of rows (rows) is widened into a stage of float32 values and
+# handed to the float32 code, so the statistics, sums and their accuracy are exactly those
+# of the float32 path on the widened values; each piece of an elementwise pass is computed
+# in float32 and rounded once, to nearest even, to the data type. The plain normalization
+# and dx (no residual, no ReLU, coefficients float32 can carry) do that in one loop over
+# registers in the AVX2 and AVX-512 builds (_affine16, _dx16: the float32 code's
+# expressions, so the same bits); the rest goes through an L1 stage. The float32 result is
+# within 2 float32 ulps of the exact one, so the 16-bit output is a faithful rounding
+# (within one unit of its last place).
 
 
 cdef inline void _widen(const half_bits* src, float* dst, Py_ssize_t n, int dtype) noexcept nogil:
