@@ -113,8 +113,8 @@ static inline uint16_t fastbn_round_bf16(float f) {
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
 }
 /* W 16-bit values widened into a float32 vector (fastbn_load16), a float32 vector rounded
-   into W 16-bit values (fastbn_store16), and the normalization of a vector
-   (fastbn_affine16_v): W = 16 with AVX-512, 8 with AVX2 + F16C, none in the portable build. */
+   into W 16-bit values (fastbn_store16), and FASTBN_V16(op), the float32 vector operation
+   of that width: W = 16 with AVX-512, 8 with AVX2 + F16C, none in the portable build. */
 #if defined(__AVX512F__)
 #define FASTBN_W16 16
 typedef __m512 fastbn_v16;
@@ -139,26 +139,7 @@ static inline void fastbn_store16(uint16_t* p, __m512 r, int bf16) {
         _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
     }
 }
-static inline __m512 fastbn_affine16_v(__m512 v, __m512 m, __m512 a, __m512 c) {
-#if defined(__FMA__)
-    return _mm512_fmadd_ps(_mm512_sub_ps(v, m), a, c);
-#else
-    return _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, m), a), c);
-#endif
-}
-/* dx in training, as _dx_value's float32 form: ((g - gm) - gl) * a + ((x - mean) * kx + k0) */
-static inline __m512 fastbn_dx16_v(__m512 g, __m512 x, __m512 mean, __m512 a, __m512 kx,
-                                   __m512 k0, __m512 gm, __m512 gl) {
-    __m512 dg = _mm512_sub_ps(_mm512_sub_ps(g, gm), gl), dm = _mm512_sub_ps(x, mean);
-#if defined(__FMA__)
-    return _mm512_fmadd_ps(dg, a, _mm512_fmadd_ps(dm, kx, k0));
-#else
-    return _mm512_add_ps(_mm512_mul_ps(dg, a), _mm512_add_ps(_mm512_mul_ps(dm, kx), k0));
-#endif
-}
-#define fastbn_set1_v16 _mm512_set1_ps
-#define fastbn_loadu_v16 _mm512_loadu_ps
-#define fastbn_mul_v16 _mm512_mul_ps
+#define FASTBN_V16(op) _mm512_##op##_ps
 #elif defined(__AVX2__) && defined(__F16C__)
 #define FASTBN_W16 8
 typedef __m256 fastbn_v16;
@@ -185,25 +166,31 @@ static inline void fastbn_store16(uint16_t* p, __m256 r, int bf16) {
         _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
     }
 }
-static inline __m256 fastbn_affine16_v(__m256 v, __m256 m, __m256 a, __m256 c) {
+#define FASTBN_V16(op) _mm256_##op##_ps
+#endif
+
+#ifdef FASTBN_W16
+/* a * b + c as the compiler contracts the float32 kernels' expressions: one fused
+   multiply-add where the build has FMA */
+static inline fastbn_v16 fastbn_madd_v16(fastbn_v16 a, fastbn_v16 b, fastbn_v16 c) {
 #if defined(__FMA__)
-    return _mm256_fmadd_ps(_mm256_sub_ps(v, m), a, c);
+    return FASTBN_V16(fmadd)(a, b, c);
 #else
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v, m), a), c);
+    return FASTBN_V16(add)(FASTBN_V16(mul)(a, b), c);
 #endif
 }
-static inline __m256 fastbn_dx16_v(__m256 g, __m256 x, __m256 mean, __m256 a, __m256 kx,
-                                   __m256 k0, __m256 gm, __m256 gl) {
-    __m256 dg = _mm256_sub_ps(_mm256_sub_ps(g, gm), gl), dm = _mm256_sub_ps(x, mean);
-#if defined(__FMA__)
-    return _mm256_fmadd_ps(dg, a, _mm256_fmadd_ps(dm, kx, k0));
-#else
-    return _mm256_add_ps(_mm256_mul_ps(dg, a), _mm256_add_ps(_mm256_mul_ps(dm, kx), k0));
-#endif
+/* the normalization, (v - m) * a + c */
+static inline fastbn_v16 fastbn_affine16_v(fastbn_v16 v, fastbn_v16 m, fastbn_v16 a,
+                                           fastbn_v16 c) {
+    return fastbn_madd_v16(FASTBN_V16(sub)(v, m), a, c);
 }
-#define fastbn_set1_v16 _mm256_set1_ps
-#define fastbn_loadu_v16 _mm256_loadu_ps
-#define fastbn_mul_v16 _mm256_mul_ps
+/* dx in training, as _dx_value's float32 form: ((g - gm) - gl) * a + ((x - mean) * kx + k0) */
+static inline fastbn_v16 fastbn_dx16_v(fastbn_v16 g, fastbn_v16 x, fastbn_v16 mean,
+                                       fastbn_v16 a, fastbn_v16 kx, fastbn_v16 k0,
+                                       fastbn_v16 gm, fastbn_v16 gl) {
+    return fastbn_madd_v16(FASTBN_V16(sub)(FASTBN_V16(sub)(g, gm), gl), a,
+                           fastbn_madd_v16(FASTBN_V16(sub)(x, mean), kx, k0));
+}
 #endif
 
 /* Whether the one-loop forms below have vector code in this build (the kernels use them only
@@ -231,7 +218,8 @@ static void fastbn_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, float 
                             float c, int bf16) {
     Py_ssize_t i = 0;
 #ifdef FASTBN_W16
-    const fastbn_v16 vm = fastbn_set1_v16(m), va = fastbn_set1_v16(a), vc = fastbn_set1_v16(c);
+    const fastbn_v16 vm = FASTBN_V16(set1)(m), va = FASTBN_V16(set1)(a),
+                     vc = FASTBN_V16(set1)(c);
     for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
         _mm_prefetch((const char*)(x + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
         fastbn_store16(y + i, fastbn_affine16_v(fastbn_load16(x + i, bf16), vm, va, vc), bf16);
@@ -254,9 +242,9 @@ static void fastbn_affine16_rows(const uint16_t* x, uint16_t* y, Py_ssize_t nrow
         for (; j + FASTBN_W16 <= width; j += FASTBN_W16) {
             _mm_prefetch((const char*)(xr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
             fastbn_store16(yr + j, fastbn_affine16_v(fastbn_load16(xr + j, bf16),
-                                                     fastbn_loadu_v16(m + j),
-                                                     fastbn_loadu_v16(a + j),
-                                                     fastbn_loadu_v16(c + j)), bf16);
+                                                     FASTBN_V16(loadu)(m + j),
+                                                     FASTBN_V16(loadu)(a + j),
+                                                     FASTBN_V16(loadu)(c + j)), bf16);
         }
 #endif
         for (; j < width; j++)
@@ -290,9 +278,9 @@ static void fastbn_dx16(const uint16_t* g, const uint16_t* x, uint16_t* d, Py_ss
                         float gl, int bf16) {
     Py_ssize_t i = 0;
 #ifdef FASTBN_W16
-    const fastbn_v16 vmean = fastbn_set1_v16(mean), va = fastbn_set1_v16(a),
-                     vkx = fastbn_set1_v16(kx), vk0 = fastbn_set1_v16(k0),
-                     vgm = fastbn_set1_v16(gm), vgl = fastbn_set1_v16(gl);
+    const fastbn_v16 vmean = FASTBN_V16(set1)(mean), va = FASTBN_V16(set1)(a),
+                     vkx = FASTBN_V16(set1)(kx), vk0 = FASTBN_V16(set1)(k0),
+                     vgm = FASTBN_V16(set1)(gm), vgl = FASTBN_V16(set1)(gl);
     if (training) {
         for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
             _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
@@ -304,7 +292,7 @@ static void fastbn_dx16(const uint16_t* g, const uint16_t* x, uint16_t* d, Py_ss
     } else {
         for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
             _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
-            fastbn_store16(d + i, fastbn_mul_v16(fastbn_load16(g + i, bf16), va), bf16);
+            fastbn_store16(d + i, FASTBN_V16(mul)(fastbn_load16(g + i, bf16), va), bf16);
         }
     }
 #endif
@@ -330,12 +318,12 @@ static void fastbn_dx16_rows(const uint16_t* g, const uint16_t* x, uint16_t* d,
                 _mm_prefetch((const char*)(xr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
                 fastbn_store16(dr + j, fastbn_dx16_v(
                     fastbn_load16(gr + j, bf16), fastbn_load16(xr + j, bf16),
-                    fastbn_loadu_v16(mean + j), fastbn_loadu_v16(a + j),
-                    fastbn_loadu_v16(kx + j), fastbn_loadu_v16(k0 + j),
-                    fastbn_loadu_v16(gm + j), fastbn_loadu_v16(gl + j)), bf16);
+                    FASTBN_V16(loadu)(mean + j), FASTBN_V16(loadu)(a + j),
+                    FASTBN_V16(loadu)(kx + j), FASTBN_V16(loadu)(k0 + j),
+                    FASTBN_V16(loadu)(gm + j), FASTBN_V16(loadu)(gl + j)), bf16);
             } else {
-                fastbn_store16(dr + j, fastbn_mul_v16(fastbn_load16(gr + j, bf16),
-                                                      fastbn_loadu_v16(a + j)), bf16);
+                fastbn_store16(dr + j, FASTBN_V16(mul)(fastbn_load16(gr + j, bf16),
+                                                      FASTBN_V16(loadu)(a + j)), bf16);
             }
         }
 #endif
