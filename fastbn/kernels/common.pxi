@@ -158,7 +158,8 @@ cdef enum:
     # it reads (_prefetch): the hardware prefetchers fall behind its loads, which wait on
     # the accumulators' stores. Measured (Intel Xeon, 2 threads, float32, NHWC, 103 MB):
     # the statistics pass 2.4x a read pass without, 1.5-1.9x with (1024, 2048 and 4096
-    # bytes measured alike)
+    # bytes measured alike). Rows longer than this are not prefetched: the hardware follows
+    # them, and prefetching (32, 2048, 7, 7) NHWC cost its training and backward 1.1x
     PREFETCH_BYTES = 2048
     # planar: at most this many short runs per block when the reduction pass reads more than
     # CACHED_BYTES (a block reads its runs, C*S values apart, as that many interleaved

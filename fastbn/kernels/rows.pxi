@@ -99,6 +99,8 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     cdef double nb, n = 0, t1
     cdef double limit = _cancel_limit(x)
     cdef const floating* row
+    # rows of at most PREFETCH_BYTES are prefetched; longer ones the hardware follows
+    cdef bint short_rows = C * <Py_ssize_t>sizeof(floating) <= PREFETCH_BYTES
     if work == NULL:           # out of memory (w.failed is set): NaN, then a MemoryError
         for c in range(c0, c1):
             cmean[c] = NAN
@@ -119,7 +121,8 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
         r = b0
         while multi_row and r + 4 <= b1:        # four rows per sweep
             row = x + r * C
-            _prefetch(<const char*>row + PREFETCH_BYTES, 4 * C * sizeof(floating))
+            if short_rows:
+                _prefetch(<const char*>row + PREFETCH_BYTES, 4 * C * sizeof(floating))
             for c in range(width):
                 k = pivot[c]
                 d = row[c] - k
@@ -131,7 +134,8 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
             r = r + 4
         while r < b1:
             row = x + r * C
-            _prefetch(<const char*>row + PREFETCH_BYTES, width * sizeof(floating))
+            if short_rows:
+                _prefetch(<const char*>row + PREFETCH_BYTES, width * sizeof(floating))
             for c in range(width):
                 d = row[c] - pivot[c]
                 s1[c] = s1[c] + d
@@ -358,6 +362,7 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
     cdef const floating* gr
     cdef const floating* yr
     cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
+    cdef bint short_rows = C * <Py_ssize_t>sizeof(floating) <= PREFETCH_BYTES   # as the stats
     cdef floating g0, g1, g2, g3
     cdef acc_t m
     for c in range(width):
@@ -367,8 +372,9 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         xr = x + r * C
         gr = g + r * C
         yr = _at(ym, r * C)
-        _prefetch(<const char*>xr + PREFETCH_BYTES, 4 * C * sizeof(floating))
-        _prefetch(<const char*>gr + PREFETCH_BYTES, 4 * C * sizeof(floating))
+        if short_rows:
+            _prefetch(<const char*>xr + PREFETCH_BYTES, 4 * C * sizeof(floating))
+            _prefetch(<const char*>gr + PREFETCH_BYTES, 4 * C * sizeof(floating))
         if mask_t is not char and bits != NULL:
             for c in range(4):
                 _pack(yr + c * C, width, bits + (r + c) * rowbytes)
@@ -385,8 +391,9 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         xr = x + r * C
         gr = g + r * C
         yr = _at(ym, r * C)
-        _prefetch(<const char*>xr + PREFETCH_BYTES, width * sizeof(floating))
-        _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(floating))
+        if short_rows:
+            _prefetch(<const char*>xr + PREFETCH_BYTES, width * sizeof(floating))
+            _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(floating))
         if mask_t is not char and bits != NULL:
             _pack(yr, width, bits + r * rowbytes)
         for c in range(width):
