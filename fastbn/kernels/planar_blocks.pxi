@@ -130,10 +130,15 @@ cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride
     for j in range(LANES):
         a[j] = 0
         s[j] = 0
+    # runs longer than the prefetch distance ask for their values ahead; shorter ones would
+    # fetch other channels' planes
+    cdef bint ahead = nstep * LANES * <Py_ssize_t>sizeof(floating) > PREFETCH_BYTES
     for k in range(nrun):
         r = q + k * stride
         for i in range(nstep):
-            _prefetch(<const char*>(r + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
+            if ahead:
+                _prefetch(<const char*>(r + i * LANES) + PREFETCH_BYTES,
+                          LANES * sizeof(floating))
             for j in range(LANES):
                 d = r[i * LANES + j] - bm
                 a[j] = a[j] + d
@@ -274,6 +279,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
     cdef const floating* xr
     cdef const floating* yr = NULL
     cdef floating gv
+    cdef bint ahead = nstep * LANES * <Py_ssize_t>sizeof(floating) > PREFETCH_BYTES
     for j in range(LANES):
         a[j] = 0
         t[j] = 0
@@ -283,8 +289,11 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
         if ym != NULL:
             yr = ym + k * stride
         for i in range(nstep):
-            _prefetch(<const char*>(gr + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
-            _prefetch(<const char*>(xr + i * LANES) + PREFETCH_BYTES, LANES * sizeof(floating))
+            if ahead:          # as in _devs_run
+                _prefetch(<const char*>(gr + i * LANES) + PREFETCH_BYTES,
+                          LANES * sizeof(floating))
+                _prefetch(<const char*>(xr + i * LANES) + PREFETCH_BYTES,
+                          LANES * sizeof(floating))
             for j in range(LANES):
                 gv = _gat(gr, yr, i * LANES + j, variant)
                 a[j] = a[j] + gv
