@@ -127,6 +127,33 @@ def finish(target, flat, direct, plan):
     return target
 
 
+class ReluMask:
+    """The fused ReLU's mask as a training forward keeps it for its own backward (the
+    layers' activation="relu"): y > 0 as bits (1 bit per value, uint8), laid out for the
+    kernels' canonical view of that forward's x (key: view, N, C, S, dtype), so that the
+    backward reads neither y nor a byte per value. bits stays None where the kernels keep
+    none for the data (see kept_bits_size): the caller keeps y then."""
+
+    __slots__ = ("bits", "key")
+
+    def __init__(self):
+        self.bits = None
+        self.key = None
+
+
+def _keep_mask(mask, view_plan, dtype):
+    """The bits array a training forward fills for `mask` (a ReluMask), or None."""
+    if mask is None or dtype != np.float32:
+        return None
+    vp = view_plan
+    size = _dispatch.kernels.kept_bits_size(vp.view, vp.N, vp.C, vp.S, dtype.itemsize)
+    if not size:
+        return None
+    mask.bits = np.empty(size, np.uint8)
+    mask.key = (vp.view, vp.N, vp.C, vp.S, dtype)
+    return mask.bits
+
+
 class Batch:
     """A data array validated once, with its channel axis, channel count and values per
     channel; its canonical view is made on first use (view()), after every other argument
@@ -150,14 +177,15 @@ class Batch:
 
 
 def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
-          extra_inputs=None, residual=None, relu=False, name="x"):
+          extra_inputs=None, residual=None, relu=False, name="x", mask=None):
     """Training forward of a Batch (Batch Normalization, and Renormalization with
     `renorm`, with the fused residual add and ReLU when asked): validates weight, bias,
     eps, out and the residual (the caller validates its own extra arguments, naming them in
     extra_inputs for the overlap checks of out=), runs the fused statistics +
     normalization kernel and returns (y, mean, var, invstd, M), var biased and M the
     values per channel. renorm: None, or (running_mean, running_std (float64), r_out,
-    d_out, rmin, rmax, dmax) for the kernel."""
+    d_out, rmin, rmax, dmax) for the kernel. mask (a ReluMask, with relu): receives the
+    ReLU's mask bits where the kernels keep them."""
     x, C = batch.x, batch.C
     if residual is not None:
         residual = like_x("residual", residual, x)
@@ -181,7 +209,8 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         _dispatch.kernels.train_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, w, b, eps, stats, renorm,
             nthreads, stream,
-            None if residual is None else like(residual, view_plan), relu)
+            None if residual is None else like(residual, view_plan), relu,
+            _keep_mask(mask, view_plan, x.dtype) if relu else None)
     return finish(y, yc, direct, view_plan), stats[0], stats[1], stats[2], batch.M
 
 
@@ -214,8 +243,9 @@ def update_running(momentum, *pairs, toward=False):
 
 
 def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None,
-                     momentum=0.1, out=None, num_threads=None, residual=None, relu=False):
-    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train)."""
+                     momentum=0.1, out=None, num_threads=None, residual=None, relu=False,
+                     mask=None):
+    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train); mask: see train."""
     batch = Batch(x, layout)
     C = batch.C
     if running_mean is None or not _support.running_pair_ok(running_mean, running_var, C):
@@ -224,7 +254,7 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
     y, mean, var, invstd, M = train(
         batch, weight, bias, eps=eps, out=out, num_threads=num_threads,
         extra_inputs={"running_mean": running_mean, "running_var": running_var},
-        residual=residual, relu=relu)
+        residual=residual, relu=relu, mask=mask)
     # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
     # the kernel updates contiguous float buffers in one loop, NumPy any other
     if running_mean is not None and C and not _support.update_running(
@@ -297,13 +327,18 @@ def grad_call(dy, x, mean, invstd, weight, *, training, layout, out=None, num_th
 
 
 def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_threads=None,
-             y=None, dresidual=None, float64_grads=False):
+             y=None, dresidual=None, float64_grads=False, mask=None):
     """fastbn.batch_norm_backward; with y (the fused ReLU's forward output), dy counts
-    where y > 0 only, and dresidual receives that masked dy. float64_grads: dweight and
-    dbias are returned unrounded, in float64 (for callers that combine them further)."""
+    where y > 0 only, and dresidual receives that masked dy. mask (instead of y): the
+    ReluMask the training forward of this x filled; the same results. float64_grads:
+    dweight and dbias are returned unrounded, in float64 (for callers that combine them
+    further)."""
     g, y = grad_call(dy, x, mean, invstd, weight, training=training, layout=layout, out=out,
                      num_threads=num_threads, y=y)
     x, C, vp = g.x, g.C, g.plan
+    if mask is not None and mask.key != (vp.view, vp.N, vp.C, vp.S, x.dtype):
+        raise ValueError("the ReLU mask belongs to another forward (its data's layout or "
+                         "dtype differs)")
     if dresidual is not None:
         dresidual = out_array(dresidual, x.shape, x.dtype, dict(g.inputs, out=g.out),
                               name="dresidual")
@@ -316,7 +351,8 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
         _dispatch.kernels.backward(
             g.gc, g.xc, dxc, vp.view, vp.N, C, vp.S, g.mean, g.invstd, g.w, g.training, grads,
             g.nthreads, stream,
-            None if y is None else like(y, vp), None if dresidual is None else dresc)
+            None if y is None else like(y, vp), None if dresidual is None else dresc,
+            None if mask is None else mask.bits)
     if dresidual is not None:
         finish(dres, dresc, dres_direct, vp)
     return finish(dx, dxc, direct, vp), grads[0], grads[1]
@@ -344,9 +380,11 @@ def backward_dx(g, sums, count):
 
 
 def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
-                 eps, layout, out=None, num_threads=None, residual=None, relu=False):
+                 eps, layout, out=None, num_threads=None, residual=None, relu=False,
+                 mask=None):
     """fastbn.batch_renorm_train with an explicit lower clip for r (None means 1 / rmax),
-    and the fused residual add and ReLU of fastbn.BatchRenorm(activation="relu")."""
+    and the fused residual add and ReLU of fastbn.BatchRenorm(activation="relu") (mask:
+    see train)."""
     batch = Batch(x, layout)
     C = batch.C
     for name, buf in (("running_mean", running_mean), ("running_std", running_std)):
@@ -370,7 +408,7 @@ def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax
         batch, weight, bias, eps=eps, out=out, num_threads=num_threads,
         renorm=(mu, sigma, r, d, rmin, rmax, dmax),
         extra_inputs={"running_mean": running_mean, "running_std": running_std},
-        residual=residual, relu=relu)
+        residual=residual, relu=relu, mask=mask)
     if fast and C:
         std = np.empty(C)
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
@@ -381,9 +419,9 @@ def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax
 
 
 def renorm_backward(dy, x, mean, std, r, d, weight, *, layout, out=None, num_threads=None,
-                    y=None, dresidual=None):
+                    y=None, dresidual=None, mask=None):
     """fastbn.batch_renorm_backward; with y (the fused ReLU's forward output), dy counts
-    where y > 0 only, and dresidual receives that masked dy."""
+    where y > 0 only, and dresidual receives that masked dy (mask: see backward)."""
     dy, x = gradient_pair(dy, x)
     axis = channel_axis(layout, x.ndim)
     C = x.shape[axis]
@@ -400,7 +438,7 @@ def renorm_backward(dy, x, mean, std, r, d, weight, *, layout, out=None, num_thr
         invstd, wr = 1.0 / std64, w * r64
     dx, dw_bn, dbias = backward(dy, x, mean, invstd, wr, training=True, layout=layout, out=out,
                                 num_threads=num_threads, y=y, dresidual=dresidual,
-                                float64_grads=True)
+                                float64_grads=True, mask=mask)
     # dw_bn = sum(dy * xhat0), dbias = sum(dy), both unrounded: r and d are constants, so
     # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias, combined in double and rounded
     # once (the two terms may cancel: rounding them first would leave only the error)

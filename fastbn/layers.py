@@ -389,17 +389,19 @@ class BatchNorm(_Norm):
     def _forward_train(self, x, residual):
         update = self.training and self.track_running_stats
         layout = self.layout
+        mask = _calls.ReluMask() if self.activation else None
         y, mean, invstd = _calls.batch_norm_train(
             x, self.weight, self.bias, eps=self.eps, layout=layout,
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None,
             momentum=self._factor() if update else 0.0, residual=residual,
-            relu=self.activation == "relu")
+            relu=self.activation == "relu", mask=mask)
         if update:
             self._count_step()
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=True, layout=layout),
-                                    y if self.activation else None, residual is not None)
+                                    y if self.activation else None, mask,
+                                    residual is not None)
 
     def _forward_eval(self, x, residual):
         layout = self.layout
@@ -411,21 +413,28 @@ class BatchNorm(_Norm):
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=False, layout=layout),
-                                    y if self.activation else None, residual is not None)
+                                    y if self.activation else None, None, residual is not None)
 
 
-def _backward_closure(grad, x, args, kwargs, y, has_residual):
+def _backward_closure(grad, x, args, kwargs, y, mask, has_residual):
     """The backward of one forward: grad(dy, x, *args, **kwargs, y=y, dresidual=...) ->
     (dx, dweight, dbias, dresidual or None). args hold the forward's statistics and a copy
     of the weight (an optimizer step in between does not change it), kwargs the layout
-    (and whether the statistics were the batch's); y is the fused ReLU's output (its
-    mask), or None."""
+    (and whether the statistics were the batch's). The fused ReLU's mask: the forward's
+    mask bits (mask, a _calls.ReluMask whose bits were kept), else its output y (None
+    without the ReLU); y is not held when the bits are."""
+    if mask is not None and mask.bits is not None:
+        y, kw = None, dict(kwargs, mask=mask)
+    else:
+        kw = kwargs
+    del mask
+
     def backward(dy):
         dres = None
         if has_residual:
             dres = (_memory.new_array(x.shape, x.dtype)[0] if x.flags.c_contiguous
                     else np.empty_like(x))
-        dx, dweight, dbias = grad(dy, x, *args, **kwargs, y=y, dresidual=dres)
+        dx, dweight, dbias = grad(dy, x, *args, **kw, y=y, dresidual=dres)
         return dx, dweight, dbias, dres
     return backward
 
@@ -576,14 +585,16 @@ class BatchRenorm(_Norm):
     def _forward_train(self, x, residual):
         rmin, rmax, dmax = self.clipping()
         layout = self.layout
+        mask = _calls.ReluMask() if self.activation else None
         y, mean, std, r, d = _calls.renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
             rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=layout,
-            residual=residual, relu=self.activation == "relu")
+            residual=residual, relu=self.activation == "relu", mask=mask)
         self._count_step()
         return y, _backward_closure(_calls.renorm_backward, x,
                                     (mean, std, r, d, _copy(self.weight)), dict(layout=layout),
-                                    y if self.activation else None, residual is not None)
+                                    y if self.activation else None, mask,
+                                    residual is not None)
 
     def _forward_eval(self, x, residual):
         layout = self.layout
@@ -598,4 +609,4 @@ class BatchRenorm(_Norm):
             invstd = 1.0 / std
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=False, layout=layout),
-                                    y if self.activation else None, residual is not None)
+                                    y if self.activation else None, None, residual is not None)

@@ -252,6 +252,8 @@ cdef extern from "mask_bits_dx.h":
     void _dx_bits_run_f32 "fastbn_dx_bits_run_f32"(const float* g, const float* x, float* d,
         float* e, Py_ssize_t n, float m, float gm, float gl, float a, float kx, float k,
         const unsigned char* bits) noexcept nogil
+    void _masked_copy_f32 "fastbn_masked_copy_f32"(const float* g, const unsigned char* bits,
+        Py_ssize_t n, float* out) noexcept nogil
 
 
 cdef inline floating _masked(floating g, floating y) noexcept nogil:
@@ -512,8 +514,12 @@ cdef struct Work:
     const void* ymask   # backward: the forward's y; dy counts where y > 0, or NULL
     void* dres          # backward: receives the masked dy (the residual's gradient), or NULL
     unsigned char* bits # backward with ymask: y > 0 as bits, written by the reduction and
-                        # read by the dx pass instead of y (or NULL: it reads y)
+                        # read by the dx pass instead of y (or NULL: it reads y); with
+                        # kept_bits, the forward's (then ymask is NULL: y is not read)
     Py_ssize_t bits_stride  # bytes of bits per row (rows) or per run of a block (planar)
+    bint kept_bits      # backward: w.bits are given (the layer kept them), read by both passes
+    unsigned char* keep # training forward with relu: receives y > 0 as bits (or NULL), laid
+                        # out as the backward's (bits_stride bytes per row or run)
     # out of memory inside the kernel (the rows reductions' per-call scratch, allocated by
     # each thread where it works: _kernel_alloc): failed[0] is set, and the entry point
     # raises MemoryError instead of returning what the missing scratch left (NaN)

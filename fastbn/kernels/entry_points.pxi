@@ -206,7 +206,8 @@ cdef int _set_epilogue(Work* w, cnp.ndarray x, residual, bint relu) except -1:
 
 def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                  int nthreads, bint stream=False, residual=None, bint relu=False):
+                  int nthreads, bint stream=False, residual=None, bint relu=False,
+                  bits=None):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
@@ -215,9 +216,11 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     (running_mean, running_std, r_out, d_out, rmin, rmax, dmax) with float64 (C,) arrays,
     for Batch Renormalization (running_mean and running_std may also be float32). stream:
     write y with non-temporal stores (an output larger than the caches). residual (an array
-    laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0)."""
+    laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0). bits
+    (with relu, float32 data: a uint8 array of kept_bits_size bytes, or None) receives the
+    mask y > 0 for a backward that reads it instead of y (backward's kept_bits)."""
     _train(x, y, view, N, C, S, weight, bias, eps, stats, renorm, nthreads, stream,
-           residual, relu, REDUCE | APPLY)
+           residual, relu, REDUCE | APPLY, bits)
 
 
 def train_statistics(cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -226,12 +229,13 @@ def train_statistics(cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C, Py_ssi
     this data's mean and biased var in its first two rows (fastbn.distributed merges them
     across processes)."""
     _train(x, x, view, N, C, S, None, None, 0.0, stats, None, nthreads, False, None,
-           False, REDUCE)
+           False, REDUCE, None)
 
 
 cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                 Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
-                int nthreads, bint stream, residual, bint relu, int phases) except -1:
+                int nthreads, bint stream, residual, bint relu, int phases,
+                bits) except -1:
     cdef Coef cf
     cdef Planar p
     cdef double* part
@@ -268,6 +272,11 @@ cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
         w.multi_row = _multi_row(C, reduce_bytes) or w.dtype != F64
         w.stream = stream
         _set_epilogue(&w, x, residual, relu)
+        if bits is not None:
+            if not relu:
+                raise ValueError("kernel mask bits need relu")
+            w.keep = _kept_bits(bits, view, N, C, S, w.dtype)
+            w.bits_stride = _kept_stride(view, N, C, S, w.dtype)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(x), cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), &w,
                  nthreads)
@@ -345,14 +354,16 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
 
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
-             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None):
+             cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None,
+             kept_bits=None):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
     mean, invstd, weight: float32 or float64 (C,), weight may be None. ymask (the fused
     ReLU's forward output, laid out as g): dy counts where y > 0 only; dres receives that
-    masked dy (or None)."""
+    masked dy (or None). kept_bits (instead of ymask): the mask as the training forward
+    kept it (train_forward's bits); y is not read then. The same bits as with ymask."""
     _backward(g, x, dx, view, N, C, S, mean, invstd, weight, training, grads, nthreads,
-              stream, ymask, dres, REDUCE | APPLY, None, 0)
+              stream, ymask, dres, REDUCE | APPLY, None, 0, kept_bits)
 
 
 def backward_sums(cnp.ndarray g, cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C,
@@ -361,7 +372,7 @@ def backward_sums(cnp.ndarray g, cnp.ndarray x, int view, Py_ssize_t N, Py_ssize
     data's sum(g) and sum(g * (x - mean)); no dx (fastbn.distributed adds the sums of
     every process)."""
     _backward(g, x, x, view, N, C, S, mean, invstd, None, True, np.empty((2, C)), nthreads,
-              False, None, None, REDUCE, sums, 0)
+              False, None, None, REDUCE, sums, 0, None)
 
 
 def backward_dx(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
@@ -372,7 +383,7 @@ def backward_dx(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize
     if count <= 0:
         raise ValueError("kernel sums need a count")
     _backward(g, x, dx, view, N, C, S, mean, invstd, weight, True, np.empty((2, C)),
-              nthreads, stream, None, None, APPLY, sums, count)
+              nthreads, stream, None, None, APPLY, sums, count, None)
 
 
 # The backward's per-channel scratch, after the partials: C doubles for each of these...
@@ -419,11 +430,19 @@ cdef int _grad_slots(Grad* gd, double* slots, Py_ssize_t C, mean, invstd, weight
 
 cdef int _mask(Work* w, int view, Planar* p, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                cnp.ndarray x, ymask, dres, bint training, Py_ssize_t reduce_bytes,
-               int nthreads, unsigned char** bits) except -1:
-    """The fused ReLU's backward: the mask y (ymask), the residual's gradient (dres) and,
-    where they pay, the mask bits kept between the two passes (allocated into bits[0])."""
+               int nthreads, unsigned char** bits, kept) except -1:
+    """The fused ReLU's backward: the mask y (ymask) or the forward's kept bits (kept), the
+    residual's gradient (dres) and, where they pay, the mask bits kept between the two
+    passes (allocated into bits[0])."""
     w.ymask = _like_data(ymask, x)
     w.dres = <void*>_like_data(dres, x, True)
+    if kept is not None:
+        if w.ymask != NULL or w.phases != REDUCE | APPLY:
+            raise ValueError("kernel kept bits replace ymask, in a whole backward")
+        w.bits = _kept_bits(kept, view, N, C, S, w.dtype)
+        w.bits_stride = _kept_stride(view, N, C, S, w.dtype)
+        w.kept_bits = True
+        return 0
     if w.dres != NULL and w.ymask == NULL:
         raise ValueError("kernel dres needs ymask")
     if w.ymask != NULL and w.phases == REDUCE | APPLY:
@@ -441,7 +460,7 @@ cdef int _mask(Work* w, int view, Planar* p, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
                    Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
                    cnp.ndarray grads, int nthreads, bint stream, ymask, dres, int phases,
-                   sums, double count) except -1:
+                   sums, double count, kept) except -1:
     cdef Planar p
     cdef Grad gd
     cdef double* part
@@ -473,7 +492,8 @@ cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ss
         w.part = part
         w.multi_row = _multi_row(C, reduce_bytes)
         w.stream = stream
-        _mask(&w, view, &p, N, C, S, x, ymask, dres, training, reduce_bytes, nthreads, &bits)
+        _mask(&w, view, &p, N, C, S, x, ymask, dres, training, reduce_bytes, nthreads, &bits,
+              kept)
         with nogil:
             _run(view, &p, cnp.PyArray_DATA(g), cnp.PyArray_DATA(x), cnp.PyArray_DATA(dx),
                  &w, nthreads)
@@ -485,6 +505,63 @@ cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ss
         free(part)
         free(bits)
     return 0
+
+
+def kept_bits_size(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize):
+    """Bytes of the mask bits a training forward with the fused ReLU keeps for a backward
+    that reads them instead of y (train_forward's bits, backward's kept_bits), or 0 where
+    that backward has no loops for them: then y is kept. See _kept_stride."""
+    cdef Py_ssize_t stride
+    _check_dims(view, N, C, S, 1)
+    stride = _kept_stride(view, N, C, S, F32 if itemsize == 4 else F64)
+    if stride == 0:
+        return 0
+    return stride * (N if view == ROWS else N * C * _planar(N, C, S, 0).pieces)
+
+
+cdef Py_ssize_t _kept_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                             int dtype) noexcept:
+    """Bytes per row (rows views) or per run of a block (planar) of the kept mask bits, laid
+    out as the backward's own (_bits_stride, _run_bits); 0 where they are not kept: data
+    other than float32, builds without the vector loops of the bits (HAVE_DX_BITS), no
+    data, and planar views whose backward blocks hold several runs (planes of at most
+    BLOCK / 2 values: the block's sums read its g masked into a stage of one run)."""
+    if not (HAVE_DX_BITS and dtype == F32) or N * C * S == 0:
+        return 0
+    if view == PLANAR:
+        if _planar(N, C, S, 2 * N * C * S * 4).runs != 1:
+            return 0
+    return _bits_bytes(view, C, S)
+
+
+cdef Py_ssize_t _bits_bytes(int view, Py_ssize_t C, Py_ssize_t S) noexcept:
+    """Bytes of mask bits per row (rows views: C bits) or per run of a block (planar: the
+    longest piece of a plane, as _planar cuts them), a multiple of 8 so that the rows or
+    runs of two threads never share a byte."""
+    cdef Py_ssize_t longest, pieces
+    if view == PLANAR:
+        pieces = (S + BLOCK - 1) // BLOCK if S > BLOCK else 1
+        longest = (S + pieces - 1) // pieces
+        return (longest + 63) // 64 * 8
+    return (C + 63) // 64 * 8
+
+
+cdef unsigned char* _kept_bits(a, int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                               int dtype) except NULL:
+    """The data of a kept-bits array, checked: writable C-contiguous uint8 of
+    kept_bits_size bytes for this view and dtype."""
+    cdef cnp.ndarray arr
+    cdef Py_ssize_t stride = _kept_stride(view, N, C, S, dtype)
+    if stride == 0:
+        raise ValueError("kernel keeps no mask bits for this data")
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError("kernel mask bits must be an ndarray")
+    arr = <cnp.ndarray>a
+    if (cnp.PyArray_TYPE(arr) != cnp.NPY_UINT8 or not cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            or not cnp.PyArray_ISWRITEABLE(arr) or cnp.PyArray_SIZE(arr) !=
+            stride * (N if view == ROWS else N * C * _planar(N, C, S, 0).pieces)):
+        raise ValueError("kernel mask bits: writable C-contiguous uint8 of kept_bits_size")
+    return <unsigned char*>cnp.PyArray_DATA(arr)
 
 
 def relu_mask_bits(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize,
@@ -510,19 +587,16 @@ cdef Py_ssize_t _bits_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     at a time, whose dy, x and y then outgrow L2). Where the threads split the channels
     of a rows reduction (one chunk of rows) they would share bytes: no bits there. The
     results are the same bits either way."""
-    cdef Py_ssize_t rpc, longest, pieces
+    cdef Py_ssize_t rpc
     if not (HAVE_DX_BITS and f32 and training):
         return 0
     if reduce_bytes + reduce_bytes // 2 <= CACHED_BYTES:
         return 0
-    if view == PLANAR:
-        pieces = (S + BLOCK - 1) // BLOCK if S > BLOCK else 1      # as _planar cuts runs
-        longest = (S + pieces - 1) // pieces
-        return (longest + 63) // 64 * 8
-    rpc = _rows_per_chunk(N, C)
-    if nthreads > 1 and (N + rpc - 1) // rpc == 1:
-        return 0
-    return (C + 63) // 64 * 8
+    if view == ROWS:
+        rpc = _rows_per_chunk(N, C)
+        if nthreads > 1 and (N + rpc - 1) // rpc == 1:
+            return 0
+    return _bits_bytes(view, C, S)
 
 
 # ---------------------------------------------------------------------------------------------

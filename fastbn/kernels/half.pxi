@@ -238,7 +238,7 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
             gview.mean32 = gview.mean32 + c0
             gview.mean_lo = gview.mean_lo + c0
         _rows_chunk_sums(sa, sb, width, 0, width, 0, nr, &gview, out0, out1, w.multi_row,
-                         <const float*>NULL, NULL, 0, w)
+                         <const float*>NULL, NULL, 0, False, w)
     free(sa)
 
 

@@ -58,7 +58,22 @@ typedef __m256 fastbn_vf;
 #define FASTBN_HAVE_DX_BITS 0
 #endif
 
+/* out[0:n] = g masked by the bits (g where the bit is set, else +0: the values
+   fastbn_mask_f gives for the y the bits were packed from); the backward that reads the
+   layer's kept bits sums this copy, from L1, in the loops of the y-masked sums */
+#define FASTBN_MASKED_TAIL                                                          \
+    for (; c < n; c++)                                                              \
+        out[c] = fastbn_bit_f(g[c], bits[c / 8], c % 8);
+
 #if FASTBN_HAVE_DX_BITS
+static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py_ssize_t n,
+                                   float* out) {
+    Py_ssize_t c = 0;
+    FB_MASK_SETUP
+    for (; c + FB_W <= n; c += FB_W)
+        FB_STORE(out + c, FB_MASKED(c));
+    FASTBN_MASKED_TAIL
+}
 static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
                                Py_ssize_t n, const float* m, const float* gm,
                                const float* gl, const float* a, const float* kx,
@@ -92,6 +107,11 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
     FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
 }
 #else
+static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py_ssize_t n,
+                                   float* out) {
+    Py_ssize_t c = 0;
+    FASTBN_MASKED_TAIL
+}
 static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
                                Py_ssize_t n, const float* m, const float* gm,
                                const float* gl, const float* a, const float* kx,

@@ -102,14 +102,19 @@ cdef inline void _planar_chunk_stats(const Planar* p, const floating* x, Py_ssiz
 cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floating* y,
                                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                       const Coef* cf, bint stream, const floating* res,
-                                      bint relu) noexcept nogil:
+                                      bint relu, unsigned char* keep,
+                                      Py_ssize_t kstride) noexcept nogil:
+    """y of chunk k of channels [c0, c1); with keep, the mask bits too (_run_bits' layout,
+    kstride bytes per run)."""
     cdef Py_ssize_t b, c
     cdef Block blk
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
             _affine(x + blk.offset, y + blk.offset, blk.length, blk.nrun, blk.stride, &cf.af,
-                    c, stream, res + blk.offset if res != NULL else NULL, relu)
+                    c, stream, res + blk.offset if res != NULL else NULL, relu,
+                    _run_bits(p, keep, kstride, c, b) if keep != NULL else NULL,
+                    p.C * kstride)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -144,14 +149,18 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part,
                                     const floating* ym, unsigned char* bits,
-                                    Py_ssize_t bstride) noexcept nogil:
+                                    Py_ssize_t bstride, bint kept) noexcept nogil:
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
     with ym (the fused ReLU's forward output), of g masked by y > 0, in the same loops; with
-    bits too, the block's mask is also stored as bits (_run_bits), from cache."""
+    bits too, the block's mask is also stored as bits (_run_bits), from cache. kept (float32
+    data, blocks of one run): the mask is the bits the forward kept; each block's g is
+    masked into an L1 stage (the values the masked loops take) and summed from there by
+    the plain loops: the same bits as with ym."""
     cdef Py_ssize_t b, c, r
     cdef Block blk
     cdef double* q
     cdef unsigned char* rb
+    cdef floating gs[BLOCK]
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -160,6 +169,13 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
         for c in range(c0, c1):
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
+            if floating is float:
+                if kept:
+                    _masked_copy_f32(g + blk.offset, _run_bits(p, bits, bstride, c, b),
+                                     blk.length, gs)
+                    _block_sums(<const floating*>gs, x + blk.offset, blk, mean[c], &q[0],
+                                &q[1], <const floating*>NULL, PLAIN)
+                    continue
             if ym == NULL:
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
                             <const floating*>NULL, PLAIN)
@@ -178,8 +194,12 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
                                   const Grad* gd, bint stream, const floating* ym,
                                   floating* dres, const unsigned char* bits,
                                   Py_ssize_t bstride) noexcept nogil:
+    """dx of chunk k of channels [c0, c1): masked by ym, or by the bits (vector loops,
+    float32 training), or, for the kept bits where those loops do not apply (a channel in
+    double, fixed statistics), by g masked into an L1 stage (blocks of one run)."""
     cdef Py_ssize_t b, c
     cdef Block blk
+    cdef floating gs[BLOCK]
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
         for c in range(c0, c1):
             blk = _block(p, c, b)
@@ -190,6 +210,16 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
                              _run_bits(p, <unsigned char*>bits, bstride, c, b),
                              p.C * bstride, dres + blk.offset if dres != NULL else NULL)
                 continue
+            if floating is float:
+                if bits != NULL and ym == NULL:
+                    _masked_copy_f32(g + blk.offset, _run_bits(p, <unsigned char*>bits,
+                                                               bstride, c, b), blk.length, gs)
+                    if dres != NULL:
+                        memcpy(dres + blk.offset, gs, blk.length * sizeof(float))
+                    _dx_run(<const floating*>gs, x + blk.offset, dx + blk.offset, blk.length,
+                            1, blk.stride, gd, c, stream, <const floating*>NULL,
+                            <floating*>NULL)
+                    continue
             _dx_run(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length, blk.nrun,
                     blk.stride, gd, c, stream, ym + blk.offset if ym != NULL else NULL,
                     dres + blk.offset if dres != NULL else NULL)
@@ -218,7 +248,7 @@ cdef inline void _planar_reduce_t(const Planar* p, const floating* a, const floa
         _planar_chunk_stats(p, a, c0, c1, k, w.part)
     else:
         _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part, <const floating*>w.ymask,
-                           w.bits, w.bits_stride)
+                           w.bits, w.bits_stride, w.kept_bits)
 
 
 cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
@@ -243,7 +273,7 @@ cdef inline void _planar_apply_t(const Planar* p, const floating* a, const float
     """y (or dx) of chunk k of channels [c0, c1) (float32 and float64 data)."""
     if w.op == TRAIN:
         _planar_chunk_affine(p, a, out, c0, c1, k, w.cf, w.stream, <const floating*>w.res,
-                             w.relu)
+                             w.relu, w.keep, w.bits_stride)
     else:
         _planar_chunk_dx(p, a, b, out, c0, c1, k, w.gd, w.stream, <const floating*>w.ymask,
                          <floating*>w.dres, w.bits, w.bits_stride)
@@ -372,7 +402,7 @@ cdef void _planar_infer_runs(const Planar* p, const floating* x, floating* y, Py
     cdef Py_ssize_t run, c = r0 % p.C
     for run in range(r0, r1):
         _affine(x + run * p.S, y + run * p.S, p.S, 1, 0, af, c, stream,
-                res + run * p.S if res != NULL else NULL, relu)
+                res + run * p.S if res != NULL else NULL, relu, NULL, 0)
         c = c + 1
         if c == p.C:
             c = 0

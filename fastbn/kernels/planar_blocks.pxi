@@ -521,8 +521,10 @@ cdef enum:
 
 cdef void _affine_streamed(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
                            Py_ssize_t stride, const Affine* af, Py_ssize_t c,
-                           const floating* res, bint relu) noexcept nogil:
-    """_affine_into through the L1 stage, run by run, with streaming stores."""
+                           const floating* res, bint relu, unsigned char* keep,
+                           Py_ssize_t keep_step) noexcept nogil:
+    """_affine_into through the L1 stage, run by run, with streaming stores (and the mask
+    bits packed from the stage, see _affine)."""
     cdef floating stage[STAGE]
     cdef Py_ssize_t off, n, r
     for r in range(nrun):
@@ -531,6 +533,8 @@ cdef void _affine_streamed(const floating* x, floating* y, Py_ssize_t length, Py
             n = length - off if length - off < STAGE else STAGE
             _affine_into(x + r * stride + off, stage, n, 1, 0, af, c,
                          res + r * stride + off if res != NULL else NULL, relu)
+            if keep != NULL:
+                _pack(stage, n, keep + r * keep_step + off // 8)
             _stream(y + r * stride + off, stage, n)
             off = off + n
 
@@ -554,13 +558,19 @@ cdef void _dx_streamed(const floating* g, const floating* x, floating* dx, Py_ss
 
 cdef inline void _affine(const floating* x, floating* y, Py_ssize_t length, Py_ssize_t nrun,
                          Py_ssize_t stride, const Affine* af, Py_ssize_t c, bint stream,
-                         const floating* res, bint relu) noexcept nogil:
+                         const floating* res, bint relu, unsigned char* keep,
+                         Py_ssize_t keep_step) noexcept nogil:
     """The normalization of nrun runs of channel c (streamed when `stream`), with the
-    fused epilogue (residual, ReLU) when asked."""
+    fused epilogue (residual, ReLU) when asked; with `keep`, the mask bits y > 0 of run r
+    are also packed to keep + r * keep_step, from the values just written (in L1)."""
+    cdef Py_ssize_t r
     if stream and length >= STREAM_MIN:
-        _affine_streamed(x, y, length, nrun, stride, af, c, res, relu)
+        _affine_streamed(x, y, length, nrun, stride, af, c, res, relu, keep, keep_step)
     else:
         _affine_into(x, y, length, nrun, stride, af, c, res, relu)
+        if keep != NULL:
+            for r in range(nrun):
+                _pack(y + r * stride, length, keep + r * keep_step)
 
 
 cdef void _dx_run_bits(const float* g, const float* x, float* dx, Py_ssize_t length,

@@ -261,28 +261,35 @@ cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
 cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                               Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
                               const opmath_t* shift, bint stream, const floating* res,
-                              bint relu) noexcept nogil:
+                              bint relu, unsigned char* keep,
+                              Py_ssize_t rowbytes) noexcept nogil:
     """_rows_affine_in with the fused epilogue, piece by piece (whole rows per piece when they
     fit, else pieces of a row). A piece goes through an L1 stage when its stores stream, or
     when a residual is added (y may be the residual itself: each piece of the residual is
-    read before that piece of y is written)."""
+    read before that piece of y is written). With keep, the mask bits y > 0 of row r go to
+    keep + r * rowbytes, packed from the stage or from the rows just written."""
     if res != NULL:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, RELU_RESIDUAL)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, keep, rowbytes,
+                       RELU_RESIDUAL)
     elif relu:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, RELU)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, keep, rowbytes, RELU)
     else:
-        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, PLAIN)
+        _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, NULL, 0, PLAIN)
 
 
 cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                          Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
                          const opmath_t* shift, bint stream, const floating* res,
+                         unsigned char* keep, Py_ssize_t rowbytes,
                          epi_t variant) noexcept nogil:
     """_rows_affine_staged in the given variant (epi_t)."""
     cdef floating stage[STAGE]
-    cdef Py_ssize_t r = r0, n, c0, off
+    cdef Py_ssize_t r = r0, n, c0, off, i
     if not stream and res == NULL:
         _rows_affine_in(x, y, C, r0, r1, mean, scale, shift, NULL, variant)
+        if keep != NULL:           # a task's rows (ROW_CHUNK_VALUES values) are in cache
+            for r in range(r0, r1):
+                _pack(y + r * C, C, keep + r * rowbytes)
         return
     while r < r1:
         if C <= STAGE:                 # whole rows per piece
@@ -290,6 +297,9 @@ cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_
             off = r * C
             _rows_affine_in(x + off, stage, C, 0, n, mean, scale, shift,
                             NULL if res == NULL else res + off, variant)
+            if keep != NULL:
+                for i in range(n):
+                    _pack(stage + i * C, C, keep + (r + i) * rowbytes)
             _store(y + off, stage, n * C, stream)
             r = r + n
         else:                          # pieces of one row
@@ -299,6 +309,8 @@ cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_
                 off = r * C + c0
                 _rows_affine_in(x + off, stage, n, 0, 1, mean + c0, scale + c0, shift + c0,
                                 NULL if res == NULL else res + off, variant)
+                if keep != NULL:               # c0: a multiple of STAGE, so of 8
+                    _pack(stage, n, keep + r * rowbytes + c0 // 8)
                 _store(y + off, stage, n, stream)
                 c0 = c0 + n
             r = r + 1
@@ -317,7 +329,8 @@ cdef inline void _store(floating* y, const floating* stage, Py_ssize_t n,
 
 cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
                        Py_ssize_t r1, const Affine* af, Py_ssize_t c0, bint stream,
-                       const floating* res, bint relu) noexcept nogil:
+                       const floating* res, bint relu, unsigned char* keep=NULL,
+                       Py_ssize_t rowbytes=0) noexcept nogil:
     """The normalization of rows [r0, r1) of C channels, with the coefficients of channels
     [c0, c0 + C) of af (and the fused epilogue when asked): in float32 for float32 data
     whose every channel allows it (see planar_blocks.pxi), else in double."""
@@ -325,10 +338,11 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
         if _all_set(af.ok32 + c0, C):
             _rows_affine_staged(x, y, C, r0, r1, <const float*>(af.mean32 + c0),
                                 <const float*>(af.scale32 + c0),
-                                <const float*>(af.shift32 + c0), stream, res, relu)
+                                <const float*>(af.shift32 + c0), stream, res, relu, keep,
+                                rowbytes)
             return
     _rows_affine_staged(x, y, C, r0, r1, af.mean + c0, af.scale + c0, af.shift + c0, stream,
-                        res, relu)
+                        res, relu, keep, rowbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,20 +420,24 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                            Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
                            double* sg, double* sd, bint multi_row,
                            const floating* ym, unsigned char* bits,
-                           Py_ssize_t rowbytes, const Work* w) noexcept nogil:
+                           Py_ssize_t rowbytes, bint kept, const Work* w) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
     sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
     tile's dot added in double with the mean's low part corrected, and a tile dot out of
     float32's comfortable range summed again in double (as _block_sums does). With ym (the
     fused ReLU's output, laid out as g, or NULL), of g masked by y > 0, and the mask stored
-    as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C)."""
+    as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C). kept (float32 data):
+    the mask is the bits the forward kept (row r at bits + r * rowbytes; c0 a multiple of
+    8); each tile's g is masked into a stage laid out as the tile (the values the masked
+    loops take) and summed from there by the plain loops: the same bits as with ym."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double* work
     cdef float* dot32
-    cdef double t, m
+    cdef float* gs = NULL
+    cdef double t, m, gv
     g = g + c0
     x = x + c0
     sg = sg + c0
@@ -427,32 +445,50 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     if ym != NULL:
         ym = ym + c0
     if floating is float:
-        work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float))) \
+        work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float)) +
+                                      (TILE_ROWS * C * sizeof(float) if kept else 0)) \
             if gd.mean32 != NULL else NULL
         if work != NULL:
             dot32 = <float*>(work + width)
+            if kept:
+                gs = dot32 + width
             for c in range(width):
                 sg[c] = 0
                 sd[c] = 0
             for ib in range(nrb):
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
-                _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row, ym, bits, rowbytes)
+                if kept:
+                    for r in range(b0, b1):
+                        _masked_copy_f32(g + r * C, bits + r * rowbytes + c0 // 8, width,
+                                         gs + (r - b0) * C)
+                    _rows_sums_in(gs, x + b0 * C, C, 0, b1 - b0, width,
+                                  <const float*>(gd.mean32 + c0), work, dot32, multi_row,
+                                  NULL, NULL, 0)
+                else:
+                    _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0),
+                                  work, dot32, multi_row, ym, bits, rowbytes)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
                         t = 0
                         m = gd.mean[c0 + c]
                         for r in range(b0, b1):
-                            t = t + (g[r * C + c] if ym == NULL else
-                                     _masked(g[r * C + c], ym[r * C + c])) * (x[r * C + c] - m)
+                            if kept:
+                                gv = gs[(r - b0) * C + c]
+                            elif ym == NULL:
+                                gv = g[r * C + c]
+                            else:
+                                gv = _masked(g[r * C + c], ym[r * C + c])
+                            t = t + gv * (x[r * C + c] - m)
                         t = t + gd.mean_lo[c0 + c] * work[c]      # cancelled below
                     sg[c] = sg[c] + work[c]
                     sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
             free(work)
             return
-    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym, bits, rowbytes)
+    # no scratch (w.failed is set: the call raises MemoryError), or float64 data
+    _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym,
+                  NULL if kept else bits, rowbytes)
 
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
@@ -635,6 +671,36 @@ cdef void _rows_dx_bits(const float* g, const float* x, float* dx, Py_ssize_t C,
         _stream_fence()
 
 
+cdef void _rows_dx_kept(const float* g, const float* x, float* dx, Py_ssize_t C,
+                        Py_ssize_t r0, Py_ssize_t r1, const Grad* gd, bint stream,
+                        const unsigned char* bits, Py_ssize_t rowbytes,
+                        float* dres) noexcept nogil:
+    """dx on rows [r0, r1) with dy masked by the bits the forward kept, where _rows_dx_bits
+    does not apply (a channel in double, or fixed statistics): each piece of a row is
+    masked into an L1 stage (the values the masked loops take; stored to dres when given)
+    and differentiated from there as _rows_dx does, in float32 or double as it decides for
+    the whole row. The same bits."""
+    cdef float gs[STAGE]
+    cdef float stage[STAGE]
+    cdef Py_ssize_t r, n, c0, base
+    cdef bint use32 = gd.mean32 != NULL and _all_set(gd.ok32, C)
+    for r in range(r0, r1):
+        c0 = 0
+        while c0 < C:
+            n = STAGE if c0 + STAGE <= C else C - c0
+            base = r * C + c0
+            _masked_copy_f32(g + base, bits + r * rowbytes + c0 // 8, n, gs)
+            if dres != NULL:
+                memcpy(dres + base, gs, n * sizeof(float))
+            _rows_dx_piece(<const float*>gs, x + base, &stage[0] if stream else dx + base, n,
+                           0, 1, gd, c0, use32, <const float*>NULL, <float*>NULL, PLAIN)
+            if stream:
+                _stream(dx + base, stage, n)
+            c0 = c0 + n
+    if stream:
+        _stream_fence()
+
+
 # ---------------------------------------------------------------------------------------------
 # The three phases of a training forward or a backward, and their schedule
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +717,8 @@ cdef inline void _rows_reduce_t(const floating* a, const floating* b, const Work
     else:
         _rows_chunk_sums(a, b, C, c0, c1, r0, r1, w.gd, w.part + 2 * k * C,
                          w.part + (2 * k + 1) * C, w.multi_row, <const floating*>w.ymask,
-                         w.bits if c0 == 0 and c1 == C else NULL, w.bits_stride, w)
+                         w.bits if (c0 == 0 and c1 == C) or w.kept_bits else NULL,
+                         w.bits_stride, w.kept_bits, w)
 
 
 cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rpc,
@@ -672,11 +739,15 @@ cdef inline void _rows_apply_t(const floating* a, const floating* b, floating* o
                                Py_ssize_t r1) noexcept nogil:
     """y (or dx) of rows [r0, r1) (float32 and float64 data)."""
     if w.op == TRAIN:
-        _rows_affine(a, out, C, r0, r1, &w.cf.af, 0, w.stream, <const floating*>w.res, w.relu)
+        _rows_affine(a, out, C, r0, r1, &w.cf.af, 0, w.stream, <const floating*>w.res, w.relu,
+                     w.keep, w.bits_stride)
     else:
         if (floating is float and w.bits != NULL and w.gd.training and
                 w.gd.mean32 != NULL and _all_set(w.gd.ok32, C)):
             _rows_dx_bits(a, b, out, C, r0, r1, w.gd, w.stream, w.bits, w.bits_stride,
+                          <float*>w.dres)
+        elif floating is float and w.kept_bits:
+            _rows_dx_kept(a, b, out, C, r0, r1, w.gd, w.stream, w.bits, w.bits_stride,
                           <float*>w.dres)
         else:
             _rows_dx(a, b, out, C, r0, r1, w.gd, 0, w.stream, <const floating*>w.ymask,
