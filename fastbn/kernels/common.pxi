@@ -228,6 +228,7 @@ cdef enum:
 
 cdef extern from "relu_mask.h":
     float _mask_f "fastbn_mask_f"(float g, float y) noexcept nogil
+    float _bit_f "fastbn_bit_f"(float g, unsigned int word, Py_ssize_t j) noexcept nogil
     double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
 
 
@@ -252,8 +253,12 @@ cdef extern from "mask_bits_dx.h":
     void _dx_bits_run_f32 "fastbn_dx_bits_run_f32"(const float* g, const float* x, float* d,
         float* e, Py_ssize_t n, float m, float gm, float gl, float a, float kx, float k,
         const unsigned char* bits) noexcept nogil
+    void _dx_bits_rows_f32 "fastbn_dx_bits_rows_f32"(const float* g, const float* x, float* d,
+        float* e, Py_ssize_t n, Py_ssize_t nrows, const float* m, const float* gm,
+        const float* gl, const float* a, const float* kx, const float* k,
+        const unsigned char* bits, Py_ssize_t rowbytes) noexcept nogil
     void _masked_copy_f32 "fastbn_masked_copy_f32"(const float* g, const unsigned char* bits,
-        Py_ssize_t n, float* out) noexcept nogil
+        Py_ssize_t n, float* out, Py_ssize_t ahead) noexcept nogil
 
 
 cdef inline floating _masked(floating g, floating y) noexcept nogil:

@@ -38,9 +38,9 @@ static inline __m512 fastbn_masked_g(const float* g, const unsigned char* bits,
                                      Py_ssize_t c) {
     __mmask16 b;
     memcpy(&b, bits + c / 8, 2);
-    return _mm512_maskz_loadu_ps(b, g + c);
+    return _mm512_maskz_mov_ps(b, _mm512_loadu_ps(g + c));
 }
-#define FB_MASKED(c) fastbn_masked_g(g, bits, c)
+#define FB_MASKED_AT(G, B, c) fastbn_masked_g(G, B, c)
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FASTBN_HAVE_DX_BITS 1
 typedef __m256 fastbn_vf;
@@ -51,25 +51,32 @@ typedef __m256 fastbn_vf;
 #define FB_SUB _mm256_sub_ps
 #define FB_FMA _mm256_fmadd_ps
 #define FB_MASK_SETUP const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-#define FB_MASKED(c)                                                                \
-    _mm256_and_ps(_mm256_loadu_ps(g + (c)), _mm256_castsi256_ps(_mm256_cmpeq_epi32(    \
-        _mm256_and_si256(_mm256_set1_epi32(bits[(c) / 8]), lane), lane)))
+#define FB_MASKED_AT(G, B, c)                                                       \
+    _mm256_and_ps(_mm256_loadu_ps((G) + (c)), _mm256_castsi256_ps(_mm256_cmpeq_epi32(  \
+        _mm256_and_si256(_mm256_set1_epi32((B)[(c) / 8]), lane), lane)))
 #else
 #define FASTBN_HAVE_DX_BITS 0
 #endif
 
 /* out[0:n] = g masked by the bits (g where the bit is set, else +0: the values
    fastbn_mask_f gives for the y the bits were packed from); the backward that reads the
-   layer's kept bits sums this copy, from L1, in the loops of the y-masked sums */
+   layer's kept bits sums this copy, from L1, in the loops of the y-masked sums. ahead:
+   0, or the distance in bytes at which g is prefetched (as the sums' own loops do) */
 #define FASTBN_MASKED_TAIL                                                          \
     for (; c < n; c++)                                                              \
         out[c] = fastbn_bit_f(g[c], bits[c / 8], c % 8);
 
 #if FASTBN_HAVE_DX_BITS
+#define FB_MASKED(c) FB_MASKED_AT(g, bits, c)
 static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py_ssize_t n,
-                                   float* out) {
+                                   float* out, Py_ssize_t ahead) {
     Py_ssize_t c = 0;
     FB_MASK_SETUP
+    if (ahead)
+        for (; c + FB_W <= n; c += FB_W) {
+            __builtin_prefetch((const char*)(g + c) + ahead);
+            FB_STORE(out + c, FB_MASKED(c));
+        }
     for (; c + FB_W <= n; c += FB_W)
         FB_STORE(out + c, FB_MASKED(c));
     FASTBN_MASKED_TAIL
@@ -106,10 +113,51 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
     }
     FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
 }
+/* fastbn_dx_bits_f32 on nrows rows of n values (rows n apart in g, x, d and e; their bits
+   rowbytes apart), two rows per sweep so that each load of the per-channel coefficients
+   serves both (the same values: each one is computed as fastbn_dx_bits_f32 computes it) */
+static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, float* e,
+                                    Py_ssize_t n, Py_ssize_t nrows, const float* m,
+                                    const float* gm, const float* gl, const float* a,
+                                    const float* kx, const float* k,
+                                    const unsigned char* bits, Py_ssize_t rowbytes) {
+    Py_ssize_t r = 0, c;
+    FB_MASK_SETUP
+    for (; r + 2 <= nrows; r += 2) {
+        const float *g0 = g + r * n, *g1 = g0 + n, *x0 = x + r * n, *x1 = x0 + n;
+        float *d0 = d + r * n, *d1 = d0 + n;
+        float *e0 = e ? e + r * n : NULL, *e1 = e ? e0 + n : NULL;
+        const unsigned char *b0 = bits + r * rowbytes, *b1 = b0 + rowbytes;
+        for (c = 0; c + FB_W <= n; c += FB_W) {
+            fastbn_vf vm = FB_LOAD(m + c), vgm = FB_LOAD(gm + c), vgl = FB_LOAD(gl + c);
+            fastbn_vf va = FB_LOAD(a + c), vkx = FB_LOAD(kx + c), vk = FB_LOAD(k + c);
+            fastbn_vf v0 = FB_MASKED_AT(g0, b0, c), v1 = FB_MASKED_AT(g1, b1, c);
+            fastbn_vf t0 = FB_SUB(FB_SUB(v0, vgm), vgl), t1 = FB_SUB(FB_SUB(v1, vgm), vgl);
+            fastbn_vf u0 = FB_FMA(FB_SUB(FB_LOAD(x0 + c), vm), vkx, vk);
+            fastbn_vf u1 = FB_FMA(FB_SUB(FB_LOAD(x1 + c), vm), vkx, vk);
+            if (e) {
+                FB_STORE(e0 + c, v0);
+                FB_STORE(e1 + c, v1);
+            }
+            FB_STORE(d0 + c, FB_FMA(t0, va, u0));
+            FB_STORE(d1 + c, FB_FMA(t1, va, u1));
+        }
+        if (c < n) {        /* c is a multiple of 8: the tails' bits start at a byte */
+            fastbn_dx_bits_f32(g0 + c, x0 + c, d0 + c, e ? e0 + c : NULL, n - c, m + c,
+                               gm + c, gl + c, a + c, kx + c, k + c, b0 + c / 8);
+            fastbn_dx_bits_f32(g1 + c, x1 + c, d1 + c, e ? e1 + c : NULL, n - c, m + c,
+                               gm + c, gl + c, a + c, kx + c, k + c, b1 + c / 8);
+        }
+    }
+    if (r < nrows)
+        fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
+                           gl, a, kx, k, bits + r * rowbytes);
+}
 #else
 static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py_ssize_t n,
-                                   float* out) {
+                                   float* out, Py_ssize_t ahead) {
     Py_ssize_t c = 0;
+    (void)ahead;
     FASTBN_MASKED_TAIL
 }
 static void fastbn_dx_bits_f32(const float* g, const float* x, float* d, float* e,
@@ -124,6 +172,16 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
                                    float kx, float k, const unsigned char* bits) {
     Py_ssize_t c = 0;
     FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
+}
+static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, float* e,
+                                    Py_ssize_t n, Py_ssize_t nrows, const float* m,
+                                    const float* gm, const float* gl, const float* a,
+                                    const float* kx, const float* k,
+                                    const unsigned char* bits, Py_ssize_t rowbytes) {
+    Py_ssize_t r;
+    for (r = 0; r < nrows; r++)
+        fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
+                           gl, a, kx, k, bits + r * rowbytes);
 }
 #endif
 

@@ -104,7 +104,7 @@ cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floati
                                       const Coef* cf, bint stream, const floating* res,
                                       bint relu, unsigned char* keep,
                                       Py_ssize_t kstride) noexcept nogil:
-    """y of chunk k of channels [c0, c1); with keep, the mask bits too (_run_bits' layout,
+    """y of chunk k of channels [c0, c1); with keep, the mask bits too (_kept_run_bits,
     kstride bytes per run)."""
     cdef Py_ssize_t b, c
     cdef Block blk
@@ -113,8 +113,8 @@ cdef inline void _planar_chunk_affine(const Planar* p, const floating* x, floati
             blk = _block(p, c, b)
             _affine(x + blk.offset, y + blk.offset, blk.length, blk.nrun, blk.stride, &cf.af,
                     c, stream, res + blk.offset if res != NULL else NULL, relu,
-                    _run_bits(p, keep, kstride, c, b) if keep != NULL else NULL,
-                    p.C * kstride)
+                    _kept_run_bits(p, keep, kstride, c, b) if keep != NULL else NULL,
+                    kstride)
 
 
 cdef inline void _merge_stats(const double* part, Py_ssize_t nchunk,
@@ -145,6 +145,19 @@ cdef inline unsigned char* _run_bits(const Planar* p, unsigned char* bits, Py_ss
     return bits + ((n * p.C + c) * p.pieces + q) * stride
 
 
+cdef inline unsigned char* _kept_run_bits(const Planar* p, unsigned char* bits,
+                                          Py_ssize_t stride, Py_ssize_t c,
+                                          Py_ssize_t b) noexcept nogil:
+    """The kept mask bits (a training forward's, for its backward) of the first run of block
+    b of channel c. They are channel-major, so that each pass reads a channel's bits as one
+    sequential stream: run (n, c, q) at ((c * N + n) * pieces + q) * stride; the next run
+    of a block (the next sample) is stride bytes on. (The same (N, C, S) gives the forward
+    and the backward the same pieces, and blocks of one run where the bits are kept.)"""
+    if p.pieces == 1:
+        return bits + (c * p.N + b * p.runs) * stride
+    return bits + (c * p.nblock + b) * stride         # b = n * pieces + q
+
+
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part,
@@ -171,8 +184,9 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
             q = part + 2 * (c * p.nchunk + k)
             if floating is float:
                 if kept:
-                    _masked_copy_f32(g + blk.offset, _run_bits(p, bits, bstride, c, b),
-                                     blk.length, gs)
+                    _masked_copy_f32(g + blk.offset, _kept_run_bits(p, bits, bstride, c, b),
+                                     blk.length, gs, PREFETCH_BYTES if blk.length *
+                                     <Py_ssize_t>sizeof(float) > PREFETCH_BYTES else 0)
                     _block_sums(<const floating*>gs, x + blk.offset, blk, mean[c], &q[0],
                                 &q[1], <const floating*>NULL, PLAIN)
                     continue
@@ -205,15 +219,21 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
             blk = _block(p, c, b)
             if (floating is float and bits != NULL and gd.training and gd.mean32 != NULL
                     and gd.ok32[c]):
-                _dx_run_bits(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length,
-                             blk.nrun, blk.stride, gd, c, stream,
-                             _run_bits(p, <unsigned char*>bits, bstride, c, b),
-                             p.C * bstride, dres + blk.offset if dres != NULL else NULL)
+                if ym == NULL:          # the kept bits
+                    _dx_run_bits(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length,
+                                 blk.nrun, blk.stride, gd, c, stream,
+                                 _kept_run_bits(p, <unsigned char*>bits, bstride, c, b),
+                                 bstride, dres + blk.offset if dres != NULL else NULL)
+                else:
+                    _dx_run_bits(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length,
+                                 blk.nrun, blk.stride, gd, c, stream,
+                                 _run_bits(p, <unsigned char*>bits, bstride, c, b),
+                                 p.C * bstride, dres + blk.offset if dres != NULL else NULL)
                 continue
             if floating is float:
                 if bits != NULL and ym == NULL:
-                    _masked_copy_f32(g + blk.offset, _run_bits(p, <unsigned char*>bits,
-                                                               bstride, c, b), blk.length, gs)
+                    _masked_copy_f32(g + blk.offset, _kept_run_bits(
+                        p, <unsigned char*>bits, bstride, c, b), blk.length, gs, 0)
                     if dres != NULL:
                         memcpy(dres + blk.offset, gs, blk.length * sizeof(float))
                     _dx_run(<const floating*>gs, x + blk.offset, dx + blk.offset, blk.length,

@@ -352,25 +352,31 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
 cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                         Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
                         acc_t* sd, bint multi_row, const floating* ym,
-                        unsigned char* bits, Py_ssize_t rowbytes) noexcept nogil:
+                        unsigned char* bits, Py_ssize_t rowbytes,
+                        const unsigned char* kept=NULL, floating* gstage=NULL) noexcept nogil:
     """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
     memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0;
-    with bits too, each row's mask is also stored there (row r at bits + r * rowbytes)."""
+    with bits too, each row's mask is also stored there (row r at bits + r * rowbytes).
+    With kept (float32 data: the bits the forward kept, row r's at kept + r * rowbytes), of
+    g masked by them: each sweep's rows are masked into gstage (4 rows, C apart; the values
+    the masked loops take) and summed from there by the plain loops, the same bits."""
     if ym == NULL:
-        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, 0, PLAIN)
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, rowbytes,
+                     kept, gstage, PLAIN)
     else:
         _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, bits, rowbytes,
-                     MASKED)
+                     NULL, NULL, MASKED)
 
 
 cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                        Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
                        acc_t* sd, bint multi_row, const floating* ym,
-                       unsigned char* bits, Py_ssize_t rowbytes,
-                       mask_t variant) noexcept nogil:
+                       unsigned char* bits, Py_ssize_t rowbytes, const unsigned char* kept,
+                       floating* gstage, mask_t variant) noexcept nogil:
     """_rows_sums_in in the given variant (mask_t: plain, or masked by ym with the rows'
-    masks packed into bits first when given, so that each sweep's rows then come from L1)."""
+    masks packed into bits first when given, so that each sweep's rows then come from L1;
+    plain with kept: g masked by the kept bits through gstage)."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
@@ -392,6 +398,12 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         if mask_t is not char and bits != NULL:
             for c in range(4):
                 _pack(yr + c * C, width, bits + (r + c) * rowbytes)
+        if floating is float:
+            if kept != NULL:
+                for c in range(4):
+                    _masked_copy_f32(gr + c * C, kept + (r + c) * rowbytes, width,
+                                     gstage + c * C, 0)
+                gr = gstage
         for c in range(width):
             m = mean[c]
             g0 = _gat(gr, yr, c, variant)
@@ -410,6 +422,10 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
             _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(floating))
         if mask_t is not char and bits != NULL:
             _pack(yr, width, bits + r * rowbytes)
+        if floating is float:
+            if kept != NULL:
+                _masked_copy_f32(gr, kept + r * rowbytes, width, gstage, 0)
+                gr = gstage
         for c in range(width):
             g0 = _gat(gr, yr, c, variant)
             sg[c] = sg[c] + g0
@@ -429,14 +445,14 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     fused ReLU's output, laid out as g, or NULL), of g masked by y > 0, and the mask stored
     as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C). kept (float32 data):
     the mask is the bits the forward kept (row r at bits + r * rowbytes; c0 a multiple of
-    8); each tile's g is masked into a stage laid out as the tile (the values the masked
-    loops take) and summed from there by the plain loops: the same bits as with ym."""
+    8), read as _rows_sums_in reads them: the same bits as with ym."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double* work
     cdef float* dot32
     cdef float* gs = NULL
+    cdef const unsigned char* kb = NULL
     cdef double t, m, gv
     g = g + c0
     x = x + c0
@@ -446,28 +462,21 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
         ym = ym + c0
     if floating is float:
         work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float)) +
-                                      (TILE_ROWS * C * sizeof(float) if kept else 0)) \
+                                      (4 * C * sizeof(float) if kept else 0)) \
             if gd.mean32 != NULL else NULL
         if work != NULL:
             dot32 = <float*>(work + width)
             if kept:
                 gs = dot32 + width
+                kb = bits + c0 // 8
             for c in range(width):
                 sg[c] = 0
                 sd[c] = 0
             for ib in range(nrb):
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
-                if kept:
-                    for r in range(b0, b1):
-                        _masked_copy_f32(g + r * C, bits + r * rowbytes + c0 // 8, width,
-                                         gs + (r - b0) * C)
-                    _rows_sums_in(gs, x + b0 * C, C, 0, b1 - b0, width,
-                                  <const float*>(gd.mean32 + c0), work, dot32, multi_row,
-                                  NULL, NULL, 0)
-                else:
-                    _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0),
-                                  work, dot32, multi_row, ym, bits, rowbytes)
+                _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
+                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, kb, gs)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
@@ -475,7 +484,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                         m = gd.mean[c0 + c]
                         for r in range(b0, b1):
                             if kept:
-                                gv = gs[(r - b0) * C + c]
+                                gv = _bit_f(g[r * C + c], kb[r * rowbytes + c // 8], c % 8)
                             elif ym == NULL:
                                 gv = g[r * C + c]
                             else:
@@ -652,9 +661,25 @@ cdef void _rows_dx_bits(const float* g, const float* x, float* dx, Py_ssize_t C,
     """dx of float32 data in float32 (training, every channel allowing it: _dx_value's float32
     form) on rows [r0, r1), with dy masked by the reduction's mask bits (row r at bits +
     r * rowbytes) instead of y, in vector loops of their own (_dx_bits_f32); through an
-    L1 stage with streaming stores when `stream`. The same bits as _rows_dx."""
+    L1 stage with streaming stores when `stream`; rows of at most STAGE values a stage of
+    whole rows at a time, two rows per sweep (_dx_bits_rows_f32). The same bits as
+    _rows_dx."""
     cdef float stage[STAGE]
     cdef Py_ssize_t r, n, c0, base
+    if C <= STAGE:
+        r = r0
+        while r < r1:
+            n = STAGE // C if STAGE // C < r1 - r else r1 - r
+            base = r * C
+            _dx_bits_rows_f32(g + base, x + base, &stage[0] if stream else dx + base,
+                              _at_w(dres, base), C, n, gd.mean32, gd.gmean32, gd.gmean_lo32,
+                              gd.a32, gd.kx32, gd.c32, bits + r * rowbytes, rowbytes)
+            if stream:
+                _stream(dx + base, stage, n * C)
+            r = r + n
+        if stream:
+            _stream_fence()
+        return
     for r in range(r0, r1):
         c0 = 0
         while c0 < C:
@@ -689,7 +714,7 @@ cdef void _rows_dx_kept(const float* g, const float* x, float* dx, Py_ssize_t C,
         while c0 < C:
             n = STAGE if c0 + STAGE <= C else C - c0
             base = r * C + c0
-            _masked_copy_f32(g + base, bits + r * rowbytes + c0 // 8, n, gs)
+            _masked_copy_f32(g + base, bits + r * rowbytes + c0 // 8, n, gs, 0)
             if dres != NULL:
                 memcpy(dres + base, gs, n * sizeof(float))
             _rows_dx_piece(<const float*>gs, x + base, &stage[0] if stream else dx + base, n,
