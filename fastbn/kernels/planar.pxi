@@ -183,7 +183,12 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
             if floating is float:
-                if kept:
+                if kept and REGISTER_LANES:         # the bits in the lanes' loops
+                    _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
+                                <const floating*>NULL, PLAIN,
+                                _kept_run_bits(p, bits, bstride, c, b))
+                    continue
+                if kept:                            # through an L1 stage
                     _masked_copy_f32(g + blk.offset, _kept_run_bits(p, bits, bstride, c, b),
                                      blk.length, gs, PREFETCH_BYTES if blk.length *
                                      <Py_ssize_t>sizeof(float) > PREFETCH_BYTES else 0)

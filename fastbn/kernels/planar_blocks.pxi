@@ -269,9 +269,12 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
                            Py_ssize_t stride, Py_ssize_t nstep, acc_t mean, double* acc,
-                           acc_t* dt, const floating* ym, mask_t variant) noexcept nogil:
+                           acc_t* dt, const floating* ym, mask_t variant,
+                           const unsigned char* kb) noexcept nogil:
     """nstep steps of LANES values of each of nrun runs into acc[0:LANES], dt[0:LANES] (as
-    _sums_one on each step, run after run), in register-held local sums as in _devs_run."""
+    _sums_one on each step, run after run), in register-held local sums as in _devs_run.
+    kb (float32 data, one run, plain variant): g masked by these bits (value i's is bit
+    i % 8 of kb[i // 8]), as a bit AND in the lanes: the values the masked variant takes."""
     cdef double a[LANES]
     cdef acc_t t[LANES]
     cdef Py_ssize_t i, j, k
@@ -279,10 +282,28 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
     cdef const floating* xr
     cdef const floating* yr = NULL
     cdef floating gv
+    cdef unsigned int word
     cdef bint ahead = nstep * LANES * <Py_ssize_t>sizeof(floating) > PREFETCH_BYTES
     for j in range(LANES):
         a[j] = 0
         t[j] = 0
+    if floating is float:
+        if kb != NULL:
+            for i in range(nstep):
+                if ahead:
+                    _prefetch(<const char*>(g + i * LANES) + PREFETCH_BYTES,
+                              LANES * sizeof(floating))
+                    _prefetch(<const char*>(x + i * LANES) + PREFETCH_BYTES,
+                              LANES * sizeof(floating))
+                memcpy(&word, kb + i * (LANES // 8), LANES // 8)
+                for j in range(LANES):
+                    gv = _bit_f(g[i * LANES + j], word, j)
+                    a[j] = a[j] + gv
+                    t[j] = t[j] + gv * (x[i * LANES + j] - mean)
+            for j in range(LANES):
+                acc[j] = a[j]
+                dt[j] = t[j]
+            return
     for k in range(nrun):
         gr = g + k * stride
         xr = x + k * stride
@@ -305,9 +326,11 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
 
 cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk, acc_t mean,
                                 double* acc, acc_t* dt, double* sum_g, double* dot,
-                                const floating* ym, mask_t variant) noexcept nogil:
+                                const floating* ym, mask_t variant,
+                                const unsigned char* kb) noexcept nogil:
     """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt (scratch of BLOCK
-    values each) over one block, returned in double (lanes and steps as in _block_devs)."""
+    values each) over one block, returned in double (lanes and steps as in _block_devs).
+    kb: see _sums_run (REGISTER_LANES builds only)."""
     cdef double s = 0
     cdef acc_t t = 0
     cdef Py_ssize_t lanes = _block_lanes(blk)
@@ -320,7 +343,7 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
     cdef const floating* yr = NULL
     cdef floating gv
     if REGISTER_LANES and long_runs:
-        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym, variant)
+        _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym, variant, kb)
     else:
         for j in range(lanes):
             acc[j] = 0
@@ -343,6 +366,9 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
         yr = _at(ym, k * blk.stride)
         for i in range(_stepped(blk, lanes, nstep), blk.length):
             gv = _gat(gr, yr, i, variant)
+            if floating is float:
+                if kb != NULL:
+                    gv = _bit_f(gv, kb[i // 8], i % 8)
             s = s + gv
             t = t + gv * (xr[i] - mean)
     sum_g[0] = s + _lane_sum(acc, lanes)
@@ -351,10 +377,11 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
 
 cdef inline void _block_sums(const floating* g, const floating* x, Block blk, double mean,
                              double* sum_g, double* dot, const floating* ym,
-                             mask_t variant) noexcept nogil:
+                             mask_t variant, const unsigned char* kb=NULL) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass (the dot
     in float32 lanes for float32 data, see above). With ym (the fused ReLU's output, laid
-    out as g, or NULL), of g masked by y > 0, read in the same loops."""
+    out as g, or NULL), of g masked by y > 0, read in the same loops; with kb (a block of
+    one run, REGISTER_LANES builds), of g masked by those bits (_sums_run)."""
     cdef double acc[BLOCK]
     cdef double dt64[BLOCK]
     cdef float dt32[BLOCK]
@@ -363,12 +390,12 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     if floating is float:
         if _f32_bounded(mean):
             m32 = <float>mean
-            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym, variant)
+            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym, variant, kb)
             if _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + (t - (mean - <double>m32) * s)
                 return
-    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym, variant)
+    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym, variant, kb)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t
 
