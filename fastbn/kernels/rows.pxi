@@ -353,30 +353,31 @@ cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_s
                         Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
                         acc_t* sd, bint multi_row, const floating* ym,
                         unsigned char* bits, Py_ssize_t rowbytes,
-                        const unsigned char* kept=NULL, floating* gstage=NULL) noexcept nogil:
+                        const unsigned char* kept=NULL) noexcept nogil:
     """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
     memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0;
     with bits too, each row's mask is also stored there (row r at bits + r * rowbytes).
     With kept (float32 data: the bits the forward kept, row r's at kept + r * rowbytes), of
-    g masked by them: each sweep's rows are masked into gstage (4 rows, C apart; the values
-    the masked loops take) and summed from there by the plain loops, the same bits."""
+    g masked by them (_rows_sums_bits)."""
+    if floating is float and acc_t is float:
+        if kept != NULL:
+            _rows_sums_bits(g, x, C, r0, r1, width, mean, sg, sd, multi_row, kept, rowbytes)
+            return
     if ym == NULL:
-        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, rowbytes,
-                     kept, gstage, PLAIN)
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, 0, PLAIN)
     else:
         _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, bits, rowbytes,
-                     NULL, NULL, MASKED)
+                     MASKED)
 
 
 cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                        Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
                        acc_t* sd, bint multi_row, const floating* ym,
-                       unsigned char* bits, Py_ssize_t rowbytes, const unsigned char* kept,
-                       floating* gstage, mask_t variant) noexcept nogil:
+                       unsigned char* bits, Py_ssize_t rowbytes,
+                       mask_t variant) noexcept nogil:
     """_rows_sums_in in the given variant (mask_t: plain, or masked by ym with the rows'
-    masks packed into bits first when given, so that each sweep's rows then come from L1;
-    plain with kept: g masked by the kept bits through gstage)."""
+    masks packed into bits first when given, so that each sweep's rows then come from L1)."""
     cdef Py_ssize_t c, r
     cdef const floating* xr
     cdef const floating* gr
@@ -398,12 +399,6 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         if mask_t is not char and bits != NULL:
             for c in range(4):
                 _pack(yr + c * C, width, bits + (r + c) * rowbytes)
-        if floating is float:
-            if kept != NULL:
-                for c in range(4):
-                    _masked_copy_f32(gr + c * C, kept + (r + c) * rowbytes, width,
-                                     gstage + c * C, 0)
-                gr = gstage
         for c in range(width):
             m = mean[c]
             g0 = _gat(gr, yr, c, variant)
@@ -422,12 +417,80 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
             _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(floating))
         if mask_t is not char and bits != NULL:
             _pack(yr, width, bits + r * rowbytes)
-        if floating is float:
-            if kept != NULL:
-                _masked_copy_f32(gr, kept + r * rowbytes, width, gstage, 0)
-                gr = gstage
         for c in range(width):
             g0 = _gat(gr, yr, c, variant)
+            sg[c] = sg[c] + g0
+            sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+
+
+cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize_t r0,
+                          Py_ssize_t r1, Py_ssize_t width, const float* mean, double* sg,
+                          float* sd, bint multi_row, const unsigned char* kept,
+                          Py_ssize_t rowbytes) noexcept nogil:
+    """_rows_sums_v's plain float32 sums of g masked by the kept bits (row r's at kept +
+    r * rowbytes, channel c's bit c % 8 of byte c // 8): the same rows per sweep and the
+    same expressions on the values the masked variant takes (a bit AND), so the same
+    bits; the channels go 32 at a time, one 32-bit word of each row's bits per block (a
+    channel's sums do not depend on the order of the channels)."""
+    cdef Py_ssize_t c, r, cb, j
+    cdef const float* xr
+    cdef const float* gr
+    cdef const unsigned char* br
+    cdef Py_ssize_t r4 = r0 + (r1 - r0) // 4 * 4 if multi_row else r0
+    cdef Py_ssize_t wb = width - width % 32
+    cdef bint short_rows = C * <Py_ssize_t>sizeof(float) <= PREFETCH_BYTES
+    cdef unsigned int w0, w1, w2, w3
+    cdef float g0, g1, g2, g3, m
+    for c in range(width):
+        sg[c] = 0
+        sd[c] = 0
+    for r in range(r0, r4, 4):
+        xr = x + r * C
+        gr = g + r * C
+        br = kept + r * rowbytes
+        if short_rows:
+            _prefetch(<const char*>xr + PREFETCH_BYTES, 4 * C * sizeof(float))
+            _prefetch(<const char*>gr + PREFETCH_BYTES, 4 * C * sizeof(float))
+        for cb in range(0, wb, 32):
+            memcpy(&w0, br + cb // 8, 4)
+            memcpy(&w1, br + rowbytes + cb // 8, 4)
+            memcpy(&w2, br + 2 * rowbytes + cb // 8, 4)
+            memcpy(&w3, br + 3 * rowbytes + cb // 8, 4)
+            for j in range(32):
+                c = cb + j
+                m = mean[c]
+                g0 = _bit_f(gr[c], w0, j)
+                g1 = _bit_f(gr[C + c], w1, j)
+                g2 = _bit_f(gr[2 * C + c], w2, j)
+                g3 = _bit_f(gr[3 * C + c], w3, j)
+                sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
+                sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
+                                 + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+        for c in range(wb, width):
+            m = mean[c]
+            g0 = _bit_f(gr[c], br[c // 8], c % 8)
+            g1 = _bit_f(gr[C + c], br[rowbytes + c // 8], c % 8)
+            g2 = _bit_f(gr[2 * C + c], br[2 * rowbytes + c // 8], c % 8)
+            g3 = _bit_f(gr[3 * C + c], br[3 * rowbytes + c // 8], c % 8)
+            sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
+            sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
+                             + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+    for r in range(r4, r1):
+        xr = x + r * C
+        gr = g + r * C
+        br = kept + r * rowbytes
+        if short_rows:
+            _prefetch(<const char*>xr + PREFETCH_BYTES, width * sizeof(float))
+            _prefetch(<const char*>gr + PREFETCH_BYTES, width * sizeof(float))
+        for cb in range(0, wb, 32):
+            memcpy(&w0, br + cb // 8, 4)
+            for j in range(32):
+                c = cb + j
+                g0 = _bit_f(gr[c], w0, j)
+                sg[c] = sg[c] + g0
+                sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+        for c in range(wb, width):
+            g0 = _bit_f(gr[c], br[c // 8], c % 8)
             sg[c] = sg[c] + g0
             sd[c] = sd[c] + g0 * (xr[c] - mean[c])
 
@@ -451,7 +514,6 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double* work
     cdef float* dot32
-    cdef float* gs = NULL
     cdef const unsigned char* kb = NULL
     cdef double t, m, gv
     g = g + c0
@@ -461,13 +523,11 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     if ym != NULL:
         ym = ym + c0
     if floating is float:
-        work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float)) +
-                                      (4 * C * sizeof(float) if kept else 0)) \
+        work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float))) \
             if gd.mean32 != NULL else NULL
         if work != NULL:
             dot32 = <float*>(work + width)
             if kept:
-                gs = dot32 + width
                 kb = bits + c0 // 8
             for c in range(width):
                 sg[c] = 0
@@ -476,7 +536,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
                 _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, kb, gs)
+                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, kb)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
