@@ -113,46 +113,6 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
     }
     FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
 }
-/* fastbn_dx_bits_f32 on nrows rows of n values (rows n apart in g, x, d and e; their bits
-   rowbytes apart), two rows per sweep so that each load of the per-channel coefficients
-   serves both (the same values: each one is computed as fastbn_dx_bits_f32 computes it) */
-static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, float* e,
-                                    Py_ssize_t n, Py_ssize_t nrows, const float* m,
-                                    const float* gm, const float* gl, const float* a,
-                                    const float* kx, const float* k,
-                                    const unsigned char* bits, Py_ssize_t rowbytes) {
-    Py_ssize_t r = 0, c;
-    FB_MASK_SETUP
-    for (; r + 2 <= nrows; r += 2) {
-        const float *g0 = g + r * n, *g1 = g0 + n, *x0 = x + r * n, *x1 = x0 + n;
-        float *d0 = d + r * n, *d1 = d0 + n;
-        float *e0 = e ? e + r * n : NULL, *e1 = e ? e0 + n : NULL;
-        const unsigned char *b0 = bits + r * rowbytes, *b1 = b0 + rowbytes;
-        for (c = 0; c + FB_W <= n; c += FB_W) {
-            fastbn_vf vm = FB_LOAD(m + c), vgm = FB_LOAD(gm + c), vgl = FB_LOAD(gl + c);
-            fastbn_vf va = FB_LOAD(a + c), vkx = FB_LOAD(kx + c), vk = FB_LOAD(k + c);
-            fastbn_vf v0 = FB_MASKED_AT(g0, b0, c), v1 = FB_MASKED_AT(g1, b1, c);
-            fastbn_vf t0 = FB_SUB(FB_SUB(v0, vgm), vgl), t1 = FB_SUB(FB_SUB(v1, vgm), vgl);
-            fastbn_vf u0 = FB_FMA(FB_SUB(FB_LOAD(x0 + c), vm), vkx, vk);
-            fastbn_vf u1 = FB_FMA(FB_SUB(FB_LOAD(x1 + c), vm), vkx, vk);
-            if (e) {
-                FB_STORE(e0 + c, v0);
-                FB_STORE(e1 + c, v1);
-            }
-            FB_STORE(d0 + c, FB_FMA(t0, va, u0));
-            FB_STORE(d1 + c, FB_FMA(t1, va, u1));
-        }
-        if (c < n) {        /* c is a multiple of 8: the tails' bits start at a byte */
-            fastbn_dx_bits_f32(g0 + c, x0 + c, d0 + c, e ? e0 + c : NULL, n - c, m + c,
-                               gm + c, gl + c, a + c, kx + c, k + c, b0 + c / 8);
-            fastbn_dx_bits_f32(g1 + c, x1 + c, d1 + c, e ? e1 + c : NULL, n - c, m + c,
-                               gm + c, gl + c, a + c, kx + c, k + c, b1 + c / 8);
-        }
-    }
-    if (r < nrows)
-        fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
-                           gl, a, kx, k, bits + r * rowbytes);
-}
 #else
 static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py_ssize_t n,
                                    float* out, Py_ssize_t ahead) {
@@ -173,6 +133,10 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
     Py_ssize_t c = 0;
     FASTBN_DXB_TAIL(m, gm, gl, a, kx, k)
 }
+#endif
+
+/* fastbn_dx_bits_f32 on nrows rows of n values (rows n apart in g, x, d and e; their bits
+   rowbytes apart): one call for a stage of whole rows */
 static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, float* e,
                                     Py_ssize_t n, Py_ssize_t nrows, const float* m,
                                     const float* gm, const float* gl, const float* a,
@@ -183,6 +147,5 @@ static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, fl
         fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
                            gl, a, kx, k, bits + r * rowbytes);
 }
-#endif
 
 #endif  /* FASTBN_MASK_BITS_DX_H */

@@ -722,8 +722,9 @@ cdef void _rows_dx_bits(const float* g, const float* x, float* dx, Py_ssize_t C,
     form) on rows [r0, r1), with dy masked by the reduction's mask bits (row r at bits +
     r * rowbytes) instead of y, in vector loops of their own (_dx_bits_f32); through an
     L1 stage with streaming stores when `stream`; rows of at most STAGE values a stage of
-    whole rows at a time, two rows per sweep (_dx_bits_rows_f32). The same bits as
-    _rows_dx."""
+    whole rows at a time (_dx_bits_rows_f32; with a call and a store per row, the kept-bits
+    backward of (32, 112, 112, 64) channels-last took 1.34x the plain one, so 1.05x; 2
+    threads, Intel Xeon). The same bits as _rows_dx."""
     cdef float stage[STAGE]
     cdef Py_ssize_t r, n, c0, base
     if C <= STAGE:
