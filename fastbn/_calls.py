@@ -149,7 +149,7 @@ def _keep_mask(mask, view_plan, dtype):
     size = _dispatch.kernels.kept_bits_size(vp.view, vp.N, vp.C, vp.S, dtype.itemsize)
     if not size:
         return None
-    mask.bits = np.empty(size, np.uint8)
+    mask.bits = _memory.new_array((size,), np.dtype(np.uint8))[0]    # reused, not faulted in
     mask.key = (vp.view, vp.N, vp.C, vp.S, dtype)
     return mask.bits
 

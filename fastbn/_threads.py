@@ -109,3 +109,16 @@ def serial_below(*, planar, rows):
         yield
     finally:
         SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS = saved
+
+
+@contextlib.contextmanager
+def default_threads(n):
+    """Within the block, set_num_threads(n) (then the previous setting again); for timing
+    the layers, which take no num_threads, on a given thread count. Not thread-safe."""
+    global _num_threads
+    saved = _num_threads
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        _num_threads = saved

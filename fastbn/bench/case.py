@@ -3,7 +3,7 @@ reference, PyTorch, ONNX Runtime's inference, and the read and copy passes that 
 memory system)."""
 import numpy as np
 
-from .. import functional, reference, relu, renorm
+from .. import _threads, functional, layers, reference, relu, renorm
 from .._dispatch import kernels
 from .ort import ort_infer
 from .timing import make_data
@@ -67,7 +67,9 @@ class Case:
         """The fused residual add + ReLU (fastbn.relu) and the unfused way to the same
         result; ops: relu_train, relu_infer, relu_infer_res, relu_backward (out=), and
         relu_train_fresh, relu_infer_fresh, then_max_train, then_max_infer (fresh outputs:
-        fastbn then np.maximum in place)."""
+        fastbn then np.maximum in place); layer_backward, layer_relu_backward: the backward
+        of a training forward of fastbn.BatchNorm, plain and with activation="relu" (fresh
+        outputs, as layers return them)."""
         x, L, n, w, b = self.x, self.layout, self.threads, self.w, self.b
         if not hasattr(self, "res"):
             self.res = np.ascontiguousarray(self.dy[::-1])          # filled, like x
@@ -93,6 +95,8 @@ class Case:
         if op == "relu_infer_fresh":
             return lambda: relu.batch_norm_relu_infer(x, self.rm, self.rv, w, b, layout=L,
                                                       num_threads=n)
+        if op in ("layer_backward", "layer_relu_backward"):
+            return self._layer_backward(op == "layer_relu_backward")
         if op == "then_max_train":
             def train_then_max():
                 y = functional.batch_norm_train(x, w, b, layout=L, num_threads=n)[0]
@@ -105,6 +109,23 @@ class Case:
                 return np.maximum(y, 0, out=y)
             return infer_then_max
         raise ValueError(op)
+
+    def _layer_backward(self, relu_layer):
+        """bn.backward(dy) after one training forward of a BatchNorm layer with this case's
+        weight and bias, on this case's thread count."""
+        x, n = self.x, self.threads
+        C = self.w.shape[0]
+        bn = layers.BatchNorm(C, layout=self.layout, dtype=x.dtype,
+                              activation="relu" if relu_layer else None)
+        bn.weight[...] = self.w
+        bn.bias[...] = self.b
+        with _threads.default_threads(n):
+            bn(x)
+
+        def backward():
+            with _threads.default_threads(n):
+                return bn.backward(self.dy)
+        return backward
 
     def renorm_train(self):
         """Batch Renormalization training forward (compared with "train")."""

@@ -180,10 +180,12 @@ def fused_ratios(case, shape, layout, rounds, file):
     ReLU's cost (relu_train / train and relu_infer / infer, out= both), the residual's
     (relu_infer with a residual against inference plus 1.3 read passes: the residual is one
     more read), what fusing saves (fused, fresh output, against fastbn then np.maximum in
-    place) and the backward's (relu_backward / backward, out=; it also reads y)."""
+    place) and the backward's (relu_backward / backward, out=; it also reads y; and the
+    layers' backward, BatchNorm(activation="relu") against BatchNorm, fresh outputs: the
+    ReLU layer keeps the forward's mask as bits where the kernels read them, not y)."""
     names = ("train_out", "relu_train", "infer_out", "relu_infer", "relu_infer_res", "read",
              "relu_train_fresh", "then_max_train", "relu_infer_fresh", "then_max_infer",
-             "backward_out", "relu_backward")
+             "backward_out", "relu_backward", "layer_backward", "layer_relu_backward")
     funcs = [case.read_pass() if k == "read" else case.fast(k) if k in ("train_out",
              "infer_out", "backward_out") else case.fused(k) for k in names]
     t = dict(zip(names, interleaved(funcs, rounds)))
@@ -193,12 +195,14 @@ def fused_ratios(case, shape, layout, rounds, file):
                residual=t["relu_infer_res"] / (t["infer_out"] + READ_ALLOWANCE * t["read"]),
                vs_max_train=t["relu_train_fresh"] / t["then_max_train"],
                vs_max_infer=t["relu_infer_fresh"] / t["then_max_infer"],
-               relu_backward=t["relu_backward"] / t["backward_out"])
+               relu_backward=t["relu_backward"] / t["backward_out"],
+               layer_backward=t["layer_relu_backward"] / t["layer_backward"])
     print(f"{str(shape):<20} {layout:<6} {'fused':<9} relu_train/train {row['relu_train']:.2f}, "
           f"relu_infer/infer {row['relu_infer']:.2f} (out=); relu_infer+residual / (infer + "
           f"{READ_ALLOWANCE:g} read) {row['residual']:.2f}; fused / (fastbn then np.maximum) train "
           f"{row['vs_max_train']:.2f}, infer {row['vs_max_infer']:.2f}; relu_backward/backward "
-          f"{row['relu_backward']:.2f}", file=file, flush=True)
+          f"{row['relu_backward']:.2f}; layer relu/plain backward {row['layer_backward']:.2f}",
+          file=file, flush=True)
     return row
 
 
@@ -280,6 +284,8 @@ def markdown(rows, threads, dtype=np.float32):
                          f"{ratio(r['vs_max_infer'])} |")
             extra.append(f"| {shape} | {r['layout']} | relu_backward / backward (out=) | "
                          f"{ratio(r['relu_backward'])} |")
+            extra.append(f"| {shape} | {r['layout']} | BatchNorm(activation=\"relu\") / "
+                         f"BatchNorm, backward (fresh) | {ratio(r['layer_backward'])} |")
         elif r["op"] == "train_out":
             extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
                          f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "
