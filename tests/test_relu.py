@@ -615,3 +615,173 @@ def test_layer_activation_and_residual_errors(cls):
     assert fused.activation == "relu"
     fused.activation = None
     np.testing.assert_array_equal(fused(x), plain(x))
+
+
+# --------------------------------------------------------------------------------------------
+# the layers keep the forward's mask as bits (float32 data, AVX2 and AVX-512 builds)
+# --------------------------------------------------------------------------------------------
+
+KEPT_CASES = [("NCHW", (4, 6, 40, 41)),        # planes cut in pieces (S > BLOCK)
+              ("NCHW", (3, 5, 700)),           # one run per block (BLOCK / 2 < S <= BLOCK)
+              ("NCHW", (1, 7, 9, 11)),         # N = 1: one run per block however small
+              ("NCHW", (2, 3, 2100)),          # a channel team (C < 4 * threads)
+              ("NCHW", (5, 4, 3, 3)),          # several runs per block: y is kept
+              ("NHWC", (300, 70)),             # rows, C not a multiple of 8
+              ("NHWC", (9, 7, 5, 33)),         # rows, C past a 32-bit word
+              ("NHWC", (60, 2051)),            # rows past the stage (STAGE = 1024)
+              ("NHWC", (40, 96)),              # one chunk of rows: threads split channels
+              ("NHWC", (3, 4, 4, 1))]          # C = 1
+
+
+def _planar_dims(layout, shape):
+    if layout == "NHWC" or len(shape) == 2:
+        return 1, int(np.prod(shape[:-1])), shape[-1], 1
+    return 0, shape[0], shape[1], int(np.prod(shape[2:]))
+
+
+@pytest.mark.parametrize("layout, shape", KEPT_CASES, ids=str)
+def test_relu_layer_keeps_mask_bits_not_y(layout, shape, monkeypatch, kernel_modules):
+    """BatchNorm(activation="relu") in training keeps y > 0 as bits (kept_bits_size bytes,
+    1 bit per value) where the kernels read them, and then holds no reference to y; its
+    backward gives the bits of batch_norm_relu_backward with y, for every build, 1 and 2
+    threads, with and without a residual (a NaN in it: masked to 0) and streaming stores.
+    Builds without the bits' vector loops, and blocks of several runs, keep y."""
+    import gc
+    import importlib
+    import weakref
+    from fastbn import _dispatch
+    rng = np.random.default_rng(31)
+    C = shape[-1] if layout == "NHWC" else shape[1]
+    x = (rng.standard_normal(shape) * 2 + 0.3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    res = rng.standard_normal(shape).astype(np.float32)
+    res.reshape(-1)[::53] = np.nan
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b = rng.uniform(-0.5, 0.5, C).astype(np.float32)
+    view, N, C_, S = _planar_dims(layout, shape)
+    for name in kernel_modules:
+        with _dispatch.using(importlib.import_module(name)) as k:
+            size = k.kept_bits_size(view, N, C_, S, 4)
+            several_runs = view == 0 and 2 * S <= 1024 and N > 1
+            assert (size > 0) == (name != "fastbn._kernels" and not several_runs), name
+            if size:
+                assert size >= N * C_ * S // 8
+            for nt in (1, 2):
+                for stream_above in (None, 0):
+                    if stream_above is not None:
+                        monkeypatch.setattr(_memory, "STREAM_ABOVE", stream_above)
+                    for r in (None, res):
+                        where = f"{name} {nt} threads stream={stream_above} res={r is not None}"
+                        bn = fastbn.BatchNorm(C, layout=layout, activation="relu")
+                        bn.weight[...], bn.bias[...] = w, b
+                        with fastbn._threads.default_threads(nt):
+                            y = bn(x) if r is None else bn(x, r)
+                            got = bn.backward(dy)
+                        yf, mean, invstd = fastbn.batch_norm_relu_train(
+                            x, w, b, residual=r, layout=layout, num_threads=nt)
+                        assert y.tobytes() == yf.tobytes(), where
+                        dres = None if r is None else np.empty_like(x)
+                        want = fastbn.batch_norm_relu_backward(
+                            dy, yf, x, mean, invstd, w, layout=layout, dresidual=dres,
+                            num_threads=nt)
+                        if r is not None:
+                            got, got_dres = got
+                            assert got_dres.tobytes() == dres.tobytes(), where
+                        assert got.tobytes() == want[0].tobytes(), where
+                        assert bn.weight_grad.tobytes() == want[1].tobytes(), where
+                        assert bn.bias_grad.tobytes() == want[2].tobytes(), where
+                        # the layer holds y only where it keeps no bits
+                        probe = bn(x) if r is None else bn(x, r)
+                        alive = weakref.ref(probe)
+                        del probe
+                        gc.collect()
+                        assert (alive() is None) == (size > 0), where
+                    monkeypatch.undo()
+
+
+def test_kept_bits_fallbacks_give_the_same_bits(kernel_modules):
+    """The backward from kept bits where the bits' vector dx loops do not apply: channels
+    whose coefficients float32 cannot carry (a subnormal weight; dy near float32's largest,
+    whose float32 dot overflows and is summed again in double) and fixed statistics
+    (training=False) mask dy through an L1 stage; the bits of the backward with y."""
+    import importlib
+    from fastbn import _calls, _dispatch
+    rng = np.random.default_rng(32)
+    for name in kernel_modules[1:]:
+        with _dispatch.using(importlib.import_module(name)):
+            for layout, shape in (("NCHW", (4, 6, 40, 41)), ("NHWC", (300, 70)),
+                                  ("NHWC", (20, 2051))):
+                C = shape[1] if layout == "NCHW" else shape[-1]
+                x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
+                for case in ("subnormal weight", "huge dy"):
+                    dy = rng.standard_normal(shape).astype(np.float32)
+                    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+                    if case == "subnormal weight":
+                        w[0] = 1e-42
+                    else:
+                        dy *= np.float32(1e36)
+                    mask = _calls.ReluMask()
+                    y, mean, invstd = _calls.batch_norm_train(
+                        x, w, None, eps=1e-5, layout=layout, relu=True, mask=mask)
+                    assert mask.bits is not None
+                    for training in (True, False):
+                        for nt in (1, 2):
+                            d1, d2 = np.empty_like(x), np.empty_like(x)
+                            with np.errstate(all="ignore"):
+                                a = _calls.backward(dy, x, mean, invstd, w, training=training,
+                                                    layout=layout, y=y, dresidual=d1,
+                                                    num_threads=nt)
+                                k = _calls.backward(dy, x, mean, invstd, w, training=training,
+                                                    layout=layout, mask=mask, dresidual=d2,
+                                                    num_threads=nt)
+                            where = f"{name} {layout} {shape} {case} {training} {nt}"
+                            for p, q in zip(a, k):
+                                assert p.tobytes() == q.tobytes(), where
+                            assert d1.tobytes() == d2.tobytes(), where
+
+
+def test_kept_bits_layout_and_errors(kernel_modules):
+    """kept_bits_size: 0 for other dtypes and the portable build; bits of another size,
+    dtype or forward are refused with a clear message and change nothing."""
+    import importlib
+    from fastbn import _calls, _dispatch
+    name = kernel_modules[-1]
+    if name == "fastbn._kernels":
+        pytest.skip("no build with the bits' vector loops on this CPU")
+    with _dispatch.using(importlib.import_module(name)) as k:
+        assert k.kept_bits_size(0, 4, 6, 1681, 4) == 4 * 6 * 2 * 112    # 2 pieces of 841
+        assert k.kept_bits_size(1, 300, 70, 1, 4) == 300 * 16
+        assert k.kept_bits_size(1, 300, 70, 1, 8) == 0
+        assert k.kept_bits_size(1, 300, 70, 1, 2) == 0
+        assert k.kept_bits_size(0, 5, 4, 9, 4) == 0
+        rng = np.random.default_rng(33)
+        x = rng.standard_normal((300, 70)).astype(np.float32)
+        dy = rng.standard_normal((300, 70)).astype(np.float32)
+        stats = np.empty((5, 70))
+        y = np.empty_like(x)
+        for bad, err, msg in ((np.zeros(300 * 16 - 1, np.uint8), ValueError, "kept_bits_size"),
+                              (np.zeros(300 * 16, np.int8), ValueError, "uint8"),
+                              ([0] * 4800, TypeError, "ndarray")):
+            with pytest.raises(err, match=msg):
+                k.train_forward(x, y, 1, 300, 70, 1, None, None, 1e-5, stats, None, 1,
+                                False, None, True, bad)
+        with pytest.raises(ValueError, match="need relu"):
+            k.train_forward(x, y, 1, 300, 70, 1, None, None, 1e-5, stats, None, 1, False,
+                            None, False, np.zeros(4800, np.uint8))
+        with pytest.raises(ValueError, match="no mask bits"):
+            k.train_forward(x.astype(np.float64), y.astype(np.float64), 1, 300, 70, 1, None,
+                            None, 1e-5, stats, None, 1, False, None, True,
+                            np.zeros(4800, np.uint8))
+        mask = _calls.ReluMask()
+        y, mean, invstd = _calls.batch_norm_train(x, None, None, eps=1e-5, layout="NHWC",
+                                                  relu=True, mask=mask)
+        with pytest.raises(ValueError, match="replace ymask"):
+            k.backward(dy, x, np.empty_like(x), 1, 300, 70, 1, mean, invstd, None, True,
+                       np.empty((2, 70)), 1, False, y, None, mask.bits)
+        from conftest import Snapshot
+        other = x[:150]
+        snap = Snapshot(dy, other, mask.bits)
+        with pytest.raises(ValueError, match="belongs to another forward"):
+            _calls.backward(dy[:150], other, mean, invstd, None, training=True,
+                            layout="NHWC", mask=mask)
+        snap.assert_unchanged()
