@@ -25,7 +25,8 @@ class _Norm(PerThreadState):
     Subclasses list their buffers in ``_buffers`` and implement ``_forward_train`` /
     ``_forward_eval`` (x, residual), each returning (y, backward closure). The closure holds
     everything the backward needs (the input, statistics, a copy of the weight, the layout,
-    y for the fused ReLU's mask), so a backward always belongs to its own forward.
+    the fused ReLU's mask: as bits where the kernels keep them, else y), so a backward
+    always belongs to its own forward.
 
     Threads: what a forward saves for its backward is kept per Python thread, and the
     updates of the layer's state (running statistics, num_batches_tracked, the gradient
@@ -151,8 +152,12 @@ class _Norm(PerThreadState):
         Returns
         -------
         y : ndarray
-            Shape and dtype of x. With ``activation="relu"`` it is kept by reference too
-            (its sign is the ReLU's mask): do not modify it before the backward.
+            Shape and dtype of x. With ``activation="relu"`` the backward needs the ReLU's
+            mask (y > 0): a training forward of float32 data keeps it as bits, 1 per value,
+            where the kernels read them (AVX2 and AVX-512 builds; planes longer than 512
+            values or N = 1, and every channels-last input), and y is then yours to free
+            or overwrite; otherwise y is kept by reference: do not modify it before the
+            backward.
 
         Raises
         ------
@@ -327,7 +332,10 @@ class BatchNorm(_Norm):
     activation : {None, "relu"}
         "relu": forward returns ``max(bn(x) + residual, 0)`` (residual optional) from one
         fused pass, and backward masks dy with y's sign in its own passes
-        (:func:`fastbn.batch_norm_relu_train` and the rest). The state is the same.
+        (:func:`fastbn.batch_norm_relu_train` and the rest), read from bits the training
+        forward keeps (1 per value) where the kernels can, so that the backward costs what
+        the plain one does and y need not be kept (see :meth:`forward`). The state is the
+        same.
 
     Attributes
     ----------

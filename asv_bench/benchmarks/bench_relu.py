@@ -98,3 +98,18 @@ class FusedReluRatios:
             np.maximum(y, 0, out=y)
         return self._ratio(
             lambda: self.infer(self.x, self.rm, self.rv, self.w, self.b, layout=L), unfused)
+
+    def track_layer_relu_backward_vs_layer_backward(self, dtype, shape, layout):
+        """BatchNorm(activation="relu").backward / BatchNorm.backward after one training
+        forward each (fresh outputs): the ReLU layer keeps its mask as bits where the
+        kernels read them, so 1.0 is the target."""
+        C = self.w.shape[0]
+        try:
+            relu_bn = fastbn.BatchNorm(C, layout=self.layout, activation="relu")
+        except TypeError as exc:
+            raise NotImplementedError("no activation= in this commit") from exc
+        plain_bn = fastbn.BatchNorm(C, layout=self.layout)
+        for bn in (relu_bn, plain_bn):
+            bn.weight[...], bn.bias[...] = self.w, self.b
+            bn(self.x)
+        return self._ratio(lambda: relu_bn.backward(self.dy), lambda: plain_bn.backward(self.dy))
