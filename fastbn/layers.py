@@ -154,10 +154,9 @@ class _Norm(PerThreadState):
         y : ndarray
             Shape and dtype of x. With ``activation="relu"`` the backward needs the ReLU's
             mask (y > 0): a training forward of float32 data keeps it as bits, 1 per value,
-            where the kernels read them (AVX2 and AVX-512 builds; planes longer than 512
-            values or N = 1, and every channels-last input), and y is then yours to free
-            or overwrite; otherwise y is kept by reference: do not modify it before the
-            backward.
+            where the kernels read them (the AVX2 and AVX-512 builds), and y is then yours
+            to free or overwrite; otherwise y is kept by reference: do not modify it before
+            the backward.
 
         Raises
         ------

@@ -522,15 +522,11 @@ def kept_bits_size(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int items
 cdef Py_ssize_t _kept_stride(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                              int dtype) noexcept:
     """Bytes per row (rows views) or per run of a block (planar) of the kept mask bits, laid
-    out as _kept_run_bits says (planar) or one row after another; 0 where they are not kept: data
-    other than float32, builds without the vector loops of the bits (HAVE_DX_BITS), no
-    data, and planar views whose backward blocks hold several runs (planes of at most
-    BLOCK / 2 values: the block's sums read its g masked into a stage of one run)."""
+    out as _kept_run_bits says (planar) or one row after another; 0 where they are not
+    kept: data other than float32, builds without the vector loops of the bits
+    (HAVE_DX_BITS), no data."""
     if not (HAVE_DX_BITS and dtype == F32) or N * C * S == 0:
         return 0
-    if view == PLANAR:
-        if _planar(N, C, S, 2 * N * C * S * 4).runs != 1:
-            return 0
     return _bits_bytes(view, C, S)
 
 

@@ -158,6 +158,35 @@ cdef inline unsigned char* _kept_run_bits(const Planar* p, unsigned char* bits,
     return bits + (c * p.nblock + b) * stride         # b = n * pieces + q
 
 
+cdef inline void _kept_block_sums(const float* g, const float* x, Block blk,
+                                  const unsigned char* rb, Py_ssize_t bstride, double mean,
+                                  double* sum_g, double* dot, float* gs,
+                                  float* xs) noexcept nogil:
+    """_block_sums of one block's g masked by the kept bits (run r's at rb + r * bstride)
+    through L1 stages: g masked into gs, and, for a block of several runs, x copied into
+    xs, the runs packed one after the other (a block holds at most BLOCK values); the
+    block's arithmetic does not depend on where its runs lie, so the same bits as the
+    block masked by y."""
+    cdef Block cb = blk
+    cdef Py_ssize_t r
+    cdef Py_ssize_t ahead = PREFETCH_BYTES if (blk.nrun == 1 and blk.length *
+                                               <Py_ssize_t>sizeof(float) > PREFETCH_BYTES) else 0
+    for r in range(blk.nrun):
+        _masked_copy_f32(g + blk.offset + r * blk.stride, rb + r * bstride, blk.length,
+                         gs + r * blk.length, ahead)
+    if blk.nrun == 1:
+        _block_sums(<const float*>gs, x + blk.offset, blk, mean, sum_g, dot,
+                    <const float*>NULL, PLAIN)
+        return
+    for r in range(blk.nrun):
+        memcpy(xs + r * blk.length, x + blk.offset + r * blk.stride,
+               blk.length * sizeof(float))
+    cb.offset = 0
+    cb.stride = blk.length
+    _block_sums(<const float*>gs, <const float*>xs, cb, mean, sum_g, dot,
+                <const float*>NULL, PLAIN)
+
+
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
                                     const double* mean, double* part,
@@ -174,6 +203,7 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
     cdef double* q
     cdef unsigned char* rb
     cdef floating gs[BLOCK]
+    cdef floating xs[BLOCK]
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -183,17 +213,14 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
             blk = _block(p, c, b)
             q = part + 2 * (c * p.nchunk + k)
             if floating is float:
-                if kept and REGISTER_LANES:         # the bits in the lanes' loops
+                if kept and REGISTER_LANES and blk.nrun == 1:   # the bits in the lanes' loops
                     _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
                                 <const floating*>NULL, PLAIN,
                                 _kept_run_bits(p, bits, bstride, c, b))
                     continue
-                if kept:                            # through an L1 stage
-                    _masked_copy_f32(g + blk.offset, _kept_run_bits(p, bits, bstride, c, b),
-                                     blk.length, gs, PREFETCH_BYTES if blk.length *
-                                     <Py_ssize_t>sizeof(float) > PREFETCH_BYTES else 0)
-                    _block_sums(<const floating*>gs, x + blk.offset, blk, mean[c], &q[0],
-                                &q[1], <const floating*>NULL, PLAIN)
+                if kept:                            # through L1 stages
+                    _kept_block_sums(g, x, blk, _kept_run_bits(p, bits, bstride, c, b),
+                                     bstride, mean[c], &q[0], &q[1], gs, xs)
                     continue
             if ym == NULL:
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
@@ -215,8 +242,8 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
                                   Py_ssize_t bstride) noexcept nogil:
     """dx of chunk k of channels [c0, c1): masked by ym, or by the bits (vector loops,
     float32 training), or, for the kept bits where those loops do not apply (a channel in
-    double, fixed statistics), by g masked into an L1 stage (blocks of one run)."""
-    cdef Py_ssize_t b, c
+    double, fixed statistics), by g masked into an L1 stage, run by run."""
+    cdef Py_ssize_t b, c, r, off
     cdef Block blk
     cdef floating gs[BLOCK]
     for b in range(_chunk_lo(p, k), _chunk_lo(p, k + 1)):
@@ -237,13 +264,16 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
                 continue
             if floating is float:
                 if bits != NULL and ym == NULL:
-                    _masked_copy_f32(g + blk.offset, _kept_run_bits(
-                        p, <unsigned char*>bits, bstride, c, b), blk.length, gs, 0)
-                    if dres != NULL:
-                        memcpy(dres + blk.offset, gs, blk.length * sizeof(float))
-                    _dx_run(<const floating*>gs, x + blk.offset, dx + blk.offset, blk.length,
-                            1, blk.stride, gd, c, stream, <const floating*>NULL,
-                            <floating*>NULL)
+                    for r in range(blk.nrun):
+                        off = blk.offset + r * blk.stride
+                        _masked_copy_f32(g + off, _kept_run_bits(
+                            p, <unsigned char*>bits, bstride, c, b) + r * bstride, blk.length,
+                            gs, 0)
+                        if dres != NULL:
+                            memcpy(dres + off, gs, blk.length * sizeof(float))
+                        _dx_run(<const floating*>gs, x + off, dx + off, blk.length, 1,
+                                blk.stride, gd, c, stream, <const floating*>NULL,
+                                <floating*>NULL)
                     continue
             _dx_run(g + blk.offset, x + blk.offset, dx + blk.offset, blk.length, blk.nrun,
                     blk.stride, gd, c, stream, ym + blk.offset if ym != NULL else NULL,
