@@ -136,16 +136,27 @@ static void fastbn_dx_bits_run_f32(const float* g, const float* x, float* d, flo
 #endif
 
 /* fastbn_dx_bits_f32 on nrows rows of n values (rows n apart in g, x, d and e; their bits
-   rowbytes apart): one call for a stage of whole rows */
+   rowbytes apart): one call for a stage of whole rows. Rows of at most FASTBN_ROWS_AHEAD
+   bytes prefetch g and x that far ahead, as the rows reductions do (PREFETCH_BYTES in
+   common.pxi); measured, (32, 28, 28, 512) and (32, 56, 56, 256) channels-last, 2 threads:
+   the kept-bits backward 1.05-1.12x the plain one without, 0.98-0.99x with */
+#define FASTBN_ROWS_AHEAD 2048
 static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, float* e,
                                     Py_ssize_t n, Py_ssize_t nrows, const float* m,
                                     const float* gm, const float* gl, const float* a,
                                     const float* kx, const float* k,
                                     const unsigned char* bits, Py_ssize_t rowbytes) {
-    Py_ssize_t r;
-    for (r = 0; r < nrows; r++)
+    Py_ssize_t r, off;
+    Py_ssize_t bytes = n * (Py_ssize_t)sizeof(float);
+    Py_ssize_t ahead = bytes <= FASTBN_ROWS_AHEAD ? bytes : 0;
+    for (r = 0; r < nrows; r++) {
+        for (off = 0; off < ahead; off += 64) {
+            __builtin_prefetch((const char*)(g + r * n) + FASTBN_ROWS_AHEAD + off);
+            __builtin_prefetch((const char*)(x + r * n) + FASTBN_ROWS_AHEAD + off);
+        }
         fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
                            gl, a, kx, k, bits + r * rowbytes);
+    }
 }
 
 #endif  /* FASTBN_MASK_BITS_DX_H */
