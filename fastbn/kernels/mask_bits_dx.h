@@ -1,14 +1,17 @@
 /* dx of a piece of a float32 row or run with dy masked by the mask bits. */
 #ifndef FASTBN_MASK_BITS_DX_H
 #define FASTBN_MASK_BITS_DX_H
+#include "relu_mask.h"    /* fastbn_bit_f */
+#include "stream.h"       /* fastbn_prefetch */
 
 /* dx of one piece of a float32 row (n values) in float32, training, with dy masked by
    the mask bits (bit j of the piece's bits: value j; the piece starts at a byte); the
    _run form: one planar run of one channel, its coefficients scalars:
    d = ((v - gm) - gl) * a + ((x - m) * kx + k), v = dy where the bit is set, else +0,
    with the two products fused into the additions as the compiler fuses them in the
-   float32 form of _dx_value (so the same bits); e (or NULL) receives v. The dy loads are
-   masked loads (AVX-512) or an AND with the bits spread to lanes (AVX2). */
+   float32 form of _dx_value (so the same bits); e (or NULL) receives v. dy is loaded
+   whole and masked by a zeroing move (AVX-512: the load does not wait for the bits) or an
+   AND with the bits spread to lanes (AVX2). */
 static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl,
                                    float a, float kx, float k) {
     return ((v - gm) - gl) * a + ((x - m) * kx + k);
@@ -23,7 +26,7 @@ static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl
 
 /* The vector forms, one body for both instruction sets: W lanes of float, LOAD / STORE /
    SET1 / SUB / FMA, and MASKED(c): the W values of g from c with the bits' zeros as +0
-   (a masked load on AVX-512, an AND with the bits spread to lanes on AVX2). */
+   (a zeroing masked move on AVX-512, an AND with the bits spread to lanes on AVX2). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define FASTBN_HAVE_DX_BITS 1
 typedef __m512 fastbn_vf;
@@ -74,7 +77,7 @@ static void fastbn_masked_copy_f32(const float* g, const unsigned char* bits, Py
     FB_MASK_SETUP
     if (ahead)
         for (; c + FB_W <= n; c += FB_W) {
-            __builtin_prefetch((const char*)(g + c) + ahead);
+            fastbn_prefetch((const char*)(g + c) + ahead, 1);
             FB_STORE(out + c, FB_MASKED(c));
         }
     for (; c + FB_W <= n; c += FB_W)
@@ -146,14 +149,12 @@ static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, fl
                                     const float* gm, const float* gl, const float* a,
                                     const float* kx, const float* k,
                                     const unsigned char* bits, Py_ssize_t rowbytes) {
-    Py_ssize_t r, off;
+    Py_ssize_t r;
     Py_ssize_t bytes = n * (Py_ssize_t)sizeof(float);
     Py_ssize_t ahead = bytes <= FASTBN_ROWS_AHEAD ? bytes : 0;
     for (r = 0; r < nrows; r++) {
-        for (off = 0; off < ahead; off += 64) {
-            __builtin_prefetch((const char*)(g + r * n) + FASTBN_ROWS_AHEAD + off);
-            __builtin_prefetch((const char*)(x + r * n) + FASTBN_ROWS_AHEAD + off);
-        }
+        fastbn_prefetch((const char*)(g + r * n) + FASTBN_ROWS_AHEAD, ahead);
+        fastbn_prefetch((const char*)(x + r * n) + FASTBN_ROWS_AHEAD, ahead);
         fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
                            gl, a, kx, k, bits + r * rowbytes);
     }
