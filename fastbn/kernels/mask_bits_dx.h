@@ -155,6 +155,8 @@ static void fastbn_dx_bits_rows_f32(const float* g, const float* x, float* d, fl
     for (r = 0; r < nrows; r++) {
         fastbn_prefetch((const char*)(g + r * n) + FASTBN_ROWS_AHEAD, ahead);
         fastbn_prefetch((const char*)(x + r * n) + FASTBN_ROWS_AHEAD, ahead);
+        if (ahead)          /* the bits of the rows the prefetched data belongs to */
+            fastbn_prefetch(bits + (r + FASTBN_ROWS_AHEAD / bytes) * rowbytes, rowbytes);
         fastbn_dx_bits_f32(g + r * n, x + r * n, d + r * n, e ? e + r * n : NULL, n, m, gm,
                            gl, a, kx, k, bits + r * rowbytes);
     }

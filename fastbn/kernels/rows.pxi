@@ -451,6 +451,7 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
         if short_rows:
             _prefetch(<const char*>xr + PREFETCH_BYTES, 4 * C * sizeof(float))
             _prefetch(<const char*>gr + PREFETCH_BYTES, 4 * C * sizeof(float))
+            _prefetch(br + 16 * rowbytes, 4 * rowbytes)    # measured: 1 thread needs it
         for cb in range(0, wb, 32):
             memcpy(&w0, br + cb // 8, 4)
             memcpy(&w1, br + rowbytes + cb // 8, 4)
