@@ -206,11 +206,12 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
     y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc)
     stats = np.empty((5, C))
     if C:
+        bits = _keep_mask(mask, view_plan, x.dtype) if relu else None
         _dispatch.kernels.train_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, w, b, eps, stats, renorm,
             nthreads, stream,
             None if residual is None else like(residual, view_plan), relu,
-            _keep_mask(mask, view_plan, x.dtype) if relu else None)
+            **({} if bits is None else {"bits": bits}))
     return finish(y, yc, direct, view_plan), stats[0], stats[1], stats[2], batch.M
 
 
@@ -352,7 +353,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
             g.gc, g.xc, dxc, vp.view, vp.N, C, vp.S, g.mean, g.invstd, g.w, g.training, grads,
             g.nthreads, stream,
             None if y is None else like(y, vp), None if dresidual is None else dresc,
-            None if mask is None else mask.bits)
+            **({} if mask is None else {"kept_bits": mask.bits}))
     if dresidual is not None:
         finish(dres, dresc, dres_direct, vp)
     return finish(dx, dxc, direct, vp), grads[0], grads[1]

@@ -37,10 +37,10 @@ def disassembly(module):
     return {k: "\n".join(v) for k, v in functions.items()}
 
 
-def register_loops(code):
+def register_loops(code, min_fma=4):
     """The loop bodies of a function (from a backward branch's target to the branch) whose
-    lanes stay in registers: four or more vfmadd on zmm registers and no operand on the
-    stack."""
+    lanes stay in registers: min_fma or more vfmadd on zmm registers (32 double lanes are
+    4 zmm registers, 32 float lanes 2) and no operand on the stack."""
     lines = [ln for ln in code.splitlines() if re.match(r"^\s*[0-9a-f]+:", ln)]
     addr = [int(ln.split(":")[0], 16) for ln in lines]
     loops = []
@@ -48,25 +48,36 @@ def register_loops(code):
         jump = re.search(r"\sj[a-z]+\s+([0-9a-f]+) <", ln)
         if jump and int(jump.group(1), 16) < addr[i] and int(jump.group(1), 16) in addr:
             body = "\n".join(lines[addr.index(int(jump.group(1), 16)):i + 1])
-            if (len(re.findall(r"vfmadd\S*\s+.*zmm", body)) >= 4
+            if (len(re.findall(r"vfmadd\S*\s+.*zmm", body)) >= min_fma
                     and "(%rsp)" not in body and "(%rbp)" not in body):
                 loops.append(body)
     return loops
 
 
 def test_avx512_long_runs_keep_their_lanes_in_registers():
-    """The float32 _block_devs and _block_sums of the AVX-512 build have a loop that
-    accumulates their 32 lanes in zmm registers (vfmadd on zmm, nothing on the stack) and
-    never zero a memory array (rep stos): GCC has turned them into 256-bit code with memory
-    lanes after small edits (5-30 % slower); see docs/development.rst, "Reading the
-    generated code"."""
+    """The float32 statistics (_block_devs) and backward sums of the AVX-512 build have a
+    loop that accumulates their 32 lanes in zmm registers (vfmadd on zmm, nothing on the
+    stack) and never zero a memory array (rep stos): GCC has turned them into 256-bit code
+    with memory lanes after small edits (5-30 % slower); see docs/development.rst,
+    "Reading the generated code". The sums' lane loops are _sums_run's (float32 data, with
+    float32 and with double dot lanes; _block_sums inlines it or not as GCC decides)."""
     functions = disassembly("_kernels_avx512")
-    float32 = {k: v for k, v in functions.items()
-               if re.search(r"fuse_0(_\d)?__pyx_f_\w*_block_(devs|sums)\b", k)}
-    assert {re.search(r"_block_(devs|sums)", k).group(0) for k in float32} == {
-        "_block_devs", "_block_sums"}, sorted(functions)[:20]
-    for name, code in float32.items():
+    devs = {k: v for k, v in functions.items()
+            if re.search(r"fuse_0(_\d)?__pyx_f_\w*_block_devs\b", k)}
+    sums = {k: v for k, v in functions.items()
+            if re.search(r"fuse_0_\d_0__pyx_f_\w*_(sums_run|block_sums)\b", k)}
+    assert devs and sums, sorted(functions)[:20]
+    for name, code in devs.items():
         assert register_loops(code), f"{name}: no loop keeps its lanes in zmm registers"
+        assert "rep stos" not in code, name
+    float_lanes = [k for k in sums if "fuse_0_0_0" in k]
+    double_lanes = [k for k in sums if "fuse_0_1_0" in k]
+    assert float_lanes and double_lanes, sorted(sums)
+    for name in float_lanes:
+        assert register_loops(sums[name], 2), f"{name}: float32 lanes not in zmm registers"
+    for name in double_lanes:
+        assert register_loops(sums[name]), f"{name}: double lanes not in zmm registers"
+    for name, code in sums.items():
         assert "rep stos" not in code, name
 
 
