@@ -8,7 +8,8 @@ and the shorter blocks of inputs beyond the cache), rows (NHWC, (N, C), HW = 1, 
 rows whose channels the threads split),
 float32/float64, 1 and 2 threads (inputs above the serial threshold), out= and in place,
 tails shorter than the SIMD width, training/eval backward, Batch Renormalization, the
-layers, ONNX and both Caffe engines; and the output cache: outputs in reused blocks, grown
+layers (the fused ReLU layers keeping their mask as bits), ONNX and both Caffe engines; and
+the output cache: outputs in reused blocks, grown
 and shrunk by resize, read through np.frombuffer, freed in another order, given back.
 """
 import os
@@ -70,6 +71,12 @@ def tour():
                 layer.backward(g)
                 layer.eval()
                 layer.forward(x)
+                # the fused ReLU layers keep their mask as bits (float32, vector builds)
+                relu_layer = cls(C, layout=layout, dtype=dtype, activation="relu")
+                relu_layer.forward(x)
+                relu_layer.backward(g)
+                relu_layer.forward(x, g)
+                relu_layer.backward(g)
             if layout == "NCHW":
                 onnx.batch_normalization(x, w, b, np.zeros(C), np.ones(C), training_mode=1)
                 for engine in ("fused", "gemv"):
