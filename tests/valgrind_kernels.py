@@ -8,9 +8,9 @@ and the shorter blocks of inputs beyond the cache), rows (NHWC, (N, C), HW = 1, 
 rows whose channels the threads split),
 float32/float64, 1 and 2 threads (inputs above the serial threshold), out= and in place,
 tails shorter than the SIMD width, training/eval backward, Batch Renormalization, the
-layers (the fused ReLU layers keeping their mask as bits), ONNX and both Caffe engines; and
-the output cache: outputs in reused blocks, grown
-and shrunk by resize, read through np.frombuffer, freed in another order, given back.
+layers (the fused ReLU layers keeping their mask as bits), ONNX and both Caffe engines;
+and the output cache: outputs in reused blocks, grown and shrunk by resize, read through
+np.frombuffer, freed in another order, given back.
 """
 import os
 import sys
