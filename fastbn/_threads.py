@@ -1,8 +1,9 @@
 """fastbn's thread policy, in one place: how many threads a call gets.
 
 A call runs on ``num_threads`` threads if given, else on :func:`get_num_threads` (the value
-set with :func:`set_num_threads`, else OpenMP's default for the calling thread), capped at
-MAX_THREADS; small inputs run on one thread (:func:`effective_threads`). The kernels take
+set with :func:`set_num_threads`, else OpenMP's default for the calling thread, and without
+OMP_NUM_THREADS no more than the CPUs the process may use: :func:`available_cpus`), capped
+at MAX_THREADS; small inputs run on one thread (:func:`effective_threads`). The kernels take
 that count as an explicit argument: how they split the work among the threads (whole
 channels, a team per channel, chunks of rows) never changes their results.
 """
@@ -29,6 +30,49 @@ SERIAL_BELOW_ROWS = 1 << 15
 SERIAL_BELOW_PLANAR = 1 << 14
 
 _num_threads = None
+_cpus = None            # available_cpus(), read once
+
+
+def available_cpus(root="/sys/fs/cgroup"):
+    """How many CPUs this process may keep busy: the CPUs of its affinity mask, and no more
+    than its cgroup's CPU quota allows (cgroup v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us``, rounded up), as a container or a batch system restricts
+    them. A team larger than that waits for its descheduled threads at every barrier.
+    os.cpu_count() where none of these can be read."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(root)
+    if quota is not None:
+        cpus = min(cpus, max(1, quota))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root):
+    """The CPU quota of the cgroup mounted at root, in whole CPUs rounded up, or None."""
+    def read(*parts):
+        try:
+            with open(os.path.join(root, *parts)) as f:
+                return f.read().split()
+        except OSError:
+            return None
+    try:
+        v2 = read("cpu.max")
+        if v2:
+            if v2[0] == "max":
+                return None
+            quota, period = int(v2[0]), int(v2[1]) if len(v2) > 1 else 100000
+        else:
+            q, p = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+            if not q or not p:
+                return None
+            quota, period = int(q[0]), int(p[0])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
 
 
 def thread_count(num_threads, default):
@@ -44,7 +88,10 @@ def get_num_threads():
     """Number of threads fastbn's kernels use when `num_threads` is not given.
 
     The value set by :func:`set_num_threads` if any, otherwise OpenMP's default for the
-    calling thread (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit, or the core count).
+    calling thread (``OMP_NUM_THREADS``, or a ``threadpoolctl`` limit, or the core count);
+    without OMP_NUM_THREADS, no more than the CPUs the process may use (its affinity mask
+    and cgroup CPU quota, read at the first call), so that a container limited to one CPU
+    on a larger host does not start a team whose threads wait for each other.
 
     Examples
     --------
@@ -52,9 +99,15 @@ def get_num_threads():
     >>> fastbn.get_num_threads() >= 1
     True
     """
+    global _cpus
     if _num_threads is not None:
         return _num_threads
-    return max(1, int(_support.omp_max_threads()))
+    n = max(1, int(_support.omp_max_threads()))
+    if "OMP_NUM_THREADS" in os.environ:
+        return n
+    if _cpus is None:
+        _cpus = available_cpus()
+    return min(n, _cpus)
 
 
 def set_num_threads(n):

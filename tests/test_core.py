@@ -442,6 +442,45 @@ def test_threads_api():
         fastbn.set_num_threads(0)
 
 
+def test_thread_count_follows_the_cpus_the_process_may_use(tmp_path):
+    """Without OMP_NUM_THREADS the default team is no larger than the process's affinity
+    mask (checked in a fresh process pinned to one CPU, whose OpenMP default alone may be
+    larger) and its cgroup CPU quota (v2 cpu.max, v1 cfs quota over period, rounded up;
+    no quota, unreadable or malformed files change nothing)."""
+    import os
+    import subprocess
+    import sys
+    from fastbn import _threads
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity on this platform")
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "import fastbn; from fastbn import _threads; "
+            "print(fastbn.get_num_threads(), _threads.available_cpus())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == ["1", "1"], out
+    env["OMP_NUM_THREADS"] = "3"          # an explicit request is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == ["3", "1"], out
+    cpus = len(os.sched_getaffinity(0))
+    for files, want in (({"cpu.max": "50000 100000\n"}, 1),
+                        ({"cpu.max": "150000 100000\n"}, min(cpus, 2)),
+                        ({"cpu.max": "max 100000\n"}, cpus),
+                        ({"cpu.max": "garbage\n"}, cpus),
+                        ({"cpu/cpu.cfs_quota_us": "100000\n",
+                          "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+                        ({"cpu/cpu.cfs_quota_us": "-1\n",
+                          "cpu/cpu.cfs_period_us": "100000\n"}, cpus),
+                        ({}, cpus)):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        assert _threads.available_cpus(str(root)) == want, files
+
+
 def test_small_inputs_run_on_one_thread():
     """Planar (NCHW) calls use their threads from SERIAL_BELOW_PLANAR values on, rows
     (channels-last) calls from SERIAL_BELOW_ROWS; an explicit num_threads is still
