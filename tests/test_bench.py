@@ -29,8 +29,14 @@ def test_run_small_table(with_torch):
         assert all(np.isfinite(r["vs_torch"]) for r in timed)
     else:
         assert all(np.isnan(r["vs_torch"]) for r in timed)
+    # the small shape's latency row: p50 <= p99 of LATENCY_CALLS calls of each op
+    (lat,) = [r for r in rows if r["op"] == "latency" and r["layout"] == "NCHW"]
+    assert lat["shape"] == (8, 32, 8, 8) and lat["calls"] == table.LATENCY_CALLS
+    assert all(0 < lat[op][0] <= lat[op][1] for op in table.OPS)
+    assert "latency   fastbn p50 / p99 of" in text
+    assert not [r for r in rows if r["op"] == "latency" and r["shape"] == (33, 64, 32, 32)]
     md = table.markdown(rows, threads=2)
-    assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 4
+    assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 5
 
 
 def test_fused_rows(monkeypatch):

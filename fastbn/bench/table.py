@@ -10,7 +10,7 @@ from .. import _config, _memory, _threads, functional
 from . import caffe as caffe_rows
 from .case import Case
 from .ort import ort_modules, ort_version
-from .timing import interleaved, make_data, torch_module
+from .timing import interleaved, latencies, make_data, torch_module
 
 SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7),
           (16, 128, 28, 28), (1, 64, 56, 56), (1, 256, 14, 14), (8, 32, 8, 8), (256, 1024)]
@@ -22,6 +22,11 @@ OPS = ("train", "infer", "backward")
 # 8 MiB an input is past the per-core L2 of every machine this project runs on (1-2 MiB)
 # and past most of their shared L3, so those rows show the memory system, not the caches.
 LARGE_BYTES = 8 << 20
+# Inputs of at most this many bytes (the small calls: per-call work and thread start-up,
+# not memory) also get their latency row: p50 and p99 of LATENCY_CALLS consecutive calls of
+# each op, where a descheduled thread or a stall shows, which the best time hides.
+SMALL_BYTES = 1 << 20
+LATENCY_CALLS = 300
 # A pass that reads x (or the residual) once more is held to this many read passes: a
 # stated budget (one pass and 30% for the merge and the second parallel region), not a
 # measurement; a ratio <= 1 against it means the extra read costs at most that.
@@ -90,6 +95,8 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
                 continue          # (N, C) is the same array in both layouts
             case = Case(shape, layout, dtype, threads, torch)
             rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
+            if case.x.nbytes <= SMALL_BYTES:
+                rows.append(latency_row(case, shape, layout, file))
             if case.x.nbytes > LARGE_BYTES:
                 rows.append(self_ratios(case, shape, layout, rows, rounds, file))
                 if fused:
@@ -130,6 +137,21 @@ def op_rows(case, shape, layout, rounds, with_reference, file, with_ort=True):
     print(f"{str(shape):<20} {layout:<6} {'BRN train':<9} {_fmt_ms(t_brn)}  "
           f"batch_renorm_train / batch_norm_train: {t_brn / t_bn:.2f}", file=file, flush=True)
     return rows
+
+
+def latency_row(case, shape, layout, file, calls=LATENCY_CALLS):
+    """p50 and p99 of `calls` consecutive fastbn calls of each op (fresh outputs), beside
+    the best time of the op rows: on a shared machine a thread of the team that the
+    scheduler puts aside shows in the p99 only."""
+    row = dict(shape=shape, layout=layout, op="latency", calls=calls)
+    parts = []
+    for op in OPS:
+        p50, p99 = np.percentile(latencies(case.fast(op), calls), [50, 99])
+        row[op] = (p50, p99)
+        parts.append(f"{op} {p50 * 1e3:.3f} / {p99 * 1e3:.3f}")
+    print(f"{str(shape):<20} {layout:<6} {'latency':<9} fastbn p50 / p99 of {calls} calls (ms): "
+          + ", ".join(parts), file=file, flush=True)
+    return row
 
 
 def roofline_row(case, shape, layout, rounds, file):
@@ -286,6 +308,10 @@ def markdown(rows, threads, dtype=np.float32):
                          f"{ratio(r['relu_backward'])} |")
             extra.append(f"| {shape} | {r['layout']} | BatchNorm(activation=\"relu\") / "
                          f"BatchNorm, backward (fresh) | {ratio(r['layer_backward'])} |")
+        elif r["op"] == "latency":
+            extra.append(f"| {shape} | {r['layout']} | p50 / p99 of {r['calls']} calls (ms): "
+                         + "; ".join(f"{op} {ms(r[op][0])} / {ms(r[op][1])}" for op in OPS)
+                         + " | - |")
         elif r["op"] == "train_out":
             extra.append(f"| {shape} | {r['layout']} | train out= / (read pass + copy pass) "
                          f"| {ratio(r['roofline'])} ({ms(r['fastbn'])} ms vs {ms(r['read'])} + "

@@ -38,6 +38,18 @@ def torch_module():
     return torch
 
 
+def latencies(func, calls):
+    """The times (s) of `calls` consecutive calls of func, after one warm-up call: the
+    spread of a small call (a descheduled thread, a page fault) that the best time hides."""
+    func()
+    times = np.empty(calls)
+    for i in range(calls):
+        t0 = time.perf_counter()
+        func()
+        times[i] = time.perf_counter() - t0
+    return times
+
+
 def interleaved(funcs, rounds, budget=None):
     """Best time (s) of each callable, timed one after the other in each round."""
     best = [np.inf] * len(funcs)
