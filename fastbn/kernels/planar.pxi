@@ -152,7 +152,8 @@ cdef inline unsigned char* _kept_run_bits(const Planar* p, unsigned char* bits,
     b of channel c. They are channel-major, so that each pass reads a channel's bits as one
     sequential stream: run (n, c, q) at ((c * N + n) * pieces + q) * stride; the next run
     of a block (the next sample) is stride bytes on. (The same (N, C, S) gives the forward
-    and the backward the same pieces, and blocks of one run where the bits are kept.)"""
+    and the backward the same pieces, and a block's runs are consecutive samples whatever
+    the number of runs per block of either.)"""
     if p.pieces == 1:
         return bits + (c * p.N + b * p.runs) * stride
     return bits + (c * p.nblock + b) * stride         # b = n * pieces + q
@@ -195,9 +196,9 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
     with ym (the fused ReLU's forward output), of g masked by y > 0, in the same loops; with
     bits too, the block's mask is also stored as bits (_run_bits), from cache. kept (float32
-    data, blocks of one run): the mask is the bits the forward kept; each block's g is
-    masked into an L1 stage (the values the masked loops take) and summed from there by
-    the plain loops: the same bits as with ym."""
+    data): the mask is the bits the forward kept (_kept_run_bits), ANDed into the register
+    lanes' loop (AVX-512, blocks of one run) or applied through L1 stages
+    (_kept_block_sums): the values the masked loops take, so the same bits as with ym."""
     cdef Py_ssize_t b, c, r
     cdef Block blk
     cdef double* q
