@@ -30,7 +30,7 @@ SERIAL_BELOW_ROWS = 1 << 15
 SERIAL_BELOW_PLANAR = 1 << 14
 
 _num_threads = None
-_cpus = None            # available_cpus(), read once
+_cpus = None            # the default's cap: available_cpus(), read once (see get_num_threads)
 
 
 def available_cpus(root="/sys/fs/cgroup"):
@@ -102,12 +102,9 @@ def get_num_threads():
     global _cpus
     if _num_threads is not None:
         return _num_threads
-    n = max(1, int(_support.omp_max_threads()))
-    if "OMP_NUM_THREADS" in os.environ:
-        return n
-    if _cpus is None:
-        _cpus = available_cpus()
-    return min(n, _cpus)
+    if _cpus is None:          # once: OpenMP too reads OMP_NUM_THREADS at start-up only
+        _cpus = MAX_THREADS if "OMP_NUM_THREADS" in os.environ else available_cpus()
+    return min(max(1, int(_support.omp_max_threads())), _cpus)
 
 
 def set_num_threads(n):
