@@ -19,7 +19,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _dispatch, _memory, _support
+from . import _dispatch, _memory, _support, _threads
 from ._threads import effective_threads
 from ._rounding import rounded, store_rounded
 from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
@@ -247,6 +247,13 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
                      momentum=0.1, out=None, num_threads=None, residual=None, relu=False,
                      mask=None):
     """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train); mask: see train."""
+    if residual is None and mask is None:
+        lean = _dispatch.kernels.lean_train(
+            x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
+            num_threads, relu, _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS,
+            _memory.STREAM_ABOVE)
+        if lean is not None:
+            return lean
     batch = Batch(x, layout)
     C = batch.C
     if running_mean is None or not _support.running_pair_ok(running_mean, running_var, C):
@@ -262,6 +269,21 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
             running_mean, running_var, mean.base, momentum, M / (M - 1.0)):
         update_running(momentum, (running_mean, mean), (running_var, var * (M / (M - 1.0))))
     return y, mean, invstd
+
+
+def batch_norm_infer(x, layout, running_mean, running_var, weight, bias, *, eps, out=None,
+                     num_threads=None, residual=None, relu=False):
+    """fastbn.batch_norm_infer (and, with relu, batch_norm_relu_infer): a small call in one
+    C call when it can be (the kernels' lean_infer, fastbn/kernels/lean.pxi), else infer on
+    a Batch of x."""
+    if residual is None:
+        lean = _dispatch.kernels.lean_infer(
+            x, running_mean, running_var, weight, bias, eps, layout, out, num_threads, relu,
+            _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS, _memory.STREAM_ABOVE)
+        if lean is not None:
+            return lean
+    return infer(Batch(x, layout), running_mean, running_var, weight, bias, eps=eps, out=out,
+                 num_threads=num_threads, residual=residual, relu=relu)
 
 
 def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
@@ -334,6 +356,12 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     ReluMask the training forward of this x filled; the same results. float64_grads:
     dweight and dbias are returned unrounded, in float64 (for callers that combine them
     further)."""
+    if dresidual is None and mask is None and not float64_grads:
+        lean = _dispatch.kernels.lean_backward(
+            dy, x, mean, invstd, weight, training, layout, out, num_threads, y,
+            _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS, _memory.STREAM_ABOVE)
+        if lean is not None:
+            return lean
     g, y = grad_call(dy, x, mean, invstd, weight, training=training, layout=layout, out=out,
                      num_threads=num_threads, y=y)
     x, C, vp = g.x, g.C, g.plan

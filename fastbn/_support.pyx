@@ -8,7 +8,7 @@ from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport sqrt
 
 cimport numpy as cnp
-from fastbn._arrays cimport _native, _vec
+from fastbn._arrays cimport _native, _param_ok, _running_ok, _running_pair_ok, _vec
 
 cnp.import_array()
 
@@ -51,18 +51,6 @@ def cpu_has_avx512():
 # validating (and converting) in full when one says False
 # ---------------------------------------------------------------------------------------------
 
-cdef inline bint _param_ok(object a, Py_ssize_t C):
-    cdef cnp.ndarray arr
-    cdef int t
-    if type(a) is not cnp.ndarray:
-        return False
-    arr = <cnp.ndarray>a
-    t = cnp.PyArray_TYPE(arr)
-    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_NDIM(arr) == 1
-            and cnp.PyArray_DIM(arr, 0) == C and cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            and _native(arr))
-
-
 def params_ok(Py_ssize_t C, Py_ssize_t required, *params):
     """True when every per-channel input can go to a kernel as it is: a C-contiguous,
     native float32 or float64 array of shape (C,), the first `required` of them present
@@ -77,28 +65,11 @@ def params_ok(Py_ssize_t C, Py_ssize_t required, *params):
     return True
 
 
-cdef bint _running_ok(object buf, Py_ssize_t C):
-    cdef cnp.ndarray a
-    if type(buf) is not cnp.ndarray:
-        return False
-    a = <cnp.ndarray>buf
-    return ((cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64)
-            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a) and _native(a)
-            and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == C)
-
-
 def running_pair_ok(running_mean, running_var, Py_ssize_t C):
     """True when both running buffers are writable C-contiguous float32/float64 vectors of
     the channel count, aligned and in native byte order, whose bytes do not overlap (the
     common case, checked at C speed; the caller validates anything else in full)."""
-    cdef char* a
-    cdef char* b
-    if not (_running_ok(running_mean, C) and _running_ok(running_var, C)):
-        return False
-    a = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
-    b = <char*>cnp.PyArray_DATA(<cnp.ndarray>running_var)
-    return (a + cnp.PyArray_NBYTES(<cnp.ndarray>running_mean) <= b
-            or b + cnp.PyArray_NBYTES(<cnp.ndarray>running_var) <= a)
+    return _running_pair_ok(running_mean, running_var, C)
 
 
 def finite_positive(a, Py_ssize_t C):
@@ -130,7 +101,10 @@ cdef void _running_average(cnp.ndarray buf, const double* batch, double scale,
     """buf <- the running average of buf and batch * scale, in double, stored in buf's dtype:
     ``buf + momentum * (new - buf)`` if toward (Batch Renormalization's form), else
     ``momentum * new + (1 - momentum) * buf`` (PyTorch's form; the same value up to
-    rounding)."""
+    rounding). Compiled here, for every build of the kernels alike (fastbn/_support.pxd): the
+    compiler may contract a * b + c into one rounding where FMA instructions are enabled,
+    as they are in the AVX2 and AVX-512 kernels, and a lean call updates the buffers to the
+    bit as the general path does."""
     cdef Py_ssize_t c
     cdef double old, new
     cdef float* f = <float*>cnp.PyArray_DATA(buf)

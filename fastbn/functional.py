@@ -111,8 +111,8 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
     >>> float(y.max())
     0.0
     """
-    return _calls.infer(_calls.Batch(x, layout), running_mean, running_var, weight, bias,
-                        eps=eps, out=out, num_threads=num_threads)
+    return _calls.batch_norm_infer(x, layout, running_mean, running_var, weight, bias, eps=eps,
+                                   out=out, num_threads=num_threads)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",

@@ -412,9 +412,9 @@ class BatchNorm(_Norm):
 
     def _forward_eval(self, x, residual):
         layout = self.layout
-        y = _calls.infer(_calls.Batch(x, layout), self.running_mean, self.running_var,
-                         self.weight, self.bias, eps=self.eps, residual=residual,
-                         relu=self.activation == "relu")
+        y = _calls.batch_norm_infer(x, layout, self.running_mean, self.running_var,
+                                    self.weight, self.bias, eps=self.eps, residual=residual,
+                                    relu=self.activation == "relu")
         mean = self.running_mean.astype(np.float64)
         with np.errstate(all="ignore"):     # a loaded var < 0 gives NaN, as the kernels do
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)

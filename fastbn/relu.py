@@ -108,9 +108,9 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
     array([[0. , 3.5],
            [2.5, 0.5]])
     """
-    return _calls.infer(_calls.Batch(x, layout), running_mean, running_var, weight, bias,
-                        eps=eps, out=out, num_threads=num_threads, residual=residual,
-                        relu=True)
+    return _calls.batch_norm_infer(x, layout, running_mean, running_var, weight, bias, eps=eps,
+                                   out=out, num_threads=num_threads, residual=residual,
+                                   relu=True)
 
 
 def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=True,

@@ -67,8 +67,8 @@ def test_crossover_table_restores_thresholds():
     lines = out.getvalue().splitlines()
     assert lines[0].split()[:3] == ["values", "layout", "op"]
     assert [line.split()[:3] for line in lines[1:]] == [
-        ["4096", "NCHW", "train"], ["4096", "NCHW", "backward"],
-        ["4096", "NHWC", "train"], ["4096", "NHWC", "backward"]]
+        ["4096", layout, op] for layout in ("NCHW", "NHWC")
+        for op in ("train", "infer", "backward")]
     assert all(float(line.split()[-1]) > 0 for line in lines[1:])
     assert (_threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR) == saved
 

@@ -241,9 +241,10 @@ def fused_table(shapes=LARGE[:2], layouts=("NCHW", "NHWC"), dtype=np.float32, th
 
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
               channels=16, rounds=200, file=None):
-    """Time 1 against 2 threads on small inputs, to place the serial thresholds
-    (fastbn._threads.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW_ROWS for NHWC), for the training
-    forward and the backward, float32."""
+    """Time 1 against 2 threads on small inputs, to place the serial thresholds of each op
+    and view (fastbn._threads.SERIAL_BELOW: planar for NCHW, rows for NHWC): the training
+    forward, the inference and the backward, float32, fresh outputs (as a small call on one
+    thread takes the lean path)."""
     file = file or sys.stdout
     print(f"{'values':>8} {'layout':<6} {'op':<9} {'1 thread us':>12} {'2 threads us':>13} "
           f"{'2/1':>6}", file=file)
@@ -252,12 +253,14 @@ def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 
             for layout in ("NCHW", "NHWC"):
                 shape = (4, channels, size // (4 * channels))
                 x, dy, w, b = make_data(shape, layout, np.float32)
-                y = np.empty_like(x)
+                rm, rv = np.zeros_like(w), np.ones_like(w)
                 _, mean, invstd = functional.batch_norm_train(x, w, b, layout=layout)
                 ops = {"train": lambda n: functional.batch_norm_train(
-                           x, w, b, layout=layout, out=y, num_threads=n),
+                           x, w, b, layout=layout, num_threads=n),
+                       "infer": lambda n: functional.batch_norm_infer(
+                           x, rm, rv, w, b, layout=layout, num_threads=n),
                        "backward": lambda n: functional.batch_norm_backward(
-                           dy, x, mean, invstd, w, layout=layout, out=y, num_threads=n)}
+                           dy, x, mean, invstd, w, layout=layout, num_threads=n)}
                 for op, f in ops.items():
                     t1, t2 = interleaved([lambda: f(1), lambda: f(2)], rounds)
                     print(f"{size:8d} {layout:<6} {op:<9} {t1 * 1e6:12.1f} {t2 * 1e6:13.1f} "

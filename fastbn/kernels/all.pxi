@@ -8,3 +8,4 @@ include "planar.pxi"          # the planar view: training forward, inference, ba
 include "rows.pxi"            # the rows view (channels-last memory, and (N, C)): the same
 include "half.pxi"            # float16 and bfloat16 data, staged through float32
 include "entry_points.pxi"    # the Python entry points, and the bandwidth yardsticks
+include "lean.pxi"            # whole small calls in C: checks, kernel and result

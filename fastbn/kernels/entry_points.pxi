@@ -4,7 +4,8 @@
 # stay cheap); each entry re-checks what would make a pointer unsafe, so a wrong internal
 # call raises, never crashes.
 
-from fastbn._arrays cimport _native, _vec
+from fastbn._arrays cimport _native, _param_ok, _running_pair_ok, _vec
+from fastbn._support cimport _running_average
 
 cnp.import_array()
 
@@ -66,22 +67,28 @@ cdef Py_ssize_t _partials(int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return 2 * C * ((N + rpc - 1) // rpc)
 
 
+cdef int _dtype_code(cnp.ndarray x):
+    """The DType of x's elements, or -1 for any other dtype."""
+    cdef int t = cnp.PyArray_TYPE(x)
+    if t == cnp.NPY_FLOAT32:
+        return F32
+    if t == cnp.NPY_FLOAT64:
+        return F64
+    if t == cnp.NPY_FLOAT16:
+        return F16
+    if (cnp.PyArray_ISUSERDEF(x) and cnp.PyArray_ITEMSIZE(x) == 2
+            and x.dtype.name == "bfloat16"):
+        return BF16
+    return -1
+
+
 cdef int _data_type(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size,
                     bint y_written=True) except -1:
     """The DType of the data; checks x and y are contiguous, aligned, native, of one dtype
     and `size` long, and y writable (when y_written)."""
     cdef int t = cnp.PyArray_TYPE(x)
-    cdef int dtype
-    if t == cnp.NPY_FLOAT32:
-        dtype = F32
-    elif t == cnp.NPY_FLOAT64:
-        dtype = F64
-    elif t == cnp.NPY_FLOAT16:
-        dtype = F16
-    elif (cnp.PyArray_ISUSERDEF(x) and cnp.PyArray_ITEMSIZE(x) == 2
-          and x.dtype.name == "bfloat16"):
-        dtype = BF16
-    else:
+    cdef int dtype = _dtype_code(x)
+    if dtype < 0:
         raise TypeError("kernel data must be float32, float64, float16 or bfloat16")
     if cnp.PyArray_TYPE(y) != t:
         raise TypeError("kernel input and output dtypes differ")
@@ -312,6 +319,14 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     may be None. With divisor_is_std, running_var holds a standard deviation and
     y = (x - running_mean) * weight / running_var + bias (eps is not used). residual and
     relu: the fused epilogue y = max(y + residual, 0)."""
+    _infer(x, y, view, N, C, S, running_mean, running_var, weight, bias, eps, nthreads,
+           divisor_is_std, stream, residual, relu)
+
+
+cdef int _infer(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
+                Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
+                int nthreads, bint divisor_is_std, bint stream, residual,
+                bint relu) except -1:
     cdef Planar p
     cdef Affine af
     cdef Work work = _new_work(INFER, 0, APPLY, NULL)
@@ -350,6 +365,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
                 _rows_infer(cnp.PyArray_DATA(x), cnp.PyArray_DATA(y), N, C, &af, &work, nthreads)
     finally:
         free(coef)
+    return 0
 
 
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,

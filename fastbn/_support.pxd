@@ -1,0 +1,7 @@
+# What fastbn/_support.pyx gives the kernels at C level (fastbn/kernels/lean.pxi): the
+# running-statistics update, compiled once for every build of the kernels.
+cimport numpy as cnp
+
+
+cdef void _running_average(cnp.ndarray buf, const double* batch, double scale,
+                           double momentum, Py_ssize_t C, bint toward) noexcept
