@@ -191,7 +191,8 @@ cdef inline bint _f32_fits(double v) noexcept nogil:
     """Whether v is 0, or of a size float32 carries with its full relative precision and
     room to spare, or NaN (which float32 propagates as double does); infinities are not."""
     cdef double a = fabs(v)
-    return not (a > F32_BIG) and (a >= F32_SMALL or v == 0 or v != v)
+    # & and |, not `and` and `or`: no branches, so the loops over channels vectorize
+    return (not (a > F32_BIG)) & ((a >= F32_SMALL) | (v == 0) | (v != v))
 
 
 cdef inline bint _f32_bounded(double v) noexcept nogil:
@@ -204,14 +205,14 @@ cdef inline bint _f32_coefs_ok(double mean, double scale, double shift) noexcept
     """Whether (x - mean) * scale + shift can run in float32 (see planar_blocks.pxi): the mean
     and shift bounded, the scale representable with its precision. NaN coefficients are
     fine: the channel's outputs are NaN either way."""
-    return _f32_bounded(mean) and _f32_bounded(shift) and _f32_fits(scale)
+    return _f32_bounded(mean) & _f32_bounded(shift) & _f32_fits(scale)
 
 
 cdef inline bint _dx32_ok(double mean, double gmean, double a, double kx,
                           double c) noexcept nogil:
     """Whether dx = ((g - gmean) * a + (x - mean) * kx + c can run in float32."""
-    return (_f32_bounded(mean) and _f32_bounded(gmean) and _f32_bounded(c) and _f32_fits(a)
-            and _f32_fits(kx))
+    return (_f32_bounded(mean) & _f32_bounded(gmean) & _f32_bounded(c) & _f32_fits(a)
+            & _f32_fits(kx))
 
 
 cdef inline bint _f32_sum_ok(double s) noexcept nogil:
@@ -357,13 +358,25 @@ cdef inline void _affine32(Affine* af, Py_ssize_t c0, Py_ssize_t c1) noexcept no
     cdef Py_ssize_t c
     cdef float m32
     cdef double shift
+    cdef const double* mean = af.mean        # local pointers: the loop vectorizes
+    cdef const double* scale = af.scale
+    cdef const double* shift64 = af.shift
+    cdef float* mean32 = af.mean32
+    cdef float* scale32 = af.scale32
+    cdef float* shift32 = af.shift32
+    cdef unsigned char* ok32 = af.ok32
     for c in range(c0, c1):
-        m32 = <float>af.mean[c] if _f32_bounded(af.mean[c]) else 0.0
-        shift = af.shift[c] - (af.mean[c] - <double>m32) * af.scale[c]
-        af.mean32[c] = m32
-        af.scale32[c] = <float>af.scale[c]
-        af.shift32[c] = <float>shift
-        af.ok32[c] = _f32_coefs_ok(af.mean[c], af.scale[c], shift)
+        # converted first, then chosen: no conversion waits behind a branch, so the loop
+        # vectorizes (a conversion may raise a floating-point flag, which the compiler
+        # will not do on a path the code does not take)
+        m32 = <float>mean[c]
+        if not _f32_bounded(mean[c]):
+            m32 = 0.0
+        shift = shift64[c] - (mean[c] - <double>m32) * scale[c]
+        mean32[c] = m32
+        scale32[c] = <float>scale[c]
+        shift32[c] = <float>shift
+        ok32[c] = _f32_coefs_ok(mean[c], scale[c], shift)
 
 
 cdef inline bint _all_set(const unsigned char* flags, Py_ssize_t n) noexcept nogil:
@@ -411,23 +424,33 @@ cdef void _set_coefs(Coef* cf, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     rows kernels pass many channels at once)."""
     cdef Py_ssize_t c
     cdef double w, b, r, d
+    cdef double* invstd = cf.invstd
+    cdef double* scale = cf.scale
+    cdef double* shift = cf.shift
+    cdef const double* var = cf.var
+    cdef const double* weight = cf.weight
+    cdef const double* bias = cf.bias
+    cdef double eps = cf.eps
     for c in range(c0, c1):
-        cf.invstd[c] = 1.0 / sqrt(cf.var[c] + cf.eps)
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+    if not cf.renorm:
+        # the plain form over local pointers, which the compiler vectorizes
+        for c in range(c0, c1):
+            scale[c] = weight[c] * invstd[c] if weight != NULL else invstd[c]
+            shift[c] = bias[c] if bias != NULL else 0.0
+        _affine32(&cf.af, c0, c1)
+        return
     for c in range(c0, c1):
         w = cf.weight[c] if cf.weight != NULL else 1.0
         b = cf.bias[c] if cf.bias != NULL else 0.0
-        if cf.renorm:
-            # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running
-            # stats
-            r = _clip(sqrt(cf.var[c] + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
-            d = _clip((cf.mean[c] - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
-            cf.r[c] = r
-            cf.d[c] = d
-            cf.scale[c] = w * r * cf.invstd[c]
-            cf.shift[c] = w * d + b
-        else:
-            cf.scale[c] = w * cf.invstd[c]
-            cf.shift[c] = b
+        # y = w * ((x - mean) * invstd * r + d) + b, r and d from the pre-update running
+        # stats
+        r = _clip(sqrt(cf.var[c] + cf.eps) / cf.run_std[c], cf.rmin, cf.rmax)
+        d = _clip((cf.mean[c] - cf.run_mean[c]) / cf.run_std[c], -cf.dmax, cf.dmax)
+        cf.r[c] = r
+        cf.d[c] = d
+        cf.scale[c] = w * r * cf.invstd[c]
+        cf.shift[c] = w * d + b
     _affine32(&cf.af, c0, c1)
 
 
@@ -463,36 +486,78 @@ cdef struct Grad:
     const double* given # the sums to use, of m values per channel (no reduction phase)
 
 
-cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
-    """dweight, dbias and the dx constants of channel c from its two sums."""
-    cdef double istd = gd.invstd[c]
+cdef void _grad_coefs(Grad* gd, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """dweight, dbias and the dx constants of channels [c0, c1) from their two sums, which
+    wait in dbias (sum(g)) and dweight (sum(g * (x - mean))). Loops along the channels over
+    local pointers, which the compiler vectorizes (a rows call may have thousands of
+    channels and few rows); each channel's values are computed as one at a time would be."""
+    cdef double* dweight = gd.dweight
+    cdef double* dbias = gd.dbias
+    cdef const double* invstd = gd.invstd
+    cdef const double* weight = gd.weight
+    cdef double* a = gd.a
+    cdef double* kx = gd.kx
+    cdef double* k0 = gd.k0
+    cdef double* gmean = gd.gmean
+    cdef double* sums = gd.sums
+    cdef double m = gd.m
+    cdef Py_ssize_t c, nc = gd.nc
+    cdef double istd, ac, gm, c32
     cdef float gm32
-    cdef double c32
-    if gd.sums != NULL:
-        gd.sums[c] = sum_g
-        gd.sums[gd.nc + c] = dot
-    gd.dweight[c] = dot * istd
-    gd.dbias[c] = sum_g
-    cdef double a = istd * gd.weight[c] if gd.weight != NULL else istd
-    gd.a[c] = a
+    if sums != NULL:
+        for c in range(c0, c1):
+            sums[c] = dbias[c]
+            sums[nc + c] = dweight[c]
+    if weight != NULL:
+        for c in range(c0, c1):
+            a[c] = invstd[c] * weight[c]
+    else:
+        for c in range(c0, c1):
+            a[c] = invstd[c]
     if gd.training:
         # dx = (g - sum_g/m - (x - mean) * dot/m * istd^2) * a
-        gd.gmean[c] = sum_g / gd.m
-        gd.k0[c] = -(gd.gmean[c]) * a
-        gd.kx[c] = -(dot / gd.m * istd * istd) * a
+        for c in range(c0, c1):
+            istd = invstd[c]
+            gm = dbias[c] / m
+            gmean[c] = gm
+            k0[c] = -gm * a[c]
+            kx[c] = -(dweight[c] / m * istd * istd) * a[c]
     else:
-        gd.gmean[c] = 0.0
-        gd.k0[c] = 0.0
-        gd.kx[c] = 0.0
-    if gd.mean32 != NULL:
-        gm32 = <float>gd.gmean[c] if _f32_bounded(gd.gmean[c]) else 0.0
-        c32 = -gd.mean_lo[c] * gd.kx[c]
-        gd.gmean32[c] = gm32
-        gd.gmean_lo32[c] = <float>(gd.gmean[c] - <double>gm32)
-        gd.a32[c] = <float>a
-        gd.kx32[c] = <float>gd.kx[c]
-        gd.c32[c] = <float>c32
-        gd.ok32[c] = _dx32_ok(gd.mean[c], gd.gmean[c], a, gd.kx[c], c32)
+        for c in range(c0, c1):
+            gmean[c] = 0.0
+            k0[c] = 0.0
+            kx[c] = 0.0
+    for c in range(c0, c1):
+        dweight[c] = dweight[c] * invstd[c]
+    if gd.mean32 == NULL:
+        return
+    cdef const double* mean = gd.mean
+    cdef const double* mean_lo = gd.mean_lo
+    cdef float* gmean32 = gd.gmean32
+    cdef float* gmean_lo32 = gd.gmean_lo32
+    cdef float* a32 = gd.a32
+    cdef float* kx32 = gd.kx32
+    cdef float* c32s = gd.c32
+    cdef unsigned char* ok32 = gd.ok32
+    for c in range(c0, c1):
+        gm = gmean[c]
+        gm32 = <float>gm              # then chosen, as in _affine32
+        if not _f32_bounded(gm):
+            gm32 = 0.0
+        c32 = -mean_lo[c] * kx[c]
+        gmean32[c] = gm32
+        gmean_lo32[c] = <float>(gm - <double>gm32)
+        a32[c] = <float>a[c]
+        kx32[c] = <float>kx[c]
+        c32s[c] = <float>c32
+        ok32[c] = _dx32_ok(mean[c], gm, a[c], kx[c], c32)
+
+
+cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
+    """dweight, dbias and the dx constants of channel c from its two sums (_grad_coefs)."""
+    gd.dbias[c] = sum_g
+    gd.dweight[c] = dot
+    _grad_coefs(gd, c, c + 1)
 
 
 # ---------------------------------------------------------------------------------------------

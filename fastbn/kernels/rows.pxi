@@ -579,8 +579,7 @@ cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_
         for c in range(c0, c1):
             sum_g[c] = sum_g[c] + ps[c]
             dot[c] = dot[c] + pd[c]
-    for c in range(c0, c1):
-        _grad_coef(gd, c, sum_g[c], dot[c])
+    _grad_coefs(gd, c0, c1)
 
 
 
