@@ -250,8 +250,7 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
     if residual is None and mask is None:
         lean = _dispatch.kernels.lean_train(
             x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
-            num_threads, relu, _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS,
-            _memory.STREAM_ABOVE)
+            num_threads, relu, _threads.POLICY, _memory.STREAM_ABOVE)
         if lean is not None:
             return lean
     batch = Batch(x, layout)
@@ -279,7 +278,7 @@ def batch_norm_infer(x, layout, running_mean, running_var, weight, bias, *, eps,
     if residual is None:
         lean = _dispatch.kernels.lean_infer(
             x, running_mean, running_var, weight, bias, eps, layout, out, num_threads, relu,
-            _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS, _memory.STREAM_ABOVE)
+            _threads.POLICY, _memory.STREAM_ABOVE)
         if lean is not None:
             return lean
     return infer(Batch(x, layout), running_mean, running_var, weight, bias, eps=eps, out=out,
@@ -359,7 +358,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     if dresidual is None and mask is None and not float64_grads:
         lean = _dispatch.kernels.lean_backward(
             dy, x, mean, invstd, weight, training, layout, out, num_threads, y,
-            _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS, _memory.STREAM_ABOVE)
+            _threads.POLICY, _memory.STREAM_ABOVE)
         if lean is not None:
             return lean
     g, y = grad_call(dy, x, mean, invstd, weight, training=training, layout=layout, out=out,

@@ -30,6 +30,34 @@ def omp_max_threads():
     return omp_get_max_threads()
 
 
+cdef int _call_threads(object num_threads, Py_ssize_t size, bint planar,
+                       list policy) except -2:
+    """The threads a call on `size` values runs on (fastbn/_threads.py's policy, read from its
+    POLICY list): num_threads when given (at most MAX_THREADS), else the count set with
+    set_num_threads, else OpenMP's default capped by the CPUs the process may use; one for
+    inputs below the view's serial threshold, and without OpenMP. -1 when num_threads is
+    neither None nor an int >= 1 (the caller validates it)."""
+    cdef Py_ssize_t n = 0
+    if num_threads is not None:
+        if type(num_threads) is not int or num_threads < 1:
+            return -1
+        n = policy[4] if num_threads > policy[4] else num_threads
+    if not FASTBN_OPENMP or size < <Py_ssize_t>policy[0 if planar else 1]:
+        return 1
+    if n:
+        return n
+    n = policy[2]
+    if n:
+        return n
+    n = omp_get_max_threads()
+    return max(1, min(n, <Py_ssize_t>policy[3]))
+
+
+def call_threads(num_threads, Py_ssize_t size, bint planar, list policy):
+    """_call_threads for Python (fastbn/_threads.py)."""
+    return _call_threads(num_threads, size, planar, policy)
+
+
 def cache_sizes():
     """(L1d, L2, L3) cache sizes in bytes as the C library reports them (0: unknown)."""
     return tuple(fastbn_cache_size(level) for level in (1, 2, 3))

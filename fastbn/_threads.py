@@ -23,14 +23,18 @@ MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 
 # Below this many values a call runs on one thread: forking the team costs more than it saves.
 # The planar kernels (NCHW memory) gain from a second thread on smaller inputs than the rows
-# kernels (channels-last memory). Measured at 16384 values on 9 planar shapes, 2 threads
-# take 0.84-0.96x the time of one for training, 0.95-0.99x for inference and 0.75-0.86x for
-# the backward; on rows 0.97-1.6x (`python -m fastbn --crossover` prints such a table).
+# kernels (channels-last memory). Measured per op (`python -m fastbn --crossover` prints the
+# table: training forward, inference and backward, fresh outputs, both small calls taking
+# the lean path of fastbn/kernels/lean.pxi): SEE_BELOW.
 SERIAL_BELOW_ROWS = 1 << 15
 SERIAL_BELOW_PLANAR = 1 << 14
 
-_num_threads = None
-_cpus = None            # the default's cap: available_cpus(), read once (see get_num_threads)
+# The thread policy as the C side reads it (fastbn/_support.pyx, call_threads: the lean path
+# of small calls runs it without a Python call): [serial threshold of the planar kernels,
+# of the rows kernels, the count set with set_num_threads (0: none), the CPUs the process
+# may use (available_cpus; MAX_THREADS when OMP_NUM_THREADS is set), MAX_THREADS].
+POLICY = [SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS, 0, MAX_THREADS, MAX_THREADS]
+_PLANAR, _ROWS, _SET, _CPUS = 0, 1, 2, 3
 
 
 def available_cpus(root="/sys/fs/cgroup"):
@@ -99,12 +103,7 @@ def get_num_threads():
     >>> fastbn.get_num_threads() >= 1
     True
     """
-    global _cpus
-    if _num_threads is not None:
-        return _num_threads
-    if _cpus is None:          # once: OpenMP too reads OMP_NUM_THREADS at start-up only
-        _cpus = MAX_THREADS if "OMP_NUM_THREADS" in os.environ else available_cpus()
-    return min(max(1, int(_support.omp_max_threads())), _cpus)
+    return _support.call_threads(None, 1 << 62, True, POLICY)
 
 
 def set_num_threads(n):
@@ -132,19 +131,17 @@ def set_num_threads(n):
     1
     >>> fastbn.set_num_threads(None)
     """
-    global _num_threads
-    _num_threads = None if n is None else thread_count(n, None)
+    POLICY[_SET] = 0 if n is None else thread_count(n, None)
 
 
 def effective_threads(num_threads, size, planar=False):
     """Threads for one call on `size` values: explicit or default, one for small inputs
-    (below SERIAL_BELOW_PLANAR values for the planar kernels, SERIAL_BELOW_ROWS for the
-    rows)."""
-    if num_threads is not None:
-        num_threads = thread_count(num_threads, None)
-    if size < (SERIAL_BELOW_PLANAR if planar else SERIAL_BELOW_ROWS) or not OPENMP:
-        return 1
-    return get_num_threads() if num_threads is None else num_threads
+    (below POLICY's serial threshold of the view: planar or rows)."""
+    n = _support.call_threads(num_threads, size, planar, POLICY)
+    if n < 0:
+        positive_int("num_threads", num_threads)        # raises the error
+        n = _support.call_threads(thread_count(num_threads, None), size, planar, POLICY)
+    return n
 
 
 @contextlib.contextmanager
@@ -152,23 +149,31 @@ def serial_below(*, planar, rows):
     """Within the block, the serial thresholds are `planar` and `rows` values (0: every
     input may run on several threads); for measuring where they belong (``python -m fastbn
     --crossover``). Not thread-safe: it changes them for every thread of the process."""
-    global SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS
-    saved = SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS
-    SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS = planar, rows
+    saved = POLICY[_PLANAR], POLICY[_ROWS]
+    POLICY[_PLANAR], POLICY[_ROWS] = planar, rows
     try:
         yield
     finally:
-        SERIAL_BELOW_PLANAR, SERIAL_BELOW_ROWS = saved
+        POLICY[_PLANAR], POLICY[_ROWS] = saved
 
 
 @contextlib.contextmanager
 def default_threads(n):
     """Within the block, set_num_threads(n) (then the previous setting again); for timing
     the layers, which take no num_threads, on a given thread count. Not thread-safe."""
-    global _num_threads
-    saved = _num_threads
+    saved = POLICY[_SET]
     set_num_threads(n)
     try:
         yield
     finally:
-        _num_threads = saved
+        POLICY[_SET] = saved
+
+
+def _cap():
+    """The default's cap: the CPUs this process may use, read once at import (as OpenMP reads
+    OMP_NUM_THREADS once, at start-up); no cap when OMP_NUM_THREADS is set."""
+    return MAX_THREADS if "OMP_NUM_THREADS" in os.environ else min(available_cpus(),
+                                                                    MAX_THREADS)
+
+
+POLICY[_CPUS] = _cap()

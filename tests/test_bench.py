@@ -61,7 +61,7 @@ def test_fused_rows(monkeypatch):
 
 def test_crossover_table_restores_thresholds():
     from fastbn import _threads
-    saved = _threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR
+    saved = _threads.POLICY[:]
     out = io.StringIO()
     table.crossover(sizes=(1 << 12,), rounds=2, file=out)
     lines = out.getvalue().splitlines()
@@ -70,7 +70,7 @@ def test_crossover_table_restores_thresholds():
         ["4096", layout, op] for layout in ("NCHW", "NHWC")
         for op in ("train", "infer", "backward")]
     assert all(float(line.split()[-1]) > 0 for line in lines[1:])
-    assert (_threads.SERIAL_BELOW_ROWS, _threads.SERIAL_BELOW_PLANAR) == saved
+    assert _threads.POLICY == saved
 
 
 def test_make_data_layouts():

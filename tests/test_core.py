@@ -482,18 +482,43 @@ def test_thread_count_follows_the_cpus_the_process_may_use(tmp_path):
 
 
 def test_small_inputs_run_on_one_thread():
-    """Planar (NCHW) calls use their threads from SERIAL_BELOW_PLANAR values on, rows
-    (channels-last) calls from SERIAL_BELOW_ROWS; an explicit num_threads is still
+    """Planar (NCHW) calls use their threads from POLICY's planar threshold on, rows
+    (channels-last) calls from its rows threshold; an explicit num_threads is still
     validated."""
     from fastbn import _threads
-    planar, rows = _threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS
-    assert planar < rows
-    for size, is_planar, want in ((planar - 1, True, 1), (planar, True, 2), (planar, False, 1),
+    planar, rows = _threads.POLICY[:2]
+    assert (planar, rows) == (_threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS)
+    assert planar <= rows
+    for size, is_planar, want in ((planar - 1, True, 1), (planar, True, 2), (planar - 1, False, 1),
                                   (rows - 1, False, 1), (rows, False, 2)):
         got = _threads.effective_threads(2, size, is_planar)
         assert got == (want if _threads.OPENMP else 1), (size, is_planar)
     with pytest.raises(ValueError, match="num_threads"):
         _threads.effective_threads(0, 10, True)
+    with pytest.raises(TypeError, match="num_threads"):
+        _threads.effective_threads(2.0, 10, True)
+
+
+def test_thread_policy_in_c_and_python_agree():
+    """The lean path reads the thread policy in C (fastbn._support.call_threads): the same
+    counts as effective_threads and get_num_threads for every kind of num_threads."""
+    from fastbn import _support, _threads
+    big = 1 << 40
+    assert _support.call_threads(None, big, True, _threads.POLICY) == fastbn.get_num_threads()
+    assert _threads.effective_threads(np.int64(3), big, True) == (3 if _threads.OPENMP else 1)
+    assert _threads.effective_threads(10 ** 30, big, True) == (
+        _threads.MAX_THREADS if _threads.OPENMP else 1)
+    assert _support.call_threads(0, big, True, _threads.POLICY) == -1
+    assert _support.call_threads(True, big, True, _threads.POLICY) == -1
+    with _threads.default_threads(3):
+        assert fastbn.get_num_threads() == (3 if _threads.OPENMP else 1)
+        assert _threads.effective_threads(None, big, False) == fastbn.get_num_threads()
+        assert _threads.effective_threads(None, 10, False) == 1
+    with _threads.serial_below(planar=5, rows=7):
+        assert _threads.POLICY[:2] == [5, 7]
+        assert _threads.effective_threads(2, 5, True) == (2 if _threads.OPENMP else 1)
+        assert _threads.effective_threads(2, 6, False) == 1
+    assert _threads.POLICY[:2] == [_threads.SERIAL_BELOW_PLANAR, _threads.SERIAL_BELOW_ROWS]
 
 
 def test_show_config(capsys):

@@ -62,12 +62,12 @@ def _run_doctests(tests):
 def test_docstring_examples(name):
     mod = _import(name)
     import fastbn
-    saved = fastbn._threads._num_threads
+    saved = fastbn._threads.POLICY[:]
     try:
         tests = doctest.DocTestFinder(exclude_empty=True).find(mod, name)
         _, report = _run_doctests(tests)
     finally:
-        fastbn._threads._num_threads = saved
+        fastbn._threads.POLICY[:] = saved
     assert not report, f"doctest failures in {name}:\n{report}"
 
 
@@ -107,13 +107,13 @@ def _pages():
 @pytest.mark.parametrize("page", _pages())
 def test_page_examples(page):
     import fastbn
-    saved = fastbn._threads._num_threads
+    saved = fastbn._threads.POLICY[:]
     try:
         result = doctest.testfile(os.path.join(DOCS, page), module_relative=False,
                                   optionflags=doctest.ELLIPSIS, report=False,
                                   verbose=False, raise_on_error=False)
     finally:
-        fastbn._threads._num_threads = saved
+        fastbn._threads.POLICY[:] = saved
     assert result.failed == 0, (f"{result.failed} of {result.attempted} examples in "
                                 f"docs/{page} failed (run: python -m doctest -v docs/{page})")
 

@@ -2,12 +2,13 @@
 # kernels, and as long again in the Python steps around them (checking each argument, picking
 # the canonical view, allocating the results). The lean entry points below do all of it in C
 # for the common case: the data a C-contiguous, aligned, native ndarray of a kernel dtype, laid
-# out as `layout` says, small enough to run on one thread; the per-channel inputs float32 or
-# float64 vectors of the channel count (what fastbn's own results are); out= None or an array
-# the kernel writes directly; eps, momentum, num_threads plain Python numbers. They return None for anything else, and the
-# caller (fastbn/_calls.py) takes the general path, which checks everything in full and
-# raises the documented errors: a lean call gives what the general path would, to the bit,
-# since it runs the same kernels on the same view with the same thread count (one).
+# out as `layout` says, smaller than the output cache's sizes; the per-channel inputs float32
+# or float64 vectors of the channel count (what fastbn's own results are); out= None or an
+# array the kernel writes directly; eps, momentum, num_threads plain Python numbers. They
+# return None for anything else, and the caller (fastbn/_calls.py) takes the general path,
+# which checks everything in full and raises the documented errors. A lean call gives what
+# the general path would, to the bit: the same kernel on the same view, with the same thread
+# count (fastbn/_threads.py's policy, read by fastbn._support's call_threads in C).
 
 
 # A lean call's data is smaller than this (fastbn._memory.CACHE_FROM): its result is a plain
@@ -15,20 +16,16 @@
 LEAN_BYTES = 1 << 20
 
 
-cdef int _lean_view(object a, object layout, object num_threads, Py_ssize_t planar_below,
-                    Py_ssize_t rows_below, Py_ssize_t* dims) except -2:
+cdef int _lean_view(object a, object layout, Py_ssize_t* dims) except -2:
     """The canonical view (PLANAR or ROWS) of data array a as it lies in memory, with its N, C,
     S in dims[0:3] (as fastbn/_calls.py's plan gives them), or -1 when a call on it is not a
     lean one: a not an exact ndarray of a kernel dtype with ndim >= 2, C-contiguous,
-    aligned and native; layout not the str "NCHW" or "NHWC"; no values; num_threads not
-    None or an int >= 1; or a call that runs on more than one thread (as many values as
-    make the view's kernels start threads, planar_below and rows_below: the serial
-    thresholds of fastbn/_threads.py, unless num_threads is 1) or on LEAN_BYTES or more."""
+    aligned and native, with values, smaller than LEAN_BYTES; layout not the str "NCHW" or
+    "NHWC"."""
     cdef cnp.ndarray arr
-    cdef int nd, view
+    cdef int nd
     cdef Py_ssize_t size, C
-    if (type(a) is not cnp.ndarray or type(layout) is not str
-            or not (num_threads is None or (type(num_threads) is int and num_threads >= 1))):
+    if type(a) is not cnp.ndarray or type(layout) is not str:
         return -1
     arr = <cnp.ndarray>a
     nd = cnp.PyArray_NDIM(arr)
@@ -41,24 +38,25 @@ cdef int _lean_view(object a, object layout, object num_threads, Py_ssize_t plan
     if layout == "NCHW":
         C = cnp.PyArray_DIM(arr, 1)
         dims[0] = cnp.PyArray_DIM(arr, 0)
-        dims[1] = C
         dims[2] = size // (dims[0] * C)
     elif layout == "NHWC":
         C = cnp.PyArray_DIM(arr, nd - 1)
-        dims[0] = size // C
-        dims[1] = C
         dims[2] = 1
     else:
         return -1
+    dims[1] = C
     if dims[2] > 1:
-        view = PLANAR
-    else:
-        view = ROWS
-        dims[0] = size // C
-        dims[2] = 1
-    if size < (planar_below if view == PLANAR else rows_below):
-        return view
-    return view if num_threads is not None and num_threads == 1 else -1
+        return PLANAR
+    dims[0] = size // C
+    dims[2] = 1
+    return ROWS
+
+
+cdef int _lean_threads(object num_threads, int view, const Py_ssize_t* dims,
+                       list policy) except -2:
+    """The threads of a lean call (fastbn._support's call_threads), -1 when num_threads is
+    not None or an int >= 1."""
+    return _call_threads(num_threads, dims[0] * dims[1] * dims[2], view == PLANAR, policy)
 
 
 cdef bint _lean_scalar(object v, double lo, double hi):
@@ -103,8 +101,7 @@ cdef cnp.ndarray _lean_result(object out, cnp.ndarray x, object alias, tuple inp
 
 
 def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
-               num_threads, bint relu, Py_ssize_t planar_below, Py_ssize_t rows_below,
-               Py_ssize_t stream_above):
+               num_threads, bint relu, list policy, Py_ssize_t stream_above):
     """fastbn.batch_norm_train (relu: batch_norm_relu_train with no residual) as one C call:
     (y, mean, invstd), the running buffers (both or neither) updated; or None when the call
     is not a lean one (see _lean_view and _lean_result; the running buffers must pass
@@ -114,8 +111,12 @@ def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum
     cdef cnp.npy_intp sdims[2]
     cdef cnp.ndarray y, stats
     cdef double m
-    cdef int view = _lean_view(x, layout, num_threads, planar_below, rows_below, dims)
+    cdef int nthreads
+    cdef int view = _lean_view(x, layout, dims)
     if view < 0:
+        return None
+    nthreads = _lean_threads(num_threads, view, dims, policy)
+    if nthreads < 0:
         return None
     C = dims[1]
     m = <double>(dims[0] * dims[2])
@@ -134,7 +135,7 @@ def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum
     sdims[1] = C
     stats = cnp.PyArray_EMPTY(2, sdims, cnp.NPY_FLOAT64, 0)
     _train(<cnp.ndarray>x, y, view, dims[0], C, dims[2], weight, bias, <double>eps, stats,
-           None, 1, False, None, relu, REDUCE | APPLY, None)
+           None, nthreads, False, None, relu, REDUCE | APPLY, None)
     if running_mean is not None:
         _running_average(<cnp.ndarray>running_mean, <double*>cnp.PyArray_DATA(stats), 1.0,
                          <double>momentum, C, False)
@@ -144,15 +145,18 @@ def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum
 
 
 def lean_infer(x, running_mean, running_var, weight, bias, eps, layout, out, num_threads,
-               bint relu, Py_ssize_t planar_below, Py_ssize_t rows_below,
-               Py_ssize_t stream_above):
+               bint relu, list policy, Py_ssize_t stream_above):
     """fastbn.batch_norm_infer (relu: batch_norm_relu_infer with no residual) as one C call:
     y, or None when the call is not a lean one (see _lean_view and _lean_result)."""
     cdef Py_ssize_t dims[3]
     cdef Py_ssize_t C
     cdef cnp.ndarray y
-    cdef int view = _lean_view(x, layout, num_threads, planar_below, rows_below, dims)
+    cdef int nthreads
+    cdef int view = _lean_view(x, layout, dims)
     if view < 0:
+        return None
+    nthreads = _lean_threads(num_threads, view, dims, policy)
+    if nthreads < 0:
         return None
     C = dims[1]
     if (not _lean_scalar(eps, 0.0, DBL_MAX)
@@ -165,12 +169,12 @@ def lean_infer(x, running_mean, running_var, weight, bias, eps, layout, out, num
     if y is None:
         return None
     _infer(<cnp.ndarray>x, y, view, dims[0], C, dims[2], running_mean, running_var, weight,
-           bias, <double>eps, 1, False, False, None, relu)
+           bias, <double>eps, nthreads, False, False, None, relu)
     return y
 
 
 def lean_backward(dy, x, mean, invstd, weight, training, layout, out, num_threads, ymask,
-                  Py_ssize_t planar_below, Py_ssize_t rows_below, Py_ssize_t stream_above):
+                  list policy, Py_ssize_t stream_above):
     """fastbn.batch_norm_backward (ymask: the fused ReLU's y, batch_norm_relu_backward with
     no dresidual; None: plain) as one C call: (dx, dweight, dbias); or None when the call is
     not a lean one (see _lean_view and _lean_result, which lets dx be dy; dy and ymask must
@@ -179,8 +183,12 @@ def lean_backward(dy, x, mean, invstd, weight, training, layout, out, num_thread
     cdef Py_ssize_t C
     cdef cnp.npy_intp gdims[2]
     cdef cnp.ndarray dx, grads
-    cdef int view = _lean_view(x, layout, num_threads, planar_below, rows_below, dims)
+    cdef int nthreads
+    cdef int view = _lean_view(x, layout, dims)
     if view < 0:
+        return None
+    nthreads = _lean_threads(num_threads, view, dims, policy)
+    if nthreads < 0:
         return None
     C = dims[1]
     if (not _lean_like(dy, <cnp.ndarray>x) or (ymask is not None and not _lean_like(ymask, <cnp.ndarray>x))
@@ -197,8 +205,8 @@ def lean_backward(dy, x, mean, invstd, weight, training, layout, out, num_thread
     grads = cnp.PyArray_EMPTY(2, gdims, cnp.NPY_FLOAT64 if _dtype_code(<cnp.ndarray>x) == F64
                               else cnp.NPY_FLOAT32, 0)
     _backward(<cnp.ndarray>dy, <cnp.ndarray>x, dx, view, dims[0], C, dims[2], mean, invstd,
-              weight, training is True, grads, 1, False, ymask, None, REDUCE | APPLY, None, 0,
-              None)
+              weight, training is True, grads, nthreads, False, ymask, None, REDUCE | APPLY,
+              None, 0, None)
     return dx, grads[0], grads[1]
 
 
