@@ -553,13 +553,6 @@ cdef void _grad_coefs(Grad* gd, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
         ok32[c] = _dx32_ok(mean[c], gm, a[c], kx[c], c32)
 
 
-cdef inline void _grad_coef(Grad* gd, Py_ssize_t c, double sum_g, double dot) noexcept nogil:
-    """dweight, dbias and the dx constants of channel c from its two sums (_grad_coefs)."""
-    gd.dbias[c] = sum_g
-    gd.dweight[c] = dot
-    _grad_coefs(gd, c, c + 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # One call's work, for the scheduling skeletons of planar.pxi and rows.pxi
 # ---------------------------------------------------------------------------------------------

@@ -281,14 +281,17 @@ cdef inline void _planar_chunk_dx(const Planar* p, const floating* g, const floa
                     dres + blk.offset if dres != NULL else NULL)
 
 
-cdef inline void _planar_grad_coef(const Planar* p, Grad* gd, const double* part,
+cdef inline void _planar_grad_sums(const Planar* p, Grad* gd, const double* part,
                                    Py_ssize_t c) noexcept nogil:
+    """Channel c's two sums, its partials added in chunk order, into dbias and dweight
+    (where _grad_coefs takes them)."""
     cdef double sum_g = 0, dot = 0
     cdef Py_ssize_t k
     for k in range(p.nchunk):
         sum_g = sum_g + part[2 * (c * p.nchunk + k)]
         dot = dot + part[2 * (c * p.nchunk + k) + 1]
-    _grad_coef(gd, c, sum_g, dot)
+    gd.dbias[c] = sum_g
+    gd.dweight[c] = dot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,12 +318,14 @@ cdef inline void _planar_coef(const Planar* p, const Work* w, Py_ssize_t c0,
         for c in range(c0, c1):
             _merge_stats(w.part + 3 * c * p.nchunk, p.nchunk, &w.cf.mean[c], &w.cf.var[c])
         _set_coefs(w.cf, c0, c1)
-    elif w.gd.given != NULL:
-        for c in range(c0, c1):
-            _grad_coef(w.gd, c, w.gd.given[c], w.gd.given[w.gd.nc + c])
     else:
         for c in range(c0, c1):
-            _planar_grad_coef(p, w.gd, w.part, c)
+            if w.gd.given != NULL:
+                w.gd.dbias[c] = w.gd.given[c]
+                w.gd.dweight[c] = w.gd.given[w.gd.nc + c]
+            else:
+                _planar_grad_sums(p, w.gd, w.part, c)
+        _grad_coefs(w.gd, c0, c1)
 
 
 cdef inline void _planar_apply_t(const Planar* p, const floating* a, const floating* b,

@@ -564,8 +564,8 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
                            Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Add up the chunk sums of channels [c0, c1) in chunk order, in loops along the
-    channels, then their dweight, dbias and dx constants (_grad_coef)."""
-    cdef double* sum_g = gd.dbias        # the running sums until _grad_coef
+    channels, then their dweight, dbias and dx constants (_grad_coefs)."""
+    cdef double* sum_g = gd.dbias        # the running sums until _grad_coefs
     cdef double* dot = gd.dweight
     cdef const double* ps
     cdef const double* pd
@@ -815,7 +815,9 @@ cdef inline void _rows_coef(const Work* w, Py_ssize_t R, Py_ssize_t C, Py_ssize_
         _rows_train_coefs(w.cf, w.part, R, C, rpc, nchunk, c0, c1)
     elif w.gd.given != NULL:
         for c in range(c0, c1):
-            _grad_coef(w.gd, c, w.gd.given[c], w.gd.given[C + c])
+            w.gd.dbias[c] = w.gd.given[c]
+            w.gd.dweight[c] = w.gd.given[C + c]
+        _grad_coefs(w.gd, c0, c1)
     else:
         _rows_grad_coefs(w.gd, w.part, C, nchunk, c0, c1)
 
