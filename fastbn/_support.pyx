@@ -30,13 +30,88 @@ def omp_max_threads():
     return omp_get_max_threads()
 
 
+cdef extern from "parallel.h":
+    double fastbn_now() noexcept nogil
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machines: a team whose threads the scheduler puts aside
+# ---------------------------------------------------------------------------------------------
+# A parallel region ends when its last thread does: if another process keeps the CPU a thread
+# of the team needs, the call waits for a scheduler time slice (milliseconds, for a call of
+# microseconds). The kernels time each region: when a thread starts late, or the master
+# thread, its own share done, waits at the closing barrier, by more than WAIT_LATE seconds
+# and more than WAIT_SHARE times the time the master's share took, the team cost the call
+# more than it gave (one thread alone would have been done about when the master's share
+# and its wait were: a thread the scheduler put aside, or asleep so long that waking it took
+# longer than the work), and calls on the default thread count
+# run on one thread for a while: _contended_for seconds, doubled (up to WAIT_WINDOW_MAX)
+# each time the next team call waits again, back to WAIT_WINDOW after one that does not.
+# Results do not depend on the thread count; an explicit num_threads is kept.
+cdef double WAIT_LATE = 2e-4
+cdef double WAIT_SHARE = 1.0
+cdef double WAIT_WINDOW = 0.1
+cdef double WAIT_WINDOW_MAX = 3.2
+cdef double _serial_until = 0.0
+cdef double _contended_for = WAIT_WINDOW
+
+
+cdef void _note_region(const fastbn_region* r) noexcept nogil:
+    """A parallel region, timed (fastbn/kernels/parallel.h), has just ended (see above): the
+    delay is the latest of its threads' late start, the master's time off the CPU during
+    its share, and its wait at the closing barrier; the work, the master's CPU time."""
+    cdef double wall = r.master_done - r.t0
+    cdef double cpu = r.master_cpu - r.cpu0
+    cdef double off = wall - cpu if cpu > 0 else 0.0
+    cdef double late = r.latest - r.t0
+    _note_wait(late if late > off else off, cpu if cpu > 0 else wall,
+               fastbn_now() - r.master_done)
+
+
+cdef void _note_wait(double late, double work, double wait) noexcept nogil:
+    """A region's threads were delayed `late` seconds (a late start, or the master off the
+    CPU); its master thread worked `work` seconds on its share, then waited `wait` seconds
+    for the others."""
+    global _serial_until, _contended_for
+    cdef double delay = late if late > wait else wait
+    if delay > WAIT_LATE and delay > WAIT_SHARE * work:
+        _serial_until = fastbn_now() + _contended_for
+        _contended_for = min(2 * _contended_for, WAIT_WINDOW_MAX)
+    else:
+        _contended_for = WAIT_WINDOW
+
+
+def note_wait(double late, double work, double wait):
+    """_note_wait for Python (tests)."""
+    _note_wait(late, work, wait)
+
+
+def contended():
+    """Seconds left of the current one-thread window (0.0: none): see _note_wait."""
+    return max(0.0, _serial_until - fastbn_now())
+
+
+def end_contention():
+    """Close the one-thread window and reset its length (tests)."""
+    global _serial_until, _contended_for
+    _serial_until = 0.0
+    _contended_for = WAIT_WINDOW
+
+
 cdef int _call_threads(object num_threads, Py_ssize_t size, bint planar,
                        list policy) except -2:
+    """_threads_for, adapting to contended CPUs (the kernels' lean calls)."""
+    return _threads_for(num_threads, size, planar, policy, True)
+
+
+cdef int _threads_for(object num_threads, Py_ssize_t size, bint planar, list policy,
+                      bint adapt) except -2:
     """The threads a call on `size` values runs on (fastbn/_threads.py's policy, read from its
     POLICY list): num_threads when given (at most MAX_THREADS), else the count set with
-    set_num_threads, else OpenMP's default capped by the CPUs the process may use; one for
-    inputs below the view's serial threshold, and without OpenMP. -1 when num_threads is
-    neither None nor an int >= 1 (the caller validates it)."""
+    set_num_threads, else OpenMP's default capped by the CPUs the process may use, and one
+    while the CPUs are contended (_note_wait); one for inputs below the view's serial
+    threshold, and without OpenMP (adapt False: the default as configured, contended or not).
+    -1 when num_threads is neither None nor an int >= 1 (the caller validates it)."""
     cdef Py_ssize_t n = 0
     if num_threads is not None:
         if type(num_threads) is not int or num_threads < 1:
@@ -47,15 +122,16 @@ cdef int _call_threads(object num_threads, Py_ssize_t size, bint planar,
     if n:
         return n
     n = policy[2]
-    if n:
-        return n
-    n = omp_get_max_threads()
-    return max(1, min(n, <Py_ssize_t>policy[3]))
+    if not n:
+        n = max(1, min(omp_get_max_threads(), <Py_ssize_t>policy[3]))
+    if adapt and n > 1 and _serial_until > 0.0 and fastbn_now() < _serial_until:
+        return 1
+    return n
 
 
-def call_threads(num_threads, Py_ssize_t size, bint planar, list policy):
-    """_call_threads for Python (fastbn/_threads.py)."""
-    return _call_threads(num_threads, size, planar, policy)
+def call_threads(num_threads, Py_ssize_t size, bint planar, list policy, bint adapt=True):
+    """_threads_for for Python (fastbn/_threads.py)."""
+    return _threads_for(num_threads, size, planar, policy, adapt)
 
 
 def cache_sizes():

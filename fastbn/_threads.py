@@ -106,7 +106,7 @@ def get_num_threads():
     >>> fastbn.get_num_threads() >= 1
     True
     """
-    return _support.call_threads(None, 1 << 62, True, POLICY)
+    return _support.call_threads(None, 1 << 62, True, POLICY, False)
 
 
 def set_num_threads(n):

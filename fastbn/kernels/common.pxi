@@ -30,11 +30,15 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
+from fastbn._support cimport _call_threads, _note_region, _running_average, fastbn_region
 import numpy as np
 
 cdef extern from "parallel.h":
     void _barrier "fastbn_barrier"() noexcept nogil
     bint REGISTER_LANES "FASTBN_REGISTER_LANES"
+    void _region_begin "fastbn_region_begin"(fastbn_region* r) noexcept nogil
+    void _region_enter "fastbn_region_enter"(fastbn_region* r) noexcept nogil
+    void _region_leave "fastbn_region_leave"(fastbn_region* r) noexcept nogil
 
 
 cdef extern from "stream.h":

@@ -5,7 +5,6 @@
 # call raises, never crashes.
 
 from fastbn._arrays cimport _native, _param_ok, _running_pair_ok, _vec
-from fastbn._support cimport _call_threads, _running_average
 
 cnp.import_array()
 

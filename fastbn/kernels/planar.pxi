@@ -424,23 +424,31 @@ cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
     cdef Py_ssize_t g, c, t, ntask = p.C * p.nchunk
     cdef Py_ssize_t gs = _group_size(p.C, p.N, p.S, nthreads, _work_bytes_per_value(w))
     cdef Py_ssize_t ngroup = (p.C + gs - 1) // gs
+    cdef fastbn_region region
+    cdef fastbn_region* r = &region
     if nthreads == 1:
         for g in range(ngroup):
             _planar_group(p, a, b, out, w, g * gs, _stop(g, gs, p.C))
-    elif p.C >= 4 * nthreads:
+        return
+    _region_begin(r)
+    if p.C >= 4 * nthreads:
         # whole channels per thread, each thread one contiguous range of groups (static):
         # measured against handing out groups one at a time (dynamic), 2 threads, float32:
         # training 0.70-0.91x and backward 0.65-0.95x on (32, 256, 56, 56), (32, 512, 28, 28),
         # (1, 256, 14, 14) and (1, 64, 56, 56), (32, 64, 112, 112) backward 0.90x;
         # (32, 2048, 7, 7) within noise (0.76-1.10x over three runs)
-        for g in prange(ngroup, num_threads=nthreads, schedule="static"):
-            _planar_group(p, a, b, out, w, g * gs, _stop(g, gs, p.C))
+        with parallel(num_threads=nthreads):
+            _region_enter(r)
+            for g in prange(ngroup, schedule="static"):
+                _planar_group(p, a, b, out, w, g * gs, _stop(g, gs, p.C))
+            _region_leave(r)
     else:
         # fewer than 4 channels per thread, too few to share evenly (3 channels on 2 threads
         # leave one idle half the time): teams of threads per channel, one chunk per task.
         # Measured at 2 threads, C = 3 to 7: training 0.82-1.00x, backward 0.79-0.97x of
         # whole channels per thread. The partials and their merge are the same either way.
         with parallel(num_threads=nthreads):
+            _region_enter(r)
             for t in prange(ntask if w.phases & REDUCE else 0, schedule="static"):
                 _planar_reduce(p, a, b, w, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk)
             _barrier()
@@ -449,6 +457,8 @@ cdef void _planar_run(const Planar* p, const void* a, const void* b, void* out,
             _barrier()
             for t in prange(ntask if w.phases & APPLY else 0, schedule="static"):
                 _planar_apply(p, a, b, out, w, t // p.nchunk, t // p.nchunk + 1, t % p.nchunk)
+            _region_leave(r)
+    _note_region(&region)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,8 +503,15 @@ cdef void _planar_infer(const Planar* p, const void* x, void* y, const Affine* a
     ntask = (ntask + 3) // 4 * 4
     per = (nrun + ntask - 1) // ntask
     ntask = (nrun + per - 1) // per
+    cdef fastbn_region region
+    cdef fastbn_region* r = &region
     if nthreads == 1:
         _planar_infer_task(p, x, y, 0, nrun, af, w)
-    else:
-        for t in prange(ntask, num_threads=nthreads, schedule="static"):
+        return
+    _region_begin(r)
+    with parallel(num_threads=nthreads):
+        _region_enter(r)
+        for t in prange(ntask, schedule="static"):
             _planar_infer_task(p, x, y, t * per, _stop(t, per, nrun), af, w)
+        _region_leave(r)
+    _note_region(&region)

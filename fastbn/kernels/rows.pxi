@@ -895,25 +895,32 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
     cdef Py_ssize_t k
     cdef Py_ssize_t nreduce = nchunk if w.phases & REDUCE else 0
     cdef Py_ssize_t napply = nchunk if w.phases & APPLY else 0
+    cdef fastbn_region region
+    cdef fastbn_region* r = &region
     if nthreads == 1:
         for k in range(nreduce):
             _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
         _rows_coef(w, R, C, rpc, nchunk, 0, C)
         for k in range(napply):
             _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
-    elif nchunk == 1:
+        return
+    _region_begin(r)
+    if nchunk == 1:
         # few rows of many channels (R <= MIN_CHUNK_ROWS): the threads split the channels
         # for the reduction (each channel's arithmetic is that of the one-thread call),
         # then the rows for the normalizing pass (whole rows stream best)
         with parallel(num_threads=nthreads):
+            _region_enter(r)
             for k in prange(ncol, schedule="static"):
                 _rows_columns(a, b, w, R, C, k * cw, _stop(k, cw, C))
             _barrier()
             for k in prange((R + rpt - 1) // rpt if w.phases & APPLY else 0,
                             schedule="static"):
                 _rows_apply(a, b, out, w, C, k * rpt, _stop(k, rpt, R))
+            _region_leave(r)
     else:
         with parallel(num_threads=nthreads):
+            _region_enter(r)
             for k in prange(nreduce, schedule="static"):
                 _rows_reduce(a, b, w, C, 0, C, k * rpc, _stop(k, rpc, R), k)
             _barrier()
@@ -922,6 +929,8 @@ cdef void _rows_run(const void* a, const void* b, void* out, Py_ssize_t R, Py_ss
             _barrier()
             for k in prange(napply, schedule="static"):
                 _rows_apply(a, b, out, w, C, k * rpc, _stop(k, rpc, R))
+            _region_leave(r)
+    _note_region(&region)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -945,9 +954,16 @@ cdef void _rows_infer(const void* x, void* y, Py_ssize_t R, Py_ssize_t C, const 
     cdef Py_ssize_t rpc = _rows_per_task(R, C)
     cdef Py_ssize_t nchunk = (R + rpc - 1) // rpc
     cdef Py_ssize_t k
+    cdef fastbn_region region
+    cdef fastbn_region* r = &region
     if nthreads == 1:
         for k in range(nchunk):
             _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, w)
         return
-    for k in prange(nchunk, num_threads=nthreads, schedule="static"):
-        _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, w)
+    _region_begin(r)
+    with parallel(num_threads=nthreads):
+        _region_enter(r)
+        for k in prange(nchunk, schedule="static"):
+            _rows_infer_task(x, y, C, k * rpc, _stop(k, rpc, R), af, w)
+        _region_leave(r)
+    _note_region(&region)
