@@ -96,7 +96,7 @@ def main(argv=None):
     else:
         dtype = np.dtype(args.dtype or "float32").type
     threads = args.threads or _threads.get_num_threads()
-    rows = table.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=threads,
+    rows = table.run(shapes=shapes, layouts=layouts, dtype=dtype, threads=args.threads,
                       rounds=rounds, with_reference=not args.vs_torch, roofline=not args.quick,
                       caffe=not args.vs_torch)
     if args.markdown:

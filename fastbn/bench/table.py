@@ -65,8 +65,10 @@ def _ratio(a, b):
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
         rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, fused=True,
         with_ort=True, file=None):
-    """Print the speed table; return its rows as dicts."""
+    """Print the speed table; return its rows as dicts. threads None: fastbn's default
+    (its calls take num_threads=None; the peers get get_num_threads())."""
     file = file or sys.stdout
+    default_threads = threads is None
     threads = _threads.get_num_threads() if threads is None else threads
     torch = torch_module() if with_torch else None
     if torch is not None:
@@ -93,7 +95,7 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
             if len(shape) == 2 and layout == "NHWC":
                 done += 1
                 continue          # (N, C) is the same array in both layouts
-            case = Case(shape, layout, dtype, threads, torch)
+            case = Case(shape, layout, dtype, threads, torch, default_threads)
             rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
             if case.x.nbytes <= SMALL_BYTES:
                 rows.append(latency_row(case, shape, layout, file))
