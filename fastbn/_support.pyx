@@ -44,15 +44,20 @@ cdef extern from "parallel.h":
 # and more than WAIT_SHARE times the time the master's share took, the team cost the call
 # more than it gave (one thread alone would have been done about when the master's share
 # and its wait were: a thread the scheduler put aside, or asleep so long that waking it took
-# longer than the work), and calls on the default thread count
-# run on one thread for a while: _contended_for seconds, doubled (up to WAIT_WINDOW_MAX)
-# each time the next team call waits again, back to WAIT_WINDOW after one that does not.
-# Results do not depend on the thread count; an explicit num_threads is kept.
+# longer than the work). Two such regions within WAIT_SUSPECT seconds (one alone may be a
+# team waking from sleep, or the machine's hypervisor, before calls that then go on back to
+# back; a competing process delays them again and again) make calls on the default thread
+# count run on one thread for a while:
+# _contended_for seconds, doubled (up to WAIT_WINDOW_MAX) each time the next team call waits
+# again, back to WAIT_WINDOW after one that does not. Results do not depend on the thread
+# count; an explicit num_threads is kept.
 cdef double WAIT_LATE = 2e-4
 cdef double WAIT_SHARE = 1.0
+cdef double WAIT_SUSPECT = 0.05
 cdef double WAIT_WINDOW = 0.1
 cdef double WAIT_WINDOW_MAX = 3.2
 cdef double _serial_until = 0.0
+cdef double _suspect_until = 0.0
 cdef double _contended_for = WAIT_WINDOW
 
 
@@ -72,11 +77,17 @@ cdef void _note_wait(double late, double work, double wait) noexcept nogil:
     """A region's threads were delayed `late` seconds (a late start, or the master off the
     CPU); its master thread worked `work` seconds on its share, then waited `wait` seconds
     for the others."""
-    global _serial_until, _contended_for
+    global _serial_until, _suspect_until, _contended_for
     cdef double delay = late if late > wait else wait
+    cdef double now
     if delay > WAIT_LATE and delay > WAIT_SHARE * work:
-        _serial_until = fastbn_now() + _contended_for
-        _contended_for = min(2 * _contended_for, WAIT_WINDOW_MAX)
+        now = fastbn_now()
+        if _contended_for > WAIT_WINDOW or now < _suspect_until:
+            _serial_until = now + _contended_for
+            _contended_for = min(2 * _contended_for, WAIT_WINDOW_MAX)
+            _suspect_until = 0.0
+        else:
+            _suspect_until = now + WAIT_SUSPECT
     else:
         _contended_for = WAIT_WINDOW
 
@@ -93,8 +104,9 @@ def contended():
 
 def end_contention():
     """Close the one-thread window and reset its length (tests)."""
-    global _serial_until, _contended_for
+    global _serial_until, _suspect_until, _contended_for
     _serial_until = 0.0
+    _suspect_until = 0.0
     _contended_for = WAIT_WINDOW
 
 

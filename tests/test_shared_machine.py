@@ -2,6 +2,8 @@
 scheduler put aside), calls on the default thread count run on one thread for a while
 (fastbn/_support.pyx, _note_wait; the kernels time every parallel region). The decisions are
 tested here with reported regions, not with timings."""
+import time
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,8 @@ def test_a_delayed_region_makes_default_calls_serial_for_a_while():
     with _threads.default_threads(2):
         assert _default() == 2
         _support.note_wait(0.0, 1e-5, 4e-3)        # waited 4 ms for a 10 us share
+        assert _support.contended() == 0.0          # once may be a team waking up
+        _support.note_wait(0.0, 1e-5, 4e-3)        # twice in a row: contended
         assert 0.0 < _support.contended() <= 0.1
         assert _default() == 1
         assert _support.call_threads(None, BIG, False, _threads.POLICY) == 1
@@ -45,10 +49,26 @@ def test_a_delayed_region_makes_default_calls_serial_for_a_while():
 ])
 def test_what_counts_as_a_delay(late, work, wait, contended):
     _support.note_wait(late, work, wait)
+    _support.note_wait(late, work, wait)
     assert (_support.contended() > 0) == contended
 
 
+def test_delayed_regions_far_apart_open_no_window():
+    """One delayed region now and then (a team waking from sleep) is not contention; two
+    within WAIT_SUSPECT (0.05 s) are, even with good ones between them."""
+    for _ in range(3):
+        _support.note_wait(0.0, 1e-5, 4e-3)
+        _support.note_wait(0.0, 1e-3, 0.0)      # the next team call paid
+        time.sleep(0.06)
+    assert _support.contended() == 0.0
+    _support.note_wait(0.0, 1e-5, 4e-3)
+    _support.note_wait(0.0, 1e-3, 0.0)
+    _support.note_wait(0.0, 1e-5, 4e-3)
+    assert _support.contended() > 0.0
+
+
 def test_the_window_doubles_while_delays_go_on_and_resets():
+    _support.note_wait(0.0, 1e-5, 4e-3)
     _support.note_wait(0.0, 1e-5, 4e-3)
     first = _support.contended()
     _support.note_wait(0.0, 1e-5, 4e-3)
@@ -58,8 +78,10 @@ def test_the_window_doubles_while_delays_go_on_and_resets():
         _support.note_wait(0.0, 1e-5, 4e-3)
     assert _support.contended() <= 3.2 + 1e-3                 # capped
     _support.note_wait(0.0, 1e-3, 0.0)                        # a team call that paid
+    _support.note_wait(0.0, 1e-5, 4e-3)                       # suspected only: the open
+    assert _support.contended() > 3.0                         # window is not extended
     _support.note_wait(0.0, 1e-5, 4e-3)
-    assert _support.contended() <= 0.1 + 1e-3                 # back to the first length
+    assert 0.0 < _support.contended() <= 0.1 + 1e-3           # back to the first length
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -72,6 +94,7 @@ def test_results_do_not_change_while_contended(layout):
     with _threads.default_threads(2):
         team = fastbn.batch_norm_train(x, layout=layout)
         dteam = fastbn.batch_norm_backward(dy, x, team[1], team[2], layout=layout)
+        _support.note_wait(0.0, 1e-5, 4e-3)
         _support.note_wait(0.0, 1e-5, 4e-3)
         assert _default() == 1 or not _threads.OPENMP
         alone = fastbn.batch_norm_train(x, layout=layout)
