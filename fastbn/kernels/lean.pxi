@@ -52,11 +52,16 @@ cdef int _lean_view(object a, object layout, Py_ssize_t* dims) except -2:
     return ROWS
 
 
-cdef int _lean_threads(object num_threads, int view, const Py_ssize_t* dims,
-                       list policy) except -2:
-    """The threads of a lean call (fastbn._support's call_threads), -1 when num_threads is
-    not None or an int >= 1."""
-    return _call_threads(num_threads, dims[0] * dims[1] * dims[2], view == PLANAR, policy)
+cdef int _lean_start(object x, object layout, object num_threads, list policy,
+                     Py_ssize_t* dims) except -2:
+    """_lean_view of x, with the call's threads (fastbn._support's call_threads, the policy
+    of fastbn/_threads.py) in dims[3]; -1 when the call is not a lean one (also when
+    num_threads is not None or an int >= 1)."""
+    cdef int view = _lean_view(x, layout, dims)
+    if view < 0:
+        return -1
+    dims[3] = _call_threads(num_threads, dims[0] * dims[1] * dims[2], view == PLANAR, policy)
+    return view if dims[3] > 0 else -1
 
 
 cdef bint _lean_scalar(object v, double lo, double hi):
@@ -106,17 +111,13 @@ def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum
     (y, mean, invstd), the running buffers (both or neither) updated; or None when the call
     is not a lean one (see _lean_view and _lean_result; the running buffers must pass
     fastbn._support.running_pair_ok, a batch have more than one value per channel)."""
-    cdef Py_ssize_t dims[3]
+    cdef Py_ssize_t dims[4]
     cdef Py_ssize_t C
     cdef cnp.npy_intp sdims[2]
     cdef cnp.ndarray y, stats
     cdef double m
-    cdef int nthreads
-    cdef int view = _lean_view(x, layout, dims)
+    cdef int view = _lean_start(x, layout, num_threads, policy, dims)
     if view < 0:
-        return None
-    nthreads = _lean_threads(num_threads, view, dims, policy)
-    if nthreads < 0:
         return None
     C = dims[1]
     m = <double>(dims[0] * dims[2])
@@ -135,7 +136,7 @@ def lean_train(x, weight, bias, eps, layout, running_mean, running_var, momentum
     sdims[1] = C
     stats = cnp.PyArray_EMPTY(2, sdims, cnp.NPY_FLOAT64, 0)
     _train(<cnp.ndarray>x, y, view, dims[0], C, dims[2], weight, bias, <double>eps, stats,
-           None, nthreads, False, None, relu, REDUCE | APPLY, None)
+           None, <int>dims[3], False, None, relu, REDUCE | APPLY, None)
     if running_mean is not None:
         _running_average(<cnp.ndarray>running_mean, <double*>cnp.PyArray_DATA(stats), 1.0,
                          <double>momentum, C, False)
@@ -148,15 +149,11 @@ def lean_infer(x, running_mean, running_var, weight, bias, eps, layout, out, num
                bint relu, list policy, Py_ssize_t stream_above):
     """fastbn.batch_norm_infer (relu: batch_norm_relu_infer with no residual) as one C call:
     y, or None when the call is not a lean one (see _lean_view and _lean_result)."""
-    cdef Py_ssize_t dims[3]
+    cdef Py_ssize_t dims[4]
     cdef Py_ssize_t C
     cdef cnp.ndarray y
-    cdef int nthreads
-    cdef int view = _lean_view(x, layout, dims)
+    cdef int view = _lean_start(x, layout, num_threads, policy, dims)
     if view < 0:
-        return None
-    nthreads = _lean_threads(num_threads, view, dims, policy)
-    if nthreads < 0:
         return None
     C = dims[1]
     if (not _lean_scalar(eps, 0.0, DBL_MAX)
@@ -169,7 +166,7 @@ def lean_infer(x, running_mean, running_var, weight, bias, eps, layout, out, num
     if y is None:
         return None
     _infer(<cnp.ndarray>x, y, view, dims[0], C, dims[2], running_mean, running_var, weight,
-           bias, <double>eps, nthreads, False, False, None, relu)
+           bias, <double>eps, <int>dims[3], False, False, None, relu)
     return y
 
 
@@ -179,16 +176,12 @@ def lean_backward(dy, x, mean, invstd, weight, training, layout, out, num_thread
     no dresidual; None: plain) as one C call: (dx, dweight, dbias); or None when the call is
     not a lean one (see _lean_view and _lean_result, which lets dx be dy; dy and ymask must
     be laid out as x)."""
-    cdef Py_ssize_t dims[3]
+    cdef Py_ssize_t dims[4]
     cdef Py_ssize_t C
     cdef cnp.npy_intp gdims[2]
     cdef cnp.ndarray dx, grads
-    cdef int nthreads
-    cdef int view = _lean_view(x, layout, dims)
+    cdef int view = _lean_start(x, layout, num_threads, policy, dims)
     if view < 0:
-        return None
-    nthreads = _lean_threads(num_threads, view, dims, policy)
-    if nthreads < 0:
         return None
     C = dims[1]
     if (not _lean_like(dy, <cnp.ndarray>x) or (ymask is not None and not _lean_like(ymask, <cnp.ndarray>x))
@@ -205,8 +198,8 @@ def lean_backward(dy, x, mean, invstd, weight, training, layout, out, num_thread
     grads = cnp.PyArray_EMPTY(2, gdims, cnp.NPY_FLOAT64 if _dtype_code(<cnp.ndarray>x) == F64
                               else cnp.NPY_FLOAT32, 0)
     _backward(<cnp.ndarray>dy, <cnp.ndarray>x, dx, view, dims[0], C, dims[2], mean, invstd,
-              weight, training is True, grads, nthreads, False, ymask, None, REDUCE | APPLY,
-              None, 0, None)
+              weight, training is True, grads, <int>dims[3], False, ymask, None,
+              REDUCE | APPLY, None, 0, None)
     return dx, grads[0], grads[1]
 
 
