@@ -3,9 +3,12 @@
 A call runs on ``num_threads`` threads if given, else on :func:`get_num_threads` (the value
 set with :func:`set_num_threads`, else OpenMP's default for the calling thread, and without
 OMP_NUM_THREADS no more than the CPUs the process may use: :func:`available_cpus`), capped
-at MAX_THREADS; small inputs run on one thread (:func:`effective_threads`). The kernels take
-that count as an explicit argument: how they split the work among the threads (whole
-channels, a team per channel, chunks of rows) never changes their results.
+at MAX_THREADS; small inputs run on one thread (:func:`effective_threads`), and so do calls
+on the default count while the CPUs are contended (fastbn/_support.pyx, "Shared machines").
+The policy's numbers live in POLICY, which the C side reads (fastbn._support.call_threads,
+the lean calls of fastbn/kernels/lean.pxi). The kernels take the count as an explicit
+argument: how they split the work among the threads (whole channels, a team per channel,
+chunks of rows) never changes their results.
 """
 import contextlib
 import os
