@@ -243,10 +243,10 @@ def fused_table(shapes=LARGE[:2], layouts=("NCHW", "NHWC"), dtype=np.float32, th
 
 def crossover(sizes=(1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18),
               channels=16, rounds=200, file=None):
-    """Time 1 against 2 threads on small inputs, to place the serial thresholds of each op
-    and view (fastbn._threads.SERIAL_BELOW: planar for NCHW, rows for NHWC): the training
-    forward, the inference and the backward, float32, fresh outputs (as a small call on one
-    thread takes the lean path)."""
+    """Time 1 against 2 threads on small inputs, to place the serial thresholds of each view
+    (fastbn._threads.SERIAL_BELOW_PLANAR for NCHW, SERIAL_BELOW_ROWS for NHWC) for each op:
+    the training forward, the inference and the backward, float32, fresh outputs (as small
+    calls run, through the lean path of fastbn/kernels/lean.pxi, on either count)."""
     file = file or sys.stdout
     print(f"{'values':>8} {'layout':<6} {'op':<9} {'1 thread us':>12} {'2 threads us':>13} "
           f"{'2/1':>6}", file=file)
