@@ -12,13 +12,9 @@ from .timing import make_data
 class Case:
     """Callables for one (shape, layout, dtype, threads): fastbn, NumPy reference, PyTorch."""
 
-    def __init__(self, shape, layout, dtype, threads, torch=None, default_threads=False):
-        """default_threads: fastbn's calls take num_threads=None (fastbn's own choice, which
-        is `threads` but on a contended machine; see docs/getting-started.rst) instead of
-        `threads`, which the peers and the yardsticks still use."""
+    def __init__(self, shape, layout, dtype, threads, torch=None):
         self.x, self.dy, self.w, self.b = make_data(shape, layout, dtype)
         self.layout, self.threads = layout, threads
-        self.num_threads = None if default_threads else threads
         self.rm = np.zeros(self.w.shape, self.w.dtype)
         self.rv = np.ones(self.w.shape, self.w.dtype)
         self.y_out = np.empty_like(self.x)
@@ -45,8 +41,11 @@ class Case:
             self.tx, self.tw, self.tb, self.trm, self.trv, True, 0.1, 1e-5)
 
     # fastbn
-    def fast(self, op):
-        x, L, n = self.x, self.layout, self.num_threads
+    def fast(self, op, default_threads=False):
+        """default_threads: num_threads=None (fastbn's own choice: `threads`, but one while the
+        machine is contended, docs/getting-started.rst) instead of `threads`."""
+        x, L = self.x, self.layout
+        n = None if default_threads else self.threads
         if op == "train":
             return lambda: functional.batch_norm_train(x, self.w, self.b, layout=L,
                                                        running_mean=self.rm,
@@ -74,7 +73,7 @@ class Case:
         fastbn then np.maximum in place); layer_backward, layer_relu_backward: the backward
         of a training forward of fastbn.BatchNorm, plain and with activation="relu" (fresh
         outputs, as layers return them)."""
-        x, L, n, w, b = self.x, self.layout, self.num_threads, self.w, self.b
+        x, L, n, w, b = self.x, self.layout, self.threads, self.w, self.b
         if not hasattr(self, "res"):
             self.res = np.ascontiguousarray(self.dy[::-1])          # filled, like x
             self.dres = np.empty_like(self.x)
@@ -133,7 +132,7 @@ class Case:
 
     def renorm_train(self):
         """Batch Renormalization training forward (compared with "train")."""
-        x, L, n = self.x, self.layout, self.num_threads
+        x, L, n = self.x, self.layout, self.threads
         rm = np.zeros(self.w.shape)
         rs = np.ones(self.w.shape)
         return lambda: renorm.batch_renorm_train(x, self.w, self.b, rm, rs, layout=L,

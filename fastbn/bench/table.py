@@ -65,8 +65,9 @@ def _ratio(a, b):
 def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
         rounds=7, with_reference=True, with_torch=True, roofline=True, caffe=True, fused=True,
         with_ort=True, file=None):
-    """Print the speed table; return its rows as dicts. threads None: fastbn's default
-    (its calls take num_threads=None; the peers get get_num_threads())."""
+    """Print the speed table; return its rows as dicts. threads None: get_num_threads()
+    for fastbn and the peers alike, and the latency rows time fastbn's calls with
+    num_threads=None (its default, one thread while the machine is contended)."""
     file = file or sys.stdout
     default_threads = threads is None
     threads = _threads.get_num_threads() if threads is None else threads
@@ -95,10 +96,11 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
             if len(shape) == 2 and layout == "NHWC":
                 done += 1
                 continue          # (N, C) is the same array in both layouts
-            case = Case(shape, layout, dtype, threads, torch, default_threads)
+            case = Case(shape, layout, dtype, threads, torch)
             rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
             if case.x.nbytes <= SMALL_BYTES:
-                rows.append(latency_row(case, shape, layout, file))
+                rows.append(latency_row(case, shape, layout, file,
+                                        default_threads=default_threads))
             if case.x.nbytes > LARGE_BYTES:
                 rows.append(self_ratios(case, shape, layout, rows, rounds, file))
                 if fused:
@@ -141,14 +143,14 @@ def op_rows(case, shape, layout, rounds, with_reference, file, with_ort=True):
     return rows
 
 
-def latency_row(case, shape, layout, file, calls=LATENCY_CALLS):
+def latency_row(case, shape, layout, file, calls=LATENCY_CALLS, default_threads=False):
     """p50 and p99 of `calls` consecutive fastbn calls of each op (fresh outputs), beside
     the best time of the op rows: on a shared machine a thread of the team that the
     scheduler puts aside shows in the p99 only."""
     row = dict(shape=shape, layout=layout, op="latency", calls=calls)
     parts = []
     for op in OPS:
-        p50, p99 = np.percentile(latencies(case.fast(op), calls), [50, 99])
+        p50, p99 = np.percentile(latencies(case.fast(op, default_threads), calls), [50, 99])
         row[op] = (p50, p99)
         parts.append(f"{op} {p50 * 1e3:.3f} / {p99 * 1e3:.3f}")
     print(f"{str(shape):<20} {layout:<6} {'latency':<9} fastbn p50 / p99 of {calls} calls (ms): "
