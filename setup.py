@@ -43,9 +43,9 @@ OPENMP_PROBE = textwrap.dedent(
 )
 
 
-def probe(source, cflags, lflags=None):
+def probe(source, cflags, lflags=None, run=True):
     """Whether `source` compiles with `cflags` and, when `lflags` is given, also links with
-    them and runs successfully."""
+    them and, when `run` (the target is the build host's), runs successfully."""
     compiler = new_compiler()
     customize_compiler(compiler)
     tmp = tempfile.mkdtemp(prefix="fastbn-probe-")
@@ -57,12 +57,51 @@ def probe(source, cflags, lflags=None):
         if lflags is not None:
             exe = os.path.join(tmp, "probe")
             compiler.link_executable(objs, exe, extra_postargs=lflags)
-            subprocess.run([exe], check=True, capture_output=True, timeout=60)
+            if run:
+                subprocess.run([exe], check=True, capture_output=True, timeout=60)
         return True
     except Exception:  # any failure means: not usable with these flags
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def target_defines(*macros):
+    """Whether the C compiler (CC for a cross build) targets a CPU that defines any of
+    `macros`: the target's instruction set, not the build host's."""
+    test = " || ".join("defined(%s)" % m for m in macros)
+    return probe("#if !(%s)\n#error not this target\n#endif\nint main(void) { return 0; }\n"
+                 % test, [])
+
+
+if target_defines("__x86_64__", "_M_X64", "__i386__", "_M_IX86"):
+    TARGET = "x86"
+elif target_defines("__aarch64__", "_M_ARM64"):
+    TARGET = "aarch64"
+else:
+    TARGET = "other"
+HOST = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "i386": "x86",
+        "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine().lower(), "other")
+# A cross build (CC=aarch64-linux-gnu-gcc on an x86 host) cannot run what it compiles: its
+# probes compile and link only.
+CROSS = TARGET != HOST
+
+
+def _libomp_prefixes():
+    """Where libomp may be installed on macOS: LIBOMP_PREFIX, `brew --prefix libomp`, and
+    Homebrew's default places (Apple silicon, Intel)."""
+    found = [os.environ.get("LIBOMP_PREFIX")]
+    try:
+        found.append(subprocess.run(["brew", "--prefix", "libomp"], capture_output=True,
+                                    text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    found += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    prefixes = []
+    for p in found:
+        if p and os.path.isdir(os.path.join(p, "include")) and p not in prefixes:
+            prefixes.append(p)
+    return prefixes
 
 
 def openmp_flags():
@@ -72,11 +111,16 @@ def openmp_flags():
     if sys.platform == "win32":
         candidates = [(["/openmp"], [])]
     elif sys.platform == "darwin":
-        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+        # Apple's clang has no OpenMP runtime of its own: libomp (Homebrew's, or LIBOMP_PREFIX)
+        candidates = [(["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(p, "include")],
+                       ["-L" + os.path.join(p, "lib"), "-lomp",
+                        "-Wl,-rpath," + os.path.join(p, "lib")])
+                      for p in _libomp_prefixes()]
+        candidates += [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
     else:
         candidates = [(["-fopenmp"], ["-fopenmp"])]
     for cflags, lflags in candidates:
-        if probe(OPENMP_PROBE, cflags, lflags):
+        if probe(OPENMP_PROBE, cflags, lflags, run=not CROSS):
             return cflags, lflags
     warnings.warn("fastbn: OpenMP not available; building serial kernels (one thread)")
     return [], []
@@ -90,7 +134,7 @@ def compiles_with(flags):
 omp_cflags, omp_lflags = openmp_flags()
 
 
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+X86 = TARGET == "x86"
 # F16C: float16 <-> float32 conversions (every AVX2 CPU has them)
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"] if X86 and sys.platform != "win32" else []
 BUILD_AVX2 = bool(AVX2_FLAGS) and not NATIVE and compiles_with(AVX2_FLAGS)
@@ -134,10 +178,22 @@ directives = {
 
 
 
+# The portable modules compute exactly what their C says: no multiply-add is contracted
+# into one rounding. GCC contracts by default wherever the target has fused multiply-add
+# (every 64-bit ARM CPU), and it may do so in one path of a computation and not in another
+# once they are inlined differently, so the fused ReLU backward would no longer be the
+# unfused one to the bit there. On x86-64 the portable build has no FMA instructions, so
+# the flag changes none of its results. The AVX2/AVX-512 modules keep GCC's contraction
+# (their hand-written vector loops use the same fused multiply-adds; tests/test_relu.py and
+# tests/test_builds.py check both paths agree).
+NO_CONTRACT = ["-ffp-contract=off"] if sys.platform != "win32" and compiles_with(
+    ["-ffp-contract=off"]) else []
+
+
 def extension(path):
     name = os.path.splitext(os.path.basename(path))[0]
     isa = {"_avx2": AVX2_FLAGS, "_avx512": AVX512_FLAGS}.get(name[name.rfind("_"):], [])
-    flags = opt + isa + omp_cflags
+    flags = opt + isa + (NO_CONTRACT if not isa else []) + omp_cflags
     return Extension(
         "fastbn." + name,
         [path],

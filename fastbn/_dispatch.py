@@ -2,14 +2,17 @@
 
 All modules are compiled from fastbn/kernels/all.pxi: `_kernels` for the portable baseline, and
 on x86-64 `_kernels_avx2` (AVX2 + FMA + F16C) and `_kernels_avx512` (AVX-512 F/VL/DQ/BW with 512-bit
-vectors). FASTBN_SIMD (read at import) forces one: `baseline`, `avx2` or `avx512` (for
-comparisons and debugging; when this CPU cannot run it, the baseline). Results are
+vectors). FASTBN_SIMD (read at import) forces one: `baseline` (also `sse2`, `neon`), `avx2` or
+`avx512` (for comparisons and debugging; when this CPU cannot run it, the baseline; an unknown
+name warns and takes the best). On 64-bit ARM the baseline is the only build: NEON is part
+of every ARMv8 CPU, float16 conversions included. Results are
 bit-identical across thread counts within one module; modules may differ in the last bits
 (FMA rounds once, and the vector width changes how the compiler splits some loops).
 """
 import contextlib
 import importlib
 import os
+import warnings
 
 from . import _kernels as _baseline
 from . import _memory, _support
@@ -19,12 +22,20 @@ _VARIANTS = (("avx512", "_kernels_avx512", _support.cpu_has_avx512),
              ("avx2", "_kernels_avx2", _support.cpu_has_avx2_fma))
 
 
+# names of the portable build: what it is on x86-64 (SSE2) and on 64-bit ARM (NEON)
+_BASELINE_NAMES = ("baseline", "sse2", "neon", "none")
+
+
 def _select():
-    wanted = os.environ.get("FASTBN_SIMD", "").lower()
-    if wanted in ("baseline", "sse2", "none"):
+    wanted = os.environ.get("FASTBN_SIMD", "").strip().lower()
+    if wanted in _BASELINE_NAMES:
         return _baseline
-    if wanted not in [name for name, _, _ in _VARIANTS]:
-        wanted = ""            # unset or unknown: the best this CPU runs
+    if wanted and wanted not in [name for name, _, _ in _VARIANTS]:
+        warnings.warn("FASTBN_SIMD=%r is not a kernel build fastbn knows (%s); using the best "
+                      "this CPU runs" % (os.environ["FASTBN_SIMD"], ", ".join(
+                          [name for name, _, _ in _VARIANTS] + list(_BASELINE_NAMES))),
+                      RuntimeWarning, stacklevel=2)
+        wanted = ""            # unknown: the best this CPU runs
     for name, module, cpu_runs in _VARIANTS:
         if (wanted and wanted != name) or not cpu_runs():
             continue           # never import a variant the CPU cannot run: its module
@@ -42,9 +53,12 @@ def _configure(module):
     (measured on an Intel Xeon with 2 MiB of L2, 2 threads, against the former groups of
     about 16384 values per sample: (32, 512, 28, 28) float32 training 0.91x and backward
     0.84x, float64 0.81x and 0.87x, bfloat16 backward 0.90x; other shapes 0.96-1.07x).
-    Builds without the setting (another checkout's) are left as they are."""
+    Builds without the setting (another checkout's) are left as they are. Outputs are
+    streamed only by builds that have streaming stores (x86)."""
     if hasattr(module, "group_bytes"):
         module.group_bytes(max(_memory.L2_BYTES // 2, 1))
+    streams = module.streaming_stores() if hasattr(module, "streaming_stores") else True
+    _memory.STREAM_ABOVE = _memory.STREAMED_ABOVE if streams else _memory.NEVER_STREAM
     return module
 
 
@@ -61,4 +75,4 @@ def using(module):
     try:
         yield module
     finally:
-        kernels = saved
+        kernels = _configure(saved)

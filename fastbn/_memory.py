@@ -95,8 +95,10 @@ def stream_threshold(llc, cpus):
 
 
 L2_BYTES, LLC_BYTES = cache_sizes()
-# outputs above this many bytes are written with streaming stores
-STREAM_ABOVE = stream_threshold(LLC_BYTES, usable_cpus())
+# outputs above this many bytes are written with streaming stores (fastbn._dispatch sets it
+# to NEVER_STREAM for kernels built without them)
+STREAM_ABOVE = STREAMED_ABOVE = stream_threshold(LLC_BYTES, usable_cpus())
+NEVER_STREAM = 1 << 62
 
 
 def stream_output(nbytes, mapped):

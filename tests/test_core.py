@@ -548,10 +548,12 @@ def test_kernel_variants_agree(kernel_modules):
                 dx, ref.batch_norm_backward(dy, x, mean, invstd, w)[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("wanted", ["baseline", "avx2", "avx512", "", "no-such-isa"])
+@pytest.mark.parametrize("wanted", ["baseline", "sse2", "neon", "avx2", "avx512", "",
+                                    "no-such-isa"])
 def test_simd_variant_choice(wanted):
     """FASTBN_SIMD picks the kernel module at import; unset or unknown means the best one
-    this CPU runs, and a variant this CPU cannot run falls back to the baseline."""
+    this CPU runs (an unknown name warns, naming the valid ones), and a variant this CPU
+    cannot run falls back to the baseline."""
     import importlib.util
     import os
     import subprocess
@@ -564,16 +566,21 @@ def test_simd_variant_choice(wanted):
     best = ("_kernels_avx512" if built("_kernels_avx512") and cpu_has_avx512()
             else "_kernels_avx2" if built("_kernels_avx2") and cpu_has_avx2_fma()
             else "_kernels")
-    expected = {"baseline": "_kernels",
+    expected = {"baseline": "_kernels", "sse2": "_kernels", "neon": "_kernels",
                 "avx2": ("_kernels_avx2" if built("_kernels_avx2") and cpu_has_avx2_fma()
                          else "_kernels"),
                 "avx512": ("_kernels_avx512" if built("_kernels_avx512") and cpu_has_avx512()
                            else "_kernels")}.get(wanted, best)
     env = dict(os.environ, FASTBN_SIMD=wanted)
-    out = subprocess.run([sys.executable, "-c",
+    run = subprocess.run([sys.executable, "-c",
                           "from fastbn import _config; print(_config.config()['kernels'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == expected
+                         env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == expected
+    if wanted == "no-such-isa":
+        assert "FASTBN_SIMD='no-such-isa' is not a kernel build" in run.stderr
+        assert "avx512, avx2, baseline, sse2, neon" in run.stderr
+    else:
+        assert "FASTBN_SIMD" not in run.stderr
 
 
 def test_bandwidth_yardsticks():

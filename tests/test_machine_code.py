@@ -4,6 +4,7 @@ every kernel path runs clean under valgrind's memcheck. Each skips, saying why, 
 tool or build is absent."""
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -132,3 +133,27 @@ def test_memcheck_errors_are_read():
               "==7== \n==7== ERROR SUMMARY: 1 errors\n")
     errors = memcheck_errors(report)
     assert len(errors) == 1 and "fastbn" in errors[0]
+
+
+def _aarch64_only():
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        pytest.skip("64-bit ARM build only (this is %s)" % platform.machine())
+
+
+def test_aarch64_float16_conversions_are_vector_instructions():
+    """On 64-bit ARM, float16 data is widened and narrowed with the CPU's vector conversions
+    (fcvtl v.4s, v.4h; fcvtn v.4h, v.4s), not the portable bit code one value at a time."""
+    _aarch64_only()
+    code = "\n".join(disassembly("_kernels").values())     # the helpers are inlined
+    assert re.search(r"fcvtl2?\s+v\d+\.4s, v\d+\.[48]h", code), "no vector float16 widening"
+    assert re.search(r"fcvtn2?\s+v\d+\.[48]h, v\d+\.4s", code), "no vector float16 narrowing"
+
+
+def test_aarch64_portable_build_contracts_nothing():
+    """The portable build (the only one on 64-bit ARM) has no fused multiply-add that the C
+    does not ask for: its results are those of the arithmetic as written, the same in the
+    fused and unfused paths (-ffp-contract=off)."""
+    _aarch64_only()
+    code = "\n".join(disassembly("_kernels").values())
+    fused = re.findall(r"\s(fmla|fmls|fmadd|fmsub|fnmadd|fnmsub)\s", code)
+    assert not fused, f"{len(fused)} fused multiply-adds in the portable build"

@@ -82,9 +82,31 @@ def test_the_streaming_threshold_counts_the_process_cpus():
     assert _memory.stream_threshold(480 << 20, 2) == 2 * per
     assert _memory.stream_threshold(8 << 20, 64) == 8 << 20
     assert _memory.stream_threshold(32 << 20, 1) == per
-    assert _memory.STREAM_ABOVE == _memory.stream_threshold(_memory.LLC_BYTES,
-                                                            _memory.usable_cpus())
-    assert 0 < _memory.STREAM_ABOVE <= _memory.LLC_BYTES
+    assert _memory.STREAMED_ABOVE == _memory.stream_threshold(_memory.LLC_BYTES,
+                                                              _memory.usable_cpus())
+    assert 0 < _memory.STREAMED_ABOVE <= _memory.LLC_BYTES
+
+
+def test_builds_without_streaming_stores_never_stream():
+    """Kernels with streaming stores (x86 builds) stream above the threshold; a build
+    without them (64-bit ARM), whose 'streamed' output would be a copy of a staged block,
+    never stages one."""
+    import importlib
+    from fastbn import _dispatch
+    kernels = _dispatch.kernels
+    expected = (_memory.STREAMED_ABOVE if kernels.streaming_stores() else _memory.NEVER_STREAM)
+    assert _memory.STREAM_ABOVE == expected
+    assert kernels.streaming_stores() == (importlib.import_module("platform").machine().lower()
+                                          in ("x86_64", "amd64", "i686", "i386"))
+
+    class NoStreams:
+        def streaming_stores(self):
+            return False
+
+    with _dispatch.using(NoStreams()):
+        assert _memory.STREAM_ABOVE == _memory.NEVER_STREAM
+        assert not _memory.stream_output(1 << 40, True)
+    assert _memory.STREAM_ABOVE == expected
 
 
 def test_usable_cpus_follow_the_affinity_mask(monkeypatch):

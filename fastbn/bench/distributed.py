@@ -107,7 +107,7 @@ def launch(args):
 
 def header(args, exe=None):
     cfg = _config.config()
-    cpu = _cpu_model()
+    cpu = _config.cpu_model()
     print(f"fastbn {cfg['fastbn']} synchronized Batch Normalization, kernels {cfg['kernels']}; "
           f"{cpu}, {os.cpu_count()} CPUs")
     if exe:
@@ -124,18 +124,6 @@ def footer():
           "the local ones,\n which reread each channel from cache between the reduction and "
           "the elementwise pass)")
     print("more processes than CPUs share the cores: their times are not per-process speed")
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
 
 
 def worker(args):

@@ -9,10 +9,14 @@
 #define FASTBN_OPENMP 0
 static int omp_get_max_threads(void) { return 1; }
 #endif
-#include <unistd.h>
-/* the C library's report of a data cache's size in bytes, 0 if unknown */
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>             /* sysconf; Windows has neither */
+#endif
+/* the C library's report of a data cache's size in bytes, 0 if unknown (glibc on 64-bit ARM
+   reports 0 for every level: fastbn._memory reads /sys first) */
 static long fastbn_cache_size(int level) {
     long n = 0;
+    (void)level;
 #if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE) \
     && defined(_SC_LEVEL3_CACHE_SIZE)
     n = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE

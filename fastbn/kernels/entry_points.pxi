@@ -14,6 +14,17 @@ cdef extern from "build_info.h":
     const char* FASTBN_CC_VERSION
 
 
+cdef extern from "stream.h":
+    bint FASTBN_STREAMS
+
+
+def streaming_stores():
+    """Whether this build writes with streaming (non-temporal) stores; without them (builds
+    for CPUs other than x86) a 'streamed' output is an ordinary copy of a staged block, a
+    detour that costs a pass, so fastbn._memory never asks for it."""
+    return bool(FASTBN_STREAMS)
+
+
 def build_flags():
     """Compiler flags, compiler version and vector instruction set the kernels were built with."""
     return "%s (SIMD: %s; compiler %s)" % (FASTBN_CFLAGS.decode(), FASTBN_SIMD.decode(),

@@ -42,6 +42,7 @@ static inline void fastbn_prefetch(const void* p, Py_ssize_t nbytes) {
 #define FASTBN_STREAM_I(p, s) _mm_stream_si128((__m128i*)(p), _mm_loadu_si128((const __m128i*)(s)))
 #endif
 #ifdef FASTBN_VEC_BYTES
+#define FASTBN_STREAMS 1
 #define FASTBN_STREAM_BODY(T, STORE)                                               \
     Py_ssize_t i = 0, k, lanes = FASTBN_VEC_BYTES / (Py_ssize_t)sizeof(T);          \
     while (i < n && ((size_t)(dst + i) % FASTBN_VEC_BYTES) != 0) {                  \
@@ -60,6 +61,7 @@ static void fastbn_stream_u16(uint16_t* dst, const uint16_t* src, Py_ssize_t n) 
     FASTBN_STREAM_BODY(uint16_t, FASTBN_STREAM_I)
 }
 #else
+#define FASTBN_STREAMS 0
 static void fastbn_stream_f32(float* dst, const float* src, Py_ssize_t n) {
     Py_ssize_t i; for (i = 0; i < n; i++) dst[i] = src[i];
 }
