@@ -15,6 +15,29 @@ synchronized Batch Normalization over MPI: :mod:`fastbn.distributed` (needs mpi4
 """
 __version__ = "0.1.0"
 
+
+def _unbuilt(error):
+    """The ImportError for a fastbn whose compiled modules are missing: in a source tree
+    (setup.py beside the package; Python puts the current directory first on its path, so
+    a checkout shadows an installed fastbn) say so and what to do."""
+    import os
+    package = os.path.dirname(os.path.abspath(__file__))
+    tree = os.path.dirname(package)
+    if os.path.exists(os.path.join(tree, "setup.py")):
+        return ImportError(
+            f"fastbn is imported from its source tree ({tree}), whose compiled extensions "
+            "are not built. Run Python from another directory to use an installed fastbn, "
+            "or build this checkout: `pip install -e .` (or `python setup.py build_ext "
+            f"--inplace`). (The import failed with: {error})")
+    return ImportError(f"fastbn's compiled extensions cannot be imported ({error}); "
+                       "reinstall fastbn (pip install --force-reinstall fastbn).")
+
+
+try:
+    from . import _support, _kernels     # noqa: F401  (the compiled core)
+except ImportError as _error:
+    raise _unbuilt(_error) from _error
+
 from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
 from ._memory import empty_output_cache, output_cache_info, set_output_cache
