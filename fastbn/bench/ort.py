@@ -38,7 +38,10 @@ def bn_model(onnx, shape, dtype, eps=1e-5):
                                                                      "var")]
     graph = helper.make_graph([node], "bn", inputs,
                               [helper.make_tensor_value_info("y", elem, list(shape))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    # IR version 8, opset 15's own: ONNX Runtime releases older than the onnx package that
+    # writes the model (which stamps its newest IR version) still read it
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)],
+                              ir_version=8)
     return model.SerializeToString()
 
 
