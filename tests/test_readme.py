@@ -19,11 +19,20 @@ def test_readme_training_step_runs():
     assert (scope["beta"] > 0).all()
 
 
+def _blocks():
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_every_readme_snippet_runs_on_its_own():
+    """Each Python block of the README runs alone, in a fresh namespace, as a reader
+    pastes it (no names from another block)."""
+    for i, block in enumerate(_blocks()):
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), {})
+
+
 def test_readme_fused_relu_example_runs():
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = _blocks()
     scope = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
     exec(compile(blocks[1], "README.md", "exec"), scope)
     assert (scope["y"] >= 0).all() and (scope["y_eval"] >= 0).all()
     np.testing.assert_array_equal(scope["dres"], np.where(scope["y"] > 0, scope["dy"], 0))
