@@ -8,6 +8,7 @@ FASTBN_DEBUG=1     bounds checks, wraparound and initialized checks back on, -O0
 FASTBN_NATIVE=1    add -march=native (not portable: the wheel only runs on CPUs like the build host).
 FASTBN_NO_OPENMP=1 build without OpenMP (every kernel runs on one thread).
 """
+import contextlib
 import glob
 import os
 import platform
@@ -43,12 +44,38 @@ OPENMP_PROBE = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The compiler's output to nowhere: a probe that fails is an answer, not an error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+
+
 def probe(source, cflags, lflags=None, run=True):
     """Whether `source` compiles with `cflags` and, when `lflags` is given, also links with
     them and, when `run` (the target is the build host's), runs successfully."""
     compiler = new_compiler()
     customize_compiler(compiler)
     tmp = tempfile.mkdtemp(prefix="fastbn-probe-")
+    try:
+        with _quiet():
+            return _probe(compiler, tmp, source, cflags, lflags, run)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _probe(compiler, tmp, source, cflags, lflags, run):
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
@@ -62,8 +89,6 @@ def probe(source, cflags, lflags=None, run=True):
         return True
     except Exception:  # any failure means: not usable with these flags
         return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def target_defines(*macros):
