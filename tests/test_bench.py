@@ -37,6 +37,29 @@ def test_run_small_table(with_torch):
     assert not [r for r in rows if r["op"] == "latency" and r["shape"] == (33, 64, 32, 32)]
     md = table.markdown(rows, threads=2)
     assert md.count("\n| (8, 32, 8, 8) | NCHW |") == 5
+    # the legend before the table, the summary after it
+    assert "Rows: train, infer, backward" in text and "roofline   large inputs" in text
+    tail = text.rstrip().splitlines()
+    start = tail.index("Summary (fastbn's time / the peer's; < 1: fastbn faster):")
+    summary = tail[start + 1:]
+    assert summary[0].startswith("  PyTorch: " + ("fastbn faster in" if with_torch
+                                                  else "not measured"))
+    assert summary[2].startswith("  NumPy reference: fastbn faster in ")
+    assert summary[3].startswith("  roofline: ") and "of 4 within 1.15x" in summary[3]
+
+
+def test_summary_counts_wins_losses_and_the_roofline():
+    rows = [dict(shape=(2, 3), layout="NCHW", op=op, vs_torch=v, vs_ort=float("nan"),
+                 speedup=4.0) for op, v in zip(table.OPS, (0.5, 1.25, 0.75))]
+    rows.append(dict(shape=(2, 3), layout="NCHW", op="self", train_vs_model=1.2,
+                     backward_vs_model=1.0))
+    lines = table.summary(rows)
+    assert lines[1] == ("  PyTorch: fastbn faster in 2 of 3 rows (median 0.75, 0.50-1.25); "
+                        "slower: (2, 3) NCHW infer 1.25")
+    assert lines[2] == "  ONNX Runtime (inference): not measured"
+    assert lines[3] == "  NumPy reference: fastbn faster in 3 of 3 rows (median 0.25, 0.25-0.25)"
+    assert lines[4] == ("  roofline: 1 of 2 within 1.15x of the model; over: (2, 3) NCHW "
+                        "train 1.20")
 
 
 def test_fused_rows(monkeypatch):

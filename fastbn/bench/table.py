@@ -84,36 +84,87 @@ def run(shapes=SHAPES, layouts=("NCHW", "NHWC"), dtype=np.float32, threads=None,
           "fresh outputs; ref = NumPy reference (fastbn.reference); speed-up = ref/fastbn; "
           "vs torch = fastbn/torch; ort = ONNX Runtime's BatchNormalization node (inference, "
           "NCHW), vs ort = fastbn/ort (lower is better)\n", file=file)
+    print(LEGEND, file=file)
     head = (f"{'shape':<20} {'layout':<6} {'op':<9} {'fastbn':>9} {'ref':>9} {'torch':>9} "
             f"{'speed-up':>8} {'vs torch':>8} {'ort':>9} {'vs ort':>6}")
     print(head, file=file)
     print("-" * len(head), file=file)
     rows = []
-    total = len(shapes) * len(layouts)
+    # (N, C) is the same array in both layouts: timed as NCHW only
+    jobs = [(shape, layout) for shape in shapes for layout in layouts
+            if not (len(shape) == 2 and layout == "NHWC")]
+    total = len(jobs) + bool(caffe)
     done = 0
-    for shape in shapes:
-        for layout in layouts:
-            if len(shape) == 2 and layout == "NHWC":
-                done += 1
-                continue          # (N, C) is the same array in both layouts
-            case = Case(shape, layout, dtype, threads, torch)
-            rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
-            if case.x.nbytes <= SMALL_BYTES:
-                rows.append(latency_row(case, shape, layout, file,
-                                        default_threads=default_threads))
-            if case.x.nbytes > LARGE_BYTES:
-                rows.append(self_ratios(case, shape, layout, rows, rounds, file))
-                if fused:
-                    rows.append(fused_ratios(case, shape, layout, rounds, file))
-                if roofline:
-                    rows.append(roofline_row(case, shape, layout, rounds, file))
-            done += 1
-            print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
+    for shape, layout in jobs:
+        case = Case(shape, layout, dtype, threads, torch)
+        rows += op_rows(case, shape, layout, rounds, with_reference, file, with_ort)
+        if case.x.nbytes <= SMALL_BYTES:
+            rows.append(latency_row(case, shape, layout, file,
+                                    default_threads=default_threads))
+        if case.x.nbytes > LARGE_BYTES:
+            rows.append(self_ratios(case, shape, layout, rows, rounds, file))
+            if fused:
+                rows.append(fused_ratios(case, shape, layout, rounds, file))
+            if roofline:
+                rows.append(roofline_row(case, shape, layout, rounds, file))
+        done += 1
+        print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
     if caffe:
-        print("\nCaffe BatchNorm layer, NCHW: engine='fused' (fastbn kernels) vs engine='gemv' "
-              "(Caffe's BLAS call sequence)", file=file)
+        print("\nCaffe BatchNorm layer, NCHW, float32: engine='fused' (fastbn kernels) vs "
+              "engine='gemv' (Caffe's BLAS call sequence)", file=file)
         caffe_rows.main(file=file, shapes=[s for s in shapes if len(s) == 4][:2], rounds=rounds)
+        done += 1
+        print(f"  [{done}/{total}]", file=sys.stderr, flush=True)
+    print("", file=file)
+    for line in summary(rows):
+        print(line, file=file)
     return rows
+
+
+LEGEND = """\
+Rows: train, infer, backward: one call each (fresh outputs); below them, per shape:
+  BRN train  batch_renorm_train against batch_norm_train (same data)
+  latency    small inputs: p50 / p99 of consecutive calls on fastbn's default threads
+             (a thread the scheduler puts aside shows in the p99 only)
+  self       large inputs: fastbn against itself (train and backward against inference)
+  fused      large inputs: the fused residual add + ReLU calls against the plain ones
+  roofline   large inputs, out=: train and backward against the least their passes over
+             memory cost (I = inference, R = one read pass; target <= %g)
+  train out= large inputs: training with out= against one read pass plus one copy pass
+""" % ROOFLINE_TARGET
+
+
+def summary(rows):
+    """The closing lines of the speed table: wins and losses against each peer (ratios of
+    fastbn's time, lower is better) and the roofline rows over their target."""
+    timed = [r for r in rows if r.get("op") in OPS]
+    lines = ["Summary (fastbn's time / the peer's; < 1: fastbn faster):"]
+    for key, name in (("vs_torch", "PyTorch"), ("vs_ort", "ONNX Runtime (inference)"),
+                      ("speedup", "NumPy reference")):
+        ratios = [(1 / r[key] if key == "speedup" else r[key], r) for r in timed
+                  if np.isfinite(r.get(key, np.nan))]
+        if not ratios:
+            lines.append(f"  {name}: not measured")
+            continue
+        values = np.array([v for v, _ in ratios])
+        slower = sorted([(v, r) for v, r in ratios if v > 1], key=lambda t: -t[0])
+        text = (f"  {name}: fastbn faster in {int((values < 1).sum())} of {len(values)} rows "
+                f"(median {np.median(values):.2f}, {values.min():.2f}-{values.max():.2f})")
+        if slower:
+            worst = ", ".join(f"{r['shape']} {r['layout']} {r['op']} {v:.2f}"
+                              for v, r in slower[:3])
+            text += f"; slower: {worst}" + (" ..." if len(slower) > 3 else "")
+        lines.append(text)
+    roof = [r for r in rows if r.get("op") == "self"]
+    if roof:
+        over = [f"{r['shape']} {r['layout']} {what} {r[key]:.2f}"
+                for r in roof for what, key in (("train", "train_vs_model"),
+                                                ("backward", "backward_vs_model"))
+                if r[key] > ROOFLINE_TARGET]
+        n = 2 * len(roof)
+        text = f"  roofline: {n - len(over)} of {n} within {ROOFLINE_TARGET:g}x of the model"
+        lines.append(text + (f"; over: {', '.join(over)}" if over else ""))
+    return lines
 
 
 def op_rows(case, shape, layout, rounds, with_reference, file, with_ort=True):
