@@ -9,6 +9,7 @@
    bfloat16 is the top half of a float32. NaN stays NaN (quiet), overflow gives inf. */
 #include <stdint.h>
 #include <string.h>
+#include "fma.h"
 #if defined(__aarch64__) || defined(_M_ARM64)
 /* 64-bit ARM: float16 <-> float32 conversions are base instructions (fcvtl, fcvtn) */
 #include <arm_neon.h>
@@ -135,9 +136,9 @@ static void fastbn_f32_to_bf16(const float* src, uint16_t* dst, Py_ssize_t n) {
 }
 
 /* The normalization of 16-bit data in one loop: y = round16((widen(x) - m) * a + c), the
-   float32 expression of the float32 kernels' normalization (_affine_into), evaluated as the
-   compiler evaluates it there (fused multiply-add where the build has FMA, as GCC contracts
-   it), so the bits are those of widening into a stage, normalizing it and rounding it, in
+   float32 expression of the float32 kernels' normalization (_affine_into), evaluated as it
+   is there (one fused multiply-add where the build has FMA: fastbn_maddf, fma.h), so the
+   bits are those of widening into a stage, normalizing it and rounding it, in
    one pass over registers instead of three over the stage. bf16: nonzero for bfloat16,
    else float16. */
 static inline uint16_t fastbn_round_bf16(float f) {
@@ -203,10 +204,10 @@ static inline void fastbn_store16(uint16_t* p, __m256 r, int bf16) {
 #endif
 
 #ifdef FASTBN_W16
-/* a * b + c as the compiler contracts the float32 kernels' expressions: one fused
+/* a * b + c as the float32 kernels compute it (fastbn_maddf, fma.h): one fused
    multiply-add where the build has FMA */
 static inline fastbn_v16 fastbn_madd_v16(fastbn_v16 a, fastbn_v16 b, fastbn_v16 c) {
-#if defined(__FMA__)
+#if FASTBN_HAS_FMA
     return FASTBN_V16(fmadd)(a, b, c);
 #else
     return FASTBN_V16(add)(FASTBN_V16(mul)(a, b), c);
@@ -238,7 +239,7 @@ static inline fastbn_v16 fastbn_dx16_v(fastbn_v16 g, fastbn_v16 x, fastbn_v16 me
 /* One value of the normalization, as the vector forms compute it */
 static inline uint16_t fastbn_affine16_one(uint16_t x, float m, float a, float c, int bf16) {
     float v = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
-    float r = (v - m) * a + c;
+    float r = fastbn_maddf(v - m, a, c);
     uint16_t h;
     if (bf16)
         return fastbn_round_bf16(r);
@@ -296,7 +297,7 @@ static inline uint16_t fastbn_dx16_one(uint16_t g, uint16_t x, int training, flo
     uint16_t h;
     if (training) {
         float xv = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
-        r = ((gv - gm) - gl) * a + ((xv - mean) * kx + k0);
+        r = fastbn_maddf((gv - gm) - gl, a, fastbn_maddf(xv - mean, kx, k0));
     } else {
         r = gv * a;
     }

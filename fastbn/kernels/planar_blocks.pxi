@@ -104,7 +104,7 @@ cdef inline void _devs_quad(const floating* q, Py_ssize_t step, Py_ssize_t lanes
         d2 = q[j + 2 * step] - bm
         d3 = q[j + 3 * step] - bm
         acc[j] = acc[j] + ((d0 + d1) + (d2 + d3))
-        sq[j] = sq[j] + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+        sq[j] = sq[j] + (_madd(d0, d0, d1 * d1) + _madd(d2, d2, d3 * d3))
 
 
 cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, double* acc,
@@ -114,7 +114,7 @@ cdef inline void _devs_one(const floating* q, Py_ssize_t lanes, double bm, doubl
     for j in range(lanes):
         d = q[j] - bm
         acc[j] = acc[j] + d
-        sq[j] = sq[j] + d * d
+        sq[j] = _madd(d, d, sq[j])
 
 
 cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride,
@@ -142,7 +142,7 @@ cdef inline void _devs_run(const floating* q, Py_ssize_t nrun, Py_ssize_t stride
             for j in range(LANES):
                 d = r[i * LANES + j] - bm
                 a[j] = a[j] + d
-                s[j] = s[j] + d * d
+                s[j] = _madd(d, d, s[j])
     for j in range(LANES):
         acc[j] = a[j]
         sq[j] = s[j]
@@ -181,7 +181,7 @@ cdef inline void _block_devs(const floating* p, Block blk, double bm, double* s1
         for i in range(_stepped(blk, lanes, nstep), blk.length):
             d = run[i] - bm
             t1 = t1 + d
-            t2 = t2 + d * d
+            t2 = _madd(d, d, t2)
     s1[0] = t1 + _lane_sum(acc, lanes)
     s2[0] = t2 + _lane_sum(sq, lanes)
 
@@ -204,11 +204,11 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
     cdef double count = <double>(blk.length * blk.nrun)
     cdef double bm = p[0]
     _block_devs(p, blk, bm, &s1, &s2)
-    v = s2 - s1 * (s1 / count)
+    v = _madd(-s1, s1 / count, s2)
     if not (v * _cancel_limit(p) >= s2):     # also when a sum is NaN or infinite
         bm = bm + s1 / count
         _block_devs(p, blk, bm, &s1, &s2)
-        v = s2 - s1 * (s1 / count)
+        v = _madd(-s1, s1 / count, s2)
     mean[0] = bm + s1 / count
     if v < 0:                  # rounding only; a NaN must stay NaN
         v = 0.0
@@ -252,8 +252,8 @@ cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t ste
         g2 = _gat(g, ym, j + 2 * step, variant)
         g3 = _gat(g, ym, j + 3 * step, variant)
         acc[j] = acc[j] + ((<double>g0 + g1) + (<double>g2 + g3))
-        dt[j] = dt[j] + ((g0 * (x[j] - mean) + g1 * (x[j + step] - mean))
-                         + (g2 * (x[j + 2 * step] - mean) + g3 * (x[j + 3 * step] - mean)))
+        dt[j] = dt[j] + (_dot2(g0, x[j], g1, x[j + step], mean)
+                         + _dot2(g2, x[j + 2 * step], g3, x[j + 3 * step], mean))
 
 
 cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
@@ -264,7 +264,7 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
     for j in range(lanes):
         gv = _gat(g, ym, j, variant)
         acc[j] = acc[j] + gv
-        dt[j] = dt[j] + gv * (x[j] - mean)
+        dt[j] = _dot1(dt[j], gv, x[j], mean)
 
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
@@ -299,7 +299,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
                 for j in range(LANES):
                     gv = _bit_f(g[i * LANES + j], word, j)
                     a[j] = a[j] + gv
-                    t[j] = t[j] + gv * (x[i * LANES + j] - mean)
+                    t[j] = _dot1(t[j], gv, x[i * LANES + j], mean)
             for j in range(LANES):
                 acc[j] = a[j]
                 dt[j] = t[j]
@@ -318,7 +318,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
             for j in range(LANES):
                 gv = _gat(gr, yr, i * LANES + j, variant)
                 a[j] = a[j] + gv
-                t[j] = t[j] + gv * (xr[i * LANES + j] - mean)
+                t[j] = _dot1(t[j], gv, xr[i * LANES + j], mean)
     for j in range(LANES):
         acc[j] = a[j]
         dt[j] = t[j]
@@ -370,7 +370,7 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
                 if kb != NULL:
                     gv = _bit_f(gv, kb[i // 8], i % 8)
             s = s + gv
-            t = t + gv * (xr[i] - mean)
+            t = _dot1(t, gv, xr[i], mean)
     sum_g[0] = s + _lane_sum(acc, lanes)
     dot[0] = t + _lane_sum(dt, lanes)
 
@@ -393,7 +393,7 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
             _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym, variant, kb)
             if _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
-                dot[0] = dot[0] + (t - (mean - <double>m32) * s)
+                dot[0] = dot[0] + _madd(-(mean - <double>m32), s, t)
                 return
     _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym, variant, kb)
     sum_g[0] = sum_g[0] + s
@@ -433,11 +433,11 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
                 yr = y + r * stride
                 if not epilogue:
                     for i in range(length):
-                        yr[i] = (xr[i] - m32) * a32 + c32
+                        yr[i] = _maddf(xr[i] - m32, a32, c32)
                     continue
                 rr = res + r * stride if res != NULL else xr
                 for i in range(length):
-                    v32 = (xr[i] - m32) * a32 + c32
+                    v32 = _maddf(xr[i] - m32, a32, c32)
                     if res != NULL:
                         v32 = v32 + rr[i]
                     if relu:
@@ -449,11 +449,11 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
         yr = y + r * stride
         if not epilogue:
             for i in range(length):
-                yr[i] = <floating>((xr[i] - mean) * scale + shift)
+                yr[i] = <floating>_madd(xr[i] - mean, scale, shift)
             continue
         rr = res + r * stride if res != NULL else xr
         for i in range(length):
-            v = <floating>((xr[i] - mean) * scale + shift)
+            v = <floating>_madd(xr[i] - mean, scale, shift)
             if res != NULL:
                 v = <floating>(v + rr[i])
             if relu:
@@ -528,9 +528,11 @@ cdef inline floating _dx_value(floating g, floating x, opmath_t mean, opmath_t a
     gradient's mean split into its float32 value gm and the remainder gl, k0 = c32 (gm and
     gl unused in double)."""
     if opmath_t is float:
-        return <floating>(((g - gm) - gl) * a + ((x - mean) * kx + k0))
+        if floating is float:
+            return _maddf((g - gm) - gl, a, _maddf(x - mean, kx, k0))
+        return <floating>_madd((g - gm) - gl, a, _madd(x - mean, kx, k0))
     else:
-        return <floating>(g * a + ((x - mean) * kx + k0))
+        return <floating>_madd(g, a, _madd(x - mean, kx, k0))
 
 
 cdef inline floating* _at_w(floating* p, Py_ssize_t off) noexcept nogil:

@@ -66,9 +66,9 @@ cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_
     for r in range(b0, b1):
         d = x[r * C + c] - bm
         s1 = s1 + d
-        s2 = s2 + d * d
+        s2 = _madd(d, d, s2)
     mean[0] = bm + s1 / nb
-    s2 = s2 - s1 * (s1 / nb)
+    s2 = _madd(-s1, s1 / nb, s2)
     if s2 < 0:                 # rounding only; a NaN must stay NaN
         s2 = 0.0
     m2[0] = s2
@@ -130,7 +130,7 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
                 d2 = row[2 * C + c] - k
                 d3 = row[3 * C + c] - k
                 s1[c] = s1[c] + ((d + d1) + (d2 + d3))
-                s2[c] = s2[c] + ((d * d + d1 * d1) + (d2 * d2 + d3 * d3))
+                s2[c] = s2[c] + (_madd(d, d, d1 * d1) + _madd(d2, d2, d3 * d3))
             r = r + 4
         while r < b1:
             row = x + r * C
@@ -139,14 +139,14 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
             for c in range(width):
                 d = row[c] - pivot[c]
                 s1[c] = s1[c] + d
-                s2[c] = s2[c] + d * d
+                s2[c] = _madd(d, d, s2[c])
             r = r + 1
         # the tile's mean into s1 and its m2, in straight loops the compiler vectorizes;
         # then the rare channels whose one-pass sums cancelled, in two passes
         for c in range(width):
             t1 = s1[c]
             s1[c] = pivot[c] + t1 / nb
-            tile_m2[c] = s2[c] - t1 * (t1 / nb)
+            tile_m2[c] = _madd(-t1, t1 / nb, s2[c])
         for c in range(width):
             if not (tile_m2[c] * limit >= s2[c]):
                 _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &tile_m2[c])
@@ -229,17 +229,17 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
             m = mean[c]
             a = scale[c]
             b = shift[c]
-            y0[c] = _fin(<floating>((x0[c] - m) * a + b), q0, c, variant)
-            y1[c] = _fin(<floating>((x1[c] - m) * a + b), q1, c, variant)
-            y2[c] = _fin(<floating>((x2[c] - m) * a + b), q2, c, variant)
-            y3[c] = _fin(<floating>((x3[c] - m) * a + b), q3, c, variant)
+            y0[c] = _fin(_affine1(x0[c], m, a, b), q0, c, variant)
+            y1[c] = _fin(_affine1(x1[c], m, a, b), q1, c, variant)
+            y2[c] = _fin(_affine1(x2[c], m, a, b), q2, c, variant)
+            y3[c] = _fin(_affine1(x3[c], m, a, b), q3, c, variant)
         r = r + 4
     while r < r1:
         x0 = x + r * C
         y0 = y + r * C
         q0 = res + r * C if res != NULL else NULL
         for c in range(C):
-            y0[c] = _fin(<floating>((x0[c] - mean[c]) * scale[c] + shift[c]), q0, c, variant)
+            y0[c] = _fin(_affine1(x0[c], mean[c], scale[c], shift[c]), q0, c, variant)
         r = r + 1
 
 
@@ -406,8 +406,8 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
             g2 = _gat(gr, yr, 2 * C + c, variant)
             g3 = _gat(gr, yr, 3 * C + c, variant)
             sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
-            sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
-                             + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+            sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
+                             + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
     for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
@@ -420,7 +420,7 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         for c in range(width):
             g0 = _gat(gr, yr, c, variant)
             sg[c] = sg[c] + g0
-            sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+            sd[c] = _dot1(sd[c], g0, xr[c], mean[c])
 
 
 cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize_t r0,
@@ -465,8 +465,8 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
                 g2 = _bit_f(gr[2 * C + c], w2, j)
                 g3 = _bit_f(gr[3 * C + c], w3, j)
                 sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
-                sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
-                                 + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+                sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
+                                 + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
         for c in range(wb, width):
             m = mean[c]
             g0 = _bit_f(gr[c], br[c // 8], c % 8)
@@ -474,8 +474,8 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
             g2 = _bit_f(gr[2 * C + c], br[2 * rowbytes + c // 8], c % 8)
             g3 = _bit_f(gr[3 * C + c], br[3 * rowbytes + c // 8], c % 8)
             sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
-            sd[c] = sd[c] + ((g0 * (xr[c] - m) + g1 * (xr[C + c] - m))
-                             + (g2 * (xr[2 * C + c] - m) + g3 * (xr[3 * C + c] - m)))
+            sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
+                             + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
     for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
@@ -489,11 +489,11 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
                 c = cb + j
                 g0 = _bit_f(gr[c], w0, j)
                 sg[c] = sg[c] + g0
-                sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+                sd[c] = _dot1(sd[c], g0, xr[c], mean[c])
         for c in range(wb, width):
             g0 = _bit_f(gr[c], br[c // 8], c % 8)
             sg[c] = sg[c] + g0
-            sd[c] = sd[c] + g0 * (xr[c] - mean[c])
+            sd[c] = _dot1(sd[c], g0, xr[c], mean[c])
 
 
 cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t c0,
@@ -550,10 +550,10 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                                 gv = g[r * C + c]
                             else:
                                 gv = _masked(g[r * C + c], ym[r * C + c])
-                            t = t + gv * (x[r * C + c] - m)
-                        t = t + gd.mean_lo[c0 + c] * work[c]      # cancelled below
+                            t = _madd(gv, x[r * C + c] - m, t)
+                        t = _madd(gd.mean_lo[c0 + c], work[c], t)      # cancelled below
                     sg[c] = sg[c] + work[c]
-                    sd[c] = sd[c] + (t - gd.mean_lo[c0 + c] * work[c])
+                    sd[c] = sd[c] + _madd(-gd.mean_lo[c0 + c], work[c], t)
             free(work)
             return
     # no scratch (w.failed is set: the call raises MemoryError), or float64 data
