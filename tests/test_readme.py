@@ -3,6 +3,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,8 @@ def test_readme_fused_relu_example_runs():
 
 
 def test_ci_runs_the_readme_test_command():
+    if not (ROOT / ".ci" / "run").exists():
+        pytest.skip("not a checkout (an unpacked sdist or a copy of the tests): no .ci/run")
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
     test_cmd = [c for c in commands if "pytest" in c]

@@ -194,6 +194,14 @@ cdef extern from "fma.h":
     float _maddf "fastbn_maddf"(float a, float b, float c) noexcept nogil
 
 
+cdef extern from "dx_loop.h":
+    void _dx_f32 "fastbn_dx_f32"(const float* g, const float* x, float* dx, Py_ssize_t n,
+                                 float mean, float a, float kx, float k0, float gm,
+                                 float gl) noexcept nogil
+    void _dx_f64 "fastbn_dx_f64"(const double* g, const double* x, double* dx, Py_ssize_t n,
+                                 double mean, double a, double kx, double k0) noexcept nogil
+
+
 cdef inline floating _affine1(floating x, opmath_t m, opmath_t a, opmath_t b) noexcept nogil:
     """(x - m) * a + b, the product fused into the sum, in opmath_t arithmetic (in double for
     float64 data), rounded to the data's type: one value of the normalization."""

@@ -325,12 +325,14 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
 
 
 cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk, acc_t mean,
-                                double* acc, acc_t* dt, double* sum_g, double* dot,
-                                const floating* ym, mask_t variant,
+                                double* sum_g, double* dot, const floating* ym, mask_t variant,
                                 const unsigned char* kb) noexcept nogil:
-    """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt (scratch of BLOCK
-    values each) over one block, returned in double (lanes and steps as in _block_devs).
-    kb: see _sums_run (REGISTER_LANES builds only)."""
+    """sum(g) in double lanes acc and sum(g * (x - mean)) in acc_t lanes dt over one block,
+    returned in double (lanes and steps as in _block_devs). kb: see _sums_run
+    (REGISTER_LANES builds only). The lanes are this function's own arrays: where the
+    compiler keeps the function out of line, it still knows they alias neither g nor x."""
+    cdef double acc[BLOCK]
+    cdef acc_t dt[BLOCK]
     cdef double s = 0
     cdef acc_t t = 0
     cdef Py_ssize_t lanes = _block_lanes(blk)
@@ -382,20 +384,17 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     in float32 lanes for float32 data, see above). With ym (the fused ReLU's output, laid
     out as g, or NULL), of g masked by y > 0, read in the same loops; with kb (a block of
     one run, REGISTER_LANES builds), of g masked by those bits (_sums_run)."""
-    cdef double acc[BLOCK]
-    cdef double dt64[BLOCK]
-    cdef float dt32[BLOCK]
     cdef double s, t
     cdef float m32
     if floating is float:
         if _f32_bounded(mean):
             m32 = <float>mean
-            _block_sums_in(g, x, blk, m32, acc, dt32, &s, &t, ym, variant, kb)
+            _block_sums_in(g, x, blk, m32, &s, &t, ym, variant, kb)
             if _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + _madd(-(mean - <double>m32), s, t)
                 return
-    _block_sums_in(g, x, blk, mean, acc, dt64, &s, &t, ym, variant, kb)
+    _block_sums_in(g, x, blk, mean, &s, &t, ym, variant, kb)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t
 
@@ -507,6 +506,18 @@ cdef inline void _dx_span(const floating* g, const floating* x, floating* dx,
     statistics (x is not read); g masked by ym and stored to dres as the variant says."""
     cdef Py_ssize_t i
     cdef floating gv
+    if floating is float:
+        if opmath_t is float:
+            if mask_t is char:
+                if training:           # the plain float32 loop: out of line (dx_loop.h)
+                    _dx_f32(g, x, dx, n, mean, a, kx, k0, gm, gl)
+                    return
+    if floating is double:
+        if opmath_t is double:
+            if mask_t is char:
+                if training:           # and the float64 one
+                    _dx_f64(g, x, dx, n, mean, a, kx, k0)
+                    return
     if training:
         for i in range(n):
             gv = _gat(g, ym, i, variant)
