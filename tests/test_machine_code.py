@@ -61,13 +61,13 @@ def test_avx512_long_runs_keep_their_lanes_in_registers():
     stack) and never zero a memory array (rep stos): GCC has turned them into 256-bit code
     with memory lanes after small edits (5-30 % slower); see docs/development.rst,
     "Reading the generated code". The sums' lane loops are _sums_run's (float32 data, with
-    float32 and with double dot lanes; _block_sums, or the chunk loop above it, inlines it
-    or not as GCC decides)."""
+    float32 and with double dot lanes; _block_sums_in, _block_sums or the chunk loop above
+    them inline it or not as GCC decides)."""
     functions = disassembly("_kernels_avx512")
     devs = {k: v for k, v in functions.items()
             if re.search(r"fuse_0(_\d)?__pyx_f_\w*_block_devs\b", k)}
     sums = {k: v for k, v in functions.items()
-            if re.search(r"fuse_0_\d_0__pyx_f_\w*_(sums_run|block_sums)\b", k)}
+            if re.search(r"fuse_0_\d_0__pyx_f_\w*_(sums_run|block_sums|block_sums_in)\b", k)}
     assert devs and sums, sorted(functions)[:20]
     for name, code in devs.items():
         assert register_loops(code), f"{name}: no loop keeps its lanes in zmm registers"
