@@ -181,7 +181,14 @@ else:
     # them, then vectorize instead of running one channel at a time (a (2, 1024) call has
     # 1024 channels of 2 values). The values computed are the same IEEE results: neither
     # flag lets the compiler reassociate or contract anything.
-    FP_FLAGS = ["-fno-math-errno", "-fno-trapping-math"]
+    # And no a * b + c is contracted into one rounding unless the source writes it so
+    # (fastbn_madd, fastbn/kernels/fma.h): a result is what the source says, the same in
+    # every path that computes it (the fused ReLU backward and the unfused one, one thread
+    # and several, one call and its phases) for any compiler. GCC contracts by default
+    # wherever the target has FMA, and may do so in one path and not in another once they
+    # are inlined differently: on 64-bit ARM the fused ReLU backward differed from the
+    # unfused one by up to 2970 ulps where dx is near zero.
+    FP_FLAGS = ["-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if compiles_with(FP_FLAGS):
         opt += FP_FLAGS
 
@@ -203,21 +210,10 @@ directives = {
 
 
 
-# No module lets the compiler contract a * b + c into one rounding on its own: the kernels
-# write each fused multiply-add they want (fastbn_madd, fastbn/kernels/fma.h), so a result
-# is what the source says, the same in every path that computes it (the fused ReLU
-# backward and the unfused one, one thread and several, one call and its phases) and for
-# any compiler. GCC contracts by default wherever the target has FMA, and it may do so in
-# one path and not in another once they are inlined differently: on 64-bit ARM the fused
-# ReLU backward differed from the unfused one by up to 2970 ulps where dx is near zero.
-NO_CONTRACT = ["-ffp-contract=off"] if sys.platform != "win32" and compiles_with(
-    ["-ffp-contract=off"]) else []
-
-
 def extension(path):
     name = os.path.splitext(os.path.basename(path))[0]
     isa = {"_avx2": AVX2_FLAGS, "_avx512": AVX512_FLAGS}.get(name[name.rfind("_"):], [])
-    flags = opt + isa + NO_CONTRACT + omp_cflags
+    flags = opt + isa + omp_cflags
     return Extension(
         "fastbn." + name,
         [path],

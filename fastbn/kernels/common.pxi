@@ -184,8 +184,6 @@ cdef enum:
     CACHED_BYTES = 1 << 23
 
 
-# float32 arithmetic on float32 data keeps its relative precision, with room for the products
-# of a pass, while every coefficient and sum stays within [F32_SMALL, F32_BIG] (or is 0)
 cdef extern from "fma.h":
     # a * b + c, fused where the build's CPU has fused multiply-add (fma.h): written out
     # wherever the arithmetic is meant to be one, since no module lets the compiler
@@ -195,6 +193,10 @@ cdef extern from "fma.h":
 
 
 cdef extern from "dx_loop.h":
+    float _dx_one_f32 "fastbn_dx_one_f32"(float g, float x, float mean, float a, float kx,
+                                          float k0, float gm, float gl) noexcept nogil
+    double _dx_one_f64 "fastbn_dx_one_f64"(double g, double x, double mean, double a,
+                                           double kx, double k0) noexcept nogil
     void _dx_f32 "fastbn_dx_f32"(const float* g, const float* x, float* dx, Py_ssize_t n,
                                  float mean, float a, float kx, float k0, float gm,
                                  float gl) noexcept nogil
@@ -230,6 +232,8 @@ cdef inline acc_t _dot2(floating g0, floating x0, floating g1, floating x1,
     return <acc_t>_madd(g0, x0 - mean, g1 * (x1 - mean))
 
 
+# float32 arithmetic on float32 data keeps its relative precision, with room for the products
+# of a pass, while every coefficient and sum stays within [F32_SMALL, F32_BIG] (or is 0)
 cdef extern from "f32_range.h":
     const double F32_BIG "FASTBN_F32_BIG"
     const double F32_SMALL "FASTBN_F32_SMALL"

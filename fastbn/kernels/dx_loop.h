@@ -3,9 +3,21 @@
 #define FASTBN_DX_LOOP_H
 #include "fma.h"
 
-/* dx[i] = ((g[i] - gm) - gl) * a + ((x[i] - mean) * kx + k0) for n values of one channel:
-   the float32 form of _dx_value (planar_blocks.pxi), the same expression and fused
-   multiply-adds, so the same bits. Kept out of line: inlined into the large planar
+/* One dx value in training, the one place its expression is written (the Cython kernels'
+   _dx_value, the mask-bits and 16-bit loops call these): float32,
+   ((g - gm) - gl) * a + ((x - mean) * kx + k0), the gradient's mean split into its float32
+   value gm and the remainder gl; float64, g * a + ((x - mean) * kx + k0); both products fused
+   into their sums (fma.h). */
+static inline float fastbn_dx_one_f32(float g, float x, float mean, float a, float kx,
+                                      float k0, float gm, float gl) {
+    return fastbn_maddf((g - gm) - gl, a, fastbn_maddf(x - mean, kx, k0));
+}
+static inline double fastbn_dx_one_f64(double g, double x, double mean, double a, double kx,
+                                       double k0) {
+    return fastbn_madd(g, a, fastbn_madd(x - mean, kx, k0));
+}
+
+/* dx of n values of one channel, plain (no mask), in float32. Kept out of line: inlined into the large planar
    kernels, the loop's eight live vectors (six coefficients, two values) lost a register to
    the rest of the function on 16-register AVX2 and reloaded it from the stack every step
    (measured: the training backward 15-35 % slower on planes of 49 to 3136 values). */
@@ -16,10 +28,10 @@ static void fastbn_dx_f32(const float* g, const float* x, float* dx, Py_ssize_t 
                           float a, float kx, float k0, float gm, float gl) {
     Py_ssize_t i;
     for (i = 0; i < n; i++)
-        dx[i] = fastbn_maddf((g[i] - gm) - gl, a, fastbn_maddf(x[i] - mean, kx, k0));
+        dx[i] = fastbn_dx_one_f32(g[i], x[i], mean, a, kx, k0, gm, gl);
 }
 
-/* The float64 form: dx[i] = g[i] * a + ((x[i] - mean) * kx + k0) (_dx_value in double) */
+/* and in float64 */
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((noinline))
 #endif
@@ -27,7 +39,7 @@ static void fastbn_dx_f64(const double* g, const double* x, double* dx, Py_ssize
                           double mean, double a, double kx, double k0) {
     Py_ssize_t i;
     for (i = 0; i < n; i++)
-        dx[i] = fastbn_madd(g[i], a, fastbn_madd(x[i] - mean, kx, k0));
+        dx[i] = fastbn_dx_one_f64(g[i], x[i], mean, a, kx, k0);
 }
 
 #endif  /* FASTBN_DX_LOOP_H */

@@ -5,11 +5,13 @@
 /* 16-bit data (IEEE float16 and bfloat16) are converted to float32 for the arithmetic
    and rounded back once, to nearest even. float16 <-> float32 uses the F16C (or
    AVX-512) conversion instructions where the build has them, 64-bit ARM's own (every
-   ARMv8 CPU has them), else the portable bit code below (F. Giesen's round-to-nearest-even float_to_half, exact the other way);
+   ARMv8 CPU has them), else the portable bit code below (F. Giesen's round-to-nearest-even
+   float_to_half, exact the other way);
    bfloat16 is the top half of a float32. NaN stays NaN (quiet), overflow gives inf. */
 #include <stdint.h>
 #include <string.h>
 #include "fma.h"
+#include "dx_loop.h"
 #if defined(__aarch64__) || defined(_M_ARM64)
 /* 64-bit ARM: float16 <-> float32 conversions are base instructions (fcvtl, fcvtn) */
 #include <arm_neon.h>
@@ -297,7 +299,7 @@ static inline uint16_t fastbn_dx16_one(uint16_t g, uint16_t x, int training, flo
     uint16_t h;
     if (training) {
         float xv = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
-        r = fastbn_maddf((gv - gm) - gl, a, fastbn_maddf(xv - mean, kx, k0));
+        r = fastbn_dx_one_f32(gv, xv, mean, a, kx, k0, gm, gl);
     } else {
         r = gv * a;
     }

@@ -3,19 +3,19 @@
 #define FASTBN_MASK_BITS_DX_H
 #include "relu_mask.h"    /* fastbn_bit_f */
 #include "stream.h"       /* fastbn_prefetch */
-#include "fma.h"          /* fastbn_maddf */
+#include "dx_loop.h"      /* fastbn_dx_one_f32 */
 
 /* dx of one piece of a float32 row (n values) in float32, training, with dy masked by
    the mask bits (bit j of the piece's bits: value j; the piece starts at a byte); the
    _run form: one planar run of one channel, its coefficients scalars:
    d = ((v - gm) - gl) * a + ((x - m) * kx + k), v = dy where the bit is set, else +0,
-   with the two products fused into the additions as the float32 form of _dx_value
-   fuses them (fastbn_maddf: so the same bits); e (or NULL) receives v. dy is loaded
+   with the two products fused into the additions (fastbn_dx_one_f32, as _dx_value: so
+   the same bits); e (or NULL) receives v. dy is loaded
    whole and masked by a zeroing move (AVX-512: the load does not wait for the bits) or an
    AND with the bits spread to lanes (AVX2). */
 static inline float fastbn_dxb_one(float v, float x, float m, float gm, float gl,
                                    float a, float kx, float k) {
-    return fastbn_maddf((v - gm) - gl, a, fastbn_maddf(x - m, kx, k));
+    return fastbn_dx_one_f32(v, x, m, a, kx, k, gm, gl);
 }
 /* The scalar tail of both forms: values [c, n) */
 #define FASTBN_DXB_TAIL(M, GM, GL, A, KX, K)                                          \

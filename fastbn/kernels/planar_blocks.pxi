@@ -540,10 +540,10 @@ cdef inline floating _dx_value(floating g, floating x, opmath_t mean, opmath_t a
     gl unused in double)."""
     if opmath_t is float:
         if floating is float:
-            return _maddf((g - gm) - gl, a, _maddf(x - mean, kx, k0))
-        return <floating>_madd((g - gm) - gl, a, _madd(x - mean, kx, k0))
+            return _dx_one_f32(g, x, mean, a, kx, k0, gm, gl)       # (dx_loop.h)
+        return <floating>_madd((g - gm) - gl, a, _madd(x - mean, kx, k0))   # not used
     else:
-        return <floating>_madd(g, a, _madd(x - mean, kx, k0))
+        return <floating>_dx_one_f64(g, x, mean, a, kx, k0)
 
 
 cdef inline floating* _at_w(floating* p, Py_ssize_t off) noexcept nogil:
