@@ -7,9 +7,11 @@ documented when its extensions are built in place (``python setup.py build_ext
 import glob
 import importlib
 import os
+import re
 import sys
 
 from docutils import nodes
+from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.nodes import nested_parse_with_titles
 
@@ -40,9 +42,19 @@ copyright = "the fastbn developers"
 release = fastbn.__version__
 version = ".".join(release.split(".")[:2])
 
+# Math is rendered by a copy of MathJax that the build puts into _static/ (the
+# sphinx-mathjax-offline package, in the docs and test extras): the pages need no network.
+try:
+    importlib.import_module("sphinx-mathjax-offline")
+except ImportError as exc:
+    raise ImportError("fastbn's docs render their math with a local copy of MathJax: "
+                      "pip install sphinx-mathjax-offline (or the docs extra: "
+                      'pip install -e ".[docs]")') from exc
+
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",
     "numpydoc",
 ]
 
@@ -50,6 +62,8 @@ exclude_patterns = ["_build"]
 templates_path = []
 html_static_path = []
 html_theme = "alabaster"
+# wide enough for the speed table's ten columns at 1280 pixels
+html_theme_options = {"page_width": "1240px", "sidebar_width": "200px", "body_max_width": "none"}
 html_title = f"fastbn {release}"
 
 autodoc_typehints = "none"
@@ -90,5 +104,59 @@ class IfAvailable(SphinxDirective):
         return node.children
 
 
+def readme_block_as_rst(text, marker):
+    """The block of README.md between ``<!-- marker -->`` and ``<!-- /marker -->`` as
+    reStructuredText: its Markdown pipe tables become list-tables, ``code`` spans literals.
+
+    The README's speed section is written once, from one run of ``python -m fastbn``; the
+    performance guide shows the same text, with its tables as real tables.
+    """
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"README.md has no {begin} ... {end} block")
+    lines = text.split(begin, 1)[1].split(end, 1)[0].strip("\n").splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(set(c) <= set("-:") and c for c in cells):   # not the rule row
+                    rows.append(cells)
+                i += 1
+            out += ["", ".. list-table::", "   :header-rows: 1", ""]
+            for row in rows:
+                for k, cell in enumerate(row):
+                    text = _md_inline(cell) if cell.strip("-") else "\\" + cell   # "-": no list
+                    out.append(("   * - " if k == 0 else "     - ") + text)
+            out.append("")
+            continue
+        out.append(_md_inline(line))
+        i += 1
+    return "\n".join(out)
+
+
+def _md_inline(line):
+    """Markdown code spans as reStructuredText literals."""
+    return re.sub(r"(?<!`)`([^`]+)`(?!`)", r"``\1``", line)
+
+
+class ReadmeBlock(SphinxDirective):
+    """``.. fastbn-readme-block:: marker`` -- the README's marked block, rendered here."""
+
+    required_arguments = 1
+
+    def run(self):
+        path = os.path.join(ROOT, "README.md")
+        self.env.note_dependency(path)
+        with open(path, encoding="utf-8") as f:
+            rst = readme_block_as_rst(f.read(), self.arguments[0])
+        node = nodes.container()
+        self.state.nested_parse(StringList(rst.splitlines(), source=path), 0, node)
+        return node.children
+
+
 def setup(app):
     app.add_directive("fastbn-if-available", IfAvailable)
+    app.add_directive("fastbn-readme-block", ReadmeBlock)

@@ -9,7 +9,9 @@
 import doctest
 import importlib
 import inspect
+import html
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -161,6 +163,33 @@ def test_sphinx_build_has_no_warnings_and_covers_the_api(tmp_path):
          DOCS, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"sphinx -W failed:\n{proc.stdout}\n{proc.stderr}"
     assert (out / "index.html").is_file()
+
+    # Offline: no page loads a script, style sheet, font or image from the network; the
+    # math comes from the local MathJax copy the build writes into _static/.
+    remote = re.compile(r"<(script|link|img|iframe|source)\b[^>]*\b(src|href)=[\"'](https?:)?//",
+                        re.IGNORECASE)
+    pages = sorted(out.glob("**/*.html"))
+    offenders = [p.name for p in pages if remote.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"pages that load from the network: {offenders}"
+    math = (out / "math.html").read_text(encoding="utf-8")
+    assert '<script defer="defer" src="_static/mathjax/tex-chtml.js">' in math
+    assert (out / "_static" / "mathjax" / "tex-chtml.js").is_file()
+
+    # The speed section of README.md is rendered in the performance guide, its Markdown
+    # tables as HTML tables with the same cells.
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("<!-- speed-table -->")[1].split("<!-- /speed-table -->")[0]
+    md_rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+               for line in block.splitlines()
+               if line.startswith("|") and not set(line) <= set("|-: ")]
+    assert len(md_rows) > 50
+    perf = (out / "performance.html").read_text(encoding="utf-8")
+    html_rows = [[html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+                  for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
+                 for row in re.findall(r"<tr[^>]*>(.*?)</tr>", perf, re.S)]
+    missing = [r for r in md_rows if [c.replace("`", "") for c in r] not in html_rows]
+    assert not missing, f"README speed rows not in performance.html: {missing[:3]}"
 
     names = _inventory_names(out / "objects.inv")
     documented = {id(_resolve(n)) for role in ("py:function", "py:class", "py:method")
