@@ -7,9 +7,18 @@ Environment switches
 FASTBN_DEBUG=1     bounds checks, wraparound and initialized checks back on, -O0 -g.
 FASTBN_NATIVE=1    add -march=native (not portable: the wheel only runs on CPUs like the build host).
 FASTBN_NO_OPENMP=1 build without OpenMP (every kernel runs on one thread).
+FASTBN_BUILD_CACHE=DIR  where compiled modules are kept for reuse (default: build/fastbn-cache
+                   beside this file; "0" turns the cache off).
+
+Rebuilds are incremental: a module whose generated C, headers, flags, compiler, Python and
+NumPy are unchanged is copied from the cache instead of compiled again (`pip install -e
+".[mpi]"` after `pip install -e .` compiles nothing), and the modules that must be compiled
+are compiled in parallel, one per CPU. `pip install -v` shows each module as it is built.
 """
 import contextlib
+import fnmatch
 import glob
+import hashlib
 import os
 import platform
 import shutil
@@ -22,6 +31,8 @@ import warnings
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
+from setuptools.command.sdist import sdist as _sdist
 from setuptools._distutils.ccompiler import new_compiler
 from setuptools._distutils.sysconfig import customize_compiler
 
@@ -192,6 +203,13 @@ else:
     if compiles_with(FP_FLAGS):
         opt += FP_FLAGS
 
+# Cython compiles every combination of a fused function's types, and the kernels call only
+# some of them (and not every module uses each helper of the shared headers): the unused ones
+# are no defect, so the compiler is not asked to list them.
+UNUSED = ["-Wno-unused-function"]
+if sys.platform != "win32" and compiles_with(UNUSED):
+    opt += UNUSED
+
 # The rows kernels update several output rows per loop; GCC gives up vectorizing a loop after
 # 10 run-time aliasing checks by default, so allow more.
 ALIAS_PARAM = ["--param", "vect-max-version-for-alias-checks=64"]
@@ -206,6 +224,10 @@ directives = {
     "cdivision": True,
     "nonecheck": False,
     "embedsignature": True,
+    # A fused function returns from the branch its types select (`if floating is float:
+    # return ...`); in the specializations that take it, the lines after it are dead by
+    # design, and Cython would warn about each of them in every module.
+    "warn.unreachable": False,
 }
 
 
@@ -230,6 +252,113 @@ def extension(path):
     )
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.environ.get("FASTBN_BUILD_CACHE", os.path.join(HERE, "build", "fastbn-cache"))
+CACHE_KEEP = 3          # builds of each module kept (the newest): a few branches' worth
+
+
+def _digest(*parts):
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+class build_ext(_build_ext):
+    """setuptools' build_ext, incremental and parallel (see the module docstring)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:       # `build_ext -j N` still decides
+            self.parallel = os.cpu_count() or 1
+
+    def run(self):
+        self._compiler_id = None
+        self._done = 0
+        super().run()
+
+    def _compiler_identity(self):
+        if self._compiler_id is None:
+            cc = list(getattr(self.compiler, "compiler_so", None) or ["cl"])
+            try:
+                version = subprocess.run(cc[:1] + ["--version"], capture_output=True,
+                                         timeout=60).stdout
+            except (OSError, subprocess.SubprocessError):
+                version = b""
+            self._compiler_id = (cc, getattr(self.compiler, "linker_so", None), version)
+        return self._compiler_id
+
+    def _key(self, ext):
+        """A digest of everything the compiled module depends on."""
+        inputs = []
+        for path in ext.sources + sorted(glob.glob(os.path.join(HERE, "fastbn", "kernels", "*.h"))):
+            with open(path, "rb") as f:
+                inputs.append(f.read())
+        # NumPy's headers by its version: pip builds in a fresh environment each time
+        numpy_dir = np.get_include()
+        includes = [f"numpy {np.__version__}" if d == numpy_dir else d for d in ext.include_dirs]
+        return _digest(ext.name, inputs, includes, ext.define_macros,
+                       ext.extra_compile_args, ext.extra_link_args, ext.libraries,
+                       self._compiler_identity(), sys.version, sys.platform,
+                       platform.machine(), np.__version__, self.debug,
+                       self.get_ext_filename(ext.name))
+
+    def build_extension(self, ext):
+        target = self.get_ext_fullpath(ext.name)
+        total = len(self.extensions)
+        if CACHE in ("", "0"):
+            return self._compile(ext, total)
+        entry = os.path.join(CACHE, ext.name, self._key(ext) + os.path.splitext(target)[1])
+        if os.path.isfile(entry):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            shutil.copyfile(entry, target)
+            os.utime(entry)                              # the newest is kept longest
+            self._done += 1
+            print(f"fastbn: [{self._done}/{total}] {ext.name} unchanged: reused from {entry}",
+                  flush=True)
+            return
+        self._compile(ext, total)
+        try:
+            os.makedirs(os.path.dirname(entry), exist_ok=True)
+            tmp = f"{entry}.{os.getpid()}.tmp"
+            shutil.copyfile(target, tmp)
+            os.replace(tmp, entry)
+            old = sorted(glob.glob(os.path.join(os.path.dirname(entry), "*")),
+                         key=os.path.getmtime, reverse=True)
+            for path in old[CACHE_KEEP:]:
+                os.remove(path)
+        except OSError as exc:       # a read-only or full disk costs the next build only
+            print(f"fastbn: not cached ({exc})", flush=True)
+
+    def _compile(self, ext, total):
+        print(f"fastbn: compiling {ext.name} ...", flush=True)
+        super().build_extension(ext)
+        self._done += 1
+        print(f"fastbn: [{self._done}/{total}] {ext.name} compiled", flush=True)
+
+
+# Files of a working tree that are never part of the source distribution: build outputs,
+# generated C and annotation pages, caches of Python, pytest and hypothesis, and the local
+# environments of asv and the docs. (Filtered here rather than by MANIFEST.in's exclude
+# lines, which warn on a clean checkout where there is nothing to exclude.)
+_NOT_SHIPPED = ("*.so", "*.pyd", "*.o", "*.pyc", "*.pyo", "*.whl", "/fastbn/*.c",
+                "/fastbn/*.html", "*/__pycache__/*", "*/.hypothesis/*", "*/.pytest_cache/*",
+                "/docs/_build/*", "/asv_bench/env/*", "/asv_bench/results/*",
+                "/asv_bench/html/*")
+
+
+class sdist(_sdist):
+    def prune_file_list(self):
+        super().prune_file_list()
+        shipped = []
+        for name in self.filelist.files:
+            path = "/" + name.replace(os.sep, "/")
+            if not any(fnmatch.fnmatch(path, pat) for pat in _NOT_SHIPPED):
+                shipped.append(name)
+        self.filelist.files = shipped
+
+
 sources = sorted(glob.glob(os.path.join("fastbn", "*.pyx")))
 if not BUILD_AVX2:
     sources = [p for p in sources if not p.endswith("_avx2.pyx")]
@@ -239,4 +368,5 @@ extensions = [extension(p) for p in sources]
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),
+    cmdclass={"build_ext": build_ext, "sdist": sdist},
 )

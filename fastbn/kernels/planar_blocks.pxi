@@ -235,8 +235,11 @@ cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i,
 
 
 cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogil:
-    """p + off, NULL for NULL."""
-    return NULL if p == NULL else p + off
+    """p + off, NULL for NULL. (Not a conditional expression: Cython gives that a non-const
+    temporary, which C compilers warn about.)"""
+    if p == NULL:
+        return NULL
+    return p + off
 
 
 cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t step,
@@ -548,7 +551,9 @@ cdef inline floating _dx_value(floating g, floating x, opmath_t mean, opmath_t a
 
 cdef inline floating* _at_w(floating* p, Py_ssize_t off) noexcept nogil:
     """p + off, NULL for NULL."""
-    return NULL if p == NULL else p + off
+    if p == NULL:
+        return NULL
+    return p + off
 
 
 # Outputs larger than the caches are written with streaming stores (Work.stream): each run is

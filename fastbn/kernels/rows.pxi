@@ -296,7 +296,7 @@ cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_
             n = STAGE // C if STAGE // C < r1 - r else r1 - r
             off = r * C
             _rows_affine_in(x + off, stage, C, 0, n, mean, scale, shift,
-                            NULL if res == NULL else res + off, variant)
+                            _at(res, off), variant)
             if keep != NULL:
                 for i in range(n):
                     _pack(stage + i * C, C, keep + (r + i) * rowbytes)
@@ -308,7 +308,7 @@ cdef void _rows_affine_v(const floating* x, floating* y, Py_ssize_t C, Py_ssize_
                 n = STAGE if c0 + STAGE <= C else C - c0
                 off = r * C + c0
                 _rows_affine_in(x + off, stage, n, 0, 1, mean + c0, scale + c0, shift + c0,
-                                NULL if res == NULL else res + off, variant)
+                                _at(res, off), variant)
                 if keep != NULL:               # c0: a multiple of STAGE, so of 8
                     _pack(stage, n, keep + r * rowbytes + c0 // 8)
                 _store(y + off, stage, n, stream)
