@@ -294,7 +294,11 @@ class build_ext(_build_ext):
         inputs = []
         for path in ext.sources + sorted(glob.glob(os.path.join(HERE, "fastbn", "kernels", "*.h"))):
             with open(path, "rb") as f:
-                inputs.append(f.read())
+                text = f.read()
+            # Cython's metadata comment names the build environment's paths (a new one for
+            # every isolated pip build); the code below it is what the compiler reads
+            end = text.find(b"END: Cython Metadata */")
+            inputs.append(text[end:] if end >= 0 else text)
         # NumPy's headers by its version: pip builds in a fresh environment each time
         numpy_dir = np.get_include()
         includes = [f"numpy {np.__version__}" if d == numpy_dir else d for d in ext.include_dirs]
@@ -366,7 +370,52 @@ if not BUILD_AVX512:
     sources = [p for p in sources if not p.endswith("_avx512.pyx")]
 extensions = [extension(p) for p in sources]
 
+def _cython_stamp(ext):
+    """A digest of what Cython makes `ext`'s C from: every Cython source of the package, the
+    directives, and the versions of Cython and of the libraries whose .pxd it reads."""
+    import Cython
+    import scipy
+    inputs = []
+    paths = [p for pattern in ("*.pyx", "*.pxd", "*.pxi")
+             for p in glob.glob(os.path.join("fastbn", "**", pattern), recursive=True)]
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            inputs.append((path, f.read()))
+    return _digest(ext.name, inputs, directives, Cython.__version__, np.__version__,
+                   scipy.__version__)
+
+
+def cythonize_changed(exts):
+    """cythonize, but a module whose C was made from the same inputs (the stamp beside it in
+    the cache) keeps its C: Cython's own check compares times with the .pxd files of the
+    build environment, which an isolated pip build installs anew each time."""
+    todo, kept = [], []
+    for ext in exts:
+        c_file = os.path.splitext(ext.sources[0])[0] + ".c"
+        stamp = os.path.join(CACHE, ext.name + ".c-inputs")
+        try:
+            with open(stamp) as f:
+                same = f.read() == _cython_stamp(ext) and os.path.isfile(c_file)
+        except OSError:
+            same = False
+        if same and CACHE not in ("", "0"):
+            ext.sources = [c_file] + ext.sources[1:]
+            kept.append(ext)
+        else:
+            todo.append(ext)
+    done = cythonize(todo, compiler_directives=directives) if todo else []
+    if CACHE not in ("", "0"):
+        for ext in done:
+            try:
+                os.makedirs(CACHE, exist_ok=True)
+                with open(os.path.join(CACHE, ext.name + ".c-inputs"), "w") as f:
+                    f.write(_cython_stamp(ext))
+            except OSError:
+                pass
+    return kept + done
+
+
 setup(
-    ext_modules=cythonize(extensions, compiler_directives=directives),
+    ext_modules=cythonize_changed(extensions),
     cmdclass={"build_ext": build_ext, "sdist": sdist},
 )
