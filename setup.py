@@ -314,7 +314,7 @@ class build_ext(_build_ext):
         if CACHE in ("", "0"):
             return self._compile(ext, total)
         entry = os.path.join(CACHE, ext.name, self._key(ext) + os.path.splitext(target)[1])
-        if os.path.isfile(entry):
+        if os.path.isfile(entry) and not self.force:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             shutil.copyfile(entry, target)
             os.utime(entry)                              # the newest is kept longest
