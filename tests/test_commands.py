@@ -49,3 +49,13 @@ def test_block_parsing():
 def test_the_source_tree_message_is_the_one_fastbn_prints():
     with open(os.path.join(ROOT, "fastbn", "__init__.py"), encoding="utf-8") as f:
         assert _tool().SOURCE_TREE_MESSAGE in f.read()
+
+
+def test_ci_runs_the_packaging_and_command_checks():
+    ci = os.path.join(ROOT, ".ci", "run")
+    if not os.path.isfile(ci):
+        pytest.skip("not a checkout: no .ci/run")
+    with open(ci, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if not line.lstrip().startswith("#")]
+    assert "tools/check-packaging" in lines
+    assert "python3 tools/check_commands.py --except-readme-tests" in lines
