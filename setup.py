@@ -345,7 +345,8 @@ class build_ext(_build_ext):
 # Files of a working tree that are never part of the source distribution: build outputs,
 # generated C and annotation pages, caches of Python, pytest and hypothesis, and the local
 # environments of asv and the docs. (Filtered here rather than by MANIFEST.in's exclude
-# lines, which warn on a clean checkout where there is nothing to exclude.)
+# lines, which warn on a clean checkout where there is nothing to exclude; the generated C,
+# which setup.py writes before any command runs, is excluded there too, from the file list.)
 _NOT_SHIPPED = ("*.so", "*.pyd", "*.o", "*.pyc", "*.pyo", "*.whl", "/fastbn/*.c",
                 "/fastbn/*.html", "*/__pycache__/*", "*/.hypothesis/*", "*/.pytest_cache/*",
                 "/docs/_build/*", "/asv_bench/env/*", "/asv_bench/results/*",
@@ -353,14 +354,11 @@ _NOT_SHIPPED = ("*.so", "*.pyd", "*.o", "*.pyc", "*.pyo", "*.whl", "/fastbn/*.c"
 
 
 class sdist(_sdist):
-    def prune_file_list(self):
-        super().prune_file_list()
-        shipped = []
-        for name in self.filelist.files:
-            path = "/" + name.replace(os.sep, "/")
-            if not any(fnmatch.fnmatch(path, pat) for pat in _NOT_SHIPPED):
-                shipped.append(name)
-        self.filelist.files = shipped
+    def make_release_tree(self, base_dir, files):
+        shipped = [name for name in files
+                   if not any(fnmatch.fnmatch("/" + name.replace(os.sep, "/"), pat)
+                              for pat in _NOT_SHIPPED)]
+        super().make_release_tree(base_dir, shipped)
 
 
 sources = sorted(glob.glob(os.path.join("fastbn", "*.pyx")))
