@@ -24,6 +24,7 @@ def batch_norm_train(
     layout: _Layout = "NCHW", running_mean: Optional[_Array] = None,
     running_var: Optional[_Array] = None, momentum: float = 0.1,
     out: Optional[_Array] = None, num_threads: Optional[int] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[_Array, _Array, _Array]: ...
 def batch_norm_infer(
     x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, weight: _Vector = None,
@@ -33,7 +34,7 @@ def batch_norm_infer(
 def batch_norm_backward(
     dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, weight: _Vector = None,
     *, training: bool = True, layout: _Layout = "NCHW", out: Optional[_Array] = None,
-    num_threads: Optional[int] = None,
+    num_threads: Optional[int] = None, ghost_batch_size: Optional[int] = None,
 ) -> Tuple[_Array, _Array, _Array]: ...
 def fold_batch_norm(
     running_mean: ArrayLike, running_var: ArrayLike, weight: _Vector = None,
@@ -110,10 +111,12 @@ class _Norm:
 class BatchNorm(_Norm):
     track_running_stats: bool
     running_var: Optional[_Array]
+    ghost_batch_size: Optional[int]
     def __init__(
         self, num_features: int, *, eps: float = 1e-05, momentum: float = 0.1,
         affine: bool = True, track_running_stats: bool = True, layout: _Layout = "NCHW",
         dtype: DTypeLike = ..., activation: _Activation = None,
+        ghost_batch_size: Optional[int] = None,
     ) -> None: ...
     def reset_running_stats(self) -> None: ...
 

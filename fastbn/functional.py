@@ -6,7 +6,7 @@ fits neither) and runs the kernel.
 """
 import numpy as np
 
-from . import _calls
+from . import _calls, _ghost
 from ._rounding import rounded
 from ._validate import fold_arguments
 
@@ -15,7 +15,7 @@ __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                      running_mean=None, running_var=None, momentum=0.1,
-                     out=None, num_threads=None):
+                     out=None, num_threads=None, ghost_batch_size=None):
     """Batch Normalization, training forward: normalize with the batch statistics.
 
     ``y = (x - mean) * invstd * weight + bias`` per channel, with ``mean`` and the biased
@@ -42,13 +42,20 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
         Where to write y (shape and dtype of x); may be ``x`` itself.
     num_threads : int, optional
         Threads for this call; default :func:`fastbn.get_num_threads`.
+    ghost_batch_size : int >= 1, optional
+        Ghost Batch Normalization (Hoffer, Hubara and Soudry, 2017): each consecutive group
+        of this many samples along N (the last group may be smaller) is normalized with its
+        own statistics, exactly as separate calls on the slices would, and the running
+        statistics are updated once per group, in order. Every group needs more than one
+        value per channel.
 
     Returns
     -------
     y : ndarray
         Same shape and dtype as x (``out`` if given).
     mean, invstd : ndarray (C,), float64
-        Batch mean and ``1 / sqrt(biased_var + eps)``, as :func:`batch_norm_backward` takes them.
+        Batch mean and ``1 / sqrt(biased_var + eps)``, as :func:`batch_norm_backward` takes them;
+        with ``ghost_batch_size``, (G, C): one row per group, G = ceil(N / ghost_batch_size).
 
     Raises
     ------
@@ -66,7 +73,16 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     ((2, 3, 4), array([ 7.5, 11.5, 15.5]))
     >>> bool(abs(y.mean()) < 1e-6)
     True
+    >>> y, mean, invstd = fastbn.batch_norm_train(x, ghost_batch_size=1)   # one per sample
+    >>> mean
+    array([[ 1.5,  5.5,  9.5],
+           [13.5, 17.5, 21.5]])
     """
+    if ghost_batch_size is not None:
+        return _ghost.train(x, weight, bias, eps=eps, layout=layout,
+                            running_mean=running_mean, running_var=running_var,
+                            momentum=momentum, out=out, num_threads=num_threads,
+                            ghost_batch_size=ghost_batch_size)
     return _calls.batch_norm_train(x, weight, bias, eps=eps, layout=layout,
                                    running_mean=running_mean, running_var=running_var,
                                    momentum=momentum, out=out, num_threads=num_threads)
@@ -116,7 +132,7 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
-                        out=None, num_threads=None):
+                        out=None, num_threads=None, ghost_batch_size=None):
     """Batch Normalization backward: gradients of x, weight and bias.
 
     With ``xhat = (x - mean) * invstd`` and ``m`` values per channel:
@@ -146,6 +162,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     out : ndarray, optional
         Where to write dx; may be ``dy`` itself (in place).
     num_threads : int, optional
+    ghost_batch_size : int >= 1, optional
+        The forward's (:func:`batch_norm_train`): mean and invstd are then (G, C), one row
+        per group of samples, and each group's dx is that of its own batch; dweight and
+        dbias are summed over the groups in float64, in order, and rounded once.
 
     Returns
     -------
@@ -169,6 +189,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     >>> float(np.abs(dx).max()) < 1e-12, db
     (True, array([128., 128., 128.]))
     """
+    if ghost_batch_size is not None:
+        return _ghost.backward(dy, x, mean, invstd, weight, training=training, layout=layout,
+                               out=out, num_threads=num_threads,
+                               ghost_batch_size=ghost_batch_size)
     return _calls.backward(dy, x, mean, invstd, weight, training=training, layout=layout,
                            out=out, num_threads=num_threads)
 

@@ -6,7 +6,7 @@ keeps what the backward needs, and updates the state.
 """
 import numpy as np
 
-from . import _calls, _memory, renorm
+from . import _calls, _ghost, _memory, renorm
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
                         is_bfloat16, is_half, momentum_value, positive_int, real_scalar)
@@ -335,6 +335,13 @@ class BatchNorm(_Norm):
         forward keeps (1 per value) where the kernels can, so that the backward costs what
         the plain one does and y need not be kept (see :meth:`forward`). The state is the
         same.
+    ghost_batch_size : int >= 1, optional
+        Ghost Batch Normalization: a training forward normalizes each consecutive group of
+        this many samples with the group's own statistics and updates the running
+        statistics once per group, in order, with the step's momentum (one step counted);
+        evaluation is unchanged. See ``ghost_batch_size`` of
+        :func:`fastbn.batch_norm_train`. (With ``activation="relu"`` the layer keeps y for
+        the backward.)
 
     Attributes
     ----------
@@ -370,15 +377,27 @@ class BatchNorm(_Norm):
     _buffers = ("running_mean", "running_var")
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, layout="NCHW", dtype=np.float32, activation=None):
+                 track_running_stats=True, layout="NCHW", dtype=np.float32, activation=None,
+                 ghost_batch_size=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          layout=layout, dtype=dtype, activation=activation)
+        self.ghost_batch_size = ghost_batch_size
         self.track_running_stats = flag("track_running_stats", track_running_stats)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
             self.running_var = np.ones(self.num_features, self.dtype)
         else:
             self.running_mean = self.running_var = None
+
+    @property
+    def ghost_batch_size(self):
+        """None, or the samples per ghost batch of a training forward (an int >= 1)."""
+        return self._ghost_batch_size
+
+    @ghost_batch_size.setter
+    def ghost_batch_size(self, value):
+        self._ghost_batch_size = (None if value is None
+                                  else positive_int("ghost_batch_size", value))
 
     def _tracks(self):
         return self.track_running_stats
@@ -396,6 +415,8 @@ class BatchNorm(_Norm):
     def _forward_train(self, x, residual):
         update = self.training and self.track_running_stats
         layout = self.layout
+        if self.ghost_batch_size is not None:
+            return self._forward_ghost(x, residual, update)
         mask = _calls.ReluMask() if self.activation else None
         y, mean, invstd = _calls.batch_norm_train(
             x, self.weight, self.bias, eps=self.eps, layout=layout,
@@ -408,6 +429,24 @@ class BatchNorm(_Norm):
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=True, layout=layout),
                                     y if self.activation else None, mask,
+                                    residual is not None)
+
+    def _forward_ghost(self, x, residual, update):
+        """The training forward of Ghost Batch Normalization: each group's statistics, the
+        running statistics updated once per group (with this step's momentum)."""
+        layout = self.layout
+        y, mean, invstd = _ghost.train(
+            x, self.weight, self.bias, eps=self.eps, layout=layout,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None,
+            momentum=self._factor() if update else 0.0, residual=residual,
+            relu=self.activation == "relu", ghost_batch_size=self.ghost_batch_size)
+        if update:
+            self._count_step()
+        return y, _backward_closure(_ghost.backward, x, (mean, invstd, _copy(self.weight)),
+                                    dict(training=True, layout=layout,
+                                         ghost_batch_size=self.ghost_batch_size),
+                                    y if self.activation else None, None,
                                     residual is not None)
 
     def _forward_eval(self, x, residual):

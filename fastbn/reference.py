@@ -8,7 +8,8 @@ import numpy as np
 
 from ._threads import thread_count
 from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_value, flag,
-                        fold_arguments, gradient_pair, like_x, momentum_value, out_array, positive_vector,
+                        fold_arguments, gradient_pair, like_x, momentum_value, out_array, positive_int,
+                        positive_vector,
                         running_buffers, training_count)
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm",
@@ -65,7 +66,7 @@ def _centred_batch(x, axis, red):
 @_quiet
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
                      running_mean=None, running_var=None, momentum=0.1,
-                     out=None, num_threads=None):
+                     out=None, num_threads=None, ghost_batch_size=None):
     """NumPy twin of :func:`fastbn.batch_norm_train` (same parameters, returns and errors).
 
     Float64 arithmetic throughout: ``mean`` and the biased ``var`` over every axis but the
@@ -93,6 +94,20 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
     out = out_array(out, x.shape, x.dtype, {"x": x, "weight": weight, "bias": bias,
                     "running_mean": running_mean, "running_var": running_var},
                     may_alias=("x",))
+    if ghost_batch_size is not None:
+        # each ghost batch normalized as a batch of its own, the running statistics
+        # updated once per group, in order
+        size = positive_int("ghost_batch_size", ghost_batch_size)
+        parts = [(a, min(a + size, x.shape[0])) for a in range(0, x.shape[0], size)]
+        y = np.empty(x.shape, np.float64)
+        mean, invstd = np.empty((len(parts), C)), np.empty((len(parts), C))
+        for k, (a, c) in enumerate(parts):
+            y[a:c], mean[k], invstd[k] = batch_norm_train(
+                x[a:c].astype(np.float64), w, b, eps=eps, layout=layout,
+                running_mean=running_mean, running_var=running_var, momentum=momentum)
+        if not parts:
+            raise ValueError("x must have more than 1 value per channel in training")
+        return _write(y.astype(x.dtype), out), mean, invstd
     xc, mean, m = _centred_batch(x, axis, red)
     var = (xc * xc).mean(axis=red)                 # biased: normalization uses it
     invstd = 1.0 / np.sqrt(var + eps)
@@ -135,7 +150,7 @@ def batch_norm_infer(x, running_mean, running_var, weight=None, bias=None, *, ep
 
 @_quiet
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layout="NCHW",
-                        out=None, num_threads=None):
+                        out=None, num_threads=None, ghost_batch_size=None):
     """NumPy twin of :func:`fastbn.batch_norm_backward` (same parameters, returns and errors).
 
     Examples
@@ -154,11 +169,34 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     training = flag("training", training)
     out = out_array(out, x.shape, x.dtype, {"dy": dy, "x": x, "mean": mean,
                     "invstd": invstd, "weight": weight}, may_alias=("dy",))
-    mean = channel_vector("mean", mean, C, optional=False)
-    invstd = channel_vector("invstd", invstd, C, optional=False)
     w = channel_vector("weight", weight, C)
     w = np.ones(C) if w is None else w
     thread_count(num_threads, lambda: 1)
+    if ghost_batch_size is None:
+        mean = channel_vector("mean", mean, C, optional=False)
+        invstd = channel_vector("invstd", invstd, C, optional=False)
+        dx, dweight, dbias = _backward64(dy, x, mean, invstd, w, training, axis, red)
+    else:
+        # one row of mean and invstd per ghost batch; dweight and dbias summed over them
+        size = positive_int("ghost_batch_size", ghost_batch_size)
+        parts = [(a, min(a + size, x.shape[0])) for a in range(0, x.shape[0], size)]
+        mean, invstd = np.asarray(mean, np.float64), np.asarray(invstd, np.float64)
+        for name, v in (("mean", mean), ("invstd", invstd)):
+            if v.shape != (len(parts), C):
+                raise ValueError(f"{name} must have shape ({len(parts)}, {C}), got {v.shape}")
+        dx = np.empty(x.shape)
+        dweight, dbias = np.zeros(C), np.zeros(C)
+        for k, (a, c) in enumerate(parts):
+            dx[a:c], dw, db = _backward64(dy[a:c], x[a:c], mean[k], invstd[k], w, training,
+                                          axis, red)
+            dweight += dw
+            dbias += db
+    return _write(dx.astype(x.dtype), out), dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def _backward64(dy, x, mean, invstd, w, training, axis, red):
+    """dx, dweight and dbias of one batch, in float64."""
+    C = x.shape[axis]
     g = dy.astype(np.float64)
     xc = x.astype(np.float64) - _bc(mean, x, axis)
     m = x.size // C if C else 0
@@ -170,8 +208,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
         dx = (g - _bc(sum_g / m, x, axis) - xc * _bc(k2, x, axis)) * _bc(invstd * w, x, axis)
     else:
         dx = g * _bc(invstd * w, x, axis)
-    return (_write(dx.astype(x.dtype), out), (dot * invstd).astype(x.dtype),
-            sum_g.astype(x.dtype))
+    return dx, dot * invstd, sum_g
 
 
 def _relu_epilogue(y, x, residual, out):
