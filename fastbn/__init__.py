@@ -1,7 +1,7 @@
 """fastbn: Batch Normalization on NumPy arrays, as fast as the CPU's memory allows.
 
 Functional API: :func:`batch_norm_train`, :func:`batch_norm_infer`,
-:func:`batch_norm_backward`, :func:`fold_batch_norm`, the fused residual add and ReLU
+:func:`batch_norm_backward`, :func:`batch_norm_backward_from_output`, :func:`fold_batch_norm`, the fused residual add and ReLU
 (:func:`batch_norm_relu_train`, :func:`batch_norm_relu_infer`,
 :func:`batch_norm_relu_backward`), Batch Renormalization
 (:func:`batch_renorm_train`, :func:`batch_renorm_backward`) and :func:`fuse_conv_bn`;
@@ -41,7 +41,8 @@ except ImportError as _error:
 from ._config import show_config
 from ._threads import get_num_threads, set_num_threads
 from ._memory import empty_output_cache, output_cache_info, set_output_cache
-from .functional import batch_norm_backward, batch_norm_infer, batch_norm_train, fold_batch_norm
+from .functional import (batch_norm_backward, batch_norm_backward_from_output, batch_norm_infer,
+                         batch_norm_train, fold_batch_norm)
 from .relu import batch_norm_relu_backward, batch_norm_relu_infer, batch_norm_relu_train
 from .renorm import batch_renorm_backward, batch_renorm_train
 from .fusion import fuse_conv_bn
@@ -54,6 +55,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_infer",
     "batch_norm_backward",
+    "batch_norm_backward_from_output",
     "fold_batch_norm",
     "batch_norm_relu_train",
     "batch_norm_relu_infer",

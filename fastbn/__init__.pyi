@@ -36,6 +36,11 @@ def batch_norm_backward(
     *, training: bool = True, layout: _Layout = "NCHW", out: Optional[_Array] = None,
     num_threads: Optional[int] = None, ghost_batch_size: Optional[int] = None,
 ) -> Tuple[_Array, _Array, _Array]: ...
+def batch_norm_backward_from_output(
+    dy: ArrayLike, y: ArrayLike, invstd: ArrayLike, weight: _Vector = None,
+    bias: _Vector = None, *, layout: _Layout = "NCHW", out: Optional[_Array] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple[_Array, _Array, _Array]: ...
 def fold_batch_norm(
     running_mean: ArrayLike, running_var: ArrayLike, weight: _Vector = None,
     bias: _Vector = None, eps: float = 1e-05,
@@ -112,11 +117,12 @@ class BatchNorm(_Norm):
     track_running_stats: bool
     running_var: Optional[_Array]
     ghost_batch_size: Optional[int]
+    memory: str
     def __init__(
         self, num_features: int, *, eps: float = 1e-05, momentum: float = 0.1,
         affine: bool = True, track_running_stats: bool = True, layout: _Layout = "NCHW",
         dtype: DTypeLike = ..., activation: _Activation = None,
-        ghost_batch_size: Optional[int] = None,
+        ghost_batch_size: Optional[int] = None, memory: str = "normal",
     ) -> None: ...
     def reset_running_stats(self) -> None: ...
 
@@ -138,6 +144,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_infer",
     "batch_norm_backward",
+    "batch_norm_backward_from_output",
     "fold_batch_norm",
     "batch_norm_relu_train",
     "batch_norm_relu_infer",

@@ -8,9 +8,12 @@ import numpy as np
 
 from . import _calls, _ghost
 from ._rounding import rounded
-from ._validate import fold_arguments
+from ._threads import thread_count
+from ._validate import (channel_axis, channel_vector, data_array, fold_arguments, out_array,
+                        same_shape)
 
-__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm"]
+__all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward",
+           "batch_norm_backward_from_output", "fold_batch_norm"]
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, layout="NCHW",
@@ -195,6 +198,97 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
                                ghost_batch_size=ghost_batch_size)
     return _calls.backward(dy, x, mean, invstd, weight, training=training, layout=layout,
                            out=out, num_threads=num_threads)
+
+
+def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, layout="NCHW",
+                                    out=None, num_threads=None):
+    """Batch Normalization backward from the forward's output y instead of its input x.
+
+    Since ``y = weight * xhat + bias``, ``xhat = (y - bias) / weight``, and the backward of
+    :func:`batch_norm_train` needs nothing else of x (In-Place Activated BatchNorm, Rota
+    Bulo, Porzi and Kontschieder, 2018): a training step may free x, or overwrite it with y
+    (``batch_norm_train(x, ..., out=x)``), and keep only y, which halves what Batch
+    Normalization holds between the forward and the backward. The results are those of
+    :func:`batch_norm_backward` on the x that made y, up to the rounding of y: one fused
+    pass reads dy and y for ``sum(dy)`` and ``sum(dy * xhat)`` and a second writes dx, the
+    same passes and bytes as the backward from x.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of y: the shape and dtype of y.
+    y : ndarray, float32, float64, float16 or bfloat16
+        The output of :func:`batch_norm_train` (training statistics).
+    invstd : array_like (C,)
+        As :func:`batch_norm_train` returned it.
+    weight, bias : array_like (C,), optional
+        The forward's; None means 1 and 0. No weight may be 0 (xhat cannot be recovered
+        there); the paper keeps weights away from 0 by training ``|weight| + eps`` in
+        their place, which changes the gradient of the weight by its sign.
+    layout : {"NCHW", "NHWC"}
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` itself (in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of y.
+    dweight, dbias : ndarray (C,)
+        As :func:`batch_norm_backward`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm_backward`; a weight with a zero (the message names the
+        channel).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4))
+    >>> w, b = np.array([0.5, 2.0, -1.0]), np.array([0.1, 0.0, 3.0])
+    >>> y, mean, invstd = fastbn.batch_norm_train(x, w, b)
+    >>> dy = np.cos(y)
+    >>> dx, dw, db = fastbn.batch_norm_backward_from_output(dy, y, invstd, w, b)
+    >>> dx0, dw0, db0 = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    >>> bool(np.allclose(dx, dx0, atol=1e-12)), bool(np.allclose(dw, dw0))
+    (True, True)
+    """
+    # every argument checked here under its own name; the call below then cannot fail
+    y = data_array("y", y)
+    dy = data_array("dy", dy)
+    same_shape("dy", dy, "y", y)
+    if dy.dtype != y.dtype:
+        raise TypeError(f"dy must have the dtype of y ({y.dtype}), got {dy.dtype}")
+    C = y.shape[channel_axis(layout, y.ndim)]
+    s = channel_vector("invstd", invstd, C, optional=False)
+    w = channel_vector("weight", weight, C)
+    b = channel_vector("bias", bias, C)
+    w = np.ones(C) if w is None else w
+    zero = np.flatnonzero(w == 0)
+    if zero.size:
+        raise ValueError(f"weight must have no zero to recover the normalized input from y, "
+                         f"got weight[{zero[0]}] = 0 ({zero.size} channel(s) with zero weight)")
+    out = out_array(out, y.shape, y.dtype, {"dy": dy, "y": y, "invstd": invstd,
+                                            "weight": weight, "bias": bias}, may_alias=("dy",))
+    thread_count(num_threads, lambda: 1)
+    return _from_output(dy, y, s, w, b, layout=layout, out=out, num_threads=num_threads)
+
+
+def _from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
+                 float64_grads=False):
+    """batch_norm_backward_from_output on checked arguments (invstd, weight and bias float64
+    vectors, bias possibly None, no zero weight) as the backward from x's kernels run it."""
+    # The backward from x with x := y, mean := bias, invstd := 1 / weight reads
+    # xhat = (y - bias) / weight and gives dweight = sum(dy * xhat), dbias = sum(dy);
+    # its dx, (weight' * invstd') * (dy - mean(dy) - xhat * mean(dy * xhat)), is the true
+    # one when weight' * invstd' = weight * invstd, i.e. weight' = weight**2 * invstd.
+    C = invstd.shape[0]
+    with np.errstate(over="ignore"):
+        return _calls.backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
+                               weight * weight * invstd, training=True, layout=layout,
+                               out=out, num_threads=num_threads, float64_grads=float64_grads)
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):

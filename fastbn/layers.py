@@ -7,9 +7,12 @@ keeps what the backward needs, and updates the state.
 import numpy as np
 
 from . import _calls, _ghost, _memory, renorm
+from ._rounding import rounded
+from .functional import _from_output
 from ._layer_threads import PerThreadState
-from ._validate import (channel_axis, clipping, data_array, eps_value, flag, float_dtype,
-                        is_bfloat16, is_half, momentum_value, positive_int, real_scalar)
+from ._validate import (channel_axis, choice, clipping, data_array, eps_value, flag, float_dtype,
+                        grad_dtype, is_bfloat16, is_half, momentum_value, positive_int,
+                        real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -335,6 +338,14 @@ class BatchNorm(_Norm):
         forward keeps (1 per value) where the kernels can, so that the backward costs what
         the plain one does and y need not be kept (see :meth:`forward`). The state is the
         same.
+    memory : {"normal", "low"}
+        What a training forward keeps for the backward: x ("normal"), or its output y
+        ("low"; needs ``activation=None``): the backward then recovers the normalized input
+        as ``(y - bias) / weight`` (:func:`fastbn.batch_norm_backward_from_output`), so x
+        may be freed or overwritten once the forward has returned, and a network that keeps
+        each layer's output anyway holds one array per layer instead of two. No weight
+        may be 0 at the forward (the backward raises a ValueError naming the channel).
+        Evaluation keeps x, as the normal layer does.
     ghost_batch_size : int >= 1, optional
         Ghost Batch Normalization: a training forward normalizes each consecutive group of
         this many samples with the group's own statistics and updates the running
@@ -378,10 +389,11 @@ class BatchNorm(_Norm):
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, layout="NCHW", dtype=np.float32, activation=None,
-                 ghost_batch_size=None):
+                 ghost_batch_size=None, memory="normal"):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          layout=layout, dtype=dtype, activation=activation)
         self.ghost_batch_size = ghost_batch_size
+        self.memory = memory
         self.track_running_stats = flag("track_running_stats", track_running_stats)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
@@ -398,6 +410,26 @@ class BatchNorm(_Norm):
     def ghost_batch_size(self, value):
         self._ghost_batch_size = (None if value is None
                                   else positive_int("ghost_batch_size", value))
+
+    @property
+    def memory(self):
+        """"normal" (a training forward keeps x for the backward) or "low" (it keeps y, and
+        the backward recovers the normalized input from it)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value):
+        choice("memory", value, ("normal", "low"))
+        if value == "low" and self.activation is not None:
+            raise ValueError("memory='low' needs activation=None: y determines x only through "
+                             "an invertible activation, and the ReLU's 0 hides its input")
+        self._memory = value
+
+    @_Norm.activation.setter
+    def activation(self, value):
+        if value is not None and getattr(self, "_memory", "normal") == "low":
+            raise ValueError(f"activation must be None while memory='low', got {value!r}")
+        _Norm.activation.fset(self, value)
 
     def _tracks(self):
         return self.track_running_stats
@@ -417,6 +449,15 @@ class BatchNorm(_Norm):
         layout = self.layout
         if self.ghost_batch_size is not None:
             return self._forward_ghost(x, residual, update)
+        if self.memory == "low":
+            y, mean, invstd = _calls.batch_norm_train(
+                x, self.weight, self.bias, eps=self.eps, layout=layout,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=self._factor() if update else 0.0)
+            if update:
+                self._count_step()
+            return y, self._from_output_closure(y, invstd[None], None)
         mask = _calls.ReluMask() if self.activation else None
         y, mean, invstd = _calls.batch_norm_train(
             x, self.weight, self.bias, eps=self.eps, layout=layout,
@@ -443,11 +484,48 @@ class BatchNorm(_Norm):
             relu=self.activation == "relu", ghost_batch_size=self.ghost_batch_size)
         if update:
             self._count_step()
+        if self.memory == "low":
+            return y, self._from_output_closure(y, invstd, self.ghost_batch_size)
         return y, _backward_closure(_ghost.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=True, layout=layout,
                                          ghost_batch_size=self.ghost_batch_size),
                                     y if self.activation else None, None,
                                     residual is not None)
+
+    def _from_output_closure(self, y, invstd, ghost_batch_size):
+        """The backward of a memory='low' training forward: from y (and invstd, one row per
+        ghost batch), with copies of the weight and bias of the forward; x is not held."""
+        C, layout = self.num_features, self.layout
+        weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
+        bias = None if self.bias is None else self.bias.astype(np.float64)
+        parts = [(0, y.shape[0])] if ghost_batch_size is None else \
+            _ghost.groups(y.shape[0], ghost_batch_size)
+
+        def backward(dy):
+            dy = data_array("dy", dy)
+            if dy.shape != y.shape:
+                raise ValueError(f"dy must have the shape of the forward's output {y.shape}, "
+                                 f"got {dy.shape}")
+            if dy.dtype != y.dtype:
+                raise TypeError(f"dy must have the dtype of the forward's output ({y.dtype}), "
+                                f"got {dy.dtype}")
+            zero = np.flatnonzero(weight == 0)
+            if zero.size:
+                raise ValueError(f"memory='low' recovers the normalized input from y through "
+                                 f"the weight, which is 0 in channel {zero[0]}")
+            dx = (_memory.new_array(y.shape, y.dtype, beside=y)[0] if y.flags.c_contiguous
+                  else np.empty_like(y))
+            dweight, dbias = np.zeros(C), np.zeros(C)
+            with np.errstate(over="ignore", invalid="ignore"):
+                for k, (a, b) in enumerate(parts):
+                    _, dw, db = _from_output(dy[a:b], y[a:b], invstd[k], weight, bias,
+                                             layout=layout, out=dx[a:b], num_threads=None,
+                                             float64_grads=True)
+                    dweight += dw
+                    dbias += db
+            gdt = grad_dtype(y.dtype)
+            return dx, rounded(dweight, gdt), rounded(dbias, gdt), None
+        return backward
 
     def _forward_eval(self, x, residual):
         layout = self.layout

@@ -194,6 +194,45 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
     return _write(dx.astype(x.dtype), out), dweight.astype(x.dtype), dbias.astype(x.dtype)
 
 
+@_quiet
+def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, layout="NCHW",
+                                    out=None, num_threads=None):
+    """NumPy twin of :func:`fastbn.batch_norm_backward_from_output`: xhat = (y - bias) /
+    weight in float64, then the backward's formulas with it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = reference.batch_norm_train(x, np.array([2.0]), eps=0.0)
+    >>> reference.batch_norm_backward_from_output(np.array([[1.0], [0.0]]), y, invstd,
+    ...                                           np.array([2.0]))
+    (array([[0.],
+           [0.]]), array([-1.]), array([1.]))
+    """
+    dy, y = gradient_pair(dy, y)
+    axis, red = _axes(y, layout)
+    C = y.shape[axis]
+    out = out_array(out, y.shape, y.dtype, {"dy": dy, "y": y, "invstd": invstd,
+                    "weight": weight, "bias": bias}, may_alias=("dy",))
+    invstd = channel_vector("invstd", invstd, C, optional=False)
+    w, b = _affine(weight, bias, C)
+    if np.any(w == 0):
+        raise ValueError(f"weight must have no zero, got weight[{np.flatnonzero(w == 0)[0]}] = 0")
+    thread_count(num_threads, lambda: 1)
+    g = dy.astype(np.float64)
+    xhat = (y.astype(np.float64) - _bc(b, y, axis)) / _bc(w, y, axis)
+    m = y.size // C if C else 0
+    sum_g = g.sum(axis=red)
+    dot = (g * xhat).sum(axis=red)
+    if m:
+        dx = (g - _bc(sum_g / m, y, axis) - xhat * _bc(dot / m, y, axis)) * _bc(invstd * w, y, axis)
+    else:
+        dx = g
+    return _write(dx.astype(y.dtype), out), dot.astype(y.dtype), sum_g.astype(y.dtype)
+
+
 def _backward64(dy, x, mean, invstd, w, training, axis, red):
     """dx, dweight and dbias of one batch, in float64."""
     C = x.shape[axis]

@@ -25,7 +25,12 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's fastbn when its extensions are built there; else the installed one (an
+# unpacked sdist's fastbn/ is unbuilt source)
+if any(f.startswith("_kernels") and f.endswith((".so", ".pyd"))
+       for f in os.listdir(os.path.join(ROOT, "fastbn"))):
+    sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fastbn                                   # noqa: E402

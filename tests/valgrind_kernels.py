@@ -17,7 +17,12 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's fastbn when its extensions are built there; else the installed one (an
+# unpacked sdist's fastbn/ is unbuilt source)
+if any(f.startswith("_kernels") and f.endswith((".so", ".pyd"))
+       for f in os.listdir(os.path.join(ROOT, "fastbn"))):
+    sys.path.insert(0, ROOT)
 
 import fastbn                          # noqa: E402
 from fastbn import caffe, onnx         # noqa: E402
