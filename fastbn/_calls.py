@@ -100,15 +100,16 @@ def c_copy(a):
     return c
 
 
-def result(plan, shape, dtype, out, beside):
+def result(plan, shape, dtype, out, beside, written=None):
     """(array to return, C-contiguous array the kernel writes into, written directly?,
     streaming stores? (_memory.stream_output)). A fresh array comes from
     _memory.new_array (the output cache, for large ones), placed beside the kernel's
-    input `beside`."""
+    input `beside`. written: the bytes the caller writes in all when `out` is one part of a
+    larger output it fills part by part (the ghost batches), which decide the stores."""
     if out is not None:
         ot = out if plan.perm is None else out.transpose(plan.perm)
         if ot.flags.c_contiguous and ot.flags.aligned:
-            return out, ot, True, _memory.stream_output(out.nbytes, True)
+            return out, ot, True, _memory.stream_output(written or out.nbytes, True)
         flat, mapped = _memory.new_array(ot.shape, dtype, beside)
         return out, flat, False, mapped and _memory.stream_output(flat.nbytes, True)
     if plan.perm is None:
@@ -177,7 +178,7 @@ class Batch:
 
 
 def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
-          extra_inputs=None, residual=None, relu=False, name="x", mask=None):
+          extra_inputs=None, residual=None, relu=False, name="x", mask=None, written=None):
     """Training forward of a Batch (Batch Normalization, and Renormalization with
     `renorm`, with the fused residual add and ReLU when asked): validates weight, bias,
     eps, out and the residual (the caller validates its own extra arguments, naming them in
@@ -203,7 +204,7 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
         training_count(name, x.shape, batch.axis, batch.M)      # raises
     view_plan, xc = batch.view()
     nthreads = effective_threads(num_threads, x.size, view_plan.view == PLANAR)
-    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc)
+    y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc, written)
     stats = np.empty((5, C))
     if C:
         bits = _keep_mask(mask, view_plan, x.dtype) if relu else None
@@ -245,9 +246,10 @@ def update_running(momentum, *pairs, toward=False):
 
 def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None,
                      momentum=0.1, out=None, num_threads=None, residual=None, relu=False,
-                     mask=None):
-    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train); mask: see train."""
-    if residual is None and mask is None:
+                     mask=None, written=None):
+    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train); mask: see train;
+    written: see result."""
+    if residual is None and mask is None and written is None:
         lean = _dispatch.kernels.lean_train(
             x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
             num_threads, relu, _threads.POLICY, _memory.STREAM_ABOVE)
@@ -261,7 +263,7 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
     y, mean, var, invstd, M = train(
         batch, weight, bias, eps=eps, out=out, num_threads=num_threads,
         extra_inputs={"running_mean": running_mean, "running_var": running_var},
-        residual=residual, relu=relu, mask=mask)
+        residual=residual, relu=relu, mask=mask, written=written)
     # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
     # the kernel updates contiguous float buffers in one loop, NumPy any other
     if running_mean is not None and C and not _support.update_running(
@@ -349,7 +351,7 @@ def grad_call(dy, x, mean, invstd, weight, *, training, layout, out=None, num_th
 
 
 def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_threads=None,
-             y=None, dresidual=None, float64_grads=False, mask=None):
+             y=None, dresidual=None, float64_grads=False, mask=None, written=None):
     """fastbn.batch_norm_backward; with y (the fused ReLU's forward output), dy counts
     where y > 0 only, and dresidual receives that masked dy. mask (instead of y): the
     ReluMask the training forward of this x filled; the same results. float64_grads:
@@ -370,7 +372,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     if dresidual is not None:
         dresidual = out_array(dresidual, x.shape, x.dtype, dict(g.inputs, out=g.out),
                               name="dresidual")
-    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out, g.xc)
+    dx, dxc, direct, stream = result(vp, x.shape, x.dtype, g.out, g.xc, written)
     if dresidual is not None:
         dres, dresc, dres_direct, _ = result(vp, x.shape, x.dtype, dresidual, g.xc)
     gdt = np.float64 if float64_grads else grad_dtype(x.dtype)

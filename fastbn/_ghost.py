@@ -3,7 +3,9 @@ samples along N (the last group may be smaller), as if each group were a batch o
 
 Each group is one call of the usual fused kernels on the group's slice of the data (a
 slice along N of a C-contiguous array is C-contiguous, so nothing is copied), writing into
-its slice of one output: the same passes over memory as one call on the whole batch, and
+its slice of one output with the stores that the whole output's size calls for (streaming
+stores past the cache, as one call would use): the same passes over memory as one call on
+the whole batch, and
 results equal to the bit to separate calls on the slices. The running statistics are
 updated once per group, in order; the backward adds the groups' dweight and dbias in
 float64, in group order, and rounds once.
@@ -39,6 +41,12 @@ def _plan(x, layout, ghost_batch_size, name="x"):
     return size, C, parts
 
 
+def _written(result):
+    """The bytes that decide each group's stores: the whole result's, where that changes
+    the decision (small calls keep their lean path)."""
+    return result.nbytes if result.nbytes > _memory.STREAM_ABOVE else None
+
+
 def _output(x, out):
     if out is not None:
         return out
@@ -67,7 +75,8 @@ def train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None, 
         _, mean[k], invstd[k] = _calls.batch_norm_train(
             x[a:b], weight, bias, eps=eps, layout=layout, running_mean=running_mean,
             running_var=running_var, momentum=momentum, out=y[a:b], num_threads=num_threads,
-            residual=None if residual is None else residual[a:b], relu=relu)
+            residual=None if residual is None else residual[a:b], relu=relu,
+            written=_written(y))
     return y, mean, invstd
 
 
@@ -114,7 +123,8 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
                 dy[a:b], x[a:b], mean_g[k], invstd_g[k], weight, training=training,
                 layout=layout, out=dx[a:b], num_threads=num_threads,
                 y=None if y is None else y[a:b],
-                dresidual=None if dresidual is None else dresidual[a:b], float64_grads=True)
+                dresidual=None if dresidual is None else dresidual[a:b], float64_grads=True,
+                written=_written(dx))
             dweight += dw
             dbias += db
     gdt = grad_dtype(x.dtype)

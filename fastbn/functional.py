@@ -277,7 +277,7 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, la
 
 
 def _from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
-                 float64_grads=False):
+                 float64_grads=False, written=None):
     """batch_norm_backward_from_output on checked arguments (invstd, weight and bias float64
     vectors, bias possibly None, no zero weight) as the backward from x's kernels run it."""
     # The backward from x with x := y, mean := bias, invstd := 1 / weight reads
@@ -288,7 +288,8 @@ def _from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
     with np.errstate(over="ignore"):
         return _calls.backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
                                weight * weight * invstd, training=True, layout=layout,
-                               out=out, num_threads=num_threads, float64_grads=float64_grads)
+                               out=out, num_threads=num_threads, float64_grads=float64_grads,
+                               written=written)
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):

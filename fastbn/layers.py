@@ -520,7 +520,7 @@ class BatchNorm(_Norm):
                 for k, (a, b) in enumerate(parts):
                     _, dw, db = _from_output(dy[a:b], y[a:b], invstd[k], weight, bias,
                                              layout=layout, out=dx[a:b], num_threads=None,
-                                             float64_grads=True)
+                                             float64_grads=True, written=_ghost._written(dx))
                     dweight += dw
                     dbias += db
             gdt = grad_dtype(y.dtype)
