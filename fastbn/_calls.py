@@ -388,6 +388,22 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     return finish(dx, dxc, direct, vp), grads[0], grads[1]
 
 
+def backward_from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
+                         float64_grads=False, written=None):
+    """batch_norm_backward_from_output on checked arguments (invstd, weight and bias float64
+    vectors, bias possibly None, no zero weight) as the backward from x's kernels run it."""
+    # The backward from x with x := y, mean := bias, invstd := 1 / weight reads
+    # xhat = (y - bias) / weight and gives dweight = sum(dy * xhat), dbias = sum(dy);
+    # its dx, (weight' * invstd') * (dy - mean(dy) - xhat * mean(dy * xhat)), is the true
+    # one when weight' * invstd' = weight * invstd, i.e. weight' = weight**2 * invstd.
+    C = invstd.shape[0]
+    with np.errstate(over="ignore"):
+        return backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
+                        weight * weight * invstd, training=True, layout=layout, out=out,
+                        num_threads=num_threads, float64_grads=float64_grads,
+                        written=written)
+
+
 def backward_sums(g):
     """The backward's two sums of a GradCall's data, float64 (2, C): sum(dy) and
     sum(dy * (x - mean)) (zeros for no data)."""

@@ -41,7 +41,7 @@ def _plan(x, layout, ghost_batch_size, name="x"):
     return size, C, parts
 
 
-def _written(result):
+def written_bytes(result):
     """The bytes that decide each group's stores: the whole result's, where that changes
     the decision (small calls keep their lean path)."""
     return result.nbytes if result.nbytes > _memory.STREAM_ABOVE else None
@@ -76,7 +76,7 @@ def train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None, 
             x[a:b], weight, bias, eps=eps, layout=layout, running_mean=running_mean,
             running_var=running_var, momentum=momentum, out=y[a:b], num_threads=num_threads,
             residual=None if residual is None else residual[a:b], relu=relu,
-            written=_written(y))
+            written=written_bytes(y))
     return y, mean, invstd
 
 
@@ -124,7 +124,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
                 layout=layout, out=dx[a:b], num_threads=num_threads,
                 y=None if y is None else y[a:b],
                 dresidual=None if dresidual is None else dresidual[a:b], float64_grads=True,
-                written=_written(dx))
+                written=written_bytes(dx))
             dweight += dw
             dbias += db
     gdt = grad_dtype(x.dtype)

@@ -273,23 +273,8 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, la
     out = out_array(out, y.shape, y.dtype, {"dy": dy, "y": y, "invstd": invstd,
                                             "weight": weight, "bias": bias}, may_alias=("dy",))
     thread_count(num_threads, lambda: 1)
-    return _from_output(dy, y, s, w, b, layout=layout, out=out, num_threads=num_threads)
-
-
-def _from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
-                 float64_grads=False, written=None):
-    """batch_norm_backward_from_output on checked arguments (invstd, weight and bias float64
-    vectors, bias possibly None, no zero weight) as the backward from x's kernels run it."""
-    # The backward from x with x := y, mean := bias, invstd := 1 / weight reads
-    # xhat = (y - bias) / weight and gives dweight = sum(dy * xhat), dbias = sum(dy);
-    # its dx, (weight' * invstd') * (dy - mean(dy) - xhat * mean(dy * xhat)), is the true
-    # one when weight' * invstd' = weight * invstd, i.e. weight' = weight**2 * invstd.
-    C = invstd.shape[0]
-    with np.errstate(over="ignore"):
-        return _calls.backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
-                               weight * weight * invstd, training=True, layout=layout,
-                               out=out, num_threads=num_threads, float64_grads=float64_grads,
-                               written=written)
+    return _calls.backward_from_output(dy, y, s, w, b, layout=layout, out=out,
+                                       num_threads=num_threads)
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):

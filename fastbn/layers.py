@@ -8,7 +8,6 @@ import numpy as np
 
 from . import _calls, _ghost, _memory, renorm
 from ._rounding import rounded
-from .functional import _from_output
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, choice, clipping, data_array, eps_value, flag, float_dtype,
                         grad_dtype, is_bfloat16, is_half, momentum_value, positive_int,
@@ -518,9 +517,10 @@ class BatchNorm(_Norm):
             dweight, dbias = np.zeros(C), np.zeros(C)
             with np.errstate(over="ignore", invalid="ignore"):
                 for k, (a, b) in enumerate(parts):
-                    _, dw, db = _from_output(dy[a:b], y[a:b], invstd[k], weight, bias,
-                                             layout=layout, out=dx[a:b], num_threads=None,
-                                             float64_grads=True, written=_ghost._written(dx))
+                    _, dw, db = _calls.backward_from_output(
+                        dy[a:b], y[a:b], invstd[k], weight, bias, layout=layout,
+                        out=dx[a:b], num_threads=None, float64_grads=True,
+                        written=_ghost.written_bytes(dx))
                     dweight += dw
                     dbias += db
             gdt = grad_dtype(y.dtype)
