@@ -257,7 +257,7 @@ def fuzz_once(data):
 
     which = draw(st.sampled_from(["train", "infer", "backward", "fold", "renorm", "layer",
                                   "renorm_layer", "onnx", "caffe", "scale", "fuse", "relu",
-                                  "sync"]))
+                                  "sync", "ghost", "from_output"]))
     half = draw(st.integers(0, 3)) == 0 and C >= 0     # 16-bit running buffers
     if which == "train":
         w, b = vec(), vec()
@@ -314,6 +314,53 @@ def fuzz_once(data):
                                                      training=kw["training"], layout=layout)
             assert res[0].shape == x.shape and res[2].dtype == x.dtype.newbyteorder("=")
             assert _close(res[2], want[2], 1e-3), "backward dbias"
+    elif which == "ghost":
+        w, b = vec(), vec()
+        rm, rv = (vec(), vec()) if draw(st.booleans()) else (None, None)
+        size = draw(st.sampled_from([1, 2, 3, 8, 0, -1, 2.5, True, "2", np.int64(2)]))
+        kw = dict(eps=eps, layout=layout, running_mean=rm, running_var=rv,
+                  out=make_out(x), num_threads=nt, ghost_batch_size=size)
+        x_before = x.copy()
+        ref_kw = dict(kw, out=None, num_threads=None,
+                      running_mean=rm.copy() if isinstance(rm, np.ndarray) else rm,
+                      running_var=rv.copy() if isinstance(rv, np.ndarray) else rv)
+        res = _check_call("batch_norm_train(ghost)", fastbn.batch_norm_train, [x, w, b], kw)
+        if isinstance(res, Exception):
+            return
+        if _moderate(x_before, w, b) and C > 0:
+            try:
+                with np.errstate(all="ignore"):
+                    want = reference.batch_norm_train(x_before, w, b, **ref_kw)
+            except (TypeError, ValueError):
+                return
+            assert res[1].shape == want[1].shape, "ghost mean shape"
+            assert _close(res[1], want[1], 1e-5), "ghost mean"
+        g = draw(arrays(shape=x.shape, float_only=True))
+        if isinstance(g, np.ndarray) and g.dtype != x.dtype:
+            with np.errstate(all="ignore"):
+                g = g.astype(x.dtype)
+        mean, invstd = (res[1], res[2]) if draw(st.integers(0, 3)) else (vec(), vec())
+        _check_call("batch_norm_backward(ghost)", fastbn.batch_norm_backward,
+                    [g, x, mean, invstd, w],
+                    dict(layout=layout, out=make_out(g), num_threads=nt, ghost_batch_size=size))
+    elif which == "from_output":
+        g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
+                        float_only=True)) if x.ndim else draw(arrays())
+        if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
+            with np.errstate(all="ignore"):
+                g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+        pool.append(g)
+        invstd, w, b = vec(), vec(), vec()
+        kw = dict(layout=layout, out=make_out(g), num_threads=nt)
+        g_before, y_before = np.array(g, copy=True), x.copy()
+        res = _check_call("batch_norm_backward_from_output",
+                          fastbn.batch_norm_backward_from_output, [g, x, invstd, w, b], kw)
+        if not isinstance(res, Exception) and _moderate(g_before, y_before, invstd, w, b):
+            with np.errstate(all="ignore"):
+                want = reference.batch_norm_backward_from_output(g_before, y_before, invstd, w,
+                                                                 b, layout=layout)
+            assert res[0].shape == x.shape and res[2].dtype == x.dtype.newbyteorder("=")
+            assert _close(res[2], want[2], 1e-3), "from_output dbias"
     elif which == "fold":
         _check_call("fold_batch_norm", fastbn.fold_batch_norm,
                     [vec(), vec(), vec(), vec()], dict(eps=eps))
