@@ -397,7 +397,7 @@ def backward_from_output(dy, y, invstd, weight, bias, *, layout, out, num_thread
     # its dx, (weight' * invstd') * (dy - mean(dy) - xhat * mean(dy * xhat)), is the true
     # one when weight' * invstd' = weight * invstd, i.e. weight' = weight**2 * invstd.
     C = invstd.shape[0]
-    with np.errstate(over="ignore"):
+    with np.errstate(all="ignore"):     # an infinite or NaN weight gives NaN, silently
         return backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
                         weight * weight * invstd, training=True, layout=layout, out=out,
                         num_threads=num_threads, float64_grads=float64_grads,

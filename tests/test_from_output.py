@@ -143,6 +143,18 @@ def test_weights_near_zero_nan_threads_and_out():
     np.testing.assert_allclose(a[0], c[0], rtol=1e-10, atol=1e-12)
 
 
+def test_non_finite_weights_give_nan_silently():
+    """As the backward from x: an infinite or NaN weight, or NaN data, is computed with no
+    floating-point warning or error (under np.errstate(all="raise") too)."""
+    y = np.array([[1.25e-31], [np.nan]])
+    with np.errstate(all="raise"):
+        for s, w in ((0.0, np.inf), (np.inf, np.nan), (1.0, 1e-300), (0.0, 1e300)):
+            dx, dw, db = fastbn.batch_norm_backward_from_output(
+                np.ones_like(y), y, np.array([s], np.float32), np.array([w]),
+                np.array([np.nan]))
+            assert dx.shape == y.shape
+
+
 def test_errors_leave_everything_unchanged():
     x = _data((4, 3, 2, 2), "NCHW", np.float32, 10)
     w, b = np.array([1.0, 0.0, 2.0], np.float32), np.zeros(3, np.float32)
