@@ -5,10 +5,9 @@ Each group is one call of the usual fused kernels on the group's slice of the da
 slice along N of a C-contiguous array is C-contiguous, so nothing is copied), writing into
 its slice of one output with the stores that the whole output's size calls for (streaming
 stores past the cache, as one call would use): the same passes over memory as one call on
-the whole batch, and
-results equal to the bit to separate calls on the slices. The running statistics are
-updated once per group, in order; the backward adds the groups' dweight and dbias in
-float64, in group order, and rounds once.
+the whole batch, and results equal to the bit to separate calls on the slices. The running
+statistics are updated once per group, in order; the backward adds the groups' dweight and
+dbias in float64, in group order, and rounds once.
 """
 import numpy as np
 

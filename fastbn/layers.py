@@ -342,9 +342,10 @@ class BatchNorm(_Norm):
         ("low"; needs ``activation=None``): the backward then recovers the normalized input
         as ``(y - bias) / weight`` (:func:`fastbn.batch_norm_backward_from_output`), so x
         may be freed or overwritten once the forward has returned, and a network that keeps
-        each layer's output anyway holds one array per layer instead of two. No weight
-        may be 0 at the forward (the backward raises a ValueError naming the channel).
-        Evaluation keeps x, as the normal layer does.
+        each layer's output anyway holds one array per layer instead of two. y is kept by
+        reference: do not modify it before the backward. No weight may be 0 at the
+        forward (the backward raises a ValueError naming the channel). Evaluation keeps x,
+        as the normal layer does.
     ghost_batch_size : int >= 1, optional
         Ghost Batch Normalization: a training forward normalizes each consecutive group of
         this many samples with the group's own statistics and updates the running
