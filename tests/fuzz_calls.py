@@ -209,6 +209,17 @@ def _moderate(*arrs):
 
 
 @st.composite
+def gradient_for(draw, x):
+    """A gradient for data x: mostly x's shape, sometimes converted to x's dtype."""
+    g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
+                    float_only=True)) if x.ndim else draw(arrays())
+    if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
+        with np.errstate(all="ignore"):
+            g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+    return g
+
+
+@st.composite
 def channel_like(draw, C, pool, valid=False):
     kind = draw(st.integers(0, 4 if valid else 9))
     if kind < 6:
@@ -297,11 +308,7 @@ def fuzz_once(data):
             if np.all(np.asarray(rv) >= 0):
                 assert _close(res, want, 1e-3), "infer y"
     elif which == "backward":
-        g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
-                        float_only=True)) if x.ndim else draw(arrays())
-        if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
-            with np.errstate(all="ignore"):
-                g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+        g = draw(gradient_for(x))
         pool.append(g)
         mean, invstd, w = vec(), vec(), vec()
         kw = dict(training=_flag(draw, valid), layout=layout, out=make_out(g), num_threads=nt)
@@ -344,11 +351,7 @@ def fuzz_once(data):
                     [g, x, mean, invstd, w],
                     dict(layout=layout, out=make_out(g), num_threads=nt, ghost_batch_size=size))
     elif which == "from_output":
-        g = draw(arrays(shape=x.shape if draw(st.integers(0, 5)) else None,
-                        float_only=True)) if x.ndim else draw(arrays())
-        if isinstance(g, np.ndarray) and g.dtype != x.dtype and draw(st.booleans()):
-            with np.errstate(all="ignore"):
-                g = g.astype(x.dtype) if x.dtype.kind == "f" else g
+        g = draw(gradient_for(x))
         pool.append(g)
         invstd, w, b = vec(), vec(), vec()
         kw = dict(layout=layout, out=make_out(g), num_threads=nt)
