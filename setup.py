@@ -319,7 +319,7 @@ class build_ext(_build_ext):
             shutil.copyfile(entry, target)
             os.utime(entry)                              # the newest is kept longest
             self._done += 1
-            print(f"fastbn: [{self._done}/{total}] {ext.name} unchanged: reused from {entry}",
+            print(f"[{self._done}/{total}] {ext.name} unchanged: reused from {entry}",
                   flush=True)
             return
         self._compile(ext, total)
@@ -333,13 +333,13 @@ class build_ext(_build_ext):
             for path in old[CACHE_KEEP:]:
                 os.remove(path)
         except OSError as exc:       # a read-only or full disk costs the next build only
-            print(f"fastbn: not cached ({exc})", flush=True)
+            print(f"{ext.name} not cached ({exc})", flush=True)
 
     def _compile(self, ext, total):
-        print(f"fastbn: compiling {ext.name} ...", flush=True)
+        print(f"compiling {ext.name} ...", flush=True)
         super().build_extension(ext)
         self._done += 1
-        print(f"fastbn: [{self._done}/{total}] {ext.name} compiled", flush=True)
+        print(f"[{self._done}/{total}] {ext.name} compiled", flush=True)
 
 
 # Files of a working tree that are never part of the source distribution: build outputs,
