@@ -155,6 +155,7 @@ def _resolve(dotted):
 def test_sphinx_build_has_no_warnings_and_covers_the_api(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("numpydoc")
+    pytest.importorskip("sphinx-mathjax-offline")     # the local MathJax (docs/conf.py)
     out = tmp_path / "html"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -235,6 +236,7 @@ def test_docs_conf_documents_the_built_fastbn(tmp_path, built):
     """docs/conf.py puts the checkout first only when its extensions are built there; an
     unbuilt source tree (a fresh clone next to a `pip install .`) would not import."""
     pytest.importorskip("sphinx")
+    pytest.importorskip("sphinx-mathjax-offline")
     if built and not any(f.endswith((".so", ".pyd")) for f in os.listdir(os.path.join(ROOT, "fastbn"))):
         pytest.skip("this checkout has no in-place build to copy")
     imported, tree = _conf_fastbn(tmp_path, built)
