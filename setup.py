@@ -385,8 +385,9 @@ def _cython_stamp(ext):
 
 def cythonize_changed(exts):
     """cythonize, but a module whose C was made from the same inputs (the stamp beside it in
-    the cache) keeps its C: Cython's own check compares times with the .pxd files of the
-    build environment, which an isolated pip build installs anew each time."""
+    the cache) keeps its C, and any other is made anew: Cython's own check compares times
+    with the .pxd files of the build environment, which an isolated pip build installs anew
+    each time, and does not see a change of directives."""
     todo, kept = [], []
     for ext in exts:
         c_file = os.path.splitext(ext.sources[0])[0] + ".c"
@@ -401,7 +402,8 @@ def cythonize_changed(exts):
             kept.append(ext)
         else:
             todo.append(ext)
-    done = cythonize(todo, compiler_directives=directives) if todo else []
+    # forced: Cython's own check sees no change of directives (FASTBN_DEBUG) or versions
+    done = cythonize(todo, compiler_directives=directives, force=True) if todo else []
     if CACHE not in ("", "0"):
         for ext in done:
             try:
