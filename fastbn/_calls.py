@@ -178,7 +178,8 @@ class Batch:
 
 
 def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
-          extra_inputs=None, residual=None, relu=False, name="x", mask=None, written=None):
+          extra_inputs=None, residual=None, relu=False, name="x", mask=None, written=None,
+          negative_slope=0.0):
     """Training forward of a Batch (Batch Normalization, and Renormalization with
     `renorm`, with the fused residual add and ReLU when asked): validates weight, bias,
     eps, out and the residual (the caller validates its own extra arguments, naming them in
@@ -207,12 +208,15 @@ def train(batch, weight, bias, *, eps, out=None, num_threads=None, renorm=None,
     y, yc, direct, stream = result(view_plan, x.shape, x.dtype, out, xc, written)
     stats = np.empty((5, C))
     if C:
-        bits = _keep_mask(mask, view_plan, x.dtype) if relu else None
+        # the kept mask bits are the ReLU's (the loops that read them are the ReLU's): the
+        # layer of a leaky ReLU keeps y
+        bits = _keep_mask(mask, view_plan, x.dtype) if relu and not negative_slope else None
         _dispatch.kernels.train_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, w, b, eps, stats, renorm,
             nthreads, stream,
             None if residual is None else like(residual, view_plan), relu,
-            **({} if bits is None else {"bits": bits}))
+            **({} if bits is None else {"bits": bits}),
+            **({"negative_slope": negative_slope} if negative_slope else {}))
     return finish(y, yc, direct, view_plan), stats[0], stats[1], stats[2], batch.M
 
 
@@ -246,10 +250,10 @@ def update_running(momentum, *pairs, toward=False):
 
 def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None,
                      momentum=0.1, out=None, num_threads=None, residual=None, relu=False,
-                     mask=None, written=None):
-    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train); mask: see train;
-    written: see result."""
-    if residual is None and mask is None and written is None:
+                     mask=None, written=None, negative_slope=0.0):
+    """fastbn.batch_norm_train (and, with relu, batch_norm_relu_train, leaky with a
+    negative_slope > 0, checked by the caller); mask: see train; written: see result."""
+    if residual is None and mask is None and written is None and not negative_slope:
         lean = _dispatch.kernels.lean_train(
             x, weight, bias, eps, layout, running_mean, running_var, momentum, out,
             num_threads, relu, _threads.POLICY, _memory.STREAM_ABOVE)
@@ -263,7 +267,8 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
     y, mean, var, invstd, M = train(
         batch, weight, bias, eps=eps, out=out, num_threads=num_threads,
         extra_inputs={"running_mean": running_mean, "running_var": running_var},
-        residual=residual, relu=relu, mask=mask, written=written)
+        residual=residual, relu=relu, mask=mask, written=written,
+        negative_slope=negative_slope)
     # mean and var are rows 0 and 1 of the kernel's (5, C) statistics array, mean.base;
     # the kernel updates contiguous float buffers in one loop, NumPy any other
     if running_mean is not None and C and not _support.update_running(
@@ -273,26 +278,29 @@ def batch_norm_train(x, weight, bias, *, eps, layout, running_mean=None, running
 
 
 def batch_norm_infer(x, layout, running_mean, running_var, weight, bias, *, eps, out=None,
-                     num_threads=None, residual=None, relu=False):
-    """fastbn.batch_norm_infer (and, with relu, batch_norm_relu_infer): a small call in one
-    C call when it can be (the kernels' lean_infer, fastbn/kernels/lean.pxi), else infer on
-    a Batch of x."""
-    if residual is None:
+                     num_threads=None, residual=None, relu=False, negative_slope=0.0):
+    """fastbn.batch_norm_infer (and, with relu, batch_norm_relu_infer, leaky with a
+    negative_slope > 0): a small call in one C call when it can be (the kernels'
+    lean_infer, fastbn/kernels/lean.pxi), else infer on a Batch of x."""
+    if residual is None and not negative_slope:
         lean = _dispatch.kernels.lean_infer(
             x, running_mean, running_var, weight, bias, eps, layout, out, num_threads, relu,
             _threads.POLICY, _memory.STREAM_ABOVE)
         if lean is not None:
             return lean
     return infer(Batch(x, layout), running_mean, running_var, weight, bias, eps=eps, out=out,
-                 num_threads=num_threads, residual=residual, relu=relu)
+                 num_threads=num_threads, residual=residual, relu=relu,
+                 negative_slope=negative_slope)
 
 
 def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
-          num_threads=None, divisor_is_std=False, residual=None, relu=False):
+          num_threads=None, divisor_is_std=False, residual=None, relu=False,
+          negative_slope=0.0):
     """Inference forward of a Batch: y = (x - running_mean) / sqrt(running_var + eps) *
     weight + bias; with divisor_is_std, running_var is a standard deviation and
     y = (x - running_mean) * weight / running_var + bias (Batch Renormalization's eval);
-    residual and relu: the fused epilogue y = max(y + residual, 0)."""
+    residual and relu: the fused epilogue y = max(y + residual, 0) (negative_slope > 0: the
+    leaky ReLU's)."""
     x, C = batch.x, batch.C
     if residual is not None:
         residual = like_x("residual", residual, x)
@@ -316,7 +324,8 @@ def infer(batch, running_mean, running_var, weight, bias, *, eps, out=None,
         _dispatch.kernels.infer_forward(
             xc, yc, view_plan.view, view_plan.N, C, view_plan.S, rm, rv, w, b, eps, nthreads,
             divisor_is_std, stream,
-            None if residual is None else like(residual, view_plan), relu)
+            None if residual is None else like(residual, view_plan), relu,
+            **({"negative_slope": negative_slope} if negative_slope else {}))
     return finish(y, yc, direct, view_plan)
 
 
@@ -351,13 +360,16 @@ def grad_call(dy, x, mean, invstd, weight, *, training, layout, out=None, num_th
 
 
 def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_threads=None,
-             y=None, dresidual=None, float64_grads=False, mask=None, written=None):
+             y=None, dresidual=None, float64_grads=False, mask=None, written=None,
+             negative_slope=0.0, from_output=False):
     """fastbn.batch_norm_backward; with y (the fused ReLU's forward output), dy counts
-    where y > 0 only, and dresidual receives that masked dy. mask (instead of y): the
-    ReluMask the training forward of this x filled; the same results. float64_grads:
-    dweight and dbias are returned unrounded, in float64 (for callers that combine them
-    further)."""
-    if dresidual is None and mask is None and not float64_grads:
+    where y > 0 only (negative_slope > 0: the leaky ReLU's, dy * negative_slope where
+    y <= 0), and dresidual receives that masked dy. mask (instead of y): the ReluMask the
+    training forward of this x filled; the same results. float64_grads: dweight and dbias
+    are returned unrounded, in float64 (for callers that combine them further).
+    from_output (with negative_slope > 0): x is the leaky ReLU's output, and y is x; the
+    kernels read x as the pre-activation (see backward_from_output)."""
+    if dresidual is None and mask is None and not float64_grads and not negative_slope:
         lean = _dispatch.kernels.lean_backward(
             dy, x, mean, invstd, weight, training, layout, out, num_threads, y,
             _threads.POLICY, _memory.STREAM_ABOVE)
@@ -378,30 +390,39 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
     gdt = np.float64 if float64_grads else grad_dtype(x.dtype)
     grads = np.empty((2, C), gdt) if x.size else np.zeros((2, C), gdt)
     if x.size:
+        # from_output: the mask is x itself (the same canonical array, the kernels check)
+        ymask = g.xc if from_output else None if y is None else like(y, vp)
         _dispatch.kernels.backward(
             g.gc, g.xc, dxc, vp.view, vp.N, C, vp.S, g.mean, g.invstd, g.w, g.training, grads,
-            g.nthreads, stream,
-            None if y is None else like(y, vp), None if dresidual is None else dresc,
-            **({} if mask is None else {"kept_bits": mask.bits}))
+            g.nthreads, stream, ymask, None if dresidual is None else dresc,
+            **({} if mask is None else {"kept_bits": mask.bits}),
+            **({"negative_slope": negative_slope, "from_output": from_output}
+               if negative_slope else {}))
     if dresidual is not None:
         finish(dres, dresc, dres_direct, vp)
     return finish(dx, dxc, direct, vp), grads[0], grads[1]
 
 
 def backward_from_output(dy, y, invstd, weight, bias, *, layout, out, num_threads,
-                         float64_grads=False, written=None):
+                         float64_grads=False, written=None, negative_slope=None):
     """batch_norm_backward_from_output on checked arguments (invstd, weight and bias float64
-    vectors, bias possibly None, no zero weight) as the backward from x's kernels run it."""
+    vectors, bias possibly None, no zero weight, negative_slope None or > 0) as the backward
+    from x's kernels run it."""
     # The backward from x with x := y, mean := bias, invstd := 1 / weight reads
     # xhat = (y - bias) / weight and gives dweight = sum(dy * xhat), dbias = sum(dy);
     # its dx, (weight' * invstd') * (dy - mean(dy) - xhat * mean(dy * xhat)), is the true
     # one when weight' * invstd' = weight * invstd, i.e. weight' = weight**2 * invstd.
+    # Behind a leaky ReLU (negative_slope), y is the activation's output: the kernels mask
+    # dy by y > 0 (dy * slope elsewhere, the activation's backward) and read x as its
+    # pre-activation, y where y > 0, else y / slope, in the same passes.
     C = invstd.shape[0]
+    leaky = {} if negative_slope is None else dict(y=y, negative_slope=negative_slope,
+                                                    from_output=True)
     with np.errstate(all="ignore"):     # an infinite or NaN weight gives NaN, silently
         return backward(dy, y, np.zeros(C) if bias is None else bias, 1.0 / weight,
                         weight * weight * invstd, training=True, layout=layout, out=out,
                         num_threads=num_threads, float64_grads=float64_grads,
-                        written=written)
+                        written=written, **leaky)
 
 
 def backward_sums(g):

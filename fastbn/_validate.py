@@ -193,6 +193,20 @@ def eps_value(eps, name="eps"):
     return eps
 
 
+def negative_slope(slope, *, invertible=False, name="negative_slope"):
+    """The leaky ReLU's slope below 0 as a float: finite and >= 0 (0 is the plain ReLU);
+    with invertible (the backward from the output, which inverts the activation), > 0.
+    The mask of the fused backward is y > 0, which is the pre-activation's sign only for a
+    slope >= 0."""
+    slope = real_scalar(name, slope)
+    if not math.isfinite(slope) or slope < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {slope!r}")
+    if invertible and slope == 0:
+        raise ValueError(f"{name} must be > 0: y = max(x, 0) does not determine a negative x "
+                         f"(use negative_slope=None for y without an activation)")
+    return slope
+
+
 def momentum_value(momentum, name="momentum"):
     momentum = real_scalar(name, momentum)
     if not (0.0 <= momentum <= 1.0):

@@ -9,6 +9,7 @@ import numpy as np
 from . import _calls, _ghost
 from ._rounding import rounded
 from ._threads import thread_count
+from ._validate import negative_slope as slope_value
 from ._validate import (channel_axis, channel_vector, data_array, fold_arguments, out_array,
                         same_shape)
 
@@ -200,8 +201,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
                            out=out, num_threads=num_threads)
 
 
-def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, layout="NCHW",
-                                    out=None, num_threads=None):
+def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *,
+                                    negative_slope=None, layout="NCHW", out=None,
+                                    num_threads=None):
     """Batch Normalization backward from the forward's output y instead of its input x.
 
     Since ``y = weight * xhat + bias``, ``xhat = (y - bias) / weight``, and the backward of
@@ -270,11 +272,13 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, la
     if zero.size:
         raise ValueError(f"weight must have no zero to recover the normalized input from y, "
                          f"got weight[{zero[0]}] = 0 ({zero.size} channel(s) with zero weight)")
+    if negative_slope is not None:
+        negative_slope = slope_value(negative_slope, invertible=True)
     out = out_array(out, y.shape, y.dtype, {"dy": dy, "y": y, "invstd": invstd,
                                             "weight": weight, "bias": bias}, may_alias=("dy",))
     thread_count(num_threads, lambda: 1)
     return _calls.backward_from_output(dy, y, s, w, b, layout=layout, out=out,
-                                       num_threads=num_threads)
+                                       num_threads=num_threads, negative_slope=negative_slope)
 
 
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):

@@ -7,13 +7,14 @@ times. The kernels are those of :mod:`fastbn.functional`; the residual, the ReLU
 ReLU's mask are extra terms of their loops (see the performance guide, "Fused ReLU").
 """
 from . import _calls
+from ._validate import negative_slope as slope_value
 
 __all__ = ["batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward"]
 
 
 def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5, layout="NCHW",
                           running_mean=None, running_var=None, momentum=0.1, out=None,
-                          num_threads=None):
+                          num_threads=None, negative_slope=0.0):
     """Batch Normalization training forward, then a residual add and a ReLU, in one pass.
 
     ``y = max(bn(x) + residual, 0)`` with ``bn(x) = (x - mean) * invstd * weight + bias``
@@ -60,14 +61,16 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
     >>> bool(np.allclose(y, np.maximum(fastbn.batch_norm_train(x, eps=0.0)[0] + 1, 0)))
     True
     """
+    slope = slope_value(negative_slope)
     return _calls.batch_norm_train(x, weight, bias, eps=eps, layout=layout,
                                    running_mean=running_mean, running_var=running_var,
                                    momentum=momentum, out=out, num_threads=num_threads,
-                                   residual=residual, relu=True)
+                                   residual=residual, relu=True, negative_slope=slope)
 
 
 def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, *,
-                          residual=None, eps=1e-5, layout="NCHW", out=None, num_threads=None):
+                          residual=None, eps=1e-5, layout="NCHW", out=None, num_threads=None,
+                          negative_slope=0.0):
     """Batch Normalization inference forward, then a residual add and a ReLU, in one pass.
 
     ``y = max((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual, 0)``;
@@ -108,13 +111,15 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
     array([[0. , 3.5],
            [2.5, 0.5]])
     """
+    slope = slope_value(negative_slope)
     return _calls.batch_norm_infer(x, layout, running_mean, running_var, weight, bias, eps=eps,
                                    out=out, num_threads=num_threads, residual=residual,
-                                   relu=True)
+                                   relu=True, negative_slope=slope)
 
 
 def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=True,
-                             layout="NCHW", out=None, dresidual=None, num_threads=None):
+                             layout="NCHW", out=None, dresidual=None, num_threads=None,
+                             negative_slope=0.0):
     """Backward of :func:`batch_norm_relu_train` (or ``_infer``): dx, dweight, dbias.
 
     With ``g = dy where y > 0, else 0`` (a NaN in y gives 0), the results are those of
@@ -161,5 +166,7 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
     >>> bool((dres == (y > 0)).all()), bool(np.allclose(db, (y > 0).sum(axis=(0, 2))))
     (True, True)
     """
+    slope = slope_value(negative_slope)
     return _calls.backward(dy, x, mean, invstd, weight, training=training, layout=layout,
-                           out=out, num_threads=num_threads, y=y, dresidual=dresidual)
+                           out=out, num_threads=num_threads, y=y, dresidual=dresidual,
+                           negative_slope=slope)

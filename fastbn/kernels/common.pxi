@@ -25,7 +25,7 @@
 
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MAX, FLT_MAX
-from libc.math cimport NAN, fabs, sqrt
+from libc.math cimport INFINITY, NAN, fabs, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -94,15 +94,34 @@ ctypedef fused opmath_t:
 # loop per member type, and `if mask_t is char` is decided at compile time, so the plain
 # kernels keep their own loops, untouched, and the fused ones get theirs. The member types
 # only name the variant (an argument of that type selects it, one of the tags below):
+# The leaky ReLU's variants carry its slope (below 0) in the tag's value:
+ctypedef struct Leaky:          # mask_t: dy * (1 if y > 0 else slope); epi_t: v * (slope if
+    double slope                # v < 0 else 1)
+
+ctypedef struct LeakyStored:    # mask_t: as Leaky, and stored
+    double slope
+
+ctypedef struct LeakyResidual:  # epi_t: Leaky's on value + residual
+    double slope
+
+ctypedef struct LeakyInverse:   # mask_t: as Leaky, and x is the leaky ReLU's output y,
+    double slope                # read as the pre-activation (y if y > 0 else y * inverse,
+    double inverse              # inverse = 1 / slope): the backward from the output
+
 ctypedef fused mask_t:      # backward loops over dy
     char                    # plain: dy as it is
     short                   # dy masked by the fused ReLU's output (y > 0)
     int                     # masked, and the masked dy stored (the residual's gradient)
+    Leaky                   # dy where y > 0, else dy * slope (the leaky ReLU)
+    LeakyStored             # as Leaky, and stored
+    LeakyInverse            # as Leaky, x read through the inverse of the activation
 
 ctypedef fused epi_t:       # forward rows loops
     char                    # plain: the normalized value
     short                   # max(value, 0)
     int                     # max(value + residual, 0)
+    Leaky                   # the leaky ReLU of the value
+    LeakyResidual           # the leaky ReLU of value + residual
 
 # The tags a call site passes to select a variant (a variable of the member type; its value
 # is never read):
@@ -323,11 +342,59 @@ cdef inline floating _masked(floating g, floating y) noexcept nogil:
 
 
 cdef inline void _mask_into(const floating* g, const floating* y, floating* out,
-                            Py_ssize_t n) noexcept nogil:
-    """out[i] = _masked(g[i], y[i]) for n values (out may be g)."""
+                            Py_ssize_t n, double slope=0) noexcept nogil:
+    """out[i] = _masked(g[i], y[i]) for n values (out may be g); with a slope > 0, the leaky
+    ReLU's g[i] * (1 if y[i] > 0 else slope)."""
     cdef Py_ssize_t i
+    cdef floating s = <floating>slope
+    if slope == 0:
+        for i in range(n):
+            out[i] = _masked(g[i], y[i])
+    else:
+        for i in range(n):
+            out[i] = _leaky_g(g[i], y[i], s)
+
+
+cdef inline floating _leaky_g(floating g, floating y, floating slope) noexcept nogil:
+    """The leaky ReLU's backward: g where its output y > 0, else g * slope (a NaN y gives
+    g * slope); g * 1 is g, bit for bit, so one multiply of a select: vectorized."""
+    return g * (<floating>1 if y > 0 else slope)
+
+
+cdef inline floating _leaky_v(floating v, floating slope) noexcept nogil:
+    """The leaky ReLU: v where v >= 0 (and NaN), else v * slope."""
+    return v * (slope if v < 0 else <floating>1)
+
+
+cdef inline void _invert_into(floating* x, Py_ssize_t n, double inverse) noexcept nogil:
+    """x[i] <- the pre-activation of the leaky ReLU's output x[i]: x[i] where > 0, else
+    x[i] * inverse (1 / slope), in place."""
+    cdef Py_ssize_t i
+    cdef floating s = <floating>inverse
     for i in range(n):
-        out[i] = _masked(g[i], y[i])
+        x[i] = x[i] * (<floating>1 if x[i] > 0 else s)
+
+
+cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i,
+                          mask_t variant) noexcept nogil:
+    """g[i]; in the masked variants, g[i] where the fused ReLU's output ym[i] > 0, else 0
+    (the leaky ones: else g[i] * slope)."""
+    if mask_t is char:
+        return g[i]
+    elif mask_t is short or mask_t is int:
+        return _masked(g[i], ym[i])
+    else:
+        return _leaky_g(g[i], ym[i], <floating>variant.slope)
+
+
+cdef inline floating _xat(const floating* x, Py_ssize_t i, mask_t variant) noexcept nogil:
+    """x[i]; in the LeakyInverse variant (x is the leaky ReLU's output), its pre-activation."""
+    cdef floating v
+    if mask_t is LeakyInverse:
+        v = x[i]
+        return v * (<floating>1 if v > 0 else <floating>variant.inverse)
+    else:
+        return x[i]
 
 
 cdef inline void _stream(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
@@ -403,6 +470,7 @@ cdef struct Affine:
     float* scale32
     float* shift32
     unsigned char* ok32
+    double slope        # the fused ReLU (Work.relu) below 0: 0 (max(v, 0)) or the leaky slope
 
 
 cdef inline void _affine32(Affine* af, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
@@ -536,6 +604,37 @@ cdef struct Grad:
     Py_ssize_t nc
     double* sums        # receives this call's sums (its reduction phase)
     const double* given # the sums to use, of m values per channel (no reduction phase)
+    # the fused ReLU's backward (Work.ymask): dy where y > 0, else dy * slope (slope 0: 0);
+    # with inverse (slope > 0), x is y itself, read as the pre-activation (y / slope where
+    # y <= 0): the backward from the output of a leaky ReLU
+    double slope
+    bint inverse
+
+
+cdef inline LeakyInverse _leaky_inverse(const Grad* gd) noexcept nogil:
+    """The LeakyInverse tag of gd's slope (gd.inverse: the backward from the output)."""
+    cdef LeakyInverse v
+    v.slope = gd.slope
+    v.inverse = 1.0 / gd.slope
+    return v
+
+
+cdef inline floating _grad_at(const floating* g, const floating* ym, Py_ssize_t i,
+                              const Grad* gd) noexcept nogil:
+    """g[i] as gd's variant takes it (ym NULL: plain), chosen at run time: for loops off
+    the hot paths (the sums summed again in double)."""
+    if ym == NULL:
+        return g[i]
+    if gd.slope == 0:
+        return _masked(g[i], ym[i])
+    return _leaky_g(g[i], ym[i], <floating>gd.slope)
+
+
+cdef inline floating _x_at(const floating* x, Py_ssize_t i, const Grad* gd) noexcept nogil:
+    """x[i] as gd's variant reads it: the pre-activation in the backward from the output."""
+    if gd.inverse:
+        return x[i] * (<floating>1 if x[i] > 0 else <floating>(1.0 / gd.slope))
+    return x[i]
 
 
 cdef void _grad_coefs(Grad* gd, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:

@@ -138,8 +138,11 @@ cdef enum:
 
 
 cdef void _affine_arrays(Affine* af, const double* mean, const double* scale,
-                         const double* shift, char* mem, Py_ssize_t C) noexcept nogil:
-    """af over the double coefficients, its float32 form in mem (_AFFINE32_BYTES * C)."""
+                         const double* shift, char* mem, Py_ssize_t C,
+                         double slope) noexcept nogil:
+    """af over the double coefficients, its float32 form in mem (_AFFINE32_BYTES * C), and
+    the fused ReLU's slope below 0 (0: max(v, 0))."""
+    af.slope = slope
     af.mean = mean
     af.scale = scale
     af.shift = shift
@@ -212,19 +215,30 @@ cdef Work _new_work(int op, int dtype, int phases, int* failed) noexcept:
     return w
 
 
-cdef int _set_epilogue(Work* w, cnp.ndarray x, residual, bint relu) except -1:
-    """The forward's fused epilogue y = max(y + residual, 0) (residual None: no add)."""
+cdef int _set_epilogue(Work* w, cnp.ndarray x, residual, bint relu, double slope) except -1:
+    """The forward's fused epilogue y = max(y + residual, 0) (residual None: no add), the
+    leaky ReLU's y + residual where >= 0, else (y + residual) * slope, for a slope > 0."""
     if residual is not None and not relu:
         raise ValueError("the kernels add a residual only before the ReLU")
+    _check_slope(slope, relu)
     w.res = _like_data(residual, x)
     w.relu = relu
+    return 0
+
+
+cdef int _check_slope(double slope, bint masked) except -1:
+    """A fused ReLU's slope below 0: finite and >= 0, and > 0 only with the ReLU (masked)."""
+    if not (0 <= slope < INFINITY):
+        raise ValueError("kernel slope must be finite and >= 0")
+    if slope != 0 and not masked:
+        raise ValueError("kernel slope needs the fused ReLU")
     return 0
 
 
 def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
                   int nthreads, bint stream=False, residual=None, bint relu=False,
-                  bits=None):
+                  bits=None, double negative_slope=0.0):
     """Training forward on a canonical view.
 
     view PLANAR: x is (N, C, S); view ROWS: x is (N, C) rows and S is 1. x, y: C-contiguous,
@@ -235,9 +249,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize
     write y with non-temporal stores (an output larger than the caches). residual (an array
     laid out as x, or None) and relu: the fused epilogue y = max(y + residual, 0). bits
     (with relu, float32 data: a uint8 array of kept_bits_size bytes, or None) receives the
-    mask y > 0 for a backward that reads it instead of y (backward's kept_bits)."""
+    mask y > 0 for a backward that reads it instead of y (backward's kept_bits).
+    negative_slope (with relu, > 0, no bits): the leaky ReLU, y * negative_slope below 0."""
     _train(x, y, view, N, C, S, weight, bias, eps, stats, renorm, nthreads, stream,
-           residual, relu, REDUCE | APPLY, bits)
+           residual, relu, REDUCE | APPLY, bits, negative_slope)
 
 
 def train_statistics(cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -252,7 +267,7 @@ def train_statistics(cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C, Py_ssi
 cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                 Py_ssize_t S, weight, bias, double eps, cnp.ndarray stats, renorm,
                 int nthreads, bint stream, residual, bint relu, int phases,
-                bits) except -1:
+                bits, double slope=0) except -1:
     cdef Coef cf
     cdef Planar p
     cdef double* part
@@ -278,7 +293,8 @@ cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
         cf.invstd = cf.mean + 2 * C
         cf.scale = cf.mean + 3 * C
         cf.shift = cf.mean + 4 * C
-        _affine_arrays(&cf.af, cf.mean, cf.scale, cf.shift, <char*>(part + npart + 4 * C), C)
+        _affine_arrays(&cf.af, cf.mean, cf.scale, cf.shift, <char*>(part + npart + 4 * C), C,
+                       slope)
         _renorm(&cf, renorm, C, part + npart + 2 * C)
         w.cf = &cf
         w.part = part
@@ -288,10 +304,10 @@ cdef int _train(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
         # threads, NHWC). float64 keeps its sums' order (_multi_row), so its bits.
         w.multi_row = _multi_row(C, reduce_bytes) or w.dtype != F64
         w.stream = stream
-        _set_epilogue(&w, x, residual, relu)
+        _set_epilogue(&w, x, residual, relu, slope)
         if bits is not None:
-            if not relu:
-                raise ValueError("kernel mask bits need relu")
+            if not relu or slope != 0:
+                raise ValueError("kernel mask bits need relu, not leaky")
             w.keep = _kept_bits(bits, view, N, C, S, w.dtype)
             w.bits_stride = _kept_stride(view, N, C, S, w.dtype)
         with nogil:
@@ -323,20 +339,21 @@ cdef int _renorm(Coef* cf, renorm, Py_ssize_t C, double* slots) except -1:
 def infer_forward(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
                   int nthreads, bint divisor_is_std=False, bint stream=False, residual=None,
-                  bint relu=False):
+                  bint relu=False, double negative_slope=0.0):
     """y = (x - running_mean) * weight / sqrt(running_var + eps) + bias on a canonical view
     (see train_forward); the per-channel vectors are float32 or float64 (C,), weight/bias
     may be None. With divisor_is_std, running_var holds a standard deviation and
     y = (x - running_mean) * weight / running_var + bias (eps is not used). residual and
-    relu: the fused epilogue y = max(y + residual, 0)."""
+    relu: the fused epilogue y = max(y + residual, 0); negative_slope (> 0, with relu): the
+    leaky ReLU, y * negative_slope below 0."""
     _infer(x, y, view, N, C, S, running_mean, running_var, weight, bias, eps, nthreads,
-           divisor_is_std, stream, residual, relu)
+           divisor_is_std, stream, residual, relu, negative_slope)
 
 
 cdef int _infer(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t C,
                 Py_ssize_t S, running_mean, running_var, weight, bias, double eps,
                 int nthreads, bint divisor_is_std, bint stream, residual,
-                bint relu) except -1:
+                bint relu, double slope=0) except -1:
     cdef Planar p
     cdef Affine af
     cdef Work work = _new_work(INFER, 0, APPLY, NULL)
@@ -351,7 +368,7 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
     dtype = _data_type(x, y, N * C * S)
     work.dtype = dtype
     work.stream = stream
-    _set_epilogue(&work, x, residual, relu)
+    _set_epilogue(&work, x, residual, relu, slope)
     p = _planar(N, C, S, 0)
     coef = <double*>malloc(6 * C * sizeof(double) + _AFFINE32_BYTES * C)
     if coef == NULL:
@@ -366,7 +383,7 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
                 coef[c] = (w[c] if w != NULL else 1.0) / (rv[c] if divisor_is_std
                                                           else sqrt(rv[c] + eps))
                 coef[C + c] = b[c] if b != NULL else 0.0
-            _affine_arrays(&af, rm, coef, coef + C, <char*>(coef + 6 * C), C)
+            _affine_arrays(&af, rm, coef, coef + C, <char*>(coef + 6 * C), C, slope)
             if dtype != F64:
                 _affine32(&af, 0, C)
             if view == PLANAR:
@@ -381,15 +398,19 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, int view, Py_ssize_t N, Py_ssize_t
 def backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
              Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
              cnp.ndarray grads, int nthreads, bint stream=False, ymask=None, dres=None,
-             kept_bits=None):
+             kept_bits=None, double negative_slope=0.0, bint from_output=False):
     """dx (may be g itself), and dweight, dbias into grads ((2, C), C-contiguous float64,
     or float32: computed in double, rounded once) on a canonical view (see train_forward);
     mean, invstd, weight: float32 or float64 (C,), weight may be None. ymask (the fused
     ReLU's forward output, laid out as g): dy counts where y > 0 only; dres receives that
     masked dy (or None). kept_bits (instead of ymask): the mask as the training forward
-    kept it (train_forward's bits); y is not read then. The same bits as with ymask."""
+    kept it (train_forward's bits); y is not read then. The same bits as with ymask.
+    negative_slope (> 0, with ymask): the leaky ReLU's, dy * negative_slope where y <= 0.
+    from_output (with negative_slope > 0 and ymask, which is x itself): x is the leaky ReLU's
+    output, read as its pre-activation (x / negative_slope where x <= 0)."""
     _backward(g, x, dx, view, N, C, S, mean, invstd, weight, training, grads, nthreads,
-              stream, ymask, dres, REDUCE | APPLY, None, 0, kept_bits)
+              stream, ymask, dres, REDUCE | APPLY, None, 0, kept_bits, negative_slope,
+              from_output)
 
 
 def backward_sums(cnp.ndarray g, cnp.ndarray x, int view, Py_ssize_t N, Py_ssize_t C,
@@ -471,7 +492,7 @@ cdef int _mask(Work* w, int view, Planar* p, Py_ssize_t N, Py_ssize_t C, Py_ssiz
         return 0
     if w.dres != NULL and w.ymask == NULL:
         raise ValueError("kernel dres needs ymask")
-    if w.ymask != NULL and w.phases == REDUCE | APPLY:
+    if w.ymask != NULL and w.phases == REDUCE | APPLY and w.gd.slope == 0:
         w.bits_stride = _bits_stride(view, N, C, S, w.dtype == F32, training, reduce_bytes,
                                      nthreads)
     if w.bits_stride:
@@ -486,7 +507,7 @@ cdef int _mask(Work* w, int view, Planar* p, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ssize_t N,
                    Py_ssize_t C, Py_ssize_t S, mean, invstd, weight, bint training,
                    cnp.ndarray grads, int nthreads, bint stream, ymask, dres, int phases,
-                   sums, double count, kept) except -1:
+                   sums, double count, kept, double slope=0, bint inverse=False) except -1:
     cdef Planar p
     cdef Grad gd
     cdef double* part
@@ -499,6 +520,14 @@ cdef int _backward(cnp.ndarray g, cnp.ndarray x, cnp.ndarray dx, int view, Py_ss
     w.dtype = _data_type(x, dx, N * C * S, phases & APPLY)
     if _data_type(g, dx, N * C * S, phases & APPLY) != w.dtype:
         raise TypeError("kernel gradient dtype differs")
+    _check_slope(slope, ymask is not None)
+    if inverse and (slope == 0 or dres is not None or _like_data(ymask, x) !=
+                    <const void*>cnp.PyArray_DATA(x)):
+        raise ValueError("kernel from_output needs a slope > 0, ymask = x and no dres")
+    if slope != 0 and kept is not None:
+        raise ValueError("kernel kept bits are the ReLU's, not a leaky one's")
+    gd.slope = slope
+    gd.inverse = inverse
     gd.training = training
     gd.m = <double>(N * S) if phases & REDUCE else count
     gd.nc = C

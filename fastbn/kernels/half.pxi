@@ -51,13 +51,14 @@ cdef inline Block _stage_block(const half_bits* x, Block blk, float* buf,
     return blk
 
 
-cdef inline void _mask_staged(float* gs, const half_bits* ym, Block blk,
-                              int dtype) noexcept nogil:
-    """Zero the staged dy of block blk where the forward's y (16-bit) is not > 0."""
+cdef inline void _mask_staged(float* gs, const half_bits* ym, Block blk, int dtype,
+                              double slope) noexcept nogil:
+    """Zero the staged dy of block blk where the forward's y (16-bit) is not > 0 (a slope >
+    0: multiply it by the leaky ReLU's slope there)."""
     cdef float ys[BLOCK]
     cdef Py_ssize_t i
     _stage_block(ym, blk, ys, dtype)
-    _mask_into(gs, ys, gs, blk.nrun * blk.length)
+    _mask_into(gs, ys, gs, blk.nrun * blk.length, slope)
 
 
 cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits* b,
@@ -91,7 +92,9 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                 staged = _stage_block(a, blk, gs, w.dtype)
                 _stage_block(b, blk, xs, w.dtype)
                 if w.ymask != NULL:         # the fused ReLU: dy where y > 0
-                    _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype)
+                    _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype, w.gd.slope)
+                    if w.gd.inverse:        # x is the leaky ReLU's y: its pre-activation
+                        _invert_into(xs, blk.nrun * blk.length, 1.0 / w.gd.slope)
                 _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1], <const float*>NULL,
                             PLAIN)
 
@@ -194,8 +197,10 @@ cdef void _stage_rows(const half_bits* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_
 
 
 cdef void _mask_rows(float* gs, const half_bits* ym, Py_ssize_t C, Py_ssize_t c0,
-                     Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1, int dtype) noexcept nogil:
-    """Zero the staged dy (rows `width` apart) where the forward's 16-bit y is not > 0."""
+                     Py_ssize_t width, Py_ssize_t r0, Py_ssize_t r1, int dtype,
+                     double slope) noexcept nogil:
+    """Zero the staged dy (rows `width` apart) where the forward's 16-bit y is not > 0 (a
+    slope > 0: multiply it by the leaky ReLU's slope there)."""
     cdef float ys[STAGE]
     cdef Py_ssize_t r, i, off, n
     for r in range(r0, r1):
@@ -203,7 +208,7 @@ cdef void _mask_rows(float* gs, const half_bits* ym, Py_ssize_t C, Py_ssize_t c0
         while off < width:
             n = width - off if width - off < STAGE else STAGE
             _widen(ym + r * C + c0 + off, ys, n, dtype)
-            _mask_into(gs + (r - r0) * width + off, ys, gs + (r - r0) * width + off, n)
+            _mask_into(gs + (r - r0) * width + off, ys, gs + (r - r0) * width + off, n, slope)
             off = off + n
 
 
@@ -231,8 +236,13 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
         sb = sa + nr * width
         _stage_rows(b, C, c0, width, r0, r1, sb, w.dtype)
         if w.ymask != NULL:    # the fused ReLU: dy where y > 0 (y widened into sb's place)
-            _mask_rows(sa, <const half_bits*>w.ymask, C, c0, width, r0, r1, w.dtype)
+            _mask_rows(sa, <const half_bits*>w.ymask, C, c0, width, r0, r1, w.dtype,
+                       w.gd.slope)
+            if w.gd.inverse:   # x is the leaky ReLU's y: its pre-activation
+                _invert_into(sb, nr * width, 1.0 / w.gd.slope)
         gview = w.gd[0]        # the coefficients of channels [c0, c1) from index 0
+        gview.slope = 0        # the staged values are masked (and inverted) already
+        gview.inverse = False
         gview.mean = gview.mean + c0
         if gview.mean32 != NULL:
             gview.mean32 = gview.mean32 + c0
@@ -292,7 +302,7 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
             if w.res != NULL:
                 _widen(<const half_bits*>w.res + base, gs, n, w.dtype)
             if w.res != NULL or w.relu:
-                _epilogue(ys, gs if w.res != NULL else NULL, n, w.relu)
+                _epilogue(ys, gs if w.res != NULL else NULL, n, w.relu, af.slope)
         else:
             _widen(a + base, gs, n, w.dtype)
             if w.gd.training:

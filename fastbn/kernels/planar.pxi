@@ -190,7 +190,7 @@ cdef inline void _kept_block_sums(const float* g, const float* x, Block blk,
 
 cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const floating* x,
                                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t k,
-                                    const double* mean, double* part,
+                                    const Grad* gd, double* part,
                                     const floating* ym, unsigned char* bits,
                                     Py_ssize_t bstride, bint kept) noexcept nogil:
     """sum(g), sum(g * (x - mean)) of chunk k of channels [c0, c1) into part[2*(c*nchunk+k)];
@@ -205,6 +205,7 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
     cdef unsigned char* rb
     cdef floating gs[BLOCK]
     cdef floating xs[BLOCK]
+    cdef const double* mean = gd.mean
     for c in range(c0, c1):
         q = part + 2 * (c * p.nchunk + k)
         q[0] = 0
@@ -227,8 +228,8 @@ cdef inline void _planar_chunk_sums(const Planar* p, const floating* g, const fl
                 _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
                             <const floating*>NULL, PLAIN)
             else:
-                _block_sums(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
-                            ym + blk.offset, MASKED)
+                _block_sums_y(g + blk.offset, x + blk.offset, blk, mean[c], &q[0], &q[1],
+                              ym + blk.offset, gd)
                 if bits != NULL:
                     rb = _run_bits(p, bits, bstride, c, b)
                     for r in range(blk.nrun):
@@ -306,7 +307,7 @@ cdef inline void _planar_reduce_t(const Planar* p, const floating* a, const floa
     if w.op == TRAIN:
         _planar_chunk_stats(p, a, c0, c1, k, w.part)
     else:
-        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd.mean, w.part, <const floating*>w.ymask,
+        _planar_chunk_sums(p, a, b, c0, c1, k, w.gd, w.part, <const floating*>w.ymask,
                            w.bits, w.bits_stride, w.kept_bits)
 
 

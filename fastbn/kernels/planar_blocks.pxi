@@ -225,15 +225,6 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
 # or every term underflowed) or is not finite is summed again in double, so the range and
 # the NaN and infinity behaviour are those of double lanes. float64 data is summed in double.
 
-cdef inline floating _gat(const floating* g, const floating* ym, Py_ssize_t i,
-                          mask_t variant) noexcept nogil:
-    """g[i]; in the masked variants, g[i] where the fused ReLU's output ym[i] > 0, else 0."""
-    if mask_t is char:
-        return g[i]
-    else:
-        return _masked(g[i], ym[i])
-
-
 cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogil:
     """p + off, NULL for NULL. (Not a conditional expression: Cython gives that a non-const
     temporary, which C compilers warn about.)"""
@@ -255,8 +246,9 @@ cdef inline void _sums_quad(const floating* g, const floating* x, Py_ssize_t ste
         g2 = _gat(g, ym, j + 2 * step, variant)
         g3 = _gat(g, ym, j + 3 * step, variant)
         acc[j] = acc[j] + ((<double>g0 + g1) + (<double>g2 + g3))
-        dt[j] = dt[j] + (_dot2(g0, x[j], g1, x[j + step], mean)
-                         + _dot2(g2, x[j + 2 * step], g3, x[j + 3 * step], mean))
+        dt[j] = dt[j] + (_dot2(g0, _xat(x, j, variant), g1, _xat(x, j + step, variant), mean)
+                         + _dot2(g2, _xat(x, j + 2 * step, variant), g3,
+                                 _xat(x, j + 3 * step, variant), mean))
 
 
 cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lanes,
@@ -267,7 +259,7 @@ cdef inline void _sums_one(const floating* g, const floating* x, Py_ssize_t lane
     for j in range(lanes):
         gv = _gat(g, ym, j, variant)
         acc[j] = acc[j] + gv
-        dt[j] = _dot1(dt[j], gv, x[j], mean)
+        dt[j] = _dot1(dt[j], gv, _xat(x, j, variant), mean)
 
 
 cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun,
@@ -321,7 +313,7 @@ cdef inline void _sums_run(const floating* g, const floating* x, Py_ssize_t nrun
             for j in range(LANES):
                 gv = _gat(gr, yr, i * LANES + j, variant)
                 a[j] = a[j] + gv
-                t[j] = _dot1(t[j], gv, xr[i * LANES + j], mean)
+                t[j] = _dot1(t[j], gv, _xat(xr, i * LANES + j, variant), mean)
     for j in range(LANES):
         acc[j] = a[j]
         dt[j] = t[j]
@@ -375,7 +367,7 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
                 if kb != NULL:
                     gv = _bit_f(gv, kb[i // 8], i % 8)
             s = s + gv
-            t = _dot1(t, gv, xr[i], mean)
+            t = _dot1(t, gv, _xat(xr, i, variant), mean)
     sum_g[0] = s + _lane_sum(acc, lanes)
     dot[0] = t + _lane_sum(dt, lanes)
 
@@ -402,6 +394,21 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     dot[0] = dot[0] + t
 
 
+cdef inline void _block_sums_y(const floating* g, const floating* x, Block blk, double mean,
+                               double* sum_g, double* dot, const floating* ym,
+                               const Grad* gd) noexcept nogil:
+    """_block_sums of g masked by the fused ReLU's output ym, in gd's variant: the ReLU, the
+    leaky ReLU, or the leaky ReLU's backward from the output (x is y then)."""
+    cdef Leaky leaky
+    if gd.slope == 0:
+        _block_sums(g, x, blk, mean, sum_g, dot, ym, MASKED)
+    elif gd.inverse:
+        _block_sums(g, x, blk, mean, sum_g, dot, ym, _leaky_inverse(gd))
+    else:
+        leaky.slope = gd.slope
+        _block_sums(g, x, blk, mean, sum_g, dot, ym, leaky)
+
+
 # The elementwise passes. For float32 data they run in float32: y = (x - m32) * a + c with
 # m32 the per-channel mean rounded to float32, a the scale and c = shift - (mean - m32) * a
 # rounded once, so x - m32 is exact (or nearly) for data near its mean and the mean keeps
@@ -425,6 +432,8 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
     cdef const floating* rr
     cdef floating* yr
     cdef bint epilogue = res != NULL or relu
+    cdef bint leaky = relu and af.slope != 0
+    cdef float s32 = <float>af.slope
     if floating is float:
         if af.ok32[c]:
             m32 = af.mean32[c]
@@ -442,7 +451,9 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
                     v32 = _maddf(xr[i] - m32, a32, c32)
                     if res != NULL:
                         v32 = v32 + rr[i]
-                    if relu:
+                    if leaky:
+                        v32 = _leaky_v(v32, s32)
+                    elif relu:
                         v32 = 0 if v32 < 0 else v32     # a select: vectorized
                     yr[i] = v32
             return
@@ -458,7 +469,9 @@ cdef inline void _affine_into(const floating* x, floating* y, Py_ssize_t length,
             v = <floating>_madd(xr[i] - mean, scale, shift)
             if res != NULL:
                 v = <floating>(v + rr[i])
-            if relu:
+            if leaky:
+                v = _leaky_v(<floating>v, <floating>af.slope)
+            elif relu:
                 v = 0 if v < 0 else v
             yr[i] = <floating>v
 
@@ -474,12 +487,25 @@ cdef inline void _dx_into(const floating* g, const floating* x, floating* dx, Py
     precision where g - gmean cancels (test_float32_gradient_sums_in_double). The fused ReLU
     backward: with `ym` (the forward's y, laid out as g), g = dy where y > 0 else 0 (a NaN
     in y gives 0), written to `dres` (the residual's gradient) when given."""
+    cdef Leaky leaky
+    cdef LeakyStored leaky_stored
+    cdef LeakyInverse inverse
     if ym == NULL:
         _dx_in(g, x, dx, length, nrun, stride, gd, c, NULL, NULL, PLAIN)
+    elif gd.slope == 0:
+        if dres == NULL:
+            _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, MASKED)
+        else:
+            _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, MASKED_STORED)
+    elif gd.inverse:
+        inverse = _leaky_inverse(gd)
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, inverse)
     elif dres == NULL:
-        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, MASKED)
+        leaky.slope = gd.slope
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, NULL, leaky)
     else:
-        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, MASKED_STORED)
+        leaky_stored.slope = gd.slope
+        _dx_in(g, x, dx, length, nrun, stride, gd, c, ym, dres, leaky_stored)
 
 
 cdef inline void _dx_in(const floating* g, const floating* x, floating* dx, Py_ssize_t length,
@@ -524,13 +550,13 @@ cdef inline void _dx_span(const floating* g, const floating* x, floating* dx,
     if training:
         for i in range(n):
             gv = _gat(g, ym, i, variant)
-            if mask_t is int:
+            if mask_t is int or mask_t is LeakyStored:
                 dres[i] = gv
-            dx[i] = _dx_value(gv, x[i], mean, a, kx, k0, gm, gl)
+            dx[i] = _dx_value(gv, _xat(x, i, variant), mean, a, kx, k0, gm, gl)
     else:
         for i in range(n):
             gv = _gat(g, ym, i, variant)
-            if mask_t is int:
+            if mask_t is int or mask_t is LeakyStored:
                 dres[i] = gv
             dx[i] = <floating>(gv * a)
 

@@ -177,15 +177,19 @@ cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize
 
 cdef inline floating _fin(floating v, const floating* res, Py_ssize_t c,
                           epi_t variant) noexcept nogil:
-    """One normalized value in the given variant (epi_t): v, max(v, 0), or max(v + res[c],
-    0) (a NaN stays NaN)."""
+    """One normalized value in the given variant (epi_t): v, max(v, 0), max(v + res[c], 0),
+    or the leaky ReLU of v or of v + res[c] (a NaN stays NaN)."""
     if epi_t is char:
         return v
     elif epi_t is short:
         return 0 if v < 0 else v
-    else:
+    elif epi_t is int:
         v = v + res[c]
         return 0 if v < 0 else v
+    elif epi_t is Leaky:
+        return _leaky_v(v, <floating>variant.slope)
+    else:
+        return _leaky_v(<floating>(v + res[c]), <floating>variant.slope)
 
 
 cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t r0,
@@ -244,15 +248,19 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
 
 
 cdef inline void _epilogue(floating* y, const floating* res, Py_ssize_t n,
-                           bint relu) noexcept nogil:
+                           bint relu, double slope=0) noexcept nogil:
     """The fused epilogue on n outputs: add the residual (if any), then the ReLU (a NaN
-    stays NaN)."""
+    stays NaN), leaky with a slope > 0."""
     cdef Py_ssize_t i
     cdef floating t
+    cdef floating s = <floating>slope
     if res != NULL:
         for i in range(n):
             y[i] = y[i] + res[i]
-    if relu:
+    if relu and slope != 0:
+        for i in range(n):
+            y[i] = _leaky_v(y[i], s)
+    elif relu:
         for i in range(n):
             t = y[i]
             y[i] = 0 if t < 0 else t      # a select, not a conditional store: vectorized
@@ -262,13 +270,24 @@ cdef void _rows_affine_staged(const floating* x, floating* y, Py_ssize_t C, Py_s
                               Py_ssize_t r1, const opmath_t* mean, const opmath_t* scale,
                               const opmath_t* shift, bint stream, const floating* res,
                               bint relu, unsigned char* keep,
-                              Py_ssize_t rowbytes) noexcept nogil:
+                              Py_ssize_t rowbytes, double slope) noexcept nogil:
     """_rows_affine_in with the fused epilogue, piece by piece (whole rows per piece when they
     fit, else pieces of a row). A piece goes through an L1 stage when its stores stream, or
     when a residual is added (y may be the residual itself: each piece of the residual is
     read before that piece of y is written). With keep, the mask bits y > 0 of row r go to
-    keep + r * rowbytes, packed from the stage or from the rows just written."""
-    if res != NULL:
+    keep + r * rowbytes, packed from the stage or from the rows just written. A slope > 0:
+    the leaky ReLU (no keep)."""
+    cdef Leaky leaky
+    cdef LeakyResidual leaky_res
+    if relu and slope != 0:
+        if res != NULL:
+            leaky_res.slope = slope
+            _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, NULL, 0,
+                           leaky_res)
+        else:
+            leaky.slope = slope
+            _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, NULL, 0, leaky)
+    elif res != NULL:
         _rows_affine_v(x, y, C, r0, r1, mean, scale, shift, stream, res, keep, rowbytes,
                        RELU_RESIDUAL)
     elif relu:
@@ -339,10 +358,10 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
             _rows_affine_staged(x, y, C, r0, r1, <const float*>(af.mean32 + c0),
                                 <const float*>(af.scale32 + c0),
                                 <const float*>(af.shift32 + c0), stream, res, relu, keep,
-                                rowbytes)
+                                rowbytes, af.slope)
             return
     _rows_affine_staged(x, y, C, r0, r1, af.mean + c0, af.scale + c0, af.shift + c0, stream,
-                        res, relu, keep, rowbytes)
+                        res, relu, keep, rowbytes, af.slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,23 +371,30 @@ cdef void _rows_affine(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
 cdef void _rows_sums_in(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
                         Py_ssize_t r1, Py_ssize_t width, const acc_t* mean, double* sg,
                         acc_t* sd, bint multi_row, const floating* ym,
-                        unsigned char* bits, Py_ssize_t rowbytes,
+                        unsigned char* bits, Py_ssize_t rowbytes, const Grad* gd,
                         const unsigned char* kept=NULL) noexcept nogil:
     """sum(g) (in double) and sum(g * (x - mean)) (in acc_t) of `width` channels (the first
     of them at g[0], x[0]; rows C apart) over rows [r0, r1), into sg[c], sd[c]: one pass in
     memory order. With ym (the fused ReLU's output, laid out as g), of g masked by y > 0;
     with bits too, each row's mask is also stored there (row r at bits + r * rowbytes).
     With kept (float32 data: the bits the forward kept, row r's at kept + r * rowbytes), of
-    g masked by them (_rows_sums_bits)."""
+    g masked by them (_rows_sums_bits). gd: the variant of the mask (Grad.slope, .inverse)."""
+    cdef Leaky leaky
     if floating is float and acc_t is float:
         if kept != NULL:
             _rows_sums_bits(g, x, C, r0, r1, width, mean, sg, sd, multi_row, kept, rowbytes)
             return
     if ym == NULL:
         _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, NULL, NULL, 0, PLAIN)
-    else:
+    elif gd.slope == 0:
         _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, bits, rowbytes,
                      MASKED)
+    elif gd.inverse:
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, NULL, 0,
+                     _leaky_inverse(gd))
+    else:
+        leaky.slope = gd.slope
+        _rows_sums_v(g, x, C, r0, r1, width, mean, sg, sd, multi_row, ym, NULL, 0, leaky)
 
 
 cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ssize_t r0,
@@ -406,8 +432,9 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
             g2 = _gat(gr, yr, 2 * C + c, variant)
             g3 = _gat(gr, yr, 3 * C + c, variant)
             sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
-            sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
-                             + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
+            sd[c] = sd[c] + (_dot2(g0, _xat(xr, c, variant), g1, _xat(xr, C + c, variant), m)
+                             + _dot2(g2, _xat(xr, 2 * C + c, variant), g3,
+                                     _xat(xr, 3 * C + c, variant), m))
     for r in range(r4, r1):
         xr = x + r * C
         gr = g + r * C
@@ -420,7 +447,7 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
         for c in range(width):
             g0 = _gat(gr, yr, c, variant)
             sg[c] = sg[c] + g0
-            sd[c] = _dot1(sd[c], g0, xr[c], mean[c])
+            sd[c] = _dot1(sd[c], g0, _xat(xr, c, variant), mean[c])
 
 
 cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize_t r0,
@@ -537,7 +564,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
                 _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, kb)
+                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, gd, kb)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
@@ -546,11 +573,9 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                         for r in range(b0, b1):
                             if kept:
                                 gv = _bit_f(g[r * C + c], kb[r * rowbytes + c // 8], c % 8)
-                            elif ym == NULL:
-                                gv = g[r * C + c]
                             else:
-                                gv = _masked(g[r * C + c], ym[r * C + c])
-                            t = _madd(gv, x[r * C + c] - m, t)
+                                gv = _grad_at(g, ym, r * C + c, gd)
+                            t = _madd(gv, _x_at(x, r * C + c, gd) - m, t)
                         t = _madd(gd.mean_lo[c0 + c], work[c], t)      # cancelled below
                     sg[c] = sg[c] + work[c]
                     sd[c] = sd[c] + _madd(-gd.mean_lo[c0 + c], work[c], t)
@@ -558,7 +583,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
             return
     # no scratch (w.failed is set: the call raises MemoryError), or float64 data
     _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym,
-                  NULL if kept else bits, rowbytes)
+                  NULL if kept else bits, rowbytes, gd)
 
 
 cdef void _rows_grad_coefs(Grad* gd, const double* part, Py_ssize_t C, Py_ssize_t nchunk,
@@ -611,7 +636,7 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
             e0 = _at_w(dres, r * C)
             for c in range(C):
                 v0 = _gat(g0, y0, c, variant)
-                if mask_t is int:
+                if mask_t is int or mask_t is LeakyStored:
                     e0[c] = v0
                 d0[c] = <floating>(v0 * a[c])
         return
@@ -630,11 +655,13 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
                     glc = gl[c]
                 v0 = _gat(g0, y0, c, variant)
                 v1 = _gat(g0 + C, y1, c, variant)
-                if mask_t is int:
+                if mask_t is int or mask_t is LeakyStored:
                     e0[c] = v0
                     e1[c] = v1
-                d0[c] = _dx_value(v0, x0[c], mean[c], a[c], kx[c], k0[c], gmc, glc)
-                d0[C + c] = _dx_value(v1, x0[C + c], mean[c], a[c], kx[c], k0[c], gmc, glc)
+                d0[c] = _dx_value(v0, _xat(x0, c, variant), mean[c], a[c], kx[c], k0[c], gmc,
+                                  glc)
+                d0[C + c] = _dx_value(v1, _xat(x0, C + c, variant), mean[c], a[c], kx[c], k0[c],
+                                      gmc, glc)
             r = r + 2
         else:
             for c in range(C):
@@ -642,9 +669,10 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
                     gmc = gm[c]
                     glc = gl[c]
                 v0 = _gat(g0, y0, c, variant)
-                if mask_t is int:
+                if mask_t is int or mask_t is LeakyStored:
                     e0[c] = v0
-                d0[c] = _dx_value(v0, x0[c], mean[c], a[c], kx[c], k0[c], gmc, glc)
+                d0[c] = _dx_value(v0, _xat(x0, c, variant), mean[c], a[c], kx[c], k0[c], gmc,
+                                  glc)
             r = r + 1
 
 
@@ -673,12 +701,23 @@ cdef void _rows_dx(const floating* g, const floating* x, floating* dx, Py_ssize_
     _dx_into), else in double; through an L1 stage with streaming stores when `stream`.
     With ym (the fused ReLU's forward output), dy counts where y > 0 only, and that masked
     dy goes to dres (the residual's gradient) when given."""
+    cdef Leaky leaky
+    cdef LeakyStored leaky_stored
     if ym == NULL:
         _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, NULL, NULL, PLAIN)
+    elif gd.slope == 0:
+        if dres == NULL:
+            _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, NULL, MASKED)
+        else:
+            _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, dres, MASKED_STORED)
+    elif gd.inverse:
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, NULL, _leaky_inverse(gd))
     elif dres == NULL:
-        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, NULL, MASKED)
+        leaky.slope = gd.slope
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, NULL, leaky)
     else:
-        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, dres, MASKED_STORED)
+        leaky_stored.slope = gd.slope
+        _rows_dx_v(g, x, dx, C, r0, r1, gd, c0, stream, ym, dres, leaky_stored)
 
 
 cdef void _rows_dx_v(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
