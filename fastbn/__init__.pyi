@@ -38,8 +38,8 @@ def batch_norm_backward(
 ) -> Tuple[_Array, _Array, _Array]: ...
 def batch_norm_backward_from_output(
     dy: ArrayLike, y: ArrayLike, invstd: ArrayLike, weight: _Vector = None,
-    bias: _Vector = None, *, layout: _Layout = "NCHW", out: Optional[_Array] = None,
-    num_threads: Optional[int] = None,
+    bias: _Vector = None, *, negative_slope: Optional[float] = None, layout: _Layout = "NCHW",
+    out: Optional[_Array] = None, num_threads: Optional[int] = None,
 ) -> Tuple[_Array, _Array, _Array]: ...
 def fold_batch_norm(
     running_mean: ArrayLike, running_var: ArrayLike, weight: _Vector = None,
@@ -50,17 +50,19 @@ def batch_norm_relu_train(
     residual: Optional[ArrayLike] = None, eps: float = 1e-05, layout: _Layout = "NCHW",
     running_mean: Optional[_Array] = None, running_var: Optional[_Array] = None,
     momentum: float = 0.1, out: Optional[_Array] = None, num_threads: Optional[int] = None,
+    negative_slope: float = 0.0,
 ) -> Tuple[_Array, _Array, _Array]: ...
 def batch_norm_relu_infer(
     x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, weight: _Vector = None,
     bias: _Vector = None, *, residual: Optional[ArrayLike] = None, eps: float = 1e-05,
     layout: _Layout = "NCHW", out: Optional[_Array] = None, num_threads: Optional[int] = None,
+    negative_slope: float = 0.0,
 ) -> _Array: ...
 def batch_norm_relu_backward(
     dy: ArrayLike, y: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     weight: _Vector = None, *, training: bool = True, layout: _Layout = "NCHW",
     out: Optional[_Array] = None, dresidual: Optional[_Array] = None,
-    num_threads: Optional[int] = None,
+    num_threads: Optional[int] = None, negative_slope: float = 0.0,
 ) -> Tuple[_Array, _Array, _Array]: ...
 def batch_renorm_train(
     x: ArrayLike, weight: _Vector, bias: _Vector, running_mean: _Array, running_std: _Array,
@@ -83,7 +85,7 @@ def set_output_cache(max_bytes: int) -> None: ...
 def empty_output_cache() -> int: ...
 def output_cache_info() -> dict[str, int]: ...
 
-_Activation = Optional[Literal["relu"]]
+_Activation = Union[None, Literal["relu"], Tuple[Literal["leaky_relu"], float]]
 
 class _Norm:
     num_features: int

@@ -448,7 +448,7 @@ def backward_dx(g, sums, count):
 
 def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax, momentum,
                  eps, layout, out=None, num_threads=None, residual=None, relu=False,
-                 mask=None):
+                 mask=None, negative_slope=0.0):
     """fastbn.batch_renorm_train with an explicit lower clip for r (None means 1 / rmax),
     and the fused residual add and ReLU of fastbn.BatchRenorm(activation="relu") (mask:
     see train)."""
@@ -475,7 +475,7 @@ def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax
         batch, weight, bias, eps=eps, out=out, num_threads=num_threads,
         renorm=(mu, sigma, r, d, rmin, rmax, dmax),
         extra_inputs={"running_mean": running_mean, "running_std": running_std},
-        residual=residual, relu=relu, mask=mask)
+        residual=residual, relu=relu, mask=mask, negative_slope=negative_slope)
     if fast and C:
         std = np.empty(C)
         _support.renorm_update(running_mean, running_std, mean.base, momentum, float(eps), std)
@@ -486,7 +486,7 @@ def renorm_train(x, weight, bias, running_mean, running_std, *, rmin, rmax, dmax
 
 
 def renorm_backward(dy, x, mean, std, r, d, weight, *, layout, out=None, num_threads=None,
-                    y=None, dresidual=None, mask=None):
+                    y=None, dresidual=None, mask=None, negative_slope=0.0):
     """fastbn.batch_renorm_backward; with y (the fused ReLU's forward output), dy counts
     where y > 0 only, and dresidual receives that masked dy (mask: see backward)."""
     dy, x = gradient_pair(dy, x)
@@ -505,7 +505,7 @@ def renorm_backward(dy, x, mean, std, r, d, weight, *, layout, out=None, num_thr
         invstd, wr = 1.0 / std64, w * r64
     dx, dw_bn, dbias = backward(dy, x, mean, invstd, wr, training=True, layout=layout, out=out,
                                 num_threads=num_threads, y=y, dresidual=dresidual,
-                                float64_grads=True, mask=mask)
+                                float64_grads=True, mask=mask, negative_slope=negative_slope)
     # dw_bn = sum(dy * xhat0), dbias = sum(dy), both unrounded: r and d are constants, so
     # sum(dy * (r * xhat0 + d)) = r * dw_bn + d * dbias, combined in double and rounded
     # once (the two terms may cancel: rounding them first would leave only the error)

@@ -55,7 +55,8 @@ def _output(x, out):
 
 
 def train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None, momentum=0.1,
-          out=None, num_threads=None, ghost_batch_size, residual=None, relu=False):
+          out=None, num_threads=None, ghost_batch_size, residual=None, relu=False,
+          negative_slope=0.0):
     """fastbn.batch_norm_train with ghost_batch_size: (y, mean (G, C), invstd (G, C))."""
     x = data_array("x", x)
     size, C, parts = _plan(x, layout, ghost_batch_size)
@@ -75,7 +76,7 @@ def train(x, weight, bias, *, eps, layout, running_mean=None, running_var=None, 
             x[a:b], weight, bias, eps=eps, layout=layout, running_mean=running_mean,
             running_var=running_var, momentum=momentum, out=y[a:b], num_threads=num_threads,
             residual=None if residual is None else residual[a:b], relu=relu,
-            written=written_bytes(y))
+            written=written_bytes(y), negative_slope=negative_slope)
     return y, mean, invstd
 
 
@@ -94,7 +95,7 @@ def statistics_rows(name, v, G, C, size):
 
 
 def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_threads=None,
-             ghost_batch_size, y=None, dresidual=None):
+             ghost_batch_size, y=None, dresidual=None, negative_slope=0.0):
     """fastbn.batch_norm_backward with ghost_batch_size: mean and invstd are (G, C), one row
     per ghost batch; (dx, dweight, dbias)."""
     dy, x = gradient_pair(dy, x)
@@ -123,7 +124,7 @@ def backward(dy, x, mean, invstd, weight, *, training, layout, out=None, num_thr
                 layout=layout, out=dx[a:b], num_threads=num_threads,
                 y=None if y is None else y[a:b],
                 dresidual=None if dresidual is None else dresidual[a:b], float64_grads=True,
-                written=written_bytes(dx))
+                written=written_bytes(dx), negative_slope=negative_slope)
             dweight += dw
             dbias += db
     gdt = grad_dtype(x.dtype)

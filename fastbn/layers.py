@@ -10,15 +10,26 @@ from . import _calls, _ghost, _memory, renorm
 from ._rounding import rounded
 from ._layer_threads import PerThreadState
 from ._validate import (channel_axis, choice, clipping, data_array, eps_value, flag, float_dtype,
-                        grad_dtype, is_bfloat16, is_half, momentum_value, positive_int,
-                        real_scalar)
+                        grad_dtype, is_bfloat16, is_half, momentum_value, negative_slope,
+                        positive_int, real_scalar)
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
 # num_batches_tracked is saved as PyTorch's int64 scalar: it saturates there
 _MAX_STEPS = np.iinfo(np.int64).max
 
-ACTIVATIONS = (None, "relu")
+ACTIVATIONS = (None, "relu", ("leaky_relu", "slope"))
+
+
+def _activation(value):
+    """A layer's activation, checked: None, "relu", or ("leaky_relu", slope) with a finite
+    slope >= 0 (returned as a tuple with a float slope)."""
+    if value is None or (isinstance(value, str) and value == "relu"):
+        return value
+    if (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
+            and value[0] == "leaky_relu"):
+        return ("leaky_relu", negative_slope(value[1], name="the leaky ReLU's slope"))
+    raise ValueError(f"activation must be None, 'relu' or ('leaky_relu', slope), got {value!r}")
 
 
 class _Norm(PerThreadState):
@@ -70,14 +81,28 @@ class _Norm(PerThreadState):
 
     @property
     def activation(self):
-        """None, or "relu": the forward returns ``max(bn(x) + residual, 0)``, fused."""
+        """None, "relu" (the forward returns ``max(bn(x) + residual, 0)``, fused), or
+        ``("leaky_relu", slope)`` (``v if v >= 0 else slope * v`` of ``v = bn(x) +
+        residual``, fused)."""
         return self._activation
 
     @activation.setter
     def activation(self, value):
-        if not (value is None or (isinstance(value, str) and value in ACTIVATIONS)):
-            raise ValueError(f"activation must be None or 'relu', got {value!r}")
-        self._activation = value
+        self._activation = _activation(value)
+
+    @property
+    def _slope(self):
+        """The fused activation's slope below 0: 0.0 for the ReLU (and for none)."""
+        a = self._activation
+        return a[1] if isinstance(a, tuple) else 0.0
+
+    def _kept_output(self, y):
+        """What a forward's backward reads of y: y with an activation, else None."""
+        return None if self.activation is None else y
+
+    def _relu_mask(self):
+        """A ReluMask for a training forward to fill (the plain ReLU's), or None."""
+        return _calls.ReluMask() if self.activation == "relu" else None
 
     @property
     def training(self):
@@ -148,8 +173,8 @@ class _Norm(PerThreadState):
             (N, C, ...) for layout "NCHW" or (N, ..., C) for "NHWC", in the layer's dtype.
             It is kept by reference for the backward: do not modify it before then.
         residual : ndarray, optional
-            Only with ``activation="relu"``: added before the ReLU (a residual block's
-            shortcut), the shape and dtype of x.
+            Only with an activation: added before it (a residual block's shortcut), the
+            shape and dtype of x.
 
         Returns
         -------
@@ -157,8 +182,8 @@ class _Norm(PerThreadState):
             Shape and dtype of x. With ``activation="relu"`` the backward needs the ReLU's
             mask (y > 0): a training forward of float32 data keeps it as bits, 1 per value,
             where the kernels read them (the AVX2 and AVX-512 builds), and y is then yours
-            to free or overwrite; otherwise y is kept by reference: do not modify it before
-            the backward.
+            to free or overwrite; otherwise (and with a leaky ReLU) y is kept by reference:
+            do not modify it before the backward.
 
         Raises
         ------
@@ -166,13 +191,14 @@ class _Norm(PerThreadState):
             x (or the residual) is not an array of the layer's dtype.
         ValueError
             Wrong channel count or ndim; in training, one value per channel; a residual
-            of another shape, or without ``activation="relu"``. The layer's state is
-            unchanged then.
+            of another shape, or without an activation. The layer's state is unchanged
+            then.
         """
         x = self._check_input(x)
         if residual is not None and self.activation is None:
-            raise ValueError("residual needs activation='relu' (the fused residual add and "
-                             "ReLU); add it to the output yourself otherwise")
+            raise ValueError("residual needs an activation, 'relu' or ('leaky_relu', slope) "
+                             "(the fused residual add and activation); add it to the output "
+                             "yourself otherwise")
         if self._uses_batch_stats():
             with self._lock:   # the running statistics and the step count
                 y, backward = self._forward_train(x, residual)
@@ -195,7 +221,8 @@ class _Norm(PerThreadState):
         -------
         dx : ndarray
             Or ``(dx, dresidual)`` when the forward was given a residual: dresidual is its
-            gradient (dy where y > 0, else 0), written in the same pass.
+            gradient (dy where y > 0, else 0, or ``slope * dy`` for a leaky ReLU), written in
+            the same pass.
 
         Raises
         ------
@@ -330,17 +357,21 @@ class BatchNorm(_Norm):
         Where the channel axis of the inputs is.
     dtype : {np.float32, np.float64}
         Of the parameters, buffers and inputs.
-    activation : {None, "relu"}
+    activation : None, "relu" or ("leaky_relu", slope)
         "relu": forward returns ``max(bn(x) + residual, 0)`` (residual optional) from one
         fused pass, and backward masks dy with y's sign in its own passes
         (:func:`fastbn.batch_norm_relu_train` and the rest), read from bits the training
         forward keeps (1 per value) where the kernels can, so that the backward costs what
         the plain one does and y need not be kept (see :meth:`forward`). The state is the
-        same.
+        same. ``("leaky_relu", slope)`` (a finite slope >= 0): ``v if v >= 0 else slope *
+        v`` of ``v = bn(x) + residual``, fused the same way (``negative_slope`` of those
+        functions); the layer keeps y for its backward.
     memory : {"normal", "low"}
         What a training forward keeps for the backward: x ("normal"), or its output y
-        ("low"; needs ``activation=None``): the backward then recovers the normalized input
-        as ``(y - bias) / weight`` (:func:`fastbn.batch_norm_backward_from_output`), so x
+        ("low"; needs ``activation=None`` or ``("leaky_relu", slope)`` with a slope > 0,
+        which is inverted: the ReLU's 0 hides its input): the backward then recovers the
+        normalized input as ``(y - bias) / weight``, of the leaky ReLU's pre-activation
+        (:func:`fastbn.batch_norm_backward_from_output`), so x
         may be freed or overwritten once the forward has returned, and a network that keeps
         each layer's output anyway holds one array per layer instead of two. y is kept by
         reference: do not modify it before the backward. No weight may be 0 at the
@@ -351,8 +382,8 @@ class BatchNorm(_Norm):
         this many samples with the group's own statistics and updates the running
         statistics once per group, in order, with the step's momentum (one step counted);
         evaluation is unchanged. See ``ghost_batch_size`` of
-        :func:`fastbn.batch_norm_train`. (With ``activation="relu"`` the layer keeps y for
-        the backward.)
+        :func:`fastbn.batch_norm_train`. (With an activation the layer keeps y for the
+        backward.)
 
     Attributes
     ----------
@@ -420,15 +451,19 @@ class BatchNorm(_Norm):
     @memory.setter
     def memory(self, value):
         choice("memory", value, ("normal", "low"))
-        if value == "low" and self.activation is not None:
-            raise ValueError("memory='low' needs activation=None: y determines x only through "
-                             "an invertible activation, and the ReLU's 0 hides its input")
+        if value == "low" and not _invertible(self.activation):
+            raise ValueError(f"memory='low' needs activation=None or ('leaky_relu', slope) "
+                             f"with a slope > 0, got {self.activation!r}: y determines x "
+                             f"only through an invertible activation, and the ReLU's 0 "
+                             f"hides its input")
         self._memory = value
 
     @_Norm.activation.setter
     def activation(self, value):
-        if value is not None and getattr(self, "_memory", "normal") == "low":
-            raise ValueError(f"activation must be None while memory='low', got {value!r}")
+        value = _activation(value)
+        if not _invertible(value) and getattr(self, "_memory", "normal") == "low":
+            raise ValueError(f"activation must be None or ('leaky_relu', slope) with a slope "
+                             f"> 0 while memory='low', got {value!r}")
         _Norm.activation.fset(self, value)
 
     def _tracks(self):
@@ -447,6 +482,10 @@ class BatchNorm(_Norm):
     def _forward_train(self, x, residual):
         update = self.training and self.track_running_stats
         layout = self.layout
+        if self.memory == "low" and residual is not None:
+            raise ValueError("memory='low' takes no residual: y = act(bn(x) + residual) "
+                             "determines bn(x) only with the residual, which the layer "
+                             "would then have to keep")
         if self.ghost_batch_size is not None:
             return self._forward_ghost(x, residual, update)
         if self.memory == "low":
@@ -454,23 +493,24 @@ class BatchNorm(_Norm):
                 x, self.weight, self.bias, eps=self.eps, layout=layout,
                 running_mean=self.running_mean if update else None,
                 running_var=self.running_var if update else None,
-                momentum=self._factor() if update else 0.0)
+                momentum=self._factor() if update else 0.0,
+                relu=self.activation is not None, negative_slope=self._slope)
             if update:
                 self._count_step()
             return y, self._from_output_closure(y, invstd[None], None)
-        mask = _calls.ReluMask() if self.activation else None
+        mask = self._relu_mask()
         y, mean, invstd = _calls.batch_norm_train(
             x, self.weight, self.bias, eps=self.eps, layout=layout,
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None,
             momentum=self._factor() if update else 0.0, residual=residual,
-            relu=self.activation == "relu", mask=mask)
+            relu=self.activation is not None, mask=mask, negative_slope=self._slope)
         if update:
             self._count_step()
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
-                                    dict(training=True, layout=layout),
-                                    y if self.activation else None, mask,
-                                    residual is not None)
+                                    dict(training=True, layout=layout,
+                                         negative_slope=self._slope),
+                                    self._kept_output(y), mask, residual is not None)
 
     def _forward_ghost(self, x, residual, update):
         """The training forward of Ghost Batch Normalization: each group's statistics, the
@@ -481,21 +521,24 @@ class BatchNorm(_Norm):
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None,
             momentum=self._factor() if update else 0.0, residual=residual,
-            relu=self.activation == "relu", ghost_batch_size=self.ghost_batch_size)
+            relu=self.activation is not None, negative_slope=self._slope,
+            ghost_batch_size=self.ghost_batch_size)
         if update:
             self._count_step()
         if self.memory == "low":
             return y, self._from_output_closure(y, invstd, self.ghost_batch_size)
         return y, _backward_closure(_ghost.backward, x, (mean, invstd, _copy(self.weight)),
                                     dict(training=True, layout=layout,
-                                         ghost_batch_size=self.ghost_batch_size),
-                                    y if self.activation else None, None,
-                                    residual is not None)
+                                         ghost_batch_size=self.ghost_batch_size,
+                                         negative_slope=self._slope),
+                                    self._kept_output(y), None, residual is not None)
 
     def _from_output_closure(self, y, invstd, ghost_batch_size):
         """The backward of a memory='low' training forward: from y (and invstd, one row per
-        ghost batch), with copies of the weight and bias of the forward; x is not held."""
+        ghost batch), with copies of the weight and bias of the forward; x is not held.
+        Behind a leaky ReLU y is the activation's output, which the kernels invert."""
         C, layout = self.num_features, self.layout
+        slope = self._slope if self.activation is not None else None
         weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
         bias = None if self.bias is None else self.bias.astype(np.float64)
         parts = [(0, y.shape[0])] if ghost_batch_size is None else \
@@ -521,7 +564,7 @@ class BatchNorm(_Norm):
                     _, dw, db = _calls.backward_from_output(
                         dy[a:b], y[a:b], invstd[k], weight, bias, layout=layout,
                         out=dx[a:b], num_threads=None, float64_grads=True,
-                        written=_ghost.written_bytes(dx))
+                        written=_ghost.written_bytes(dx), negative_slope=slope)
                     dweight += dw
                     dbias += db
             gdt = grad_dtype(y.dtype)
@@ -532,13 +575,20 @@ class BatchNorm(_Norm):
         layout = self.layout
         y = _calls.batch_norm_infer(x, layout, self.running_mean, self.running_var,
                                     self.weight, self.bias, eps=self.eps, residual=residual,
-                                    relu=self.activation == "relu")
+                                    relu=self.activation is not None,
+                                    negative_slope=self._slope)
         mean = self.running_mean.astype(np.float64)
         with np.errstate(all="ignore"):     # a loaded var < 0 gives NaN, as the kernels do
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
-                                    dict(training=False, layout=layout),
-                                    y if self.activation else None, None, residual is not None)
+                                    dict(training=False, layout=layout,
+                                         negative_slope=self._slope),
+                                    self._kept_output(y), None, residual is not None)
+
+
+def _invertible(activation):
+    """Whether y determines the activation's input: none, or a leaky ReLU of slope > 0."""
+    return activation is None or (isinstance(activation, tuple) and activation[1] > 0)
 
 
 def _backward_closure(grad, x, args, kwargs, y, mask, has_residual):
@@ -640,7 +690,7 @@ class BatchRenorm(_Norm):
         Whether the layer has a learnable weight and bias.
     layout : {"NCHW", "NHWC"}
     dtype : {np.float32, np.float64}
-    activation : {None, "relu"}
+    activation : None, "relu" or ("leaky_relu", slope)
         As :class:`BatchNorm`: "relu" fuses the residual add and the ReLU into the
         normalizing pass and the ReLU's mask into the backward.
 
@@ -710,16 +760,17 @@ class BatchRenorm(_Norm):
     def _forward_train(self, x, residual):
         rmin, rmax, dmax = self.clipping()
         layout = self.layout
-        mask = _calls.ReluMask() if self.activation else None
+        mask = self._relu_mask()
         y, mean, std, r, d = _calls.renorm_train(
             x, self.weight, self.bias, self.running_mean, self.running_std, rmin=rmin,
             rmax=rmax, dmax=dmax, momentum=self._factor(), eps=self.eps, layout=layout,
-            residual=residual, relu=self.activation == "relu", mask=mask)
+            residual=residual, relu=self.activation is not None, mask=mask,
+            negative_slope=self._slope)
         self._count_step()
         return y, _backward_closure(_calls.renorm_backward, x,
-                                    (mean, std, r, d, _copy(self.weight)), dict(layout=layout),
-                                    y if self.activation else None, mask,
-                                    residual is not None)
+                                    (mean, std, r, d, _copy(self.weight)),
+                                    dict(layout=layout, negative_slope=self._slope),
+                                    self._kept_output(y), mask, residual is not None)
 
     def _forward_eval(self, x, residual):
         layout = self.layout
@@ -729,9 +780,10 @@ class BatchRenorm(_Norm):
         # extreme std (1e-200, 1e200) neither underflows nor overflows
         y = _calls.infer(_calls.Batch(x, layout), mean, std, self.weight, self.bias, eps=0.0,
                          divisor_is_std=True, residual=residual,
-                         relu=self.activation == "relu")
+                         relu=self.activation is not None, negative_slope=self._slope)
         with np.errstate(all="ignore"):     # a subnormal std gives inf, as the kernels do
             invstd = 1.0 / std
         return y, _backward_closure(_calls.backward, x, (mean, invstd, _copy(self.weight)),
-                                    dict(training=False, layout=layout),
-                                    y if self.activation else None, None, residual is not None)
+                                    dict(training=False, layout=layout,
+                                         negative_slope=self._slope),
+                                    self._kept_output(y), None, residual is not None)
