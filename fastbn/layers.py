@@ -93,7 +93,7 @@ class _Norm(PerThreadState):
     @property
     def _slope(self):
         """The fused activation's slope below 0: 0.0 for the ReLU (and for none)."""
-        a = self._activation
+        a = self.activation
         return a[1] if isinstance(a, tuple) else 0.0
 
     def _kept_output(self, y):

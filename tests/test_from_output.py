@@ -215,7 +215,8 @@ def test_low_memory_layer_errors():
     with pytest.raises(ValueError, match="memory must be 'normal' or 'low'"):
         fastbn.BatchNorm(3, memory="small")
     bn = fastbn.BatchNorm(3, memory="low")
-    with pytest.raises(ValueError, match="activation must be None while memory='low'"):
+    with pytest.raises(ValueError, match=r"activation must be None or \('leaky_relu', slope\) with a slope > 0 while "
+                                         r"memory='low'"):
         bn.activation = "relu"
     assert bn.activation is None
     bn.weight[1] = 0.0

@@ -589,13 +589,14 @@ def test_layer_renorm_matches_reference():
 def test_layer_activation_and_residual_errors(cls):
     from conftest import Snapshot
     for bad in ("ReLU", "gelu", "", 1, True):
-        with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        with pytest.raises(ValueError, match=r"activation must be None, 'relu' or "
+                                             r"\('leaky_relu', slope\)"):
             cls(3, activation=bad)
     plain = cls(3, dtype=np.float64)
     x = np.random.default_rng(15).normal(size=(4, 3, 5))
     snap = Snapshot(x, plain.state_dict())
     state = plain.state_dict()
-    with pytest.raises(ValueError, match="residual needs activation='relu'"):
+    with pytest.raises(ValueError, match="residual needs an activation"):
         plain(x, np.zeros_like(x))
     fused = cls(3, dtype=np.float64, activation="relu")
     for residual, exc, msg in ((np.zeros((4, 3, 6)), ValueError, "residual must have the shape"),

@@ -6,6 +6,7 @@ import fastbn
 from . import common
 
 GHOST = 8           # samples per ghost batch: four groups of a 32-sample batch
+SLOPE = 0.1         # the leaky ReLU's slope below 0
 RATIO_SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14)]
 
 
@@ -77,3 +78,38 @@ class LowMemoryRatios:
             lambda: fastbn.batch_norm_train(self.x, self.w, self.b, layout=L, out=o,
                                             ghost_batch_size=GHOST), 20) / common.best_time(
             lambda: fastbn.batch_norm_train(self.x, self.w, self.b, layout=L, out=o), 20)
+
+
+class LeakyFromOutput:
+    """The leaky ReLU (negative_slope) of the fused calls: its backward from y (x not kept)
+    and the usual one (dy, y and x read), and their ratio to the plain backward from x
+    (out= all; the same passes over memory, 1.0: no cost)."""
+    params = [["float32"], RATIO_SHAPES, common.LAYOUTS]
+    param_names = common.PARAM_NAMES
+
+    def setup(self, dtype, shape, layout):
+        FromOutput.setup(self, dtype, shape, layout)
+        self.relu_backward = common.feature("fastbn", "batch_norm_relu_backward")
+        try:
+            self.y, self.mean, self.invstd = fastbn.batch_norm_relu_train(
+                self.x, self.w, self.b, layout=layout, negative_slope=SLOPE)
+        except TypeError as exc:
+            raise NotImplementedError("negative_slope is not in this commit") from exc
+
+    def time_leaky_backward_from_output(self, dtype, shape, layout):
+        self.backward(self.dy, self.y, self.invstd, self.w, self.b, layout=self.layout,
+                      out=self.out, negative_slope=SLOPE)
+
+    def time_leaky_backward(self, dtype, shape, layout):
+        self.relu_backward(self.dy, self.y, self.x, self.mean, self.invstd, self.w,
+                           layout=self.layout, out=self.out, negative_slope=SLOPE)
+
+    def track_leaky_from_output_vs_backward(self, dtype, shape, layout):
+        L, o = self.layout, self.out
+        return common.best_time(
+            lambda: self.backward(self.dy, self.y, self.invstd, self.w, self.b, layout=L,
+                                  out=o, negative_slope=SLOPE), 20) / common.best_time(
+            lambda: fastbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd,
+                                               self.w, layout=L, out=o), 20)
+
+    track_leaky_from_output_vs_backward.unit = "x"
