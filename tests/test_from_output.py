@@ -215,8 +215,8 @@ def test_low_memory_layer_errors():
     with pytest.raises(ValueError, match="memory must be 'normal' or 'low'"):
         fastbn.BatchNorm(3, memory="small")
     bn = fastbn.BatchNorm(3, memory="low")
-    with pytest.raises(ValueError, match=r"activation must be None or \('leaky_relu', slope\) with a slope > 0 while "
-                                         r"memory='low'"):
+    with pytest.raises(ValueError, match=r"activation must be None or \('leaky_relu', "
+                                         r"slope\) with a slope > 0 while memory='low'"):
         bn.activation = "relu"
     assert bn.activation is None
     bn.weight[1] = 0.0
@@ -238,9 +238,10 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     fastbn.set_output_cache(0)      # every array through NumPy's allocator, as traced
     memory = sys.argv[1]
+    activation = None if sys.argv[2] == "none" else ("leaky_relu", float(sys.argv[2]))
     rng = np.random.default_rng(0)
     C, N, H = 16, 32, 32
-    layers = [fastbn.BatchNorm(C, memory=memory) for _ in range(3)]
+    layers = [fastbn.BatchNorm(C, memory=memory, activation=activation) for _ in range(3)]
     kernels = [rng.normal(size=(C, C)).astype(np.float32) / 4 for _ in range(3)]
     x = rng.normal(size=(N, C, H, H)).astype(np.float32)
 
@@ -266,13 +267,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_low_memory_training_step_holds_less():
-    """A 3-layer network's training step (1x1 convolution, BatchNorm; x is the input): the
-    peak memory of its arrays up to the backward, with the usual layers and with
-    memory='low' (tracemalloc in a subprocess)."""
+@pytest.mark.parametrize("activation", ["none", "0.1"])
+def test_low_memory_training_step_holds_less(activation):
+    """A 3-layer network's training step (1x1 convolution, BatchNorm, and a leaky ReLU of
+    slope 0.1 or none; x is the input): the peak memory of its arrays up to the backward,
+    with the usual layers and with memory='low' (tracemalloc in a subprocess)."""
     peaks = {}
     for memory in ("normal", "low"):
-        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, memory],
+        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, memory, activation],
                               capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert proc.returncode == 0, proc.stderr
