@@ -465,19 +465,25 @@ def fuzz_once(data):
 
 
 def fuzz_relu(draw, x, C, vec, layout, nt, eps, make_out, half):
-    """The fused residual add + ReLU: train (16-bit running buffers too), infer, backward."""
+    """The fused residual add + ReLU (plain, or leaky with a drawn negative_slope, good or
+    bad): train (16-bit running buffers too), infer, backward, and the backward from the
+    leaky ReLU's output."""
     w, b = vec(), vec()
+    slope = draw(st.sampled_from([0.0, 0.0, 0.1, 2.0, 1e-30, -0.5, float("nan"),
+                                  float("inf"), "0.1", None, True]))
     kind = draw(st.sampled_from(["none", "x", "like", "junk"]))
     residual = x if kind == "x" else _junk(draw, [x]) if kind == "junk" else \
         draw(arrays(shape=x.shape, float_only=True)) if kind == "like" and x.ndim else None
     rm, rv = (draw(half_buffer(C)), draw(half_buffer(C))) if half else (None, None)
     res = _check_call("batch_norm_relu_train", fastbn.batch_norm_relu_train, [x, w, b],
                       dict(residual=residual, eps=eps, layout=layout, running_mean=rm,
-                           running_var=rv, out=make_out(x), num_threads=nt))
+                           running_var=rv, out=make_out(x), num_threads=nt,
+                           negative_slope=slope))
     if isinstance(res, Exception):
         _check_call("batch_norm_relu_infer", fastbn.batch_norm_relu_infer,
                     [x, vec(), vec(), w, b],
-                    dict(residual=residual, eps=eps, layout=layout, num_threads=nt))
+                    dict(residual=residual, eps=eps, layout=layout, num_threads=nt,
+                         negative_slope=slope))
         return
     y, mean, invstd = res
     g = draw(arrays(shape=x.shape, float_only=True))
@@ -488,7 +494,13 @@ def fuzz_relu(draw, x, C, vec, layout, nt, eps, make_out, half):
     dres = np.empty_like(y) if dres == "fresh" else g if dres == "g" else None
     _check_call("batch_norm_relu_backward", fastbn.batch_norm_relu_backward,
                 [g, y, x, mean, invstd, w],
-                dict(layout=layout, out=make_out(g), dresidual=dres, num_threads=nt))
+                dict(layout=layout, out=make_out(g), dresidual=dres, num_threads=nt,
+                     negative_slope=slope))
+    if residual is None:
+        _check_call("batch_norm_backward_from_output(leaky)",
+                    fastbn.batch_norm_backward_from_output, [g, y, invstd, w, b],
+                    dict(layout=layout, out=make_out(g), num_threads=nt,
+                         negative_slope=slope))
 
 
 def fuzz_sync(draw, x, C, vec, layout, nt, eps, make_out, half):
