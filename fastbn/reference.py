@@ -11,6 +11,7 @@ from ._validate import (channel_axis, channel_vector, clipping, data_array, eps_
                         fold_arguments, gradient_pair, like_x, momentum_value, out_array, positive_int,
                         positive_vector,
                         running_buffers, training_count)
+from ._validate import negative_slope as negative_slope_value
 
 __all__ = ["batch_norm_train", "batch_norm_infer", "batch_norm_backward", "fold_batch_norm",
            "batch_norm_relu_train", "batch_norm_relu_infer", "batch_norm_relu_backward",
@@ -195,10 +196,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, layo
 
 
 @_quiet
-def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, layout="NCHW",
-                                    out=None, num_threads=None):
+def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *,
+                                    negative_slope=None, layout="NCHW", out=None,
+                                    num_threads=None):
     """NumPy twin of :func:`fastbn.batch_norm_backward_from_output`: xhat = (y - bias) /
-    weight in float64, then the backward's formulas with it.
+    weight in float64, then the backward's formulas with it. With a negative_slope (> 0),
+    y is a leaky ReLU's output: xhat = (v - bias) / weight of its pre-activation v = y where
+    y > 0, else y / negative_slope, and dy where y > 0, else dy * negative_slope.
 
     Examples
     --------
@@ -220,9 +224,15 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *, la
     w, b = _affine(weight, bias, C)
     if np.any(w == 0):
         raise ValueError(f"weight must have no zero, got weight[{np.flatnonzero(w == 0)[0]}] = 0")
+    slope = None if negative_slope is None else negative_slope_value(negative_slope,
+                                                                     invertible=True)
     thread_count(num_threads, lambda: 1)
     g = dy.astype(np.float64)
-    xhat = (y.astype(np.float64) - _bc(b, y, axis)) / _bc(w, y, axis)
+    v = y.astype(np.float64)
+    if slope is not None:
+        g = _leaky_grad(dy, y, slope)
+        v = np.where(y > 0, v, v / slope)
+    xhat = (v - _bc(b, y, axis)) / _bc(w, y, axis)
     m = y.size // C if C else 0
     sum_g = g.sum(axis=red)
     dot = (g * xhat).sum(axis=red)
@@ -250,12 +260,21 @@ def _backward64(dy, x, mean, invstd, w, training, axis, red):
     return dx, dot * invstd, sum_g
 
 
-def _relu_epilogue(y, x, residual, out):
+def _relu_epilogue(y, x, residual, out, slope=0.0):
     """max(y + residual, 0) from the float64 y of the normalization, rounded once to x's
-    dtype; NaN stays NaN (np.maximum)."""
+    dtype; NaN stays NaN (np.maximum). A slope > 0: the leaky ReLU, v where v >= 0 (and
+    NaN), else v * slope."""
     if residual is not None:
         y = y + residual.astype(np.float64)
+    if slope:
+        return _write((y * np.where(y < 0, slope, 1.0)).astype(x.dtype), out)
     return _write(np.maximum(y, 0.0).astype(x.dtype), out)
+
+
+def _leaky_grad(dy, y, slope):
+    """The leaky ReLU's backward in float64: dy where its output y > 0, else dy * slope (a
+    NaN y gives dy * slope)."""
+    return dy.astype(np.float64) * np.where(y > 0, 1.0, slope)
 
 
 def _relu_out(x, layout, residual, out, inputs):
@@ -271,10 +290,10 @@ def _relu_out(x, layout, residual, out, inputs):
 @_quiet
 def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5, layout="NCHW",
                           running_mean=None, running_var=None, momentum=0.1, out=None,
-                          num_threads=None):
+                          num_threads=None, negative_slope=0.0):
     """NumPy twin of :func:`fastbn.batch_norm_relu_train` (same parameters, returns and
-    errors): :func:`batch_norm_train`'s float64 y, plus residual, then ``np.maximum(., 0)``,
-    rounded once.
+    errors): :func:`batch_norm_train`'s float64 y, plus residual, then ``np.maximum(., 0)``
+    (``v * where(v < 0, negative_slope, 1)`` for a leaky ReLU), rounded once.
 
     Examples
     --------
@@ -287,18 +306,20 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
            [1.5, 1.5]])
     """
     x = data_array("x", x)
+    slope = negative_slope_value(negative_slope)
     residual, out = _relu_out(x, layout, residual, out, {"weight": weight, "bias": bias,
                               "running_mean": running_mean, "running_var": running_var})
     y, mean, invstd = batch_norm_train(x.astype(np.float64), weight, bias, eps=eps,
                                        layout=layout, running_mean=running_mean,
                                        running_var=running_var, momentum=momentum,
                                        num_threads=num_threads)
-    return _relu_epilogue(y, x, residual, out), mean, invstd
+    return _relu_epilogue(y, x, residual, out, slope), mean, invstd
 
 
 @_quiet
 def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, *,
-                          residual=None, eps=1e-5, layout="NCHW", out=None, num_threads=None):
+                          residual=None, eps=1e-5, layout="NCHW", out=None, num_threads=None,
+                          negative_slope=0.0):
     """NumPy twin of :func:`fastbn.batch_norm_relu_infer` (same parameters, returns and
     errors).
 
@@ -311,19 +332,21 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
            [0.]])
     """
     x = data_array("x", x)
+    slope = negative_slope_value(negative_slope)
     residual, out = _relu_out(x, layout, residual, out, {"running_mean": running_mean,
                               "running_var": running_var, "weight": weight, "bias": bias})
     y = batch_norm_infer(x.astype(np.float64), running_mean, running_var, weight, bias, eps=eps,
                          layout=layout, num_threads=num_threads)
-    return _relu_epilogue(y, x, residual, out)
+    return _relu_epilogue(y, x, residual, out, slope)
 
 
 @_quiet
 def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=True,
-                             layout="NCHW", out=None, dresidual=None, num_threads=None):
+                             layout="NCHW", out=None, dresidual=None, num_threads=None,
+                             negative_slope=0.0):
     """NumPy twin of :func:`fastbn.batch_norm_relu_backward` (same parameters, returns and
-    errors): :func:`batch_norm_backward` of ``g = where(y > 0, dy, 0)``, and g into
-    dresidual.
+    errors): :func:`batch_norm_backward` of ``g = where(y > 0, dy, 0)`` (a leaky ReLU's:
+    ``dy * where(y > 0, 1, negative_slope)``, in float64), and g into dresidual.
 
     Examples
     --------
@@ -338,12 +361,21 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
     dy, x = gradient_pair(dy, x)
     channel_axis(layout, x.ndim)
     y = like_x("y", y, x)
+    slope = negative_slope_value(negative_slope)
     inputs = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": weight, "y": y}
     out = out_array(out, x.shape, x.dtype, inputs, may_alias=("dy",))
     dresidual = out_array(dresidual, x.shape, x.dtype, dict(inputs, out=out), name="dresidual")
-    g = np.where(y > 0, dy, np.zeros((), dy.dtype))       # NaN > 0 is False: 0
-    dx, dweight, dbias = batch_norm_backward(g, x, mean, invstd, weight, training=training,
-                                             layout=layout, num_threads=num_threads)
+    if slope:
+        g = _leaky_grad(dy, y, slope)
+        dx, dweight, dbias = batch_norm_backward(g, x.astype(np.float64), mean, invstd, weight,
+                                                 training=training, layout=layout,
+                                                 num_threads=num_threads)
+        g = g.astype(x.dtype)
+        dx, dweight, dbias = dx.astype(x.dtype), dweight.astype(x.dtype), dbias.astype(x.dtype)
+    else:
+        g = np.where(y > 0, dy, np.zeros((), dy.dtype))       # NaN > 0 is False: 0
+        dx, dweight, dbias = batch_norm_backward(g, x, mean, invstd, weight, training=training,
+                                                 layout=layout, num_threads=num_threads)
     if dresidual is not None:
         dresidual[...] = g
     return _write(dx, out), dweight, dbias
