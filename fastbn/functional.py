@@ -220,13 +220,21 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *,
     dy : ndarray
         Gradient of y: the shape and dtype of y.
     y : ndarray, float32, float64, float16 or bfloat16
-        The output of :func:`batch_norm_train` (training statistics).
+        The output of :func:`batch_norm_train` (training statistics), or with a
+        negative_slope, of :func:`fastbn.batch_norm_relu_train` with that slope and no
+        residual.
     invstd : array_like (C,)
         As :func:`batch_norm_train` returned it.
     weight, bias : array_like (C,), optional
         The forward's; None means 1 and 0. No weight may be 0 (xhat cannot be recovered
         there); the paper keeps weights away from 0 by training ``|weight| + eps`` in
         their place, which changes the gradient of the weight by its sign.
+    negative_slope : float > 0, optional
+        y is a leaky ReLU's output of this slope: the pre-activation is y where y > 0, else
+        ``y / negative_slope``, and the activation's backward (``dy`` where y > 0, else
+        ``negative_slope * dy``) comes first, both in the same two passes. The results are
+        those of :func:`fastbn.batch_norm_relu_backward` on the x that made y, up to the
+        rounding of y. None (the default): y is the normalization's own output.
     layout : {"NCHW", "NHWC"}
     out : ndarray, optional
         Where to write dx; may be ``dy`` itself (in place).
@@ -243,7 +251,8 @@ def batch_norm_backward_from_output(dy, y, invstd, weight=None, bias=None, *,
     ------
     TypeError, ValueError
         As :func:`batch_norm_backward`; a weight with a zero (the message names the
-        channel).
+        channel); a negative_slope that is not a real number > 0 (0 is the ReLU, which
+        cannot be inverted).
 
     Examples
     --------

@@ -1,9 +1,10 @@
-"""Batch Normalization fused with a residual add and a ReLU.
+"""Batch Normalization fused with a residual add and a ReLU (or a leaky ReLU).
 
 ``y = max(bn(x) + residual, 0)`` in the pass that normalizes x, and its backward in the
 passes of :func:`fastbn.batch_norm_backward`: the unfused NumPy code,
 ``np.maximum(bn(x) + residual, 0, out=...)``, reads and writes the data two or three more
-times. The kernels are those of :mod:`fastbn.functional`; the residual, the ReLU and the
+times. With ``negative_slope=s > 0`` the activation is the leaky ReLU, ``v if v >= 0 else
+s * v``, in the same loops. The kernels are those of :mod:`fastbn.functional`; the residual, the ReLU and the
 ReLU's mask are extra terms of their loops (see the performance guide, "Fused ReLU").
 """
 from . import _calls
@@ -18,9 +19,10 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
     """Batch Normalization training forward, then a residual add and a ReLU, in one pass.
 
     ``y = max(bn(x) + residual, 0)`` with ``bn(x) = (x - mean) * invstd * weight + bias``
-    over the batch statistics, as :func:`fastbn.batch_norm_train`. A NaN before the ReLU
-    stays NaN (as ``np.maximum`` keeps it). The running statistics, mean and invstd are
-    those of :func:`fastbn.batch_norm_train` on the same x, bit for bit.
+    over the batch statistics, as :func:`fastbn.batch_norm_train` (with a negative_slope
+    s > 0, the leaky ReLU ``v if v >= 0 else s * v`` of ``v = bn(x) + residual``). A NaN
+    before the ReLU stays NaN (as ``np.maximum`` keeps it). The running statistics, mean and
+    invstd are those of :func:`fastbn.batch_norm_train` on the same x, bit for bit.
 
     Parameters
     ----------
@@ -34,21 +36,27 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
         As :func:`fastbn.batch_norm_train`.
     out : ndarray, optional
         Where to write y; may be ``x`` itself or ``residual`` itself.
+    negative_slope : float >= 0, optional
+        The slope below 0: 0 (the default) is the ReLU, s > 0 the leaky ReLU. Computed in
+        the data's arithmetic (float32 for float32 and 16-bit data, with s rounded to
+        float32).
 
     Returns
     -------
     y : ndarray
         Shape and dtype of x; keep it for :func:`batch_norm_relu_backward` (its sign is the
-        ReLU's mask).
+        ReLU's mask), or, for a leaky ReLU without residual, for
+        :func:`fastbn.batch_norm_backward_from_output` (which needs no x).
     mean, invstd : ndarray (C,), float64
 
     Raises
     ------
     TypeError
-        Non-float arrays; a residual of another dtype than x.
+        Non-float arrays; a residual of another dtype than x; a negative_slope that is not
+        a real number.
     ValueError
         As :func:`fastbn.batch_norm_train`; a residual of another shape than x; an out
-        that overlaps residual without being it.
+        that overlaps residual without being it; a negative_slope < 0, NaN or infinite.
 
     Examples
     --------
@@ -59,6 +67,10 @@ def batch_norm_relu_train(x, weight=None, bias=None, *, residual=None, eps=1e-5,
     (True, 4)
     >>> y, _, _ = fastbn.batch_norm_relu_train(x, residual=np.ones_like(x), eps=0.0)
     >>> bool(np.allclose(y, np.maximum(fastbn.batch_norm_train(x, eps=0.0)[0] + 1, 0)))
+    True
+    >>> y, _, _ = fastbn.batch_norm_relu_train(x, eps=0.0, negative_slope=0.1)
+    >>> v = fastbn.batch_norm_train(x, eps=0.0)[0]
+    >>> bool(np.allclose(y, np.where(v < 0, 0.1 * v, v)))
     True
     """
     slope = slope_value(negative_slope)
@@ -73,8 +85,8 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
                           negative_slope=0.0):
     """Batch Normalization inference forward, then a residual add and a ReLU, in one pass.
 
-    ``y = max((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual, 0)``;
-    NaN stays NaN.
+    ``y = max((x - running_mean) / sqrt(running_var + eps) * weight + bias + residual, 0)``
+    (the leaky ReLU with a negative_slope > 0); NaN stays NaN.
 
     Parameters
     ----------
@@ -88,6 +100,8 @@ def batch_norm_relu_infer(x, running_mean, running_var, weight=None, bias=None, 
         As :func:`fastbn.batch_norm_infer`.
     out : ndarray, optional
         Where to write y; may be ``x`` itself or ``residual`` itself.
+    negative_slope : float >= 0, optional
+        As :func:`batch_norm_relu_train`.
 
     Returns
     -------
@@ -122,9 +136,10 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
                              negative_slope=0.0):
     """Backward of :func:`batch_norm_relu_train` (or ``_infer``): dx, dweight, dbias.
 
-    With ``g = dy where y > 0, else 0`` (a NaN in y gives 0), the results are those of
-    :func:`fastbn.batch_norm_backward` on g; g itself is never stored, its two sums come
-    from the one fused reduction pass and the dx pass reads y's sign again.
+    With ``g = dy where y > 0, else 0`` (a NaN in y gives 0; with a negative_slope s > 0,
+    ``s * dy`` instead of 0), the results are those of :func:`fastbn.batch_norm_backward`
+    on g; g itself is never stored, its two sums come from the one fused reduction pass and
+    the dx pass reads y's sign again.
 
     Parameters
     ----------
@@ -141,6 +156,8 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
     dresidual : ndarray, optional
         Receives g, the gradient of the forward's residual, in the dx pass: the shape and
         dtype of x, writable, sharing no memory with the other arguments or out.
+    negative_slope : float >= 0, optional
+        The forward's (:func:`batch_norm_relu_train`).
 
     Returns
     -------
@@ -153,7 +170,7 @@ def batch_norm_relu_backward(dy, y, x, mean, invstd, weight=None, *, training=Tr
     TypeError, ValueError
         As :func:`fastbn.batch_norm_backward`; a y of another shape or dtype than x; a
         dresidual that is not a writable array of x's shape and dtype, or overlaps an
-        argument.
+        argument; a negative_slope as :func:`batch_norm_relu_train` refuses it.
 
     Examples
     --------
