@@ -39,8 +39,9 @@ def load(checkout, variant):
 
 def run_all(x, g, layout, threads):
     """Every kernel path fastbn's functions take on x: training forward (plain, fused
-    ReLU with and without a residual), inference, backward (plain, fused with and without
-    the residual's gradient, eval), renorm."""
+    ReLU with and without a residual, leaky ReLU), inference, backward (plain, fused with
+    and without the residual's gradient, eval, leaky, from the leaky ReLU's output),
+    renorm."""
     C = x.shape[1 if layout == "NCHW" else -1]
     pdt = np.float32 if x.dtype.itemsize == 2 else x.dtype
     w = np.linspace(0.5, 1.5, C).astype(pdt)
@@ -65,6 +66,25 @@ def run_all(x, g, layout, threads):
                                            layout=layout, num_threads=threads))
     out += list(fastbn.batch_renorm_train(x, w, b, np.zeros(C), np.ones(C), layout=layout,
                                           num_threads=threads))
+    out += list(fastbn.batch_norm_relu_backward(g, yr, x, mean, invstd, w, training=False,
+                                                layout=layout, num_threads=threads))
+    # the leaky ReLU: its forward, backward (with the residual's gradient, and with fixed
+    # statistics) and the backward from its output
+    try:
+        yl = fastbn.batch_norm_relu_train(x, w, b, layout=layout, num_threads=threads,
+                                          negative_slope=0.1)[0]
+    except TypeError:          # kernels from before the leaky ReLU
+        return out
+    out += [yl]
+    out += list(fastbn.batch_norm_relu_backward(g, yl, x, mean, invstd, w, layout=layout,
+                                                dresidual=np.empty_like(x),
+                                                num_threads=threads, negative_slope=0.1))
+    out += list(fastbn.batch_norm_relu_backward(g, yl, x, mean, invstd, w, training=False,
+                                                layout=layout, num_threads=threads,
+                                                negative_slope=0.1))
+    out += list(fastbn.batch_norm_backward_from_output(g, yl, invstd, w, b, layout=layout,
+                                                       num_threads=threads,
+                                                       negative_slope=0.1))
     return out
 
 

@@ -57,14 +57,23 @@ cdef extern from "half_convert.h":
     void _affine16 "fastbn_affine16"(const unsigned short* x, unsigned short* y, Py_ssize_t n,
                                      float m, float a, float c, int bf16) noexcept nogil
     bint DIRECT16 "FASTBN_DIRECT16"
+    ctypedef struct Act16 "fastbn_act16":
+        # the fused activation of a 16-bit dx loop: dy masked by y (NULL: none), stored to
+        # e (or NULL), slope 0 (the ReLU) or the leaky ReLU's, inverse > 0: x read as the
+        # leaky ReLU's pre-activation (x is y)
+        const unsigned short* y
+        unsigned short* e
+        float slope
+        float inverse
     void _dx16 "fastbn_dx16"(const unsigned short* g, const unsigned short* x,
                              unsigned short* d, Py_ssize_t n, int training, float mean, float a,
-                             float kx, float k0, float gm, float gl, int bf16) noexcept nogil
+                             float kx, float k0, float gm, float gl, int bf16,
+                             Act16 act) noexcept nogil
     void _dx16_rows "fastbn_dx16_rows"(const unsigned short* g, const unsigned short* x,
                                        unsigned short* d, Py_ssize_t nrow, Py_ssize_t width,
                                        int training, const float* mean, const float* a,
                                        const float* kx, const float* k0, const float* gm,
-                                       const float* gl, int bf16) noexcept nogil
+                                       const float* gl, int bf16, Act16 act) noexcept nogil
     void _affine16_rows "fastbn_affine16_rows"(const unsigned short* x, unsigned short* y,
                                                Py_ssize_t nrow, Py_ssize_t width, const float* m,
                                                const float* a, const float* c,

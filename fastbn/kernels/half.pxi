@@ -99,6 +99,25 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                             PLAIN)
 
 
+cdef inline Act16 _act16(const Work* w, Py_ssize_t base) noexcept nogil:
+    """The fused activation of a backward's 16-bit dx loop at offset base: the forward's y
+    and the residual's gradient there (or none), the slope, and the inverse for the
+    backward from a leaky ReLU's output; the staged loops' arithmetic, so the same bits."""
+    cdef Act16 act
+    act.y = NULL
+    act.e = NULL
+    act.slope = 0
+    act.inverse = 0
+    if w.ymask != NULL:
+        act.y = <const unsigned short*>w.ymask + base
+        act.slope = <float>w.gd.slope
+        if w.gd.inverse:
+            act.inverse = <float>(1.0 / w.gd.slope)
+        if w.dres != NULL:
+            act.e = <unsigned short*>w.dres + base
+    return act
+
+
 cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ssize_t n,
                    const Work* w, const Affine* af, Py_ssize_t c, Py_ssize_t base) noexcept nogil:
     """n values of channel c (n <= STAGE) of the normalization (af given: a = x) or of dx
@@ -117,11 +136,12 @@ cdef void _piece16(const half_bits* a, const half_bits* b, half_bits* out, Py_ss
         if w.stream:
             _stream_u16(out, hs, n)
         return
-    if DIRECT16 and af == NULL and w.ymask == NULL and w.gd.mean32 != NULL and w.gd.ok32[c]:
-        # dx in one loop over registers (the same bits, see _dx16)
+    if DIRECT16 and af == NULL and w.gd.mean32 != NULL and w.gd.ok32[c]:
+        # dx in one loop over registers, with the fused activation's mask (the same bits,
+        # see _dx16)
         _dx16(a, b, &hs[0] if w.stream else out, n, w.gd.training, w.gd.mean32[c],
               w.gd.a32[c], w.gd.kx32[c], w.gd.c32[c], w.gd.gmean32[c], w.gd.gmean_lo32[c],
-              w.dtype == BF16)
+              w.dtype == BF16, _act16(w, base))
         if w.stream:
             _stream_u16(out, hs, n)
         return
@@ -280,14 +300,15 @@ cdef void _rows16_apply(const half_bits* a, const half_bits* b, half_bits* out, 
         n = nrow * width
         direct = (DIRECT16 and af != NULL and w.res == NULL and not w.relu and
                   _all_set(af.ok32 + c0, width))
-        direct_dx = (DIRECT16 and af == NULL and w.ymask == NULL and w.gd.mean32 != NULL and
+        direct_dx = (DIRECT16 and af == NULL and w.gd.mean32 != NULL and
                      _all_set(w.gd.ok32 + c0, width))
         if direct_dx:
             # dx in one loop over registers (the same bits, see _dx16)
             gd = w.gd
             _dx16_rows(a + base, b + base, &hs[0] if w.stream else out + base, nrow, width,
                        gd.training, gd.mean32 + c0, gd.a32 + c0, gd.kx32 + c0, gd.c32 + c0,
-                       gd.gmean32 + c0, gd.gmean_lo32 + c0, w.dtype == BF16)
+                       gd.gmean32 + c0, gd.gmean_lo32 + c0, w.dtype == BF16,
+                       _act16(w, base))
             if w.stream:
                 _stream_u16(out + base, hs, n)
         elif direct:

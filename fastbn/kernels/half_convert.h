@@ -12,6 +12,7 @@
 #include <string.h>
 #include "fma.h"
 #include "dx_loop.h"
+#include "relu_mask.h"
 #if defined(__aarch64__) || defined(_M_ARM64)
 /* 64-bit ARM: float16 <-> float32 conversions are base instructions (fcvtl, fcvtn) */
 #include <arm_neon.h>
@@ -220,6 +221,24 @@ static inline fastbn_v16 fastbn_affine16_v(fastbn_v16 v, fastbn_v16 m, fastbn_v1
                                            fastbn_v16 c) {
     return fastbn_madd_v16(FASTBN_V16(sub)(v, m), a, c);
 }
+/* t where c > 0, else f (a NaN c gives f): the fused activation's select */
+#if defined(__AVX512F__)
+static inline fastbn_v16 fastbn_gt0_v16(fastbn_v16 c, fastbn_v16 t, fastbn_v16 f) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, _mm512_setzero_ps(), _CMP_GT_OQ), f, t);
+}
+#else
+static inline fastbn_v16 fastbn_gt0_v16(fastbn_v16 c, fastbn_v16 t, fastbn_v16 f) {
+    return _mm256_blendv_ps(f, t, _mm256_cmp_ps(c, _mm256_setzero_ps(), _CMP_GT_OQ));
+}
+#endif
+/* dy behind the fused activation, as the staged loops take it (_mask_into): where y > 0
+   dy, else +0 (the ReLU, slope 0) or dy * slope (the leaky ReLU) */
+static inline fastbn_v16 fastbn_mask16_v(fastbn_v16 g, fastbn_v16 y, float slope,
+                                         fastbn_v16 vslope, fastbn_v16 one) {
+    if (slope == 0)
+        return fastbn_gt0_v16(y, g, FASTBN_V16(setzero)());
+    return FASTBN_V16(mul)(g, fastbn_gt0_v16(y, one, vslope));
+}
 /* dx in training, as _dx_value's float32 form: ((g - gm) - gl) * a + ((x - mean) * kx + k0) */
 static inline fastbn_v16 fastbn_dx16_v(fastbn_v16 g, fastbn_v16 x, fastbn_v16 mean,
                                        fastbn_v16 a, fastbn_v16 kx, fastbn_v16 k0,
@@ -292,74 +311,138 @@ static void fastbn_affine16_rows(const uint16_t* x, uint16_t* y, Py_ssize_t nrow
    form in training, g * a with fixed statistics; x is then not read) and rounded once:
    fastbn_dx16 on n values of one channel, fastbn_dx16_rows on nrow contiguous rows of
    `width` channels with the channels' coefficients. */
-static inline uint16_t fastbn_dx16_one(uint16_t g, uint16_t x, int training, float mean,
-                                       float a, float kx, float k0, float gm, float gl,
-                                       int bf16) {
-    float gv = bf16 ? fastbn_bits_f32((uint32_t)g << 16) : fastbn_half_to_float(g), r;
+static inline float fastbn_widen16(uint16_t h, int bf16) {
+    return bf16 ? fastbn_bits_f32((uint32_t)h << 16) : fastbn_half_to_float(h);
+}
+
+static inline uint16_t fastbn_narrow16(float r, int bf16) {
     uint16_t h;
-    if (training) {
-        float xv = bf16 ? fastbn_bits_f32((uint32_t)x << 16) : fastbn_half_to_float(x);
-        r = fastbn_dx_one_f32(gv, xv, mean, a, kx, k0, gm, gl);
-    } else {
-        r = gv * a;
-    }
     if (bf16)
         return fastbn_round_bf16(r);
     fastbn_f32_to_f16(&r, &h, 1);
     return h;
 }
 
+/* The fused activation's part of one value (see fastbn_dx16): g masked by y (y NULL: as
+   it is), stored to e[0] (when e), and x read as the pre-activation (inverse > 0) */
+typedef struct {
+    const uint16_t* y;  /* the forward's output, or NULL (no activation) */
+    uint16_t* e;        /* receives the masked dy (the residual's gradient), or NULL */
+    float slope;        /* 0: the ReLU, else the leaky ReLU's slope */
+    float inverse;      /* > 0: x is y, read as x * (x > 0 ? 1 : inverse); else 0 */
+} fastbn_act16;
+
+static inline uint16_t fastbn_dx16_one(uint16_t g, uint16_t x, int training, float mean,
+                                       float a, float kx, float k0, float gm, float gl,
+                                       int bf16, const fastbn_act16* act, Py_ssize_t i) {
+    float gv = fastbn_widen16(g, bf16), r;
+    if (act->y) {
+        float yv = fastbn_widen16(act->y[i], bf16);
+        gv = act->slope == 0 ? fastbn_mask_f(gv, yv) : gv * (yv > 0 ? 1.0f : act->slope);
+        if (act->e)
+            act->e[i] = fastbn_narrow16(gv, bf16);
+    }
+    if (training) {
+        float xv = fastbn_widen16(x, bf16);
+        if (act->inverse > 0)
+            xv = xv * (xv > 0 ? 1.0f : act->inverse);
+        r = fastbn_dx_one_f32(gv, xv, mean, a, kx, k0, gm, gl);
+    } else {
+        r = gv * a;
+    }
+    return fastbn_narrow16(r, bf16);
+}
+
+#ifdef FASTBN_W16
+/* FASTBN_W16 values of dy at i behind the fused activation (see fastbn_act16), the masked
+   dy stored to act->e; and x at i read through the activation's inverse (when asked) */
+static inline fastbn_v16 fastbn_act16_g(fastbn_v16 g, const fastbn_act16* act, Py_ssize_t i,
+                                        fastbn_v16 vslope, fastbn_v16 one, int bf16) {
+    if (!act->y)
+        return g;
+    _mm_prefetch((const char*)(act->y + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
+    g = fastbn_mask16_v(g, fastbn_load16(act->y + i, bf16), act->slope, vslope, one);
+    if (act->e)
+        fastbn_store16(act->e + i, g, bf16);
+    return g;
+}
+
+static inline fastbn_v16 fastbn_act16_x(fastbn_v16 x, const fastbn_act16* act,
+                                        fastbn_v16 vinverse, fastbn_v16 one) {
+    if (act->inverse > 0)
+        return FASTBN_V16(mul)(x, fastbn_gt0_v16(x, one, vinverse));
+    return x;
+}
+#endif
+
 static void fastbn_dx16(const uint16_t* g, const uint16_t* x, uint16_t* d, Py_ssize_t n,
                         int training, float mean, float a, float kx, float k0, float gm,
-                        float gl, int bf16) {
+                        float gl, int bf16, fastbn_act16 act) {
     Py_ssize_t i = 0;
 #ifdef FASTBN_W16
     const fastbn_v16 vmean = FASTBN_V16(set1)(mean), va = FASTBN_V16(set1)(a),
                      vkx = FASTBN_V16(set1)(kx), vk0 = FASTBN_V16(set1)(k0),
-                     vgm = FASTBN_V16(set1)(gm), vgl = FASTBN_V16(set1)(gl);
+                     vgm = FASTBN_V16(set1)(gm), vgl = FASTBN_V16(set1)(gl),
+                     one = FASTBN_V16(set1)(1.0f), vslope = FASTBN_V16(set1)(act.slope),
+                     vinverse = FASTBN_V16(set1)(act.inverse);
+    fastbn_v16 gv;
     if (training) {
         for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
             _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
             _mm_prefetch((const char*)(x + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
-            fastbn_store16(d + i, fastbn_dx16_v(fastbn_load16(g + i, bf16),
-                                                fastbn_load16(x + i, bf16), vmean, va, vkx,
-                                                vk0, vgm, vgl), bf16);
+            gv = fastbn_act16_g(fastbn_load16(g + i, bf16), &act, i, vslope, one, bf16);
+            fastbn_store16(d + i, fastbn_dx16_v(gv, fastbn_act16_x(fastbn_load16(x + i, bf16),
+                                                                   &act, vinverse, one),
+                                                vmean, va, vkx, vk0, vgm, vgl), bf16);
         }
     } else {
         for (; i + FASTBN_W16 <= n; i += FASTBN_W16) {
             _mm_prefetch((const char*)(g + i) + FASTBN_PREFETCH16, _MM_HINT_T0);
-            fastbn_store16(d + i, FASTBN_V16(mul)(fastbn_load16(g + i, bf16), va), bf16);
+            gv = fastbn_act16_g(fastbn_load16(g + i, bf16), &act, i, vslope, one, bf16);
+            fastbn_store16(d + i, FASTBN_V16(mul)(gv, va), bf16);
         }
     }
 #endif
     for (; i < n; i++)
         d[i] = fastbn_dx16_one(g[i], training ? x[i] : 0, training, mean, a, kx, k0, gm, gl,
-                               bf16);
+                               bf16, &act, i);
 }
 
 static void fastbn_dx16_rows(const uint16_t* g, const uint16_t* x, uint16_t* d,
                              Py_ssize_t nrow, Py_ssize_t width, int training,
                              const float* mean, const float* a, const float* kx,
-                             const float* k0, const float* gm, const float* gl, int bf16) {
+                             const float* k0, const float* gm, const float* gl, int bf16,
+                             fastbn_act16 act) {
     Py_ssize_t r, j;
+#ifdef FASTBN_W16
+    const fastbn_v16 one = FASTBN_V16(set1)(1.0f), vslope = FASTBN_V16(set1)(act.slope),
+                     vinverse = FASTBN_V16(set1)(act.inverse);
+    fastbn_v16 gv;
+#endif
     for (r = 0; r < nrow; r++) {
         const uint16_t* gr = g + r * width;
         const uint16_t* xr = x + r * width;
         uint16_t* dr = d + r * width;
+        /* the activation's arrays at this row (laid out as g) */
+        fastbn_act16 ar = act;
+        if (act.y)
+            ar.y = act.y + r * width;
+        if (act.e)
+            ar.e = act.e + r * width;
         j = 0;
 #ifdef FASTBN_W16
         for (; j + FASTBN_W16 <= width; j += FASTBN_W16) {
             _mm_prefetch((const char*)(gr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
+            gv = fastbn_act16_g(fastbn_load16(gr + j, bf16), &ar, j, vslope, one, bf16);
             if (training) {
                 _mm_prefetch((const char*)(xr + j) + FASTBN_PREFETCH16, _MM_HINT_T0);
                 fastbn_store16(dr + j, fastbn_dx16_v(
-                    fastbn_load16(gr + j, bf16), fastbn_load16(xr + j, bf16),
+                    gv, fastbn_act16_x(fastbn_load16(xr + j, bf16), &ar, vinverse, one),
                     FASTBN_V16(loadu)(mean + j), FASTBN_V16(loadu)(a + j),
                     FASTBN_V16(loadu)(kx + j), FASTBN_V16(loadu)(k0 + j),
                     FASTBN_V16(loadu)(gm + j), FASTBN_V16(loadu)(gl + j)), bf16);
             } else {
-                fastbn_store16(dr + j, FASTBN_V16(mul)(fastbn_load16(gr + j, bf16),
-                                                      FASTBN_V16(loadu)(a + j)), bf16);
+                fastbn_store16(dr + j, FASTBN_V16(mul)(gv, FASTBN_V16(loadu)(a + j)), bf16);
             }
         }
 #endif
@@ -367,7 +450,7 @@ static void fastbn_dx16_rows(const uint16_t* g, const uint16_t* x, uint16_t* d,
             dr[j] = fastbn_dx16_one(gr[j], training ? xr[j] : 0, training,
                                     training ? mean[j] : 0, a[j], training ? kx[j] : 0,
                                     training ? k0[j] : 0, training ? gm[j] : 0,
-                                    training ? gl[j] : 0, bf16);
+                                    training ? gl[j] : 0, bf16, &ar, j);
     }
 }
 
