@@ -91,10 +91,12 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
             else:
                 staged = _stage_block(a, blk, gs, w.dtype)
                 _stage_block(b, blk, xs, w.dtype)
-                if w.ymask != NULL:         # the fused ReLU: dy where y > 0
+                if w.ymask == <const void*>b:   # from the output: y is x, staged in xs
+                    _mask_into(gs, xs, gs, blk.nrun * blk.length, w.gd.slope)
+                elif w.ymask != NULL:       # the fused ReLU: dy where y > 0
                     _mask_staged(gs, <const half_bits*>w.ymask, blk, w.dtype, w.gd.slope)
-                    if w.gd.inverse:        # x is the leaky ReLU's y: its pre-activation
-                        _invert_into(xs, blk.nrun * blk.length, 1.0 / w.gd.slope)
+                if w.gd.inverse:            # x is the leaky ReLU's y: its pre-activation
+                    _invert_into(xs, blk.nrun * blk.length, 1.0 / w.gd.slope)
                 _block_sums(gs, xs, staged, w.gd.mean[c], &q[0], &q[1], <const float*>NULL,
                             PLAIN)
 
@@ -255,11 +257,13 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
     else:
         sb = sa + nr * width
         _stage_rows(b, C, c0, width, r0, r1, sb, w.dtype)
-        if w.ymask != NULL:    # the fused ReLU: dy where y > 0 (y widened into sb's place)
+        if w.ymask == <const void*>b:   # from the output: y is x, staged in sb
+            _mask_into(sa, sb, sa, nr * width, w.gd.slope)
+        elif w.ymask != NULL:  # the fused ReLU: dy where y > 0 (y widened in pieces)
             _mask_rows(sa, <const half_bits*>w.ymask, C, c0, width, r0, r1, w.dtype,
                        w.gd.slope)
-            if w.gd.inverse:   # x is the leaky ReLU's y: its pre-activation
-                _invert_into(sb, nr * width, 1.0 / w.gd.slope)
+        if w.gd.inverse:       # x is the leaky ReLU's y: its pre-activation
+            _invert_into(sb, nr * width, 1.0 / w.gd.slope)
         gview = w.gd[0]        # the coefficients of channels [c0, c1) from index 0
         gview.slope = 0        # the staged values are masked (and inverted) already
         gview.inverse = False
