@@ -494,17 +494,24 @@ def test_mask_bits_path_gives_the_unfused_bits(layout, shape, monkeypatch, kerne
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("shape", [(8, 5), (4, 6, 7), (4, 6, 5, 5), (2, 3, 3, 4, 5)], ids=str)
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
-def test_batchnorm_layer_matches_torch(shape, layout, with_residual):
-    """Three training steps and an eval step of BatchNorm(activation="relu") against torch's
-    BatchNorm then relu(. + residual): y, dx, the residual's gradient, the parameter
-    gradients and the state_dict."""
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.2)], ids=str)
+def test_batchnorm_layer_matches_torch(shape, layout, with_residual, activation):
+    """Three training steps and an eval step of BatchNorm(activation="relu", or a leaky
+    ReLU with signed weights) against torch's BatchNorm then relu(. + residual) (or
+    leaky_relu): y, dx, the residual's gradient, the parameter gradients and the
+    state_dict."""
     torch = pytest.importorskip("torch")
     from test_layers import assert_close, assert_state, from_layout, to_layout, torch_bn
     C = shape[1]
-    bn = fastbn.BatchNorm(C, layout=layout, dtype=np.float64, activation="relu")
+    bn = fastbn.BatchNorm(C, layout=layout, dtype=np.float64, activation=activation)
     tbn = torch_bn(len(shape), C)
     rng = np.random.default_rng(12)
     w, b = rng.uniform(0.5, 1.5, C), rng.uniform(-1, 1, C)
+    if activation == "relu":
+        act = torch.relu
+    else:
+        w = w * rng.choice([-1, 1], C)
+        act = lambda z: torch.nn.functional.leaky_relu(z, activation[1])   # noqa: E731
     bn.weight[...], bn.bias[...] = w, b
     with torch.no_grad():
         tbn.weight.copy_(torch.from_numpy(w))
@@ -516,8 +523,7 @@ def test_batchnorm_layer_matches_torch(shape, layout, with_residual):
         x, res, dy = (rng.normal(size=shape) for _ in range(3))
         xt = torch.from_numpy(x.copy()).requires_grad_(True)
         rt = torch.from_numpy(res.copy()).requires_grad_(True)
-        z = tbn(xt) + (rt if with_residual else 0)
-        yt = torch.relu(z)
+        yt = act(tbn(xt) + (rt if with_residual else 0))
         yt.backward(torch.from_numpy(dy.copy()))
         args = (to_layout(x, layout),) + ((to_layout(res, layout),) if with_residual else ())
         y = bn(*args)
