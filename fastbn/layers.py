@@ -18,9 +18,6 @@ __all__ = ["BatchNorm", "BatchRenorm"]
 # num_batches_tracked is saved as PyTorch's int64 scalar: it saturates there
 _MAX_STEPS = np.iinfo(np.int64).max
 
-ACTIVATIONS = (None, "relu", ("leaky_relu", "slope"))
-
-
 def _activation(value):
     """A layer's activation, checked: None, "relu", or ("leaky_relu", slope) with a finite
     slope >= 0 (returned as a tuple with a float slope)."""
