@@ -8,6 +8,7 @@ import pytest
 
 import fastbn
 from fastbn import reference
+from test_from_output import _data as from_output_data
 
 try:
     import ml_dtypes
@@ -32,11 +33,8 @@ def _kernel_unit(dt):
 
 
 def _data(shape, layout, dt, seed, loc=0.3, scale=2.0, order="C"):
-    x = np.random.default_rng(seed).normal(loc, scale, size=shape)
-    if layout == "NHWC":
-        x = np.moveaxis(x, 1, -1)
-    x = np.ascontiguousarray(x).astype(dt)
-    return np.asfortranarray(x) if order == "F" else x
+    """Normal data around loc (default 0.3: both signs of the pre-activation) in layout."""
+    return from_output_data(shape, layout, dt, seed, loc=loc, scale=scale, order=order)
 
 
 def _params(C, dt, seed=1, wmin=0.25):
