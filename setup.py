@@ -240,6 +240,8 @@ def extension(path):
         "fastbn." + name,
         [path],
         include_dirs=[np.get_include(), os.path.join("fastbn", "kernels")],   # the C headers
+        # a changed header rebuilds the module (the .c Cython writes does not change)
+        depends=sorted(glob.glob(os.path.join("fastbn", "kernels", "*.h"))),
         define_macros=[
             ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
             # the oldest NumPy fastbn runs with (pyproject.toml); from 1.22 NumPy has the

@@ -313,6 +313,25 @@ cdef extern from "relu_mask.h":
     double _mask_d "fastbn_mask_d"(double g, double y) noexcept nogil
 
 
+cdef extern from "sums_run.h":
+    const bint SUMS_RUN "FASTBN_SUMS_RUN"
+    enum:
+        G_PLAIN "FASTBN_G_PLAIN"
+        G_RELU "FASTBN_G_RELU"
+        G_BITS "FASTBN_G_BITS"
+        G_LEAKY "FASTBN_G_LEAKY"
+        G_LEAKY_INVERSE "FASTBN_G_LEAKY_INVERSE"
+    ctypedef struct GRead "fastbn_gread":
+        int kind
+        const float* y
+        const unsigned char* bits
+        float slope
+        float inverse
+    void _sums_run_f32 "fastbn_sums_run_f32"(const float* g, const float* x, Py_ssize_t n,
+        float mean, const GRead* r, Py_ssize_t ahead_bytes, double* sum_g,
+        double* dot) noexcept nogil
+
+
 cdef extern from "mask_bits.h":
     void _pack_f32 "fastbn_pack_f32"(const float* y, Py_ssize_t n, unsigned char* bits) noexcept nogil
     void _pack_f64 "fastbn_pack_f64"(const double* y, Py_ssize_t n, unsigned char* bits) noexcept nogil

@@ -339,6 +339,29 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
     cdef const floating* xr
     cdef const floating* yr = NULL
     cdef floating gv
+    cdef GRead rd
+    if floating is float:
+        if acc_t is float:
+            if SUMS_RUN and blk.nrun == 1:
+                # one run of float32 in float32 dot lanes: sums_run.h, its last values
+                # masked into the lanes
+                rd.y = <const float*>ym
+                rd.bits = kb
+                rd.slope = 0
+                rd.inverse = 0
+                if mask_t is char:
+                    rd.kind = G_BITS if kb != NULL else G_PLAIN
+                elif mask_t is short or mask_t is int:
+                    rd.kind = G_RELU
+                elif mask_t is LeakyInverse:
+                    rd.kind = G_LEAKY_INVERSE
+                    rd.slope = <float>variant.slope
+                    rd.inverse = <float>variant.inverse
+                else:
+                    rd.kind = G_LEAKY
+                    rd.slope = <float>variant.slope
+                _sums_run_f32(g, x, blk.length, mean, &rd, PREFETCH_BYTES, sum_g, dot)
+                return
     if REGISTER_LANES and long_runs:
         _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym, variant, kb)
     else:

@@ -1,0 +1,78 @@
+"""The planar backward's sums over runs of every length mod 32 (float32): a run's last
+values go into the same lanes as the others (AVX-512: masked into them), so the sums must
+stay within the accuracy contract for every tail, and every way of reading dy (plain,
+masked by the fused ReLU's output, by the layer's kept bits, the leaky ReLU's, from the
+output) must give the unfused backward's bits."""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import reference as ref
+
+# N = 1: each channel is one run (one block); N = 2 and S > 1024: runs cut into pieces
+SHAPES = ([(1, 3, s) for s in list(range(2, 70)) + [95, 96, 97, 127, 128, 129, 196, 1023,
+                                                       1024]]
+          + [(2, 2, s) for s in (1025, 1031, 2049, 3136)])
+EPS23 = 2.0 ** -23
+
+
+def _data(shape, seed=0, offset=3.0):
+    rng = np.random.default_rng(seed + shape[-1])
+    x = (rng.standard_normal(shape) * 2 + offset).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
+    b = rng.uniform(-1, 1, shape[1]).astype(np.float32)
+    return x, dy, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sums_within_the_contract(shape):
+    """dbias and dweight within 4 * 2**-23 of the sum of their terms' absolute values
+    (docs/math.rst), dx within 8 float32 ulps of its natural scale."""
+    x, dy, w, _ = _data(shape)
+    _, mean, invstd = fastbn.batch_norm_train(x, w)
+    dx, dw, db = fastbn.batch_norm_backward(dy, x, mean, invstd, w)
+    rdx, rdw, rdb = ref.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64),
+                                            mean, invstd, w)
+    g, xc = dy.astype(np.float64), x.astype(np.float64) - mean[None, :, None]
+    db_terms = np.abs(g).sum(axis=(0, 2))
+    dw_terms = (np.abs(g * xc) * invstd[None, :, None]).sum(axis=(0, 2))
+    assert (np.abs(db - rdb) <= 4 * EPS23 * db_terms).all(), (db, rdb)
+    assert (np.abs(dw - rdw) <= 4 * EPS23 * dw_terms).all(), (dw, rdw)
+    scale = (np.abs(w) * invstd)[None, :, None] * np.maximum(np.abs(dy), np.sqrt(
+        (dy.astype(np.float64) ** 2).mean()))
+    assert (np.abs(dx - rdx) <= 8 * EPS23 * scale).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[::3] + SHAPES[-4:], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_read_of_dy_gives_the_unfused_bits(shape, threads):
+    x, dy, w, b = _data(shape, seed=1, offset=0.2)
+    y, mean, invstd = fastbn.batch_norm_relu_train(x, w, b, num_threads=threads)
+    g = np.where(y > 0, dy, 0).astype(np.float32)
+    want = fastbn.batch_norm_backward(g, x, mean, invstd, w, num_threads=threads)
+    got = fastbn.batch_norm_relu_backward(dy, y, x, mean, invstd, w, num_threads=threads)
+    for a, e in zip(got, want):
+        assert a.tobytes() == e.tobytes()
+    # the layer keeps the forward's mask as bits and reads them instead of y
+    before = fastbn.get_num_threads()
+    fastbn.set_num_threads(threads)
+    try:
+        layer = fastbn.BatchNorm(shape[1], activation="relu")
+        layer.weight[...] = w
+        layer.bias[...] = b
+        assert layer.forward(x).tobytes() == y.tobytes()
+        assert layer.backward(dy).tobytes() == want[0].tobytes()
+    finally:
+        fastbn.set_num_threads(before)
+    assert layer.weight_grad.tobytes() == want[1].tobytes()
+    assert layer.bias_grad.tobytes() == want[2].tobytes()
+    # the leaky ReLU: dy * (1 if y > 0 else slope), bit for bit
+    s = 0.1
+    yk, mk, ik = fastbn.batch_norm_relu_train(x, w, b, negative_slope=s, num_threads=threads)
+    gk = dy * np.where(yk > 0, np.float32(1), np.float32(s))
+    want = fastbn.batch_norm_backward(gk, x, mk, ik, w, num_threads=threads)
+    got = fastbn.batch_norm_relu_backward(dy, yk, x, mk, ik, w, negative_slope=s,
+                                          num_threads=threads)
+    for a, e in zip(got, want):
+        assert a.tobytes() == e.tobytes()
