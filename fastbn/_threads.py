@@ -25,15 +25,18 @@ OPENMP = bool(_support.openmp_enabled())
 MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 
 # Below this many values a call runs on one thread: forking the team costs more than it saves.
-# The planar kernels (NCHW memory) gain from a second thread on smaller inputs than the rows
-# kernels (channels-last memory). Measured per op (`python -m fastbn --crossover` prints the
-# table: training forward, inference and backward, fresh outputs, both sides taking the lean
-# path of fastbn/kernels/lean.pxi; 16 and 64 channels, Intel Xeon, 2 threads): 2 threads /
-# 1 thread on planar data 1.01-1.12 at 8192 values, 0.74-1.03 at 16384, 0.70-0.85 at
-# 32768; on rows 1.11-1.61 at 16384, 0.65-0.96 at 32768. The three ops cross over at the
-# same sizes, so one threshold per kernel serves them all.
+# Measured per op (`python -m fastbn --crossover` prints the table: training forward,
+# inference and backward, fresh outputs, both sides taking the lean path of
+# fastbn/kernels/lean.pxi; 16 and 64 channels, Intel Xeon, 2 threads), 2 threads / 1 thread,
+# three runs (2026-12-05): planar (NCHW) data at 16384 values train 0.93-1.17, infer
+# 1.00-1.32, backward 0.97-1.21; at 32768 train 0.82-0.96, infer 0.82-1.01, backward
+# 0.75-0.89; rows (channels-last) at 16384 train 1.33-1.40, infer 1.50-1.52, backward
+# 1.20-1.23; at 32768 train 0.82-0.94, infer 0.75-1.07, backward 0.68-0.76. The three ops
+# cross over at the same sizes, so one threshold per kernel serves them all. (At 16384 the
+# planar kernels did gain from a second thread before the one-run backward sums and
+# masked tails made one thread faster: 0.74-1.03 then.)
 SERIAL_BELOW_ROWS = 1 << 15
-SERIAL_BELOW_PLANAR = 1 << 14
+SERIAL_BELOW_PLANAR = 1 << 15
 
 # The thread policy as the C side reads it (fastbn/_support.pyx, call_threads: the lean path
 # of small calls runs it without a Python call): [serial threshold of the planar kernels,

@@ -38,11 +38,11 @@ if BF16:
 # forms of a shape get different ones), so that every slope meets every kind of branch
 SLOPED = [(c, SLOPES[i % len(SLOPES)]) for i, c in enumerate(ORACLE)]
 # the cases of each parallel branch, for the thread counts
-THREAD_PICKS = [c for c in THREADS if c.nchw in ((100, 333), (9000, 17), (7, 6, 20, 20),
+THREAD_PICKS = [c for c in THREADS if c.nchw in ((100, 333), (9000, 17), (7, 6, 28, 28),
                                                  (2, 33, 40, 40), (3, 700, 4, 4),
                                                  (32, 3, 40, 40))]
 HALF_PICKS = [c for c in CASES if c.branch == "serial" and np.prod(c.nchw) <= 10_000] + [
-    c for c in CASES if c.nchw in ((7, 6, 20, 20), (3, 40, 17, 17), (9000, 17))]
+    c for c in CASES if c.nchw in ((7, 6, 28, 28), (3, 40, 17, 17), (9000, 17))]
 
 
 def _axis(layout, ndim):

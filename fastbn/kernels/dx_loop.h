@@ -2,6 +2,9 @@
 #ifndef FASTBN_DX_LOOP_H
 #define FASTBN_DX_LOOP_H
 #include "fma.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* One dx value in training, the one place its expression is written (the Cython kernels'
    _dx_value, the mask-bits and 16-bit loops call these): float32,
@@ -26,9 +29,31 @@ __attribute__((noinline))
 #endif
 static void fastbn_dx_f32(const float* g, const float* x, float* dx, Py_ssize_t n, float mean,
                           float a, float kx, float k0, float gm, float gl) {
-    Py_ssize_t i;
-    for (i = 0; i < n; i++)
+    Py_ssize_t i = 0;
+#if defined(__AVX512F__)
+    /* fastbn_dx_one_f32 on 16 values at a time, the last n % 16 under a mask: a short run
+       (a plane of 49 or 196 values) pays no scalar tail. The same bits. */
+    const __m512 vm = _mm512_set1_ps(mean), va = _mm512_set1_ps(a), vkx = _mm512_set1_ps(kx),
+                 vk0 = _mm512_set1_ps(k0), vgm = _mm512_set1_ps(gm), vgl = _mm512_set1_ps(gl);
+    __m512 v;
+    __mmask16 m;
+    for (; i + 16 <= n; i += 16) {
+        v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vkx, vk0);
+        v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(g + i), vgm), vgl), va,
+                            v);
+        _mm512_storeu_ps(dx + i, v);
+    }
+    if (i < n) {
+        m = (__mmask16)((1u << (n - i)) - 1);
+        v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vkx, vk0);
+        v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, g + i), vgm),
+                                          vgl), va, v);
+        _mm512_mask_storeu_ps(dx + i, m, v);
+    }
+#else
+    for (; i < n; i++)
         dx[i] = fastbn_dx_one_f32(g[i], x[i], mean, a, kx, k0, gm, gl);
+#endif
 }
 
 /* and in float64 */
