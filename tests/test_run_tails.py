@@ -9,10 +9,12 @@ import pytest
 import fastbn
 from fastbn import reference as ref
 
-# N = 1: each channel is one run (one block); N = 2 and S > 1024: runs cut into pieces
+# N = 1: each channel is one run (one block); N = 2 and S > 1024: runs cut into pieces;
+# N > 1 and short planes: blocks of several runs (up to 1024 values), and several blocks
 SHAPES = ([(1, 3, s) for s in list(range(2, 70)) + [95, 96, 97, 127, 128, 129, 196, 1023,
                                                        1024]]
-          + [(2, 2, s) for s in (1025, 1031, 2049, 3136)])
+          + [(2, 2, s) for s in (1025, 1031, 2049, 3136)]
+          + [(8, 3, s) for s in (1, 5, 17, 31, 33, 49, 64, 100)] + [(40, 2, 49), (300, 2, 7)])
 EPS23 = 2.0 ** -23
 
 

@@ -328,8 +328,8 @@ cdef extern from "sums_run.h":
         float slope
         float inverse
     void _sums_run_f32 "fastbn_sums_run_f32"(const float* g, const float* x, Py_ssize_t n,
-        float mean, const GRead* r, Py_ssize_t ahead_bytes, double* sum_g,
-        double* dot) noexcept nogil
+        Py_ssize_t nrun, Py_ssize_t stride, float mean, const GRead* r,
+        Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil
 
 
 cdef extern from "mask_bits.h":

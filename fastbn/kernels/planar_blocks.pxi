@@ -342,9 +342,9 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
     cdef GRead rd
     if floating is float:
         if acc_t is float:
-            if SUMS_RUN and blk.nrun == 1:
-                # one run of float32 in float32 dot lanes: sums_run.h, its last values
-                # masked into the lanes
+            if SUMS_RUN and (blk.nrun == 1 or kb == NULL):
+                # float32 in register lanes (sums_run.h), each run's last values masked
+                # into them
                 rd.y = <const float*>ym
                 rd.bits = kb
                 rd.slope = 0
@@ -360,7 +360,8 @@ cdef inline void _block_sums_in(const floating* g, const floating* x, Block blk,
                 else:
                     rd.kind = G_LEAKY
                     rd.slope = <float>variant.slope
-                _sums_run_f32(g, x, blk.length, mean, &rd, PREFETCH_BYTES, sum_g, dot)
+                _sums_run_f32(g, x, blk.length, blk.nrun, blk.stride, mean, &rd,
+                              PREFETCH_BYTES, sum_g, dot)
                 return
     if REGISTER_LANES and long_runs:
         _sums_run(g, x, blk.nrun, blk.stride, nstep, mean, acc, dt, ym, variant, kb)

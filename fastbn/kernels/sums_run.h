@@ -62,49 +62,54 @@ static inline double fastbn_hsum8(__m512d v) {
     return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
 }
 
+/* 32 values of run q at i into the lanes: the sum of g in a0..a3 (double), the dot in
+   t0, t1 (float32); lanes past the run's end (m0, m1) add +0. */
+#define FASTBN_SUMS_STEP(M0, M1)                                                         \
+    do {                                                                                \
+        fastbn_gx16(gq, xq, i, (M0), &rq, kind, &g0, &x0, m);                            \
+        fastbn_gx16(gq, xq, i + 16, (M1), &rq, kind, &g1, &x1, m);                       \
+        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(g0)));             \
+        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(                         \
+            _mm512_extractf64x4_pd(_mm512_castps_pd(g0), 1))));                          \
+        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm512_castps512_ps256(g1)));             \
+        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_castpd_ps(                         \
+            _mm512_extractf64x4_pd(_mm512_castps_pd(g1), 1))));                          \
+        t0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), t0);                              \
+        t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);                              \
+    } while (0)
+
 static inline __attribute__((always_inline)) void fastbn_sums_run_body(
-        const float* g, const float* x, Py_ssize_t n, float mean, const fastbn_gread* r,
-        int kind, Py_ssize_t ahead_bytes, double* sum_g, double* dot) {
+        const float* g, const float* x, Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride,
+        float mean, const fastbn_gread* r, int kind, Py_ssize_t ahead_bytes, double* sum_g,
+        double* dot) {
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     __m512 m = _mm512_set1_ps(mean);
     __m512 g0, g1, x0, x1;
     __m512d d;
-    Py_ssize_t i = 0, rest;
+    Py_ssize_t i, q, rest = n % 32;
     int ahead = n * (Py_ssize_t)sizeof(float) > ahead_bytes;
-    __mmask16 m0, m1;
-    for (; i + 32 <= n; i += 32) {
-        if (ahead) {
-            fastbn_prefetch((const char*)(g + i) + ahead_bytes, 128);
-            fastbn_prefetch((const char*)(x + i) + ahead_bytes, 128);
+    /* the run's last values: 0 in the other lanes (x there reads as mean, so their
+       product is +0 whatever the mean) */
+    __mmask16 m0 = (__mmask16)(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
+    __mmask16 m1 = (__mmask16)(rest <= 16 ? 0 : (1u << (rest - 16)) - 1);
+    const float* gq;
+    const float* xq;
+    fastbn_gread rq = *r;
+    for (q = 0; q < nrun; q++) {
+        gq = g + q * stride;
+        xq = x + q * stride;
+        if (r->y != NULL)
+            rq.y = r->y + q * stride;
+        for (i = 0; i + 32 <= n; i += 32) {
+            if (ahead) {
+                fastbn_prefetch((const char*)(gq + i) + ahead_bytes, 128);
+                fastbn_prefetch((const char*)(xq + i) + ahead_bytes, 128);
+            }
+            FASTBN_SUMS_STEP((__mmask16)0xFFFF, (__mmask16)0xFFFF);
         }
-        fastbn_gx16(g, x, i, (__mmask16)0xFFFF, r, kind, &g0, &x0, m);
-        fastbn_gx16(g, x, i + 16, (__mmask16)0xFFFF, r, kind, &g1, &x1, m);
-        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(g0)));
-        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-            _mm512_castps_pd(g0), 1))));
-        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm512_castps512_ps256(g1)));
-        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-            _mm512_castps_pd(g1), 1))));
-        t0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), t0);
-        t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);
-    }
-    rest = n - i;
-    if (rest > 0) {
-        /* the last values, into the same lanes: 0 in the others (x there reads as mean,
-           so their product is +0 whatever the mean) */
-        m0 = (__mmask16)(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
-        m1 = (__mmask16)(rest <= 16 ? 0 : (1u << (rest - 16)) - 1);
-        fastbn_gx16(g, x, i, m0, r, kind, &g0, &x0, m);
-        fastbn_gx16(g, x, i + 16, m1, r, kind, &g1, &x1, m);
-        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(g0)));
-        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-            _mm512_castps_pd(g0), 1))));
-        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm512_castps512_ps256(g1)));
-        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-            _mm512_castps_pd(g1), 1))));
-        t0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), t0);
-        t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);
+        if (rest > 0)
+            FASTBN_SUMS_STEP(m0, m1);
     }
     *sum_g = fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3)));
     d = _mm512_add_pd(
@@ -116,63 +121,71 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
                           _mm512_castps_pd(t1), 1)))));
     *dot = fastbn_hsum8(d);
 }
+#undef FASTBN_SUMS_STEP
 
-/* sum(g) and sum(g * (x - mean)) over the n values of one run, g read as r says: the sum
-   of g in 32 double lanes, the dot in 32 float32 lanes (value i in lane i % 32, each
-   product fused into its lane's sum), the run's last n % 32 values masked into the same
-   lanes (no scalar tail), then each set of lanes summed in double in a fixed order. The
-   same bits for every kind of r that reads the same values. Runs longer than ahead_bytes
-   prefetch g and x that many bytes ahead. */
-static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n, float mean,
+/* sum(g) and sum(g * (x - mean)) over nrun runs of n values, stride apart (r->y laid out as
+   g; r->bits only for one run), g read as r says: the sum of g in 32 double lanes, the dot
+   in 32 float32 lanes (value i of each run in lane i % 32, each product fused into its
+   lane's sum), each run's last n % 32 values masked into the same lanes (no scalar tail),
+   then each set of lanes summed in double in a fixed order. The same bits for every kind
+   of r that reads the same values. Runs longer than ahead_bytes prefetch g and x that
+   many bytes ahead. */
+static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
+                                Py_ssize_t nrun, Py_ssize_t stride, float mean,
                                 const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
                                 double* dot) {
     switch (r->kind) {
     case FASTBN_G_RELU:
-        fastbn_sums_run_body(g, x, n, mean, r, FASTBN_G_RELU, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, ahead_bytes, sum_g, dot);
         break;
     case FASTBN_G_BITS:
-        fastbn_sums_run_body(g, x, n, mean, r, FASTBN_G_BITS, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_BITS, ahead_bytes, sum_g, dot);
         break;
     case FASTBN_G_LEAKY:
-        fastbn_sums_run_body(g, x, n, mean, r, FASTBN_G_LEAKY, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, ahead_bytes, sum_g, dot);
         break;
     case FASTBN_G_LEAKY_INVERSE:
-        fastbn_sums_run_body(g, x, n, mean, r, FASTBN_G_LEAKY_INVERSE, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE,
+                             ahead_bytes, sum_g, dot);
         break;
     default:
-        fastbn_sums_run_body(g, x, n, mean, r, FASTBN_G_PLAIN, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, ahead_bytes, sum_g, dot);
     }
 }
 #define FASTBN_SUMS_RUN 1
 #else
-/* The same arithmetic, one value at a time (the builds without AVX-512 sum their runs in
+/* The same arithmetic, one value at a time (the builds without AVX-512 sum their blocks in
    the Cython loops; this keeps the function defined, with the bits above). */
-static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n, float mean,
+static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
+                                Py_ssize_t nrun, Py_ssize_t stride, float mean,
                                 const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
                                 double* dot) {
     double a[32] = {0}, v[8], h[4];
-    (void)ahead_bytes;
     float t[32] = {0};
     float gv, xv, y;
-    Py_ssize_t i;
+    Py_ssize_t i, q, o;
     int k;
-    for (i = 0; i < n; i++) {
-        gv = g[i];
-        xv = x[i];
-        if (r->kind == FASTBN_G_BITS) {
-            if (!((r->bits[i / 8] >> (i % 8)) & 1)) gv = 0.0f;
-        } else if (r->kind != FASTBN_G_PLAIN) {
-            y = r->y[i];
-            if (r->kind == FASTBN_G_RELU) {
-                if (!(y > 0)) gv = 0.0f;
-            } else {
-                gv = gv * (y > 0 ? 1.0f : r->slope);
-                if (r->kind == FASTBN_G_LEAKY_INVERSE)
-                    xv = xv * (xv > 0 ? 1.0f : r->inverse);
+    (void)ahead_bytes;
+    for (q = 0; q < nrun; q++) {
+        for (i = 0; i < n; i++) {
+            o = q * stride + i;
+            gv = g[o];
+            xv = x[o];
+            if (r->kind == FASTBN_G_BITS) {
+                if (!((r->bits[i / 8] >> (i % 8)) & 1)) gv = 0.0f;
+            } else if (r->kind != FASTBN_G_PLAIN) {
+                y = r->y[o];
+                if (r->kind == FASTBN_G_RELU) {
+                    if (!(y > 0)) gv = 0.0f;
+                } else {
+                    gv = gv * (y > 0 ? 1.0f : r->slope);
+                    if (r->kind == FASTBN_G_LEAKY_INVERSE)
+                        xv = xv * (xv > 0 ? 1.0f : r->inverse);
+                }
             }
+            a[i % 32] += gv;
+            t[i % 32] = fastbn_maddf(gv, xv - mean, t[i % 32]);
         }
-        a[i % 32] += gv;
-        t[i % 32] = fastbn_maddf(gv, xv - mean, t[i % 32]);
     }
     for (k = 0; k < 8; k++)
         v[k] = (a[k] + a[k + 16]) + (a[k + 8] + a[k + 24]);
