@@ -2,7 +2,8 @@
 values go into the same lanes as the others (AVX-512: masked into them), so the sums must
 stay within the accuracy contract for every tail, and every way of reading dy (plain,
 masked by the fused ReLU's output, by the layer's kept bits, the leaky ReLU's, from the
-output) must give the unfused backward's bits."""
+output) must give the unfused backward's bits. 16-bit data (AVX-512: read in the registers,
+not staged) must give the float32 sums of its widened values, bit for bit."""
 import numpy as np
 import pytest
 
@@ -16,6 +17,11 @@ SHAPES = ([(1, 3, s) for s in list(range(2, 70)) + [95, 96, 97, 127, 128, 129, 1
           + [(2, 2, s) for s in (1025, 1031, 2049, 3136)]
           + [(8, 3, s) for s in (1, 5, 17, 31, 33, 49, 64, 100)] + [(40, 2, 49), (300, 2, 7)])
 EPS23 = 2.0 ** -23
+try:
+    import ml_dtypes
+    HALF_DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+except ImportError:         # bfloat16 needs ml_dtypes
+    HALF_DTYPES = [np.dtype(np.float16)]
 
 
 def _data(shape, seed=0, offset=3.0):
@@ -78,3 +84,20 @@ def test_every_read_of_dy_gives_the_unfused_bits(shape, threads):
                                           num_threads=threads)
     for a, e in zip(got, want):
         assert a.tobytes() == e.tobytes()
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2] + SHAPES[-4:], ids=str)
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_sums_are_the_widened_float32_sums(shape, dt):
+    """The backward's dweight and dbias of 16-bit data are those of float32 data holding the
+    same values (docs/math.rst), for every tail and block of several runs; an offset of 1e4
+    puts x's mean beyond what the float32 lanes hold exactly in both."""
+    for offset in (3.0, 1e4):
+        x, dy, w, b = _data(shape, seed=2, offset=offset)
+        xh, gh = x.astype(dt), dy.astype(dt)
+        _, mean, invstd = fastbn.batch_norm_train(xh, w, b)
+        _, dw, db = fastbn.batch_norm_backward(gh, xh, mean, invstd, w)
+        _, ew, eb = fastbn.batch_norm_backward(gh.astype(np.float32), xh.astype(np.float32),
+                                               mean, invstd, w)
+        assert dw.tobytes() == ew.tobytes(), (offset, dw, ew)
+        assert db.tobytes() == eb.tobytes(), (offset, db, eb)

@@ -20,17 +20,37 @@ typedef struct {
     float inverse;              /* LEAKY_INVERSE */
 } fastbn_gread;
 
+/* How the values are stored: float32, or 16-bit (float16, bfloat16) widened in registers
+   (exactly: every 16-bit value is a float32 value) */
+enum { FASTBN_FMT_F32, FASTBN_FMT_F16, FASTBN_FMT_BF16 };
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says. */
+/* 16 values at p + i (of format fmt) as float32, lanes outside m as +0 */
+static inline __attribute__((always_inline)) __m512 fastbn_load_fmt(const void* p, Py_ssize_t i,
+                                                                    __mmask16 m, int fmt) {
+    __m256i h;
+    if (fmt == FASTBN_FMT_F32)
+        return _mm512_maskz_loadu_ps(m, (const float*)p + i);
+    h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)p + i);
+    if (fmt == FASTBN_FMT_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says
+   (16-bit data: plain only). */
 static inline __attribute__((always_inline)) void fastbn_gx16(
-        const float* g, const float* x, Py_ssize_t i, __mmask16 m, const fastbn_gread* r,
-        int kind, __m512* gv, __m512* xv, __m512 mean) {
+        const void* g, const void* x, Py_ssize_t i, __mmask16 m, const fastbn_gread* r,
+        int kind, int fmt, __m512* gv, __m512* xv, __m512 mean) {
     __m512 y;
     __mmask16 pos;
-    *gv = _mm512_maskz_loadu_ps(m, g + i);
-    *xv = _mm512_mask_loadu_ps(mean, m, x + i);
+    *gv = fastbn_load_fmt(g, i, m, fmt);
+    if (fmt == FASTBN_FMT_F32)
+        *xv = _mm512_mask_loadu_ps(mean, m, (const float*)x + i);
+    else
+        *xv = _mm512_mask_mov_ps(mean, m, fastbn_load_fmt(x, i, m, fmt));
     if (kind == FASTBN_G_PLAIN)
         return;
     if (kind == FASTBN_G_BITS) {
@@ -66,8 +86,8 @@ static inline double fastbn_hsum8(__m512d v) {
    t0, t1 (float32); lanes past the run's end (m0, m1) add +0. */
 #define FASTBN_SUMS_STEP(M0, M1)                                                         \
     do {                                                                                \
-        fastbn_gx16(gq, xq, i, (M0), &rq, kind, &g0, &x0, m);                            \
-        fastbn_gx16(gq, xq, i + 16, (M1), &rq, kind, &g1, &x1, m);                       \
+        fastbn_gx16(gq, xq, i, (M0), &rq, kind, fmt, &g0, &x0, m);                       \
+        fastbn_gx16(gq, xq, i + 16, (M1), &rq, kind, fmt, &g1, &x1, m);                  \
         a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(g0)));             \
         a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(                         \
             _mm512_extractf64x4_pd(_mm512_castps_pd(g0), 1))));                          \
@@ -78,33 +98,35 @@ static inline double fastbn_hsum8(__m512d v) {
         t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);                              \
     } while (0)
 
+/* g and x of format fmt (bytes per value: size), r->y as float32 */
 static inline __attribute__((always_inline)) void fastbn_sums_run_body(
-        const float* g, const float* x, Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride,
-        float mean, const fastbn_gread* r, int kind, Py_ssize_t ahead_bytes, double* sum_g,
-        double* dot) {
+        const void* g, const void* x, Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride,
+        float mean, const fastbn_gread* r, int kind, int fmt, Py_ssize_t ahead_bytes,
+        double* sum_g, double* dot) {
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     __m512 m = _mm512_set1_ps(mean);
     __m512 g0, g1, x0, x1;
     __m512d d;
+    const Py_ssize_t size = fmt == FASTBN_FMT_F32 ? 4 : 2;
     Py_ssize_t i, q, rest = n % 32;
-    int ahead = n * (Py_ssize_t)sizeof(float) > ahead_bytes;
+    int ahead = n * size > ahead_bytes;
     /* the run's last values: 0 in the other lanes (x there reads as mean, so their
        product is +0 whatever the mean) */
     __mmask16 m0 = (__mmask16)(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
     __mmask16 m1 = (__mmask16)(rest <= 16 ? 0 : (1u << (rest - 16)) - 1);
-    const float* gq;
-    const float* xq;
+    const char* gq;
+    const char* xq;
     fastbn_gread rq = *r;
     for (q = 0; q < nrun; q++) {
-        gq = g + q * stride;
-        xq = x + q * stride;
+        gq = (const char*)g + q * stride * size;
+        xq = (const char*)x + q * stride * size;
         if (r->y != NULL)
             rq.y = r->y + q * stride;
         for (i = 0; i + 32 <= n; i += 32) {
             if (ahead) {
-                fastbn_prefetch((const char*)(gq + i) + ahead_bytes, 128);
-                fastbn_prefetch((const char*)(xq + i) + ahead_bytes, 128);
+                fastbn_prefetch(gq + i * size + ahead_bytes, 32 * size);
+                fastbn_prefetch(xq + i * size + ahead_bytes, 32 * size);
             }
             FASTBN_SUMS_STEP((__mmask16)0xFFFF, (__mmask16)0xFFFF);
         }
@@ -134,70 +156,50 @@ static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
                                 Py_ssize_t nrun, Py_ssize_t stride, float mean,
                                 const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
                                 double* dot) {
+    const int f = FASTBN_FMT_F32;
     switch (r->kind) {
     case FASTBN_G_RELU:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, f, ahead_bytes,
+                             sum_g, dot);
         break;
     case FASTBN_G_BITS:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_BITS, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_BITS, f, ahead_bytes,
+                             sum_g, dot);
         break;
     case FASTBN_G_LEAKY:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, f, ahead_bytes,
+                             sum_g, dot);
         break;
     case FASTBN_G_LEAKY_INVERSE:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE,
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE, f,
                              ahead_bytes, sum_g, dot);
         break;
     default:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, ahead_bytes, sum_g, dot);
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, f, ahead_bytes,
+                             sum_g, dot);
     }
+}
+
+/* The same sums of plain 16-bit g and x (bfloat16 when bf16, else float16), widened in
+   the registers: the lanes and arithmetic of fastbn_sums_run_f32 on the widened values,
+   so the same bits as that function on a float32 copy of them, without the copy. */
+static void fastbn_sums_run_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t n,
+                                Py_ssize_t nrun, Py_ssize_t stride, float mean, int bf16,
+                                Py_ssize_t ahead_bytes, double* sum_g, double* dot) {
+    fastbn_gread r = {FASTBN_G_PLAIN, NULL, NULL, 0.0f, 0.0f};
+    if (bf16)
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, &r, FASTBN_G_PLAIN,
+                             FASTBN_FMT_BF16, ahead_bytes, sum_g, dot);
+    else
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, &r, FASTBN_G_PLAIN,
+                             FASTBN_FMT_F16, ahead_bytes, sum_g, dot);
 }
 #define FASTBN_SUMS_RUN 1
 #else
-/* The same arithmetic, one value at a time (the builds without AVX-512 sum their blocks in
-   the Cython loops; this keeps the function defined, with the bits above). */
-static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
-                                Py_ssize_t nrun, Py_ssize_t stride, float mean,
-                                const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
-                                double* dot) {
-    double a[32] = {0}, v[8], h[4];
-    float t[32] = {0};
-    float gv, xv, y;
-    Py_ssize_t i, q, o;
-    int k;
-    (void)ahead_bytes;
-    for (q = 0; q < nrun; q++) {
-        for (i = 0; i < n; i++) {
-            o = q * stride + i;
-            gv = g[o];
-            xv = x[o];
-            if (r->kind == FASTBN_G_BITS) {
-                if (!((r->bits[i / 8] >> (i % 8)) & 1)) gv = 0.0f;
-            } else if (r->kind != FASTBN_G_PLAIN) {
-                y = r->y[o];
-                if (r->kind == FASTBN_G_RELU) {
-                    if (!(y > 0)) gv = 0.0f;
-                } else {
-                    gv = gv * (y > 0 ? 1.0f : r->slope);
-                    if (r->kind == FASTBN_G_LEAKY_INVERSE)
-                        xv = xv * (xv > 0 ? 1.0f : r->inverse);
-                }
-            }
-            a[i % 32] += gv;
-            t[i % 32] = fastbn_maddf(gv, xv - mean, t[i % 32]);
-        }
-    }
-    for (k = 0; k < 8; k++)
-        v[k] = (a[k] + a[k + 16]) + (a[k + 8] + a[k + 24]);
-    for (k = 0; k < 4; k++)
-        h[k] = v[k] + v[k + 4];
-    *sum_g = (h[0] + h[2]) + (h[1] + h[3]);
-    for (k = 0; k < 8; k++)
-        v[k] = ((double)t[k] + (double)t[k + 16]) + ((double)t[k + 8] + (double)t[k + 24]);
-    for (k = 0; k < 4; k++)
-        h[k] = v[k] + v[k + 4];
-    *dot = (h[0] + h[2]) + (h[1] + h[3]);
-}
+/* Builds without AVX-512 sum their blocks in the Cython loops (FASTBN_SUMS_RUN 0): the
+   calls there are never reached, and compile to nothing. */
+#define fastbn_sums_run_f32(g, x, n, nrun, stride, mean, r, ahead, sum_g, dot) ((void)(r))
+#define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, ahead, sum_g, dot) ((void)0)
 #define FASTBN_SUMS_RUN 0
 #endif
 
