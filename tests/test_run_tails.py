@@ -3,7 +3,7 @@ values go into the same lanes as the others (AVX-512: masked into them), so the 
 stay within the accuracy contract for every tail, and every way of reading dy (plain,
 masked by the fused ReLU's output, by the layer's kept bits, the leaky ReLU's, from the
 output) must give the unfused backward's bits. 16-bit data (AVX-512: read in the registers,
-not staged) must give the float32 sums of its widened values, bit for bit."""
+not staged) must give the float32 sums and statistics of its widened values, bit for bit."""
 import numpy as np
 import pytest
 
@@ -101,3 +101,21 @@ def test_half_sums_are_the_widened_float32_sums(shape, dt):
                                                mean, invstd, w)
         assert dw.tobytes() == ew.tobytes(), (offset, dw, ew)
         assert db.tobytes() == eb.tobytes(), (offset, db, eb)
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2] + SHAPES[-4:], ids=str)
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_statistics_are_the_widened_float32_statistics(shape, dt):
+    """The training statistics of 16-bit data are those of float32 data holding the same
+    values, bit for bit, for every tail and block of several runs; also where a block's
+    first value sits so far from the rest that its one-pass sums are taken again about
+    their mean (every block's first value of each run set to 1e3)."""
+    for far in (False, True):
+        x, _, w, b = _data(shape, seed=3)
+        if far:
+            x[:, :, 0] = 1e3
+        xh = x.astype(dt)
+        _, mean, invstd = fastbn.batch_norm_train(xh, w, b)
+        _, em, ei = fastbn.batch_norm_train(xh.astype(np.float32), w, b)
+        assert mean.tobytes() == em.tobytes(), (far, mean, em)
+        assert invstd.tobytes() == ei.tobytes(), (far, invstd, ei)

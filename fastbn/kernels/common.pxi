@@ -330,6 +330,9 @@ cdef extern from "sums_run.h":
     void _sums_run_f32 "fastbn_sums_run_f32"(const float* g, const float* x, Py_ssize_t n,
         Py_ssize_t nrun, Py_ssize_t stride, float mean, const GRead* r,
         Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil
+    void _devs_h16 "fastbn_devs_h16"(const unsigned short* p, Py_ssize_t n, Py_ssize_t nrun,
+        Py_ssize_t stride, double bm, bint bf16, Py_ssize_t ahead_bytes, double* s1,
+        double* s2) noexcept nogil
     void _sums_run_h16 "fastbn_sums_run_h16"(const unsigned short* g, const unsigned short* x,
         Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride, float mean, bint bf16,
         Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil

@@ -62,6 +62,34 @@ cdef inline void _mask_staged(float* gs, const half_bits* ym, Block blk, int dty
     _mask_into(gs, ys, gs, blk.nrun * blk.length, slope)
 
 
+cdef inline void _block_stats16(const half_bits* x, Block blk, int dtype, double* mean,
+                               double* m2) noexcept nogil:
+    """_block_stats of a 16-bit block of long runs (_long_runs) read straight from its
+    16-bit form (sums_run.h, SUMS_RUN builds): _block_devs's lanes and order on the same
+    values, and the same second pass where the first cancels, so the same bits as the block
+    widened into a stage, without the stage."""
+    cdef double s1, s2, v
+    cdef double count = <double>(blk.length * blk.nrun)
+    cdef const half_bits* p = x + blk.offset
+    cdef float first
+    cdef double bm
+    cdef double limit = _cancel_limit(<const float*>NULL)     # float32 data's
+    _widen(p, &first, 1, dtype)
+    bm = first
+    _devs_h16(p, blk.length, blk.nrun, blk.stride, bm, dtype == BF16, PREFETCH_BYTES // 2,
+              &s1, &s2)
+    v = _madd(-s1, s1 / count, s2)
+    if not (v * limit >= s2):                 # also when a sum is NaN or infinite
+        bm = bm + s1 / count
+        _devs_h16(p, blk.length, blk.nrun, blk.stride, bm, dtype == BF16,
+                  PREFETCH_BYTES // 2, &s1, &s2)
+        v = _madd(-s1, s1 / count, s2)
+    mean[0] = bm + s1 / count
+    if v < 0:                  # rounding only; a NaN must stay NaN
+        v = 0.0
+    m2[0] = v
+
+
 cdef inline bint _block_sums16(const half_bits* g, const half_bits* x, Block blk, double mean,
                               double* sum_g, double* dot, int dtype) noexcept nogil:
     """_block_sums of a plain 16-bit block (no mask) read straight from its 16-bit form
@@ -90,8 +118,9 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                            const Work* w, Py_ssize_t c0, Py_ssize_t c1,
                            Py_ssize_t k) noexcept nogil:
     """_planar_reduce for 16-bit data: each block widened, then the float32 block code; a
-    plain backward's block (no mask) is summed straight from its 16-bit form where the
-    build has the register lanes (_block_sums16, the same bits)."""
+    plain backward's block (no mask), and a training block of long runs, are summed
+    straight from their 16-bit form where the build has the register lanes (_block_sums16,
+    _block_stats16: the same bits)."""
     cdef float xs[BLOCK]
     cdef float gs[BLOCK]
     cdef Py_ssize_t bi, c
@@ -112,8 +141,11 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                 continue
             q = w.part + nval * (c * p.nchunk + k)
             if w.op == TRAIN:
-                staged = _stage_block(a, blk, xs, w.dtype)
-                _block_stats(xs, staged, &bmean, &bm2)
+                if SUMS_RUN and _long_runs(blk):
+                    _block_stats16(a, blk, w.dtype, &bmean, &bm2)
+                else:
+                    staged = _stage_block(a, blk, xs, w.dtype)
+                    _block_stats(xs, staged, &bmean, &bm2)
                 _chan_merge(&q[0], &q[1], &q[2], <double>(blk.length * blk.nrun), bmean, bm2)
             else:
                 if (SUMS_RUN and w.ymask == NULL and not w.gd.inverse

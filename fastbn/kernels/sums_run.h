@@ -1,4 +1,5 @@
-/* The backward's fused sums over one run of float32 values in AVX-512 registers. */
+/* The planar blocks' reductions over runs in AVX-512 registers: the backward's fused sums
+   (float32 and 16-bit data), and the training statistics' sums of 16-bit data. */
 #ifndef FASTBN_SUMS_RUN_H
 #define FASTBN_SUMS_RUN_H
 #include <stdint.h>
@@ -26,6 +27,8 @@ enum { FASTBN_FMT_F32, FASTBN_FMT_F16, FASTBN_FMT_BF16 };
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+static inline float fastbn_sums_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* 16 values at p + i (of format fmt) as float32, lanes outside m as +0 */
 static inline __attribute__((always_inline)) __m512 fastbn_load_fmt(const void* p, Py_ssize_t i,
@@ -194,12 +197,76 @@ static void fastbn_sums_run_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t
         fastbn_sums_run_body(g, x, n, nrun, stride, mean, &r, FASTBN_G_PLAIN,
                              FASTBN_FMT_F16, ahead_bytes, sum_g, dot);
 }
+
+/* s1 = sum(x - bm) and s2 = sum((x - bm)^2) over nrun runs of n 16-bit values (bfloat16
+   when bf16, else float16), stride apart, widened in the registers, in double: the
+   arithmetic of the Cython _block_devs on a block of long runs (value i < n - n % 32 of
+   each run in lane i % 32 of 32 double lanes, d = x - bm, d added and d * d fused into its
+   lane, run after run; then each run's last n % 32 values one at a time into t1, t2; then
+   t1 plus the lanes summed as _lane_sum sums 32), so the same bits as _block_devs on a
+   float32 copy of the block, without the copy. Runs longer than ahead_bytes / 2 values
+   prefetch that many bytes ahead. */
+static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
+                            Py_ssize_t stride, double bm, int bf16, Py_ssize_t ahead_bytes,
+                            double* s1, double* s2) {
+    const int fmt = bf16 ? FASTBN_FMT_BF16 : FASTBN_FMT_F16;
+    const __m512d vb = _mm512_set1_pd(bm);
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    __m512d q0 = a0, q1 = a0, q2 = a0, q3 = a0, d;
+    __m512 v0, v1;
+    double t1 = 0.0, t2 = 0.0, e;
+    Py_ssize_t i, k, body = n - n % 32;
+    int ahead = 2 * n > ahead_bytes;
+    const uint16_t* r;
+    for (k = 0; k < nrun; k++) {
+        r = p + k * stride;
+        for (i = 0; i < body; i += 32) {
+            if (ahead)
+                fastbn_prefetch((const char*)(r + i) + ahead_bytes, 64);
+            v0 = fastbn_load_fmt(r, i, (__mmask16)0xFFFF, fmt);
+            v1 = fastbn_load_fmt(r, i + 16, (__mmask16)0xFFFF, fmt);
+            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v0)), vb);
+            a0 = _mm512_add_pd(a0, d);
+            q0 = _mm512_fmadd_pd(d, d, q0);
+            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(
+                _mm512_extractf64x4_pd(_mm512_castps_pd(v0), 1))), vb);
+            a1 = _mm512_add_pd(a1, d);
+            q1 = _mm512_fmadd_pd(d, d, q1);
+            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v1)), vb);
+            a2 = _mm512_add_pd(a2, d);
+            q2 = _mm512_fmadd_pd(d, d, q2);
+            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(
+                _mm512_extractf64x4_pd(_mm512_castps_pd(v1), 1))), vb);
+            a3 = _mm512_add_pd(a3, d);
+            q3 = _mm512_fmadd_pd(d, d, q3);
+        }
+    }
+    for (k = 0; k < nrun; k++) {
+        r = p + k * stride;
+        for (i = body; i < n; i++) {
+            e = (double)(bf16 ? fastbn_sums_bits_f32((uint32_t)r[i] << 16)
+                              : _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(r[i])))) - bm;
+            t1 = t1 + e;
+            t2 = fastbn_madd(e, e, t2);
+        }
+    }
+    /* _lane_sum of 32 lanes: partial sum j % 8 of lanes j, j + 8, j + 16, j + 24 added in
+       that order from +0, then the eight in fastbn_hsum8's order */
+    d = _mm512_setzero_pd();
+    *s1 = t1 + fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(
+        d, a0), a1), a2), a3));
+    *s2 = t2 + fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(
+        d, q0), q1), q2), q3));
+}
 #define FASTBN_SUMS_RUN 1
 #else
 /* Builds without AVX-512 sum their blocks in the Cython loops (FASTBN_SUMS_RUN 0): the
-   calls there are never reached, and compile to nothing. */
-#define fastbn_sums_run_f32(g, x, n, nrun, stride, mean, r, ahead, sum_g, dot) ((void)(r))
-#define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, ahead, sum_g, dot) ((void)0)
+   calls there are never reached, and compile to nothing but zeroed results. */
+#define fastbn_sums_run_f32(g, x, n, nrun, stride, mean, r, ahead, sum_g, dot) \
+    ((void)(r), *(sum_g) = 0.0, *(dot) = 0.0)
+#define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, ahead, sum_g, dot) \
+    (*(sum_g) = 0.0, *(dot) = 0.0)
+#define fastbn_devs_h16(p, n, nrun, stride, bm, bf16, ahead, s1, s2) (*(s1) = 0.0, *(s2) = 0.0)
 #define FASTBN_SUMS_RUN 0
 #endif
 
