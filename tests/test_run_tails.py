@@ -119,3 +119,35 @@ def test_half_statistics_are_the_widened_float32_statistics(shape, dt):
         _, em, ei = fastbn.batch_norm_train(xh.astype(np.float32), w, b)
         assert mean.tobytes() == em.tobytes(), (far, mean, em)
         assert invstd.tobytes() == ei.tobytes(), (far, invstd, ei)
+
+
+# channels-last rows: tiles of 32 rows, sweeps of 4, channel counts around the 16-lane
+# vectors, one chunk and several
+ROWS = [(r, c) for r in (2, 3, 4, 5, 31, 33, 70) for c in (1, 7, 16, 17, 40)] + [
+    (600, 3), (300, 129), (2000, 16)]
+
+
+@pytest.mark.parametrize("rc", ROWS, ids=str)
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_rows_sums_are_the_widened_float32_sums(rc, dt):
+    """The channels-last backward's dweight and dbias of 16-bit data (AVX-512: read in the
+    registers, not staged) are those of float32 data holding the same values, bit for bit,
+    also where a tile's float32 dot overflows and is summed again in double (bfloat16
+    values near 1e30)."""
+    rows, C = rc
+    cases = [(3.0, 1.0)] + ([(0.0, 1e30)] if dt.name == "bfloat16" else [])
+    for offset, scale in cases:
+        x, dy, w, b = _data((rows, C, 1), seed=4, offset=offset)
+        x, dy = x[:, :, 0] * np.float32(scale), dy[:, :, 0] * np.float32(scale)
+        xh, gh = x.astype(dt), dy.astype(dt)
+        for shape in [(rows, C), (1, rows, 1, C)]:
+            xs, gs = xh.reshape(shape), gh.reshape(shape)
+            layout = "NHWC"
+            _, mean, invstd = fastbn.batch_norm_train(xs, w, b, layout=layout)
+            with np.errstate(over="ignore", invalid="ignore"):
+                _, dw, db = fastbn.batch_norm_backward(gs, xs, mean, invstd, w, layout=layout)
+                _, ew, eb = fastbn.batch_norm_backward(gs.astype(np.float32),
+                                                       xs.astype(np.float32), mean, invstd,
+                                                       w, layout=layout)
+            assert dw.tobytes() == ew.tobytes(), (shape, scale, dw, ew)
+            assert db.tobytes() == eb.tobytes(), (shape, scale, db, eb)

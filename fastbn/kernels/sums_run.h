@@ -1,5 +1,6 @@
-/* The planar blocks' reductions over runs in AVX-512 registers: the backward's fused sums
-   (float32 and 16-bit data), and the training statistics' sums of 16-bit data. */
+/* Reductions in AVX-512 registers: the planar backward's fused sums of a block (float32 and
+   16-bit data), the planar training statistics' sums of a 16-bit block, and the rows
+   backward's sums of a tile of 16-bit rows. */
 #ifndef FASTBN_SUMS_RUN_H
 #define FASTBN_SUMS_RUN_H
 #include <stdint.h>
@@ -258,6 +259,80 @@ static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
     *s2 = t2 + fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(
         d, q0), q1), q2), q3));
 }
+
+/* The plain float32 sums of the rows kernels (rows.pxi's _rows_sums_v) over one tile of
+   16-bit rows (bfloat16 when bf16, else float16), widened in the registers: channels
+   [0, width) of rows [r0, r1), rows C apart, into sg[c] (double) and sd[c] (float32) with
+   the float32 means mean[c]. Four rows per sweep up to r4 (r0 when not multi_row):
+   sg[c] += (g0 + g1) + (g2 + g3) in double, sd[c] += g0 (x0 - m) + g1 (x1 - m) (the first
+   product fused into the sum) + the same of rows 2 and 3; then one row at a time, sg[c] += g
+   and sd[c] = fma(g, x - m, sd[c]). Sixteen channels per vector, the last ones masked: each
+   channel's sums are those expressions, so the same bits as _rows_sums_v on a float32 copy
+   of the tile, without the copy. */
+static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t C,
+                                 Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t width,
+                                 const float* mean, double* sg, float* sd, int multi_row,
+                                 int bf16) {
+    const int fmt = bf16 ? FASTBN_FMT_BF16 : FASTBN_FMT_F16;
+    Py_ssize_t r, c, r4 = multi_row ? r0 + (r1 - r0) / 4 * 4 : r0;
+    const uint16_t* gr;
+    const uint16_t* xr;
+    __mmask16 k;
+    __m512 m, g0, g1, g2, g3, x0, x1, x2, x3, t;
+    __m512d lo, hi;
+#define FASTBN_LO(v) _mm512_cvtps_pd(_mm512_castps512_ps256(v))
+#define FASTBN_HI(v) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    for (c = 0; c < width; c++) {
+        sg[c] = 0.0;
+        sd[c] = 0.0f;
+    }
+    for (r = r0; r < r4; r += 4) {
+        gr = g + r * C;
+        xr = x + r * C;
+        for (c = 0; c < width; c += 16) {
+            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            m = _mm512_maskz_loadu_ps(k, mean + c);
+            g0 = fastbn_load_fmt(gr, c, k, fmt);
+            g1 = fastbn_load_fmt(gr + C, c, k, fmt);
+            g2 = fastbn_load_fmt(gr + 2 * C, c, k, fmt);
+            g3 = fastbn_load_fmt(gr + 3 * C, c, k, fmt);
+            x0 = fastbn_load_fmt(xr, c, k, fmt);
+            x1 = fastbn_load_fmt(xr + C, c, k, fmt);
+            x2 = fastbn_load_fmt(xr + 2 * C, c, k, fmt);
+            x3 = fastbn_load_fmt(xr + 3 * C, c, k, fmt);
+            lo = _mm512_add_pd(_mm512_add_pd(FASTBN_LO(g0), FASTBN_LO(g1)),
+                               _mm512_add_pd(FASTBN_LO(g2), FASTBN_LO(g3)));
+            hi = _mm512_add_pd(_mm512_add_pd(FASTBN_HI(g0), FASTBN_HI(g1)),
+                               _mm512_add_pd(FASTBN_HI(g2), FASTBN_HI(g3)));
+            _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
+                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), lo));
+            _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
+                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), hi));
+            t = _mm512_add_ps(
+                _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), _mm512_mul_ps(g1, _mm512_sub_ps(x1, m))),
+                _mm512_fmadd_ps(g2, _mm512_sub_ps(x2, m), _mm512_mul_ps(g3, _mm512_sub_ps(x3, m))));
+            _mm512_mask_storeu_ps(sd + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, sd + c), t));
+        }
+    }
+    for (r = r4; r < r1; r++) {
+        gr = g + r * C;
+        xr = x + r * C;
+        for (c = 0; c < width; c += 16) {
+            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            m = _mm512_maskz_loadu_ps(k, mean + c);
+            g0 = fastbn_load_fmt(gr, c, k, fmt);
+            x0 = fastbn_load_fmt(xr, c, k, fmt);
+            _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
+                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), FASTBN_LO(g0)));
+            _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
+                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), FASTBN_HI(g0)));
+            _mm512_mask_storeu_ps(sd + c, k, _mm512_fmadd_ps(
+                g0, _mm512_sub_ps(x0, m), _mm512_maskz_loadu_ps(k, sd + c)));
+        }
+    }
+#undef FASTBN_LO
+#undef FASTBN_HI
+}
 #define FASTBN_SUMS_RUN 1
 #else
 /* Builds without AVX-512 sum their blocks in the Cython loops (FASTBN_SUMS_RUN 0): the
@@ -267,6 +342,8 @@ static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
 #define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, ahead, sum_g, dot) \
     (*(sum_g) = 0.0, *(dot) = 0.0)
 #define fastbn_devs_h16(p, n, nrun, stride, bm, bf16, ahead, s1, s2) (*(s1) = 0.0, *(s2) = 0.0)
+#define fastbn_rows_sums_h16(g, x, C, r0, r1, width, mean, sg, sd, multi_row, bf16) \
+    (*(sg) = 0.0, *(sd) = 0.0f)
 #define FASTBN_SUMS_RUN 0
 #endif
 
