@@ -107,18 +107,22 @@ def test_half_sums_are_the_widened_float32_sums(shape, dt):
 @pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
 def test_half_statistics_are_the_widened_float32_statistics(shape, dt):
     """The training statistics of 16-bit data are those of float32 data holding the same
-    values, bit for bit, for every tail and block of several runs; also where a block's
-    first value sits so far from the rest that its one-pass sums are taken again about
-    their mean (every block's first value of each run set to 1e3)."""
-    for far in (False, True):
+    values, bit for bit, for every tail and block of several runs; also where each run's
+    first value sits far from the rest (the sums about it lose the most digits a block's
+    value can make them lose), and where an infinity makes a block's sums NaN and takes it
+    through the second pass."""
+    for case in ("plain", "far", "inf"):
         x, _, w, b = _data(shape, seed=3)
-        if far:
+        if case == "far":
             x[:, :, 0] = 1e3
+        elif case == "inf":
+            x[:, 0, -1] = np.inf
         xh = x.astype(dt)
-        _, mean, invstd = fastbn.batch_norm_train(xh, w, b)
-        _, em, ei = fastbn.batch_norm_train(xh.astype(np.float32), w, b)
-        assert mean.tobytes() == em.tobytes(), (far, mean, em)
-        assert invstd.tobytes() == ei.tobytes(), (far, invstd, ei)
+        with np.errstate(invalid="ignore"):
+            _, mean, invstd = fastbn.batch_norm_train(xh, w, b)
+            _, em, ei = fastbn.batch_norm_train(xh.astype(np.float32), w, b)
+        assert mean.tobytes() == em.tobytes(), (case, mean, em)
+        assert invstd.tobytes() == ei.tobytes(), (case, invstd, ei)
 
 
 # channels-last rows: tiles of 32 rows, sweeps of 4, channel counts around the 16-lane
@@ -151,3 +155,29 @@ def test_half_rows_sums_are_the_widened_float32_sums(rc, dt):
                                                        w, layout=layout)
             assert dw.tobytes() == ew.tobytes(), (shape, scale, dw, ew)
             assert db.tobytes() == eb.tobytes(), (shape, scale, db, eb)
+
+
+@pytest.mark.parametrize("rc", ROWS, ids=str)
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_rows_statistics_are_the_widened_float32_statistics(rc, dt):
+    """The channels-last training statistics of 16-bit data (AVX-512: read in the registers,
+    not staged) are those of float32 data holding the same values, bit for bit; also where
+    each tile's first row sits far from the rest (every 32nd row at 1e3), and where an
+    infinity makes a tile's one-pass sums NaN and takes it through the two-pass fallback."""
+    rows, C = rc
+    for case in ("plain", "far", "inf"):
+        x, _, w, b = _data((rows, C, 1), seed=5)
+        x = x[:, :, 0]
+        if case == "far":
+            x[::32] = 1e3
+        elif case == "inf":
+            x[-1, 0] = np.inf
+        xh = x.astype(dt)
+        for shape in [(rows, C), (1, rows, 1, C)]:
+            xs = xh.reshape(shape)
+            with np.errstate(invalid="ignore"):
+                _, mean, invstd = fastbn.batch_norm_train(xs, w, b, layout="NHWC")
+                _, em, ei = fastbn.batch_norm_train(xs.astype(np.float32), w, b,
+                                                    layout="NHWC")
+            assert mean.tobytes() == em.tobytes(), (shape, case, mean, em)
+            assert invstd.tobytes() == ei.tobytes(), (shape, case, invstd, ei)

@@ -336,6 +336,9 @@ cdef extern from "sums_run.h":
     void _rows_sums_h16 "fastbn_rows_sums_h16"(const unsigned short* g,
         const unsigned short* x, Py_ssize_t C, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t width,
         const float* mean, double* sg, float* sd, bint multi_row, bint bf16) noexcept nogil
+    void _rows_devs_h16 "fastbn_rows_devs_h16"(const unsigned short* x, Py_ssize_t C,
+        Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t width, const double* pivot, double* s1,
+        double* s2, bint multi_row, bint bf16) noexcept nogil
     void _sums_run_h16 "fastbn_sums_run_h16"(const unsigned short* g, const unsigned short* x,
         Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride, float mean, bint bf16,
         Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil

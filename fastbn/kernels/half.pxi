@@ -348,14 +348,19 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
                          Py_ssize_t k) noexcept nogil:
     """_rows_reduce for 16-bit data: the chunk's rows [r0, r1) of channels [c0, c1)
     widened (about ROW_CHUNK_VALUES values), then reduced by the float32 code into chunk k;
-    a plain backward's rows read straight from their 16-bit form where the build has the
-    register sums (_rows16_sums, the same bits)."""
+    the training statistics and a plain backward's sums read straight from the 16-bit rows
+    where the build has the register sums (_rows_chunk_stats's x16, _rows16_sums: the same
+    bits)."""
     cdef Py_ssize_t width = c1 - c0, nr = r1 - r0, c
     cdef double* out0 = w.part + 2 * k * C + c0
     cdef double* out1 = w.part + (2 * k + 1) * C + c0
     cdef Grad gview
     cdef float* sa
     cdef float* sb
+    if SUMS_RUN and w.op == TRAIN:      # read straight from the 16-bit rows
+        _rows_chunk_stats(<const float*>NULL, C, c0, c1, r0, r1, w.part + 2 * k * C,
+                          w.part + (2 * k + 1) * C, w.multi_row, w, a, w.dtype)
+        return
     if (SUMS_RUN and w.op != TRAIN and w.ymask == NULL and not w.gd.inverse
             and _rows16_sums(a, b, w, C, c0, c1, r0, r1, out0, out1)):
         return

@@ -81,12 +81,16 @@ cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_
 
 cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_ssize_t c1,
                             Py_ssize_t r0, Py_ssize_t r1, double* cmean, double* cm2,
-                            bint multi_row, const Work* w) noexcept nogil:
+                            bint multi_row, const Work* w, const half_bits* x16=NULL,
+                            int dtype=0) noexcept nogil:
     """Mean and m2 of channels [c0, c1) (of C) over rows [r0, r1), into cmean[c], cm2[c],
     tile by tile: the TILE_ROWS rows of a tile are read once in memory order, summing
     d = x - pivot and d*d in double about the tile's first row (as _block_stats does; a
     channel whose sums would cancel is redone in two passes), and each tile is merged into
-    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1)."""
+    cmean/cm2 in row order. Each channel's arithmetic is the same whatever [c0, c1).
+    x16 (SUMS_RUN builds, x float32 and NULL): the data are x16's 16-bit values of type
+    dtype, read straight from their 16-bit form (sums_run.h), with the arithmetic of their
+    float32 copy, so its bits."""
     cdef Py_ssize_t width = c1 - c0
     cdef double* work = <double*>_kernel_alloc(w, 4 * width * sizeof(double))
     cdef double* pivot = work
@@ -96,9 +100,10 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     cdef double d, d1, d2, d3, k
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
-    cdef double nb, n = 0, t1
+    cdef double nb, n = 0
     cdef double limit = _cancel_limit(x)
     cdef const floating* row
+    cdef float col[TILE_ROWS]
     # rows of at most PREFETCH_BYTES are prefetched; longer ones the hardware follows
     cdef bint short_rows = C * <Py_ssize_t>sizeof(floating) <= PREFETCH_BYTES
     if work == NULL:           # out of memory (w.failed is set): NaN, then a MemoryError
@@ -106,13 +111,30 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
             cmean[c] = NAN
             cm2[c] = NAN
         return
-    x = x + c0                 # channel c0 + c of row r is x[r * C + c] from here on
+    if x16 != NULL:
+        x16 = x16 + c0
+    else:
+        x = x + c0             # channel c0 + c of row r is x[r * C + c] from here on
     cmean = cmean + c0
     cm2 = cm2 + c0
     for ib in range(nrb):
         b0 = r0 + ib * TILE_ROWS
         b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
         nb = <double>(b1 - b0)
+        if floating is float:
+            if x16 != NULL:
+                _widen(x16 + b0 * C, <float*>tile_m2, width, dtype)   # free until below
+                for c in range(width):
+                    pivot[c] = (<float*>tile_m2)[c]
+                    s1[c] = 0
+                    s2[c] = 0
+                _rows_devs_h16(x16, C, b0, b1, width, pivot, s1, s2, multi_row,
+                               dtype == BF16)
+                _rows_tile_end(x, x16, dtype, C, width, b0, b1, pivot, s1, s2, tile_m2,
+                               limit, col)
+                _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
+                n = n + nb
+                continue
         row = x + b0 * C
         for c in range(width):
             pivot[c] = row[c]
@@ -141,18 +163,37 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
                 s1[c] = s1[c] + d
                 s2[c] = _madd(d, d, s2[c])
             r = r + 1
-        # the tile's mean into s1 and its m2, in straight loops the compiler vectorizes;
-        # then the rare channels whose one-pass sums cancelled, in two passes
-        for c in range(width):
-            t1 = s1[c]
-            s1[c] = pivot[c] + t1 / nb
-            tile_m2[c] = _madd(-t1, t1 / nb, s2[c])
-        for c in range(width):
-            if not (tile_m2[c] * limit >= s2[c]):
-                _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &tile_m2[c])
+        _rows_tile_end(x, <const half_bits*>NULL, 0, C, width, b0, b1, pivot, s1, s2,
+                       tile_m2, limit, col)
         _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
         n = n + nb
     free(work)
+
+
+cdef inline void _rows_tile_end(const floating* x, const half_bits* x16, int dtype,
+                                Py_ssize_t C, Py_ssize_t width, Py_ssize_t b0, Py_ssize_t b1,
+                                const double* pivot, double* s1, const double* s2,
+                                double* tile_m2, double limit, float* col) noexcept nogil:
+    """A tile's mean into s1 and its m2 into tile_m2, in straight loops the compiler
+    vectorizes; then the rare channels whose one-pass sums cancelled, in two passes (of
+    x16's values widened into col, TILE_ROWS floats, when x16 is given)."""
+    cdef Py_ssize_t c, r
+    cdef double t1
+    cdef double nb = <double>(b1 - b0)
+    for c in range(width):
+        t1 = s1[c]
+        s1[c] = pivot[c] + t1 / nb
+        tile_m2[c] = _madd(-t1, t1 / nb, s2[c])
+    for c in range(width):
+        if not (tile_m2[c] * limit >= s2[c]):
+            if floating is float:
+                if x16 != NULL:
+                    for r in range(b0, b1):
+                        _widen(x16 + r * C + c, col + (r - b0), 1, dtype)
+                    _rows_tile_two_pass(<const float*>col, 1, 0, 0, b1 - b0, &s1[c],
+                                        &tile_m2[c])
+                    continue
+            _rows_tile_two_pass(x, C, c, b0, b1, &s1[c], &tile_m2[c])
 
 
 cdef void _rows_train_coefs(Coef* cf, const double* part, Py_ssize_t R, Py_ssize_t C,

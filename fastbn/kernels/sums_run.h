@@ -1,6 +1,6 @@
 /* Reductions in AVX-512 registers: the planar backward's fused sums of a block (float32 and
-   16-bit data), the planar training statistics' sums of a 16-bit block, and the rows
-   backward's sums of a tile of 16-bit rows. */
+   16-bit data), and the sums of 16-bit data read straight from it: the planar training
+   statistics' of a block, the rows backward's and training statistics' of a tile. */
 #ifndef FASTBN_SUMS_RUN_H
 #define FASTBN_SUMS_RUN_H
 #include <stdint.h>
@@ -333,6 +333,76 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
 #undef FASTBN_LO
 #undef FASTBN_HI
 }
+
+/* The training statistics' sweeps of the rows kernels (rows.pxi's _rows_chunk_stats) over
+   one tile of 16-bit rows (bfloat16 when bf16, else float16), widened in the registers:
+   channels [0, width) of rows [r0, r1), rows C apart, d = x - pivot[c] in double added to
+   s1[c] and d * d to s2[c]; four rows per sweep while they last (when multi_row), s1[c] +=
+   (d0 + d1) + (d2 + d3) and s2[c] += fma(d0, d0, d1 d1) + fma(d2, d2, d3 d3); then one row
+   at a time, s1[c] += d and s2[c] = fma(d, d, s2[c]). Eight channels per vector, the last
+   ones masked: the same bits as those loops on a float32 copy of the tile. */
+static void fastbn_rows_devs_h16(const uint16_t* x, Py_ssize_t C, Py_ssize_t r0,
+                                 Py_ssize_t r1, Py_ssize_t width, const double* pivot,
+                                 double* s1, double* s2, int multi_row, int bf16) {
+    const int fmt = bf16 ? FASTBN_FMT_BF16 : FASTBN_FMT_F16;
+    Py_ssize_t r = r0, c;
+    const uint16_t* row;
+    __mmask16 k;
+    __mmask8 h;
+    __m512 v0, v1, v2, v3;
+    __m512d k0, d0, d1, d2, d3;
+    int half;
+#define FASTBN_HALF(v, i) (i ? _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(   \
+                               _mm512_castps_pd(v), 1)))                                   \
+                             : _mm512_cvtps_pd(_mm512_castps512_ps256(v)))
+    while (multi_row && r + 4 <= r1) {
+        row = x + r * C;
+        for (c = 0; c < width; c += 16) {
+            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            v0 = fastbn_load_fmt(row, c, k, fmt);
+            v1 = fastbn_load_fmt(row + C, c, k, fmt);
+            v2 = fastbn_load_fmt(row + 2 * C, c, k, fmt);
+            v3 = fastbn_load_fmt(row + 3 * C, c, k, fmt);
+            for (half = 0; half < 2; half++) {
+                h = (__mmask8)(k >> (8 * half));
+                if (!h)
+                    break;
+                k0 = _mm512_maskz_loadu_pd(h, pivot + c + 8 * half);
+                d0 = _mm512_sub_pd(FASTBN_HALF(v0, half), k0);
+                d1 = _mm512_sub_pd(FASTBN_HALF(v1, half), k0);
+                d2 = _mm512_sub_pd(FASTBN_HALF(v2, half), k0);
+                d3 = _mm512_sub_pd(FASTBN_HALF(v3, half), k0);
+                _mm512_mask_storeu_pd(s1 + c + 8 * half, h, _mm512_add_pd(
+                    _mm512_maskz_loadu_pd(h, s1 + c + 8 * half),
+                    _mm512_add_pd(_mm512_add_pd(d0, d1), _mm512_add_pd(d2, d3))));
+                _mm512_mask_storeu_pd(s2 + c + 8 * half, h, _mm512_add_pd(
+                    _mm512_maskz_loadu_pd(h, s2 + c + 8 * half),
+                    _mm512_add_pd(_mm512_fmadd_pd(d0, d0, _mm512_mul_pd(d1, d1)),
+                                  _mm512_fmadd_pd(d2, d2, _mm512_mul_pd(d3, d3)))));
+            }
+        }
+        r += 4;
+    }
+    for (; r < r1; r++) {
+        row = x + r * C;
+        for (c = 0; c < width; c += 16) {
+            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            v0 = fastbn_load_fmt(row, c, k, fmt);
+            for (half = 0; half < 2; half++) {
+                h = (__mmask8)(k >> (8 * half));
+                if (!h)
+                    break;
+                d0 = _mm512_sub_pd(FASTBN_HALF(v0, half),
+                                   _mm512_maskz_loadu_pd(h, pivot + c + 8 * half));
+                _mm512_mask_storeu_pd(s1 + c + 8 * half, h, _mm512_add_pd(
+                    _mm512_maskz_loadu_pd(h, s1 + c + 8 * half), d0));
+                _mm512_mask_storeu_pd(s2 + c + 8 * half, h, _mm512_fmadd_pd(
+                    d0, d0, _mm512_maskz_loadu_pd(h, s2 + c + 8 * half)));
+            }
+        }
+    }
+#undef FASTBN_HALF
+}
 #define FASTBN_SUMS_RUN 1
 #else
 /* Builds without AVX-512 sum their blocks in the Cython loops (FASTBN_SUMS_RUN 0): the
@@ -344,6 +414,7 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
 #define fastbn_devs_h16(p, n, nrun, stride, bm, bf16, ahead, s1, s2) (*(s1) = 0.0, *(s2) = 0.0)
 #define fastbn_rows_sums_h16(g, x, C, r0, r1, width, mean, sg, sd, multi_row, bf16) \
     (*(sg) = 0.0, *(sd) = 0.0f)
+#define fastbn_rows_devs_h16(x, C, r0, r1, width, pivot, s1, s2, multi_row, bf16) ((void)0)
 #define FASTBN_SUMS_RUN 0
 #endif
 
