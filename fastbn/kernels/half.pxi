@@ -1,7 +1,10 @@
 # 16-bit data (float16, bfloat16): the NCHW and NHWC kernels' data passes. Each block of a
 # reduction (planar) or chunk of rows (rows) is widened into a stage of float32 values and
 # handed to the float32 code, so the statistics, sums and their accuracy are exactly those
-# of the float32 path on the widened values; each piece of an elementwise pass is computed
+# of the float32 path on the widened values. The AVX-512 build reads the common ones
+# straight from the 16-bit data instead, with that same arithmetic (sums_run.h): the
+# training statistics (planar blocks of long runs, rows tiles) and a plain backward's sums,
+# so the same bits without the stage. Each piece of an elementwise pass is computed
 # in float32 and rounded once, to nearest even, to the data type. The plain normalization
 # (no residual, no ReLU) and dx (with or without the fused activation's mask), where
 # float32 carries the coefficients, do that in one loop over registers in the AVX2 and
