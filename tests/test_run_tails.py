@@ -181,3 +181,29 @@ def test_half_rows_statistics_are_the_widened_float32_statistics(rc, dt):
                                                     layout="NHWC")
             assert mean.tobytes() == em.tobytes(), (shape, case, mean, em)
             assert invstd.tobytes() == ei.tobytes(), (shape, case, invstd, ei)
+
+
+@pytest.mark.parametrize("shape", SHAPES[::3] + SHAPES[-4:], ids=str)
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_fused_sums_are_the_widened_float32_sums(shape, dt):
+    """The fused activation's backward of 16-bit data (AVX-512: dy masked by the 16-bit y in
+    the registers, not staged) gives the dweight and dbias of float32 data holding the same
+    values, bit for bit: the ReLU, the leaky ReLU, and the leaky ReLU's backward from its
+    output."""
+    x, dy, w, b = _data(shape, seed=6, offset=0.2)
+    xh, gh = x.astype(dt), dy.astype(dt)
+    for s in (0.0, 0.1):
+        yh, mean, invstd = fastbn.batch_norm_relu_train(xh, w, b, negative_slope=s)
+        y32, g32, x32 = yh.astype(np.float32), gh.astype(np.float32), xh.astype(np.float32)
+        got = fastbn.batch_norm_relu_backward(gh, yh, xh, mean, invstd, w, negative_slope=s)
+        want = fastbn.batch_norm_relu_backward(g32, y32, x32, mean, invstd, w,
+                                               negative_slope=s)
+        for a, e in zip(got[1:], want[1:]):
+            assert a.tobytes() == e.tobytes(), (s, a, e)
+        if s:
+            got = fastbn.batch_norm_backward_from_output(gh, yh, invstd, w, b,
+                                                         negative_slope=s)
+            want = fastbn.batch_norm_backward_from_output(g32, y32, invstd, w, b,
+                                                          negative_slope=s)
+            for a, e in zip(got[1:], want[1:]):
+                assert a.tobytes() == e.tobytes(), ("from y", a, e)

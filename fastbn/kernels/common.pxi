@@ -323,7 +323,7 @@ cdef extern from "sums_run.h":
         G_LEAKY_INVERSE "FASTBN_G_LEAKY_INVERSE"
     ctypedef struct GRead "fastbn_gread":
         int kind
-        const float* y
+        const void* y
         const unsigned char* bits
         float slope
         float inverse
@@ -341,7 +341,7 @@ cdef extern from "sums_run.h":
         double* s2, bint multi_row, bint bf16) noexcept nogil
     void _sums_run_h16 "fastbn_sums_run_h16"(const unsigned short* g, const unsigned short* x,
         Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride, float mean, bint bf16,
-        Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil
+        const GRead* r, Py_ssize_t ahead_bytes, double* sum_g, double* dot) noexcept nogil
 
 
 cdef extern from "mask_bits.h":

@@ -3,8 +3,8 @@
 # handed to the float32 code, so the statistics, sums and their accuracy are exactly those
 # of the float32 path on the widened values. The AVX-512 build reads the common ones
 # straight from the 16-bit data instead, with that same arithmetic (sums_run.h): the
-# training statistics (planar blocks of long runs, rows tiles) and a plain backward's sums,
-# so the same bits without the stage. Each piece of an elementwise pass is computed
+# training statistics (planar blocks of long runs, rows tiles), a plain backward's sums and
+# (planar) the fused activation's backward sums, so the same bits without the stage. Each piece of an elementwise pass is computed
 # in float32 and rounded once, to nearest even, to the data type. The plain normalization
 # (no residual, no ReLU) and dx (with or without the fused activation's mask), where
 # float32 carries the coefficients, do that in one loop over registers in the AVX2 and
@@ -94,22 +94,42 @@ cdef inline void _block_stats16(const half_bits* x, Block blk, int dtype, double
 
 
 cdef inline bint _block_sums16(const half_bits* g, const half_bits* x, Block blk, double mean,
-                              double* sum_g, double* dot, int dtype) noexcept nogil:
-    """_block_sums of a plain 16-bit block (no mask) read straight from its 16-bit form
-    (sums_run.h, SUMS_RUN builds): the float32 lanes on the same values, so the same bits
-    as the block widened into a stage, without the stage. False, adding nothing, where the
-    float32 lanes do not apply (a mean beyond float32's range, a dot that left it): the
-    staged block then takes _block_sums's double path."""
+                              double* sum_g, double* dot, int dtype, const half_bits* ym,
+                              const Grad* gd) noexcept nogil:
+    """_block_sums of a 16-bit block read straight from its 16-bit form (sums_run.h,
+    SUMS_RUN builds), g as is or, with ym (the fused activation's 16-bit y, laid out as g),
+    masked in gd's variant as _block_sums_y masks it: the float32 lanes on the same values,
+    so the same bits as the block widened into a stage, without the stage. False, adding
+    nothing, where the float32 lanes do not apply (a mean beyond float32's range, a dot
+    that left it): the staged block then takes _block_sums's double path."""
     cdef double s, t
     cdef float m32
+    cdef GRead rd
     if not _f32_bounded(mean):
         return False
     m32 = <float>mean
+    rd.y = NULL
+    rd.bits = NULL
+    rd.slope = 0
+    rd.inverse = 0
+    if ym == NULL:
+        rd.kind = G_PLAIN
+    else:
+        rd.y = <const void*>(ym + blk.offset)
+        if gd.slope == 0:
+            rd.kind = G_RELU
+        elif gd.inverse:
+            rd.kind = G_LEAKY_INVERSE
+            rd.slope = <float>gd.slope
+            rd.inverse = <float>(1.0 / gd.slope)
+        else:
+            rd.kind = G_LEAKY
+            rd.slope = <float>gd.slope
     # the float32 blocks' prefetch in values (runs longer than PREFETCH_BYTES / 4 values
     # ask for the values that far ahead): without it, the long planes' backward took
     # 1.15-1.20x the staged one's time, whose widening loops prefetch
     _sums_run_h16(g + blk.offset, x + blk.offset, blk.length, blk.nrun, blk.stride, m32,
-                  dtype == BF16, PREFETCH_BYTES // 2, &s, &t)
+                  dtype == BF16, &rd, PREFETCH_BYTES // 2, &s, &t)
     if not _f32_sum_ok(t):
         return False
     sum_g[0] = sum_g[0] + s
@@ -121,9 +141,9 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                            const Work* w, Py_ssize_t c0, Py_ssize_t c1,
                            Py_ssize_t k) noexcept nogil:
     """_planar_reduce for 16-bit data: each block widened, then the float32 block code; a
-    plain backward's block (no mask), and a training block of long runs, are summed
-    straight from their 16-bit form where the build has the register lanes (_block_sums16,
-    _block_stats16: the same bits)."""
+    backward's block (plain or masked by the fused activation's y), and a training block
+    of long runs, are summed straight from their 16-bit form where the build has the
+    register lanes (_block_sums16, _block_stats16: the same bits)."""
     cdef float xs[BLOCK]
     cdef float gs[BLOCK]
     cdef Py_ssize_t bi, c
@@ -151,8 +171,10 @@ cdef void _planar16_reduce(const Planar* p, const half_bits* a, const half_bits*
                     _block_stats(xs, staged, &bmean, &bm2)
                 _chan_merge(&q[0], &q[1], &q[2], <double>(blk.length * blk.nrun), bmean, bm2)
             else:
-                if (SUMS_RUN and w.ymask == NULL and not w.gd.inverse
-                        and _block_sums16(a, b, blk, w.gd.mean[c], &q[0], &q[1], w.dtype)):
+                # (the leaky ReLU's backward from its output reads x as y: ymask is x)
+                if (SUMS_RUN and (not w.gd.inverse or w.ymask == <const void*>b)
+                        and _block_sums16(a, b, blk, w.gd.mean[c], &q[0], &q[1], w.dtype,
+                                          <const half_bits*>w.ymask, w.gd)):
                     continue
                 staged = _stage_block(a, blk, gs, w.dtype)
                 _stage_block(b, blk, xs, w.dtype)

@@ -16,7 +16,8 @@ enum { FASTBN_G_PLAIN, FASTBN_G_RELU, FASTBN_G_BITS, FASTBN_G_LEAKY, FASTBN_G_LE
 
 typedef struct {
     int kind;                   /* FASTBN_G_* */
-    const float* y;             /* RELU, LEAKY, LEAKY_INVERSE: laid out as dy */
+    const void* y;              /* RELU, LEAKY, LEAKY_INVERSE: laid out as dy, stored as
+                                   dy is (float32, or the same 16-bit type) */
     const unsigned char* bits;  /* BITS */
     float slope;                /* LEAKY, LEAKY_INVERSE */
     float inverse;              /* LEAKY_INVERSE */
@@ -43,8 +44,7 @@ static inline __attribute__((always_inline)) __m512 fastbn_load_fmt(const void* 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says
-   (16-bit data: plain only). */
+/* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says. */
 static inline __attribute__((always_inline)) void fastbn_gx16(
         const void* g, const void* x, Py_ssize_t i, __mmask16 m, const fastbn_gread* r,
         int kind, int fmt, __m512* gv, __m512* xv, __m512 mean) {
@@ -66,7 +66,7 @@ static inline __attribute__((always_inline)) void fastbn_gx16(
         *gv = _mm512_maskz_mov_ps((__mmask16)(w & m), *gv);
         return;
     }
-    y = _mm512_maskz_loadu_ps(m, r->y + i);
+    y = fastbn_load_fmt(r->y, i, m, fmt);
     pos = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ);
     if (kind == FASTBN_G_RELU) {
         *gv = _mm512_maskz_mov_ps(pos, *gv);
@@ -126,11 +126,13 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
         gq = (const char*)g + q * stride * size;
         xq = (const char*)x + q * stride * size;
         if (r->y != NULL)
-            rq.y = r->y + q * stride;
+            rq.y = (const char*)r->y + q * stride * size;
         for (i = 0; i + 32 <= n; i += 32) {
             if (ahead) {
                 fastbn_prefetch(gq + i * size + ahead_bytes, 32 * size);
                 fastbn_prefetch(xq + i * size + ahead_bytes, 32 * size);
+                if (kind == FASTBN_G_RELU || kind == FASTBN_G_LEAKY)   /* y, a third stream */
+                    fastbn_prefetch((const char*)rq.y + i * size + ahead_bytes, 32 * size);
             }
             FASTBN_SUMS_STEP((__mmask16)0xFFFF, (__mmask16)0xFFFF);
         }
@@ -184,20 +186,39 @@ static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
     }
 }
 
-/* The same sums of plain 16-bit g and x (bfloat16 when bf16, else float16), widened in
-   the registers: the lanes and arithmetic of fastbn_sums_run_f32 on the widened values,
-   so the same bits as that function on a float32 copy of them, without the copy. */
+/* The same sums of 16-bit g and x (bfloat16 when bf16, else float16; r->y of the same
+   type), widened in the registers: the lanes and arithmetic of fastbn_sums_run_f32 on
+   the widened values, so the same bits as that function on a float32 copy of them,
+   without the copy. r->bits (FASTBN_G_BITS) is not used with 16-bit data. */
+#define FASTBN_SUMS_KIND(FMT)                                                              \
+    switch (r->kind) {                                                                     \
+    case FASTBN_G_RELU:                                                                    \
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, FMT,          \
+                             ahead_bytes, sum_g, dot);                                     \
+        break;                                                                             \
+    case FASTBN_G_LEAKY:                                                                   \
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, FMT,         \
+                             ahead_bytes, sum_g, dot);                                     \
+        break;                                                                             \
+    case FASTBN_G_LEAKY_INVERSE:                                                           \
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE, FMT, \
+                             ahead_bytes, sum_g, dot);                                     \
+        break;                                                                             \
+    default:                                                                               \
+        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, FMT,         \
+                             ahead_bytes, sum_g, dot);                                     \
+    }
 static void fastbn_sums_run_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t n,
                                 Py_ssize_t nrun, Py_ssize_t stride, float mean, int bf16,
-                                Py_ssize_t ahead_bytes, double* sum_g, double* dot) {
-    fastbn_gread r = {FASTBN_G_PLAIN, NULL, NULL, 0.0f, 0.0f};
-    if (bf16)
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, &r, FASTBN_G_PLAIN,
-                             FASTBN_FMT_BF16, ahead_bytes, sum_g, dot);
-    else
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, &r, FASTBN_G_PLAIN,
-                             FASTBN_FMT_F16, ahead_bytes, sum_g, dot);
+                                const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
+                                double* dot) {
+    if (bf16) {
+        FASTBN_SUMS_KIND(FASTBN_FMT_BF16)
+    } else {
+        FASTBN_SUMS_KIND(FASTBN_FMT_F16)
+    }
 }
+#undef FASTBN_SUMS_KIND
 
 /* s1 = sum(x - bm) and s2 = sum((x - bm)^2) over nrun runs of n 16-bit values (bfloat16
    when bf16, else float16), stride apart, widened in the registers, in double: the
@@ -409,8 +430,8 @@ static void fastbn_rows_devs_h16(const uint16_t* x, Py_ssize_t C, Py_ssize_t r0,
    calls there are never reached, and compile to nothing but zeroed results. */
 #define fastbn_sums_run_f32(g, x, n, nrun, stride, mean, r, ahead, sum_g, dot) \
     ((void)(r), *(sum_g) = 0.0, *(dot) = 0.0)
-#define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, ahead, sum_g, dot) \
-    (*(sum_g) = 0.0, *(dot) = 0.0)
+#define fastbn_sums_run_h16(g, x, n, nrun, stride, mean, bf16, r, ahead, sum_g, dot) \
+    ((void)(r), *(sum_g) = 0.0, *(dot) = 0.0)
 #define fastbn_devs_h16(p, n, nrun, stride, bm, bf16, ahead, s1, s2) (*(s1) = 0.0, *(s2) = 0.0)
 #define fastbn_rows_sums_h16(g, x, C, r0, r1, width, mean, sg, sd, multi_row, bf16) \
     (*(sg) = 0.0, *(sd) = 0.0f)
