@@ -44,6 +44,14 @@ static inline __attribute__((always_inline)) __m512 fastbn_load_fmt(const void* 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* the lower and the upper eight float32 lanes of v in double (exactly) */
+static inline __m512d fastbn_lo_pd(__m512 v) {
+    return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+}
+static inline __m512d fastbn_hi_pd(__m512 v) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 /* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says. */
 static inline __attribute__((always_inline)) void fastbn_gx16(
         const void* g, const void* x, Py_ssize_t i, __mmask16 m, const fastbn_gread* r,
@@ -92,12 +100,10 @@ static inline double fastbn_hsum8(__m512d v) {
     do {                                                                                \
         fastbn_gx16(gq, xq, i, (M0), &rq, kind, fmt, &g0, &x0, m);                       \
         fastbn_gx16(gq, xq, i + 16, (M1), &rq, kind, fmt, &g1, &x1, m);                  \
-        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(g0)));             \
-        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(                         \
-            _mm512_extractf64x4_pd(_mm512_castps_pd(g0), 1))));                          \
-        a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm512_castps512_ps256(g1)));             \
-        a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_castpd_ps(                         \
-            _mm512_extractf64x4_pd(_mm512_castps_pd(g1), 1))));                          \
+        a0 = _mm512_add_pd(a0, fastbn_lo_pd(g0));                                         \
+        a1 = _mm512_add_pd(a1, fastbn_hi_pd(g0));                                         \
+        a2 = _mm512_add_pd(a2, fastbn_lo_pd(g1));                                         \
+        a3 = _mm512_add_pd(a3, fastbn_hi_pd(g1));                                         \
         t0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), t0);                              \
         t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);                              \
     } while (0)
@@ -140,13 +146,8 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
             FASTBN_SUMS_STEP(m0, m1);
     }
     *sum_g = fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3)));
-    d = _mm512_add_pd(
-        _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(t0)),
-                      _mm512_cvtps_pd(_mm512_castps512_ps256(t1))),
-        _mm512_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-                          _mm512_castps_pd(t0), 1))),
-                      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-                          _mm512_castps_pd(t1), 1)))));
+    d = _mm512_add_pd(_mm512_add_pd(fastbn_lo_pd(t0), fastbn_lo_pd(t1)),
+                      _mm512_add_pd(fastbn_hi_pd(t0), fastbn_hi_pd(t1)));
     *dot = fastbn_hsum8(d);
 }
 #undef FASTBN_SUMS_STEP
@@ -158,67 +159,49 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
    then each set of lanes summed in double in a fixed order. The same bits for every kind
    of r that reads the same values. Runs longer than ahead_bytes prefetch g and x that
    many bytes ahead. */
+/* fastbn_sums_run_body with r->kind and the format FMT as constants */
+#define FASTBN_SUMS_KINDS(FMT)                                                             \
+    switch (r->kind) {                                                                     \
+    case FASTBN_G_RELU:                                                                    \
+        FASTBN_SUMS_KIND(FASTBN_G_RELU, FMT);                                              \
+    case FASTBN_G_BITS:                                                                    \
+        FASTBN_SUMS_KIND(FASTBN_G_BITS, FMT);                                              \
+    case FASTBN_G_LEAKY:                                                                   \
+        FASTBN_SUMS_KIND(FASTBN_G_LEAKY, FMT);                                             \
+    case FASTBN_G_LEAKY_INVERSE:                                                           \
+        FASTBN_SUMS_KIND(FASTBN_G_LEAKY_INVERSE, FMT);                                     \
+    default:                                                                               \
+        FASTBN_SUMS_KIND(FASTBN_G_PLAIN, FMT);                                             \
+    }
+#define FASTBN_SUMS_KIND(KIND, FMT)                                                        \
+    fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, KIND, FMT, ahead_bytes, sum_g,    \
+                         dot);                                                             \
+    break
+
 static void fastbn_sums_run_f32(const float* g, const float* x, Py_ssize_t n,
                                 Py_ssize_t nrun, Py_ssize_t stride, float mean,
                                 const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
                                 double* dot) {
-    const int f = FASTBN_FMT_F32;
-    switch (r->kind) {
-    case FASTBN_G_RELU:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, f, ahead_bytes,
-                             sum_g, dot);
-        break;
-    case FASTBN_G_BITS:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_BITS, f, ahead_bytes,
-                             sum_g, dot);
-        break;
-    case FASTBN_G_LEAKY:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, f, ahead_bytes,
-                             sum_g, dot);
-        break;
-    case FASTBN_G_LEAKY_INVERSE:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE, f,
-                             ahead_bytes, sum_g, dot);
-        break;
-    default:
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, f, ahead_bytes,
-                             sum_g, dot);
-    }
+    FASTBN_SUMS_KINDS(FASTBN_FMT_F32)
 }
 
 /* The same sums of 16-bit g and x (bfloat16 when bf16, else float16; r->y of the same
    type), widened in the registers: the lanes and arithmetic of fastbn_sums_run_f32 on
    the widened values, so the same bits as that function on a float32 copy of them,
-   without the copy. r->bits (FASTBN_G_BITS) is not used with 16-bit data. */
-#define FASTBN_SUMS_KIND(FMT)                                                              \
-    switch (r->kind) {                                                                     \
-    case FASTBN_G_RELU:                                                                    \
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_RELU, FMT,          \
-                             ahead_bytes, sum_g, dot);                                     \
-        break;                                                                             \
-    case FASTBN_G_LEAKY:                                                                   \
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY, FMT,         \
-                             ahead_bytes, sum_g, dot);                                     \
-        break;                                                                             \
-    case FASTBN_G_LEAKY_INVERSE:                                                           \
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_LEAKY_INVERSE, FMT, \
-                             ahead_bytes, sum_g, dot);                                     \
-        break;                                                                             \
-    default:                                                                               \
-        fastbn_sums_run_body(g, x, n, nrun, stride, mean, r, FASTBN_G_PLAIN, FMT,         \
-                             ahead_bytes, sum_g, dot);                                     \
-    }
+   without the copy. (r->bits, FASTBN_G_BITS, is the layer's float32 mask: not used with
+   16-bit data.) */
 static void fastbn_sums_run_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t n,
                                 Py_ssize_t nrun, Py_ssize_t stride, float mean, int bf16,
                                 const fastbn_gread* r, Py_ssize_t ahead_bytes, double* sum_g,
                                 double* dot) {
     if (bf16) {
-        FASTBN_SUMS_KIND(FASTBN_FMT_BF16)
+        FASTBN_SUMS_KINDS(FASTBN_FMT_BF16)
     } else {
-        FASTBN_SUMS_KIND(FASTBN_FMT_F16)
+        FASTBN_SUMS_KINDS(FASTBN_FMT_F16)
     }
 }
 #undef FASTBN_SUMS_KIND
+#undef FASTBN_SUMS_KINDS
 
 /* s1 = sum(x - bm) and s2 = sum((x - bm)^2) over nrun runs of n 16-bit values (bfloat16
    when bf16, else float16), stride apart, widened in the registers, in double: the
@@ -228,6 +211,12 @@ static void fastbn_sums_run_h16(const uint16_t* g, const uint16_t* x, Py_ssize_t
    t1 plus the lanes summed as _lane_sum sums 32), so the same bits as _block_devs on a
    float32 copy of the block, without the copy. Runs longer than ahead_bytes / 2 values
    prefetch that many bytes ahead. */
+/* d added into the lanes a, d * d fused into q */
+static inline __attribute__((always_inline)) void fastbn_dev8(__m512d d, __m512d* a, __m512d* q) {
+    *a = _mm512_add_pd(*a, d);
+    *q = _mm512_fmadd_pd(d, d, *q);
+}
+
 static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
                             Py_ssize_t stride, double bm, int bf16, Py_ssize_t ahead_bytes,
                             double* s1, double* s2) {
@@ -247,20 +236,10 @@ static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
                 fastbn_prefetch((const char*)(r + i) + ahead_bytes, 64);
             v0 = fastbn_load_fmt(r, i, (__mmask16)0xFFFF, fmt);
             v1 = fastbn_load_fmt(r, i + 16, (__mmask16)0xFFFF, fmt);
-            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v0)), vb);
-            a0 = _mm512_add_pd(a0, d);
-            q0 = _mm512_fmadd_pd(d, d, q0);
-            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(
-                _mm512_extractf64x4_pd(_mm512_castps_pd(v0), 1))), vb);
-            a1 = _mm512_add_pd(a1, d);
-            q1 = _mm512_fmadd_pd(d, d, q1);
-            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v1)), vb);
-            a2 = _mm512_add_pd(a2, d);
-            q2 = _mm512_fmadd_pd(d, d, q2);
-            d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_castpd_ps(
-                _mm512_extractf64x4_pd(_mm512_castps_pd(v1), 1))), vb);
-            a3 = _mm512_add_pd(a3, d);
-            q3 = _mm512_fmadd_pd(d, d, q3);
+            fastbn_dev8(_mm512_sub_pd(fastbn_lo_pd(v0), vb), &a0, &q0);
+            fastbn_dev8(_mm512_sub_pd(fastbn_hi_pd(v0), vb), &a1, &q1);
+            fastbn_dev8(_mm512_sub_pd(fastbn_lo_pd(v1), vb), &a2, &q2);
+            fastbn_dev8(_mm512_sub_pd(fastbn_hi_pd(v1), vb), &a3, &q3);
         }
     }
     for (k = 0; k < nrun; k++) {
@@ -301,8 +280,6 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
     __mmask16 k;
     __m512 m, g0, g1, g2, g3, x0, x1, x2, x3, t;
     __m512d lo, hi;
-#define FASTBN_LO(v) _mm512_cvtps_pd(_mm512_castps512_ps256(v))
-#define FASTBN_HI(v) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
     for (c = 0; c < width; c++) {
         sg[c] = 0.0;
         sd[c] = 0.0f;
@@ -321,10 +298,10 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
             x1 = fastbn_load_fmt(xr + C, c, k, fmt);
             x2 = fastbn_load_fmt(xr + 2 * C, c, k, fmt);
             x3 = fastbn_load_fmt(xr + 3 * C, c, k, fmt);
-            lo = _mm512_add_pd(_mm512_add_pd(FASTBN_LO(g0), FASTBN_LO(g1)),
-                               _mm512_add_pd(FASTBN_LO(g2), FASTBN_LO(g3)));
-            hi = _mm512_add_pd(_mm512_add_pd(FASTBN_HI(g0), FASTBN_HI(g1)),
-                               _mm512_add_pd(FASTBN_HI(g2), FASTBN_HI(g3)));
+            lo = _mm512_add_pd(_mm512_add_pd(fastbn_lo_pd(g0), fastbn_lo_pd(g1)),
+                               _mm512_add_pd(fastbn_lo_pd(g2), fastbn_lo_pd(g3)));
+            hi = _mm512_add_pd(_mm512_add_pd(fastbn_hi_pd(g0), fastbn_hi_pd(g1)),
+                               _mm512_add_pd(fastbn_hi_pd(g2), fastbn_hi_pd(g3)));
             _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
                 _mm512_maskz_loadu_pd((__mmask8)k, sg + c), lo));
             _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
@@ -344,15 +321,13 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
             g0 = fastbn_load_fmt(gr, c, k, fmt);
             x0 = fastbn_load_fmt(xr, c, k, fmt);
             _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), FASTBN_LO(g0)));
+                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), fastbn_lo_pd(g0)));
             _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), FASTBN_HI(g0)));
+                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), fastbn_hi_pd(g0)));
             _mm512_mask_storeu_ps(sd + c, k, _mm512_fmadd_ps(
                 g0, _mm512_sub_ps(x0, m), _mm512_maskz_loadu_ps(k, sd + c)));
         }
     }
-#undef FASTBN_LO
-#undef FASTBN_HI
 }
 
 /* The training statistics' sweeps of the rows kernels (rows.pxi's _rows_chunk_stats) over
@@ -373,9 +348,7 @@ static void fastbn_rows_devs_h16(const uint16_t* x, Py_ssize_t C, Py_ssize_t r0,
     __m512 v0, v1, v2, v3;
     __m512d k0, d0, d1, d2, d3;
     int half;
-#define FASTBN_HALF(v, i) (i ? _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(   \
-                               _mm512_castps_pd(v), 1)))                                   \
-                             : _mm512_cvtps_pd(_mm512_castps512_ps256(v)))
+#define FASTBN_HALF(v, i) ((i) ? fastbn_hi_pd(v) : fastbn_lo_pd(v))
     while (multi_row && r + 4 <= r1) {
         row = x + r * C;
         for (c = 0; c < width; c += 16) {
