@@ -52,6 +52,19 @@ static inline __m512d fastbn_hi_pd(__m512 v) {
     return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
+/* the lanes of 16 values of which `left` remain (all 16 when left >= 16) */
+static inline __mmask16 fastbn_mask16(Py_ssize_t left) {
+    return (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+}
+
+/* p[0:16] += (lo, hi), the lanes of k only (the double sums of 16 channels) */
+static inline void fastbn_add16_pd(double* p, __mmask16 k, __m512d lo, __m512d hi) {
+    _mm512_mask_storeu_pd(p, (__mmask8)k, _mm512_add_pd(_mm512_maskz_loadu_pd((__mmask8)k, p),
+                                                       lo));
+    _mm512_mask_storeu_pd(p + 8, (__mmask8)(k >> 8),
+                          _mm512_add_pd(_mm512_maskz_loadu_pd((__mmask8)(k >> 8), p + 8), hi));
+}
+
 /* 16 values of dy and x at i, lanes outside m as 0 (dy) and mean (x), read as r says. */
 static inline __attribute__((always_inline)) void fastbn_gx16(
         const void* g, const void* x, Py_ssize_t i, __mmask16 m, const fastbn_gread* r,
@@ -288,7 +301,7 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
         gr = g + r * C;
         xr = x + r * C;
         for (c = 0; c < width; c += 16) {
-            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            k = fastbn_mask16(width - c);
             m = _mm512_maskz_loadu_ps(k, mean + c);
             g0 = fastbn_load_fmt(gr, c, k, fmt);
             g1 = fastbn_load_fmt(gr + C, c, k, fmt);
@@ -302,10 +315,7 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
                                _mm512_add_pd(fastbn_lo_pd(g2), fastbn_lo_pd(g3)));
             hi = _mm512_add_pd(_mm512_add_pd(fastbn_hi_pd(g0), fastbn_hi_pd(g1)),
                                _mm512_add_pd(fastbn_hi_pd(g2), fastbn_hi_pd(g3)));
-            _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), lo));
-            _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), hi));
+            fastbn_add16_pd(sg + c, k, lo, hi);
             t = _mm512_add_ps(
                 _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), _mm512_mul_ps(g1, _mm512_sub_ps(x1, m))),
                 _mm512_fmadd_ps(g2, _mm512_sub_ps(x2, m), _mm512_mul_ps(g3, _mm512_sub_ps(x3, m))));
@@ -316,14 +326,11 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
         gr = g + r * C;
         xr = x + r * C;
         for (c = 0; c < width; c += 16) {
-            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            k = fastbn_mask16(width - c);
             m = _mm512_maskz_loadu_ps(k, mean + c);
             g0 = fastbn_load_fmt(gr, c, k, fmt);
             x0 = fastbn_load_fmt(xr, c, k, fmt);
-            _mm512_mask_storeu_pd(sg + c, (__mmask8)k, _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)k, sg + c), fastbn_lo_pd(g0)));
-            _mm512_mask_storeu_pd(sg + c + 8, (__mmask8)(k >> 8), _mm512_add_pd(
-                _mm512_maskz_loadu_pd((__mmask8)(k >> 8), sg + c + 8), fastbn_hi_pd(g0)));
+            fastbn_add16_pd(sg + c, k, fastbn_lo_pd(g0), fastbn_hi_pd(g0));
             _mm512_mask_storeu_ps(sd + c, k, _mm512_fmadd_ps(
                 g0, _mm512_sub_ps(x0, m), _mm512_maskz_loadu_ps(k, sd + c)));
         }
@@ -352,7 +359,7 @@ static void fastbn_rows_devs_h16(const uint16_t* x, Py_ssize_t C, Py_ssize_t r0,
     while (multi_row && r + 4 <= r1) {
         row = x + r * C;
         for (c = 0; c < width; c += 16) {
-            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            k = fastbn_mask16(width - c);
             v0 = fastbn_load_fmt(row, c, k, fmt);
             v1 = fastbn_load_fmt(row + C, c, k, fmt);
             v2 = fastbn_load_fmt(row + 2 * C, c, k, fmt);
@@ -380,7 +387,7 @@ static void fastbn_rows_devs_h16(const uint16_t* x, Py_ssize_t C, Py_ssize_t r0,
     for (; r < r1; r++) {
         row = x + r * C;
         for (c = 0; c < width; c += 16) {
-            k = (__mmask16)(width - c >= 16 ? 0xFFFF : (1u << (width - c)) - 1);
+            k = fastbn_mask16(width - c);
             v0 = fastbn_load_fmt(row, c, k, fmt);
             for (half = 0; half < 2; half++) {
                 h = (__mmask8)(k >> (8 * half));
