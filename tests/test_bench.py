@@ -62,12 +62,14 @@ def test_summary_counts_wins_losses_and_the_roofline():
                         "train 1.20")
 
 
-def test_fused_rows(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_rows(monkeypatch, dtype):
     """The fused-ReLU rows: every ratio measured and finite, in the Markdown table, and
-    python -m fastbn --fused runs them alone."""
+    python -m fastbn --fused runs them alone; for 16-bit data too (the layers' rows take
+    float32 parameters)."""
     out = io.StringIO()
     rows = table.fused_table(shapes=[(4, 8, 16, 16)], layouts=("NCHW", "NHWC"), rounds=1,
-                              file=out)
+                              dtype=np.dtype(dtype), file=out)
     assert [r["layout"] for r in rows] == ["NCHW", "NHWC"]
     for r in rows:
         for k in ("relu_train", "relu_infer", "residual", "vs_max_train", "vs_max_infer",

@@ -118,7 +118,7 @@ class Case:
         weight and bias, on this case's thread count."""
         x, n = self.x, self.threads
         C = self.w.shape[0]
-        bn = layers.BatchNorm(C, layout=self.layout, dtype=x.dtype,
+        bn = layers.BatchNorm(C, layout=self.layout, dtype=self.w.dtype,   # float32 for 16-bit x
                               activation="relu" if relu_layer else None)
         bn.weight[...] = self.w
         bn.bias[...] = self.b
