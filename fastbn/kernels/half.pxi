@@ -322,61 +322,14 @@ cdef void _mask_rows(float* gs, const half_bits* ym, Py_ssize_t C, Py_ssize_t c0
             off = off + n
 
 
-cdef bint _rows16_sums(const half_bits* g, const half_bits* x, const Work* w, Py_ssize_t C,
-                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
-                       double* sg, double* sd) noexcept nogil:
-    """_rows_chunk_sums's float32 sums of a plain backward's 16-bit rows (no mask) read
-    straight from their 16-bit form (sums_run.h, SUMS_RUN builds): channels [c0, c1) of
-    rows [r0, r1) into sg[0:c1-c0], sd[0:c1-c0], tile by tile, with the same double sums
-    again of a tile whose float32 dot left float32's comfortable range; so the same bits
-    as the chunk widened into a stage, without the stage. False, writing nothing, where the
-    float32 sums do not apply (no float32 mean) or the tile's scratch cannot be had."""
-    cdef const Grad* gd = w.gd
-    cdef Py_ssize_t width = c1 - c0
-    cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
-    cdef Py_ssize_t ib, b0, b1, c, r
-    cdef double* work
-    cdef float* dot32
-    cdef double t, m
-    cdef float gv, xv
-    if gd.mean32 == NULL:
-        return False
-    work = <double*>_kernel_alloc(w, width * (sizeof(double) + sizeof(float)))
-    if work == NULL:
-        return False
-    dot32 = <float*>(work + width)
-    for c in range(width):
-        sg[c] = 0
-        sd[c] = 0
-    for ib in range(nrb):
-        b0 = r0 + ib * TILE_ROWS
-        b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
-        _rows_sums_h16(g + c0, x + c0, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                       dot32, w.multi_row, w.dtype == BF16)
-        for c in range(width):
-            t = dot32[c]
-            if not _f32_sum_ok(t):
-                t = 0
-                m = gd.mean[c0 + c]
-                for r in range(b0, b1):
-                    _widen(g + r * C + c0 + c, &gv, 1, w.dtype)
-                    _widen(x + r * C + c0 + c, &xv, 1, w.dtype)
-                    t = _madd(gv, xv - m, t)
-                t = _madd(gd.mean_lo[c0 + c], work[c], t)      # cancelled below
-            sg[c] = sg[c] + work[c]
-            sd[c] = sd[c] + _madd(-gd.mean_lo[c0 + c], work[c], t)
-    free(work)
-    return True
-
-
 cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, Py_ssize_t C,
                          Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1,
                          Py_ssize_t k) noexcept nogil:
     """_rows_reduce for 16-bit data: the chunk's rows [r0, r1) of channels [c0, c1)
     widened (about ROW_CHUNK_VALUES values), then reduced by the float32 code into chunk k;
     the training statistics and a plain backward's sums read straight from the 16-bit rows
-    where the build has the register sums (_rows_chunk_stats's x16, _rows16_sums: the same
-    bits)."""
+    where the build has the register sums (_rows_chunk_stats's x16, _rows_chunk_sums's g16
+    and x16: the same bits)."""
     cdef Py_ssize_t width = c1 - c0, nr = r1 - r0, c
     cdef double* out0 = w.part + 2 * k * C + c0
     cdef double* out1 = w.part + (2 * k + 1) * C + c0
@@ -388,7 +341,10 @@ cdef void _rows16_reduce(const half_bits* a, const half_bits* b, const Work* w, 
                           w.part + (2 * k + 1) * C, w.multi_row, w, a, w.dtype)
         return
     if (SUMS_RUN and w.op != TRAIN and w.ymask == NULL and not w.gd.inverse
-            and _rows16_sums(a, b, w, C, c0, c1, r0, r1, out0, out1)):
+            and w.gd.mean32 != NULL):  # a plain backward's sums, straight from the 16-bit rows
+        _rows_chunk_sums(<const float*>NULL, <const float*>NULL, C, c0, c1, r0, r1, w.gd,
+                         w.part + 2 * k * C, w.part + (2 * k + 1) * C, w.multi_row,
+                         <const float*>NULL, NULL, 0, False, w, a, b, w.dtype)
         return
     sa = <float*>_kernel_alloc(w, (2 if w.op != TRAIN else 1) * nr * width * sizeof(float))
     if sa == NULL:             # out of memory (w.failed is set): NaN, then a MemoryError

@@ -97,12 +97,10 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
     cdef double* s1 = work + width          # then the tile's mean
     cdef double* s2 = work + 2 * width
     cdef double* tile_m2 = work + 3 * width
-    cdef double d, d1, d2, d3, k
-    cdef Py_ssize_t c, r, b0, b1, ib
+    cdef Py_ssize_t c, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
     cdef double nb, n = 0
     cdef double limit = _cancel_limit(x)
-    cdef const floating* row
     cdef float col[TILE_ROWS]
     # rows of at most PREFETCH_BYTES are prefetched; longer ones the hardware follows
     cdef bint short_rows = C * <Py_ssize_t>sizeof(floating) <= PREFETCH_BYTES
@@ -121,53 +119,57 @@ cdef void _rows_chunk_stats(const floating* x, Py_ssize_t C, Py_ssize_t c0, Py_s
         b0 = r0 + ib * TILE_ROWS
         b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
         nb = <double>(b1 - b0)
-        if floating is float:
-            if x16 != NULL:
-                _widen(x16 + b0 * C, <float*>tile_m2, width, dtype)   # free until below
-                for c in range(width):
-                    pivot[c] = (<float*>tile_m2)[c]
-                    s1[c] = 0
-                    s2[c] = 0
-                _rows_devs_h16(x16, C, b0, b1, width, pivot, s1, s2, multi_row,
-                               dtype == BF16)
-                _rows_tile_end(x, x16, dtype, C, width, b0, b1, pivot, s1, s2, tile_m2,
-                               limit, col)
-                _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
-                n = n + nb
-                continue
-        row = x + b0 * C
-        for c in range(width):
-            pivot[c] = row[c]
-            s1[c] = 0
-            s2[c] = 0
-        r = b0
-        while multi_row and r + 4 <= b1:        # four rows per sweep
-            row = x + r * C
-            if short_rows:
-                _prefetch(<const char*>row + PREFETCH_BYTES, 4 * C * sizeof(floating))
+        if x16 != NULL:
+            _widen(x16 + b0 * C, <float*>tile_m2, width, dtype)   # free until the tile end
             for c in range(width):
-                k = pivot[c]
-                d = row[c] - k
-                d1 = row[C + c] - k
-                d2 = row[2 * C + c] - k
-                d3 = row[3 * C + c] - k
-                s1[c] = s1[c] + ((d + d1) + (d2 + d3))
-                s2[c] = s2[c] + (_madd(d, d, d1 * d1) + _madd(d2, d2, d3 * d3))
-            r = r + 4
-        while r < b1:
-            row = x + r * C
-            if short_rows:
-                _prefetch(<const char*>row + PREFETCH_BYTES, width * sizeof(floating))
-            for c in range(width):
-                d = row[c] - pivot[c]
-                s1[c] = s1[c] + d
-                s2[c] = _madd(d, d, s2[c])
-            r = r + 1
-        _rows_tile_end(x, <const half_bits*>NULL, 0, C, width, b0, b1, pivot, s1, s2,
-                       tile_m2, limit, col)
+                pivot[c] = (<float*>tile_m2)[c]
+                s1[c] = 0
+                s2[c] = 0
+            _rows_devs_h16(x16, C, b0, b1, width, pivot, s1, s2, multi_row, dtype == BF16)
+        else:
+            _rows_tile_devs(x, C, width, b0, b1, multi_row, short_rows, pivot, s1, s2)
+        _rows_tile_end(x, x16, dtype, C, width, b0, b1, pivot, s1, s2, tile_m2, limit, col)
         _chan_merge_all(cmean, cm2, s1, tile_m2, width, n, nb)
         n = n + nb
     free(work)
+
+
+cdef inline void _rows_tile_devs(const floating* x, Py_ssize_t C, Py_ssize_t width,
+                                 Py_ssize_t b0, Py_ssize_t b1, bint multi_row,
+                                 bint short_rows, double* pivot, double* s1,
+                                 double* s2) noexcept nogil:
+    """s1[c] = sum(x - pivot[c]), s2[c] = sum((x - pivot[c])^2) of channels [0, width) over
+    the rows [b0, b1) of one tile, about the tile's first row, in memory order."""
+    cdef double d, d1, d2, d3, k
+    cdef Py_ssize_t c, r
+    cdef const floating* row = x + b0 * C
+    for c in range(width):
+        pivot[c] = row[c]
+        s1[c] = 0
+        s2[c] = 0
+    r = b0
+    while multi_row and r + 4 <= b1:        # four rows per sweep
+        row = x + r * C
+        if short_rows:
+            _prefetch(<const char*>row + PREFETCH_BYTES, 4 * C * sizeof(floating))
+        for c in range(width):
+            k = pivot[c]
+            d = row[c] - k
+            d1 = row[C + c] - k
+            d2 = row[2 * C + c] - k
+            d3 = row[3 * C + c] - k
+            s1[c] = s1[c] + ((d + d1) + (d2 + d3))
+            s2[c] = s2[c] + (_madd(d, d, d1 * d1) + _madd(d2, d2, d3 * d3))
+        r = r + 4
+    while r < b1:
+        row = x + r * C
+        if short_rows:
+            _prefetch(<const char*>row + PREFETCH_BYTES, width * sizeof(floating))
+        for c in range(width):
+            d = row[c] - pivot[c]
+            s1[c] = s1[c] + d
+            s2[c] = _madd(d, d, s2[c])
+        r = r + 1
 
 
 cdef inline void _rows_tile_end(const floating* x, const half_bits* x16, int dtype,
@@ -568,7 +570,9 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                            Py_ssize_t c1, Py_ssize_t r0, Py_ssize_t r1, const Grad* gd,
                            double* sg, double* sd, bint multi_row,
                            const floating* ym, unsigned char* bits,
-                           Py_ssize_t rowbytes, bint kept, const Work* w) noexcept nogil:
+                           Py_ssize_t rowbytes, bint kept, const Work* w,
+                           const half_bits* g16=NULL, const half_bits* x16=NULL,
+                           int dtype=0) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
     sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
@@ -577,7 +581,10 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     fused ReLU's output, laid out as g, or NULL), of g masked by y > 0, and the mask stored
     as bits when bits is not NULL (whole rows only: c0 = 0, c1 = C). kept (float32 data):
     the mask is the bits the forward kept (row r at bits + r * rowbytes; c0 a multiple of
-    8), read as _rows_sums_in reads them: the same bits as with ym."""
+    8), read as _rows_sums_in reads them: the same bits as with ym. g16, x16 (SUMS_RUN
+    builds, g and x float32 and NULL, no mask, gd.mean32 set): the data are 16-bit values
+    of type dtype, read straight from their 16-bit form (sums_run.h), with the arithmetic
+    of their float32 copy, so its bits."""
     cdef Py_ssize_t width = c1 - c0
     cdef Py_ssize_t c, r, b0, b1, ib
     cdef Py_ssize_t nrb = (r1 - r0 + TILE_ROWS - 1) // TILE_ROWS
@@ -585,8 +592,13 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
     cdef float* dot32
     cdef const unsigned char* kb = NULL
     cdef double t, m, gv
-    g = g + c0
-    x = x + c0
+    cdef float g1, x1
+    if g16 != NULL:
+        g16 = g16 + c0
+        x16 = x16 + c0
+    else:
+        g = g + c0
+        x = x + c0
     sg = sg + c0
     sd = sd + c0
     if ym != NULL:
@@ -604,14 +616,24 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
             for ib in range(nrb):
                 b0 = r0 + ib * TILE_ROWS
                 b1 = _stop(ib, TILE_ROWS, r1 - r0) + r0
-                _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0), work,
-                              dot32, multi_row, ym, NULL if kept else bits, rowbytes, gd, kb)
+                if g16 != NULL:
+                    _rows_sums_h16(g16, x16, C, b0, b1, width, <const float*>(gd.mean32 + c0),
+                                   work, dot32, multi_row, dtype == BF16)
+                else:
+                    _rows_sums_in(g, x, C, b0, b1, width, <const float*>(gd.mean32 + c0),
+                                  work, dot32, multi_row, ym, NULL if kept else bits,
+                                  rowbytes, gd, kb)
                 for c in range(width):
                     t = dot32[c]
                     if not _f32_sum_ok(t):
                         t = 0
                         m = gd.mean[c0 + c]
                         for r in range(b0, b1):
+                            if g16 != NULL:
+                                _widen(g16 + r * C + c, &g1, 1, dtype)
+                                _widen(x16 + r * C + c, &x1, 1, dtype)
+                                t = _madd(g1, x1 - m, t)
+                                continue
                             if kept:
                                 gv = _bit_f(g[r * C + c], kb[r * rowbytes + c // 8], c % 8)
                             else:
@@ -621,6 +643,11 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                     sg[c] = sg[c] + work[c]
                     sd[c] = sd[c] + _madd(-gd.mean_lo[c0 + c], work[c], t)
             free(work)
+            return
+        if g16 != NULL:        # no scratch (w.failed is set: the call raises MemoryError)
+            for c in range(width):
+                sg[c] = NAN
+                sd[c] = NAN
             return
     # no scratch (w.failed is set: the call raises MemoryError), or float64 data
     _rows_sums_in(g, x, C, r0, r1, width, gd.mean + c0, sg, sd, multi_row, ym,
