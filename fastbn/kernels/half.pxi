@@ -131,7 +131,7 @@ cdef inline bint _block_sums16(const half_bits* g, const half_bits* x, Block blk
     # 1.15-1.20x the staged one's time, whose widening loops prefetch
     _sums_run_h16(g + blk.offset, x + blk.offset, blk.length, blk.nrun, blk.stride, m32,
                   dtype == BF16, &rd, PREFETCH_BYTES // 2, &s, &t)
-    if not _f32_sum_ok(t):
+    if not (_f32_sum_ok(t) and fabs(s) <= F32_BIG):
         return False
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + _madd(-(mean - <double>m32), s, t)

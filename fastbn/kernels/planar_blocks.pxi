@@ -215,9 +215,9 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
     m2[0] = v
 
 
-# The fused sums of the backward. sum(g) is accumulated in double lanes whatever the data
-# type (float32 lanes would lose the low bits that dx = (g - mean(g)) * a may be made of:
-# test_float32_gradient_sums_in_double). For float32 data, sum(g * (x - mean)) runs in float32
+# The fused sums of the backward. sum(g) is accumulated in double lanes (the AVX-512 blocks
+# of float32 data, sums_run.h, add four values per lane in float32 first: within the float32
+# contract, test_float32_gradient_sums_within_the_contract). For float32 data, sum(g * (x - mean)) runs in float32
 # lanes (a block has at most BLOCK values, so no lane adds more than 32 of them) around the
 # mean rounded to float32, m32, and each block's dot is added to the channel's in double,
 # corrected by the mean's low part: sum(g * (x - mean)) = sum(g * (x - m32)) - (mean - m32) *
@@ -402,17 +402,26 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
     """Add sum(g) and sum(g * (x - mean)) over one block to sum_g, dot, in one pass (the dot
     in float32 lanes for float32 data, see above). With ym (the fused ReLU's output, laid
     out as g, or NULL), of g masked by y > 0, read in the same loops; with kb (a block of
-    one run, REGISTER_LANES builds), of g masked by those bits (_sums_run)."""
-    cdef double s, t
+    one run, REGISTER_LANES builds), of g masked by those bits (_sums_run).
+    For float32 data, the float32 pass's sum(g) is kept whenever it is within range, also
+    when the dot is summed again in double (a mean or an x beyond float32's range, a NaN in
+    x): sum(g) depends on g alone."""
+    cdef double s, t, s64
     cdef float m32
+    cdef bint bounded
     if floating is float:
-        if _f32_bounded(mean):
-            m32 = <float>mean
-            _block_sums_in(g, x, blk, m32, &s, &t, ym, variant, kb)
-            if _f32_sum_ok(t):
+        bounded = _f32_bounded(mean)
+        m32 = <float>mean if bounded else 0.0
+        _block_sums_in(g, x, blk, m32, &s, &t, ym, variant, kb)
+        if fabs(s) <= F32_BIG:
+            if bounded and _f32_sum_ok(t):
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + _madd(-(mean - <double>m32), s, t)
                 return
+            _block_sums_in(g, x, blk, mean, &s64, &t, ym, variant, kb)
+            sum_g[0] = sum_g[0] + s
+            dot[0] = dot[0] + t
+            return
     _block_sums_in(g, x, blk, mean, &s, &t, ym, variant, kb)
     sum_g[0] = sum_g[0] + s
     dot[0] = dot[0] + t

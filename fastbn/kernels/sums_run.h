@@ -107,18 +107,23 @@ static inline double fastbn_hsum8(__m512d v) {
     return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
 }
 
-/* 32 values of run q at i into the lanes: the sum of g in a0..a3 (double), the dot in
-   t0, t1 (float32); lanes past the run's end (m0, m1) add +0. */
-#define FASTBN_SUMS_STEP(M0, M1)                                                         \
+/* 32 values of run q at I into the lanes: the dot in t0, t1 (float32), and into U the
+   float32 sum of their g, two vectors added (lane j: values I + j and I + 16 + j); lanes
+   past the run's end (m0, m1) add +0. */
+#define FASTBN_SUMS_STEP(I, M0, M1, U)                                                   \
     do {                                                                                \
-        fastbn_gx16(gq, xq, i, (M0), &rq, kind, fmt, &g0, &x0, m);                       \
-        fastbn_gx16(gq, xq, i + 16, (M1), &rq, kind, fmt, &g1, &x1, m);                  \
-        a0 = _mm512_add_pd(a0, fastbn_lo_pd(g0));                                         \
-        a1 = _mm512_add_pd(a1, fastbn_hi_pd(g0));                                         \
-        a2 = _mm512_add_pd(a2, fastbn_lo_pd(g1));                                         \
-        a3 = _mm512_add_pd(a3, fastbn_hi_pd(g1));                                         \
+        fastbn_gx16(gq, xq, (I), (M0), &rq, kind, fmt, &g0, &x0, m);                     \
+        fastbn_gx16(gq, xq, (I) + 16, (M1), &rq, kind, fmt, &g1, &x1, m);                \
+        U = _mm512_add_ps(g0, g1);                                                       \
         t0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), t0);                              \
         t1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(x1, m), t1);                              \
+    } while (0)
+
+/* the 16 float32 lanes of u added into the double lanes a0 (lanes 0-7), a1 (8-15) */
+#define FASTBN_SUMS_FLUSH(U)                                                             \
+    do {                                                                                \
+        a0 = _mm512_add_pd(a0, fastbn_lo_pd(U));                                          \
+        a1 = _mm512_add_pd(a1, fastbn_hi_pd(U));                                          \
     } while (0)
 
 /* g and x of format fmt (bytes per value: size), r->y as float32 */
@@ -126,10 +131,10 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
         const void* g, const void* x, Py_ssize_t n, Py_ssize_t nrun, Py_ssize_t stride,
         float mean, const fastbn_gread* r, int kind, int fmt, Py_ssize_t ahead_bytes,
         double* sum_g, double* dot) {
-    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     __m512 m = _mm512_set1_ps(mean);
-    __m512 g0, g1, x0, x1;
+    __m512 g0, g1, x0, x1, u, v;
     __m512d d;
     const Py_ssize_t size = fmt == FASTBN_FMT_F32 ? 4 : 2;
     Py_ssize_t i, q, rest = n % 32;
@@ -146,30 +151,43 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
         xq = (const char*)x + q * stride * size;
         if (r->y != NULL)
             rq.y = (const char*)r->y + q * stride * size;
-        for (i = 0; i + 32 <= n; i += 32) {
+        for (i = 0; i + 64 <= n; i += 64) {
             if (ahead) {
-                fastbn_prefetch(gq + i * size + ahead_bytes, 32 * size);
-                fastbn_prefetch(xq + i * size + ahead_bytes, 32 * size);
+                fastbn_prefetch(gq + i * size + ahead_bytes, 64 * size);
+                fastbn_prefetch(xq + i * size + ahead_bytes, 64 * size);
                 if (kind == FASTBN_G_RELU || kind == FASTBN_G_LEAKY)   /* y, a third stream */
-                    fastbn_prefetch((const char*)rq.y + i * size + ahead_bytes, 32 * size);
+                    fastbn_prefetch((const char*)rq.y + i * size + ahead_bytes, 64 * size);
             }
-            FASTBN_SUMS_STEP((__mmask16)0xFFFF, (__mmask16)0xFFFF);
+            FASTBN_SUMS_STEP(i, (__mmask16)0xFFFF, (__mmask16)0xFFFF, u);
+            FASTBN_SUMS_STEP(i + 32, (__mmask16)0xFFFF, (__mmask16)0xFFFF, v);
+            FASTBN_SUMS_FLUSH(_mm512_add_ps(u, v));
         }
-        if (rest > 0)
-            FASTBN_SUMS_STEP(m0, m1);
+        if (i + 32 <= n) {
+            FASTBN_SUMS_STEP(i, (__mmask16)0xFFFF, (__mmask16)0xFFFF, u);
+            FASTBN_SUMS_FLUSH(u);
+            i += 32;
+        }
+        if (rest > 0) {
+            FASTBN_SUMS_STEP(i, m0, m1, u);
+            FASTBN_SUMS_FLUSH(u);
+        }
     }
-    *sum_g = fastbn_hsum8(_mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3)));
+    *sum_g = fastbn_hsum8(_mm512_add_pd(a0, a1));
     d = _mm512_add_pd(_mm512_add_pd(fastbn_lo_pd(t0), fastbn_lo_pd(t1)),
                       _mm512_add_pd(fastbn_hi_pd(t0), fastbn_hi_pd(t1)));
     *dot = fastbn_hsum8(d);
 }
 #undef FASTBN_SUMS_STEP
+#undef FASTBN_SUMS_FLUSH
 
 /* sum(g) and sum(g * (x - mean)) over nrun runs of n values, stride apart (r->y laid out as
-   g; r->bits only for one run), g read as r says: the sum of g in 32 double lanes, the dot
-   in 32 float32 lanes (value i of each run in lane i % 32, each product fused into its
-   lane's sum), each run's last n % 32 values masked into the same lanes (no scalar tail),
-   then each set of lanes summed in double in a fixed order. The same bits for every kind
+   g; r->bits only for one run), g read as r says: the dot in 32 float32 lanes (value i of
+   each run in lane i % 32, each product fused into its lane's sum); the sum of g in 16
+   double lanes, each 64 values of a run first added in float32 four to a lane as a tree
+   (lane j: (g[i+j] + g[i+16+j]) + (g[i+32+j] + g[i+48+j]), two roundings, within the
+   float32 contract, docs/math.rst), a last 32 or fewer two to a lane; each run's last
+   n % 32 values masked into the same lanes (no scalar tail), then each set of lanes summed
+   in double in a fixed order. The same bits for every kind
    of r that reads the same values. Runs longer than ahead_bytes prefetch g and x that
    many bytes ahead. */
 /* fastbn_sums_run_body with r->kind and the format FMT as constants */
