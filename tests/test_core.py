@@ -355,6 +355,30 @@ def test_float32_gradient_sums_within_the_contract(layout, shape, offset):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_huge_gradients_do_not_overflow_the_float32_sums(layout):
+    """dy of +-3e38, each sign in runs of 64 values (NCHW) or 4 rows (NHWC), as the float32
+    lanes add them four at a time: four such values overflow float32, so those sums are
+    redone in double, and dbias is exactly the float64 sum, 0."""
+    shape = (2, 3, 16, 16)
+    x = np.random.default_rng(13).standard_normal(shape).astype(np.float32)
+    dy = np.empty(shape, np.float32)
+    if layout == "NCHW":
+        sign = np.where((np.arange(256) // 64) % 2 == 0, 1, -1).reshape(16, 16)
+        dy[:] = sign * np.float32(3e38)
+    else:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        dy = dy.transpose(0, 2, 3, 1).copy()
+        sign = np.where((np.arange(512) // 4) % 2 == 0, 1, -1)
+        dy.reshape(-1, 3)[:] = (sign * np.float32(3e38))[:, None]
+    _, mean, invstd = fastbn.batch_norm_train(x, layout=layout)
+    _, _, db = fastbn.batch_norm_backward(dy, x, mean, invstd, layout=layout)
+    _, _, db_r = ref.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64), mean,
+                                         invstd, layout=layout)
+    assert (db_r == 0).all()
+    assert (db == 0).all(), db
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_constant_channel_gives_bias(layout):
     shape = nchw_to(layout, (8, 3, 16, 16))
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
