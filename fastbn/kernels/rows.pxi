@@ -474,7 +474,7 @@ cdef void _rows_sums_v(const floating* g, const floating* x, Py_ssize_t C, Py_ss
             g1 = _gat(gr, yr, C + c, variant)
             g2 = _gat(gr, yr, 2 * C + c, variant)
             g3 = _gat(gr, yr, 3 * C + c, variant)
-            sg[c] = sg[c] + <double>((g0 + g1) + (g2 + g3))
+            sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
             sd[c] = sd[c] + (_dot2(g0, _xat(xr, c, variant), g1, _xat(xr, C + c, variant), m)
                              + _dot2(g2, _xat(xr, 2 * C + c, variant), g3,
                                      _xat(xr, 3 * C + c, variant), m))
@@ -534,7 +534,7 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
                 g1 = _bit_f(gr[C + c], w1, j)
                 g2 = _bit_f(gr[2 * C + c], w2, j)
                 g3 = _bit_f(gr[3 * C + c], w3, j)
-                sg[c] = sg[c] + <double>((g0 + g1) + (g2 + g3))
+                sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
                 sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
                                  + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
         for c in range(wb, width):
@@ -543,7 +543,7 @@ cdef void _rows_sums_bits(const float* g, const float* x, Py_ssize_t C, Py_ssize
             g1 = _bit_f(gr[C + c], br[rowbytes + c // 8], c % 8)
             g2 = _bit_f(gr[2 * C + c], br[2 * rowbytes + c // 8], c % 8)
             g3 = _bit_f(gr[3 * C + c], br[3 * rowbytes + c // 8], c % 8)
-            sg[c] = sg[c] + <double>((g0 + g1) + (g2 + g3))
+            sg[c] = sg[c] + ((<double>g0 + g1) + (<double>g2 + g3))
             sd[c] = sd[c] + (_dot2(g0, xr[c], g1, xr[C + c], m)
                              + _dot2(g2, xr[2 * C + c], g3, xr[3 * C + c], m))
     for r in range(r4, r1):
@@ -574,9 +574,7 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                            const half_bits* g16=NULL, const half_bits* x16=NULL,
                            int dtype=0) noexcept nogil:
     """sum(g) and sum(g * (x - mean)) of channels [c0, c1) (of C) over rows [r0, r1), into
-    sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double (four rows'
-    float32 values added in float32 first, a tile whose float32 additions may have
-    overflowed summed again in double). For float32
+    sg[c], sd[c], in one pass in memory order. sum(g) is accumulated in double. For float32
     data the dot runs tile by tile (TILE_ROWS rows) in float32 around the float32 mean, each
     tile's dot added in double with the mean's low part corrected, and a tile dot out of
     float32's comfortable range summed again in double (as _block_sums does). With ym (the
@@ -626,19 +624,6 @@ cdef void _rows_chunk_sums(const floating* g, const floating* x, Py_ssize_t C, P
                                   work, dot32, multi_row, ym, NULL if kept else bits,
                                   rowbytes, gd, kb)
                 for c in range(width):
-                    if not (fabs(work[c]) <= F32_BIG):
-                        # the float32 additions of four rows' g may have overflowed: the
-                        # tile's sum of g again in double (non-finite g gives the same)
-                        work[c] = 0
-                        for r in range(b0, b1):
-                            if g16 != NULL:
-                                _widen(g16 + r * C + c, &g1, 1, dtype)
-                                gv = g1
-                            elif kept:
-                                gv = _bit_f(g[r * C + c], kb[r * rowbytes + c // 8], c % 8)
-                            else:
-                                gv = _grad_at(g, ym, r * C + c, gd)
-                            work[c] = work[c] + gv
                     t = dot32[c]
                     if not _f32_sum_ok(t):
                         t = 0

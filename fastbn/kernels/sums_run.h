@@ -295,7 +295,7 @@ static void fastbn_devs_h16(const uint16_t* p, Py_ssize_t n, Py_ssize_t nrun,
    16-bit rows (bfloat16 when bf16, else float16), widened in the registers: channels
    [0, width) of rows [r0, r1), rows C apart, into sg[c] (double) and sd[c] (float32) with
    the float32 means mean[c]. Four rows per sweep up to r4 (r0 when not multi_row):
-   sg[c] += (g0 + g1) + (g2 + g3) (added in float32, then to sg in double), sd[c] += g0 (x0 - m) + g1 (x1 - m) (the first
+   sg[c] += (g0 + g1) + (g2 + g3) in double, sd[c] += g0 (x0 - m) + g1 (x1 - m) (the first
    product fused into the sum) + the same of rows 2 and 3; then one row at a time, sg[c] += g
    and sd[c] = fma(g, x - m, sd[c]). Sixteen channels per vector, the last ones masked: each
    channel's sums are those expressions, so the same bits as _rows_sums_v on a float32 copy
@@ -310,6 +310,7 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
     const uint16_t* xr;
     __mmask16 k;
     __m512 m, g0, g1, g2, g3, x0, x1, x2, x3, t;
+    __m512d lo, hi;
     for (c = 0; c < width; c++) {
         sg[c] = 0.0;
         sd[c] = 0.0f;
@@ -328,8 +329,11 @@ static void fastbn_rows_sums_h16(const uint16_t* g, const uint16_t* x, Py_ssize_
             x1 = fastbn_load_fmt(xr + C, c, k, fmt);
             x2 = fastbn_load_fmt(xr + 2 * C, c, k, fmt);
             x3 = fastbn_load_fmt(xr + 3 * C, c, k, fmt);
-            t = _mm512_add_ps(_mm512_add_ps(g0, g1), _mm512_add_ps(g2, g3));
-            fastbn_add16_pd(sg + c, k, fastbn_lo_pd(t), fastbn_hi_pd(t));
+            lo = _mm512_add_pd(_mm512_add_pd(fastbn_lo_pd(g0), fastbn_lo_pd(g1)),
+                               _mm512_add_pd(fastbn_lo_pd(g2), fastbn_lo_pd(g3)));
+            hi = _mm512_add_pd(_mm512_add_pd(fastbn_hi_pd(g0), fastbn_hi_pd(g1)),
+                               _mm512_add_pd(fastbn_hi_pd(g2), fastbn_hi_pd(g3)));
+            fastbn_add16_pd(sg + c, k, lo, hi);
             t = _mm512_add_ps(
                 _mm512_fmadd_ps(g0, _mm512_sub_ps(x0, m), _mm512_mul_ps(g1, _mm512_sub_ps(x1, m))),
                 _mm512_fmadd_ps(g2, _mm512_sub_ps(x2, m), _mm512_mul_ps(g3, _mm512_sub_ps(x3, m))));
