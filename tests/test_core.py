@@ -378,6 +378,32 @@ def test_huge_gradients_do_not_overflow_the_float32_sums(layout):
     assert (db == 0).all(), db
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 5, 9])
+def test_rows_a_page_long(dtype, rows):
+    """Rows of exactly 4 KiB (and 8 KiB) go one row per sweep in the elementwise passes
+    (rows.pxi, _apply_multi_row): the same results as the reference, and 1 and 2 threads
+    bit for bit."""
+    for C in (4096 // np.dtype(dtype).itemsize, 8192 // np.dtype(dtype).itemsize):
+        rng = np.random.default_rng(rows + C)
+        x = (rng.standard_normal((rows + 1, C)) * 2 + 1).astype(dtype)
+        dy = rng.standard_normal((rows + 1, C)).astype(dtype)
+        w = rng.uniform(0.5, 2, C).astype(dtype)
+        b = rng.standard_normal(C).astype(dtype)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        out = [fastbn.batch_norm_train(x, w, b, num_threads=t) for t in (1, 2)]
+        y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b)
+        np.testing.assert_allclose(out[0][0], y_r, rtol=tol, atol=tol)
+        y_i = fastbn.batch_norm_infer(x, mean_r.astype(dtype), (1 / invstd_r ** 2 - 1e-5).astype(dtype), w, b)
+        np.testing.assert_allclose(y_i, y_r, rtol=20 * tol, atol=20 * tol)
+        grads = [fastbn.batch_norm_backward(dy, x, out[0][1], out[0][2], w, num_threads=t)
+                 for t in (1, 2)]
+        dx_r, _, _ = ref.batch_norm_backward(dy, x, out[0][1], out[0][2], w)
+        np.testing.assert_allclose(grads[0][0], dx_r, rtol=tol, atol=tol)
+        for a, c in zip(out[0] + grads[0], out[1] + grads[1]):
+            assert a.tobytes() == c.tobytes()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_constant_channel_gives_bias(layout):
     shape = nchw_to(layout, (8, 3, 16, 16))

@@ -53,6 +53,18 @@ cdef inline bint _multi_row(Py_ssize_t C, Py_ssize_t reduce_bytes) noexcept nogi
     return reduce_bytes > 0 and (C < NARROW_ROWS or reduce_bytes <= CACHED_BYTES)
 
 
+cdef inline bint _apply_multi_row(Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the elementwise passes (normalization, dx) sweep several rows at a time:
+    _multi_row's choice, except for rows whose length is a multiple of 4 KiB. Rows that far
+    apart start at the same offset in a page, so four of them and their outputs share the
+    same L1 sets, and each row's loads wait on the stores 4 KiB away (the load and store
+    addresses agree in their low 12 bits). Measured (Intel Xeon, float32): (256, 1024)
+    inference on one thread 85.6 us four rows per sweep, 57.9 one row at a time (a copy:
+    34); (32, 2048, 7, 7) NHWC inference 0.73x on two threads. The choice does not change
+    any result: each output is the same expression either way."""
+    return _multi_row(C, 0) and (C * itemsize) % 4096 != 0
+
+
 cdef void _rows_tile_two_pass(const floating* x, Py_ssize_t C, Py_ssize_t c, Py_ssize_t b0,
                               Py_ssize_t b1, double* mean, double* m2) noexcept nogil:
     """Mean and m2 of channel c over rows [b0, b1) in two passes (the fallback of
@@ -244,7 +256,7 @@ cdef void _rows_affine_in(const floating* x, floating* y, Py_ssize_t C, Py_ssize
     coefficients. The fused epilogue in the same loop, in the given variant (epi_t; res is
     laid out as x, and y must not be res)."""
     cdef Py_ssize_t c, r = r0
-    cdef bint multi_row = _multi_row(C, 0)
+    cdef bint multi_row = _apply_multi_row(C, sizeof(floating))
     cdef const floating* x0
     cdef const floating* x1
     cdef const floating* x2
@@ -714,7 +726,7 @@ cdef void _rows_dx_in(const floating* g, const floating* x, floating* dx, Py_ssi
         d0 = dx + r * C
         y0 = _at(ym, r * C)
         e0 = _at_w(dres, r * C)
-        if r + 2 <= r1 and _multi_row(C, 0):
+        if r + 2 <= r1 and _apply_multi_row(C, sizeof(floating)):
             y1 = _at(ym, r * C + C)
             e1 = _at_w(dres, r * C + C)
             for c in range(C):
