@@ -216,14 +216,16 @@ cdef inline void _block_stats(const floating* p, Block blk, double* mean,
 
 
 # The fused sums of the backward. sum(g) is accumulated in double lanes (the AVX-512 blocks
-# of float32 data, sums_run.h, add four values per lane in float32 first: within the float32
-# contract, test_float32_gradient_sums_within_the_contract). For float32 data, sum(g * (x - mean)) runs in float32
-# lanes (a block has at most BLOCK values, so no lane adds more than 32 of them) around the
-# mean rounded to float32, m32, and each block's dot is added to the channel's in double,
-# corrected by the mean's low part: sum(g * (x - mean)) = sum(g * (x - m32)) - (mean - m32) *
-# sum(g). A block whose float32 dot leaves float32's comfortable range (a product overflowed,
-# or every term underflowed) or is not finite is summed again in double, so the range and
-# the NaN and infinity behaviour are those of double lanes. float64 data is summed in double.
+# of float32 and 16-bit data, sums_run.h, add four values per lane in float32 first, within
+# the float32 contract: test_float32_gradient_sums_within_the_contract). For float32 data,
+# sum(g * (x - mean)) runs in float32 lanes (a block has at most BLOCK values, so no lane
+# adds more than 32 of them) around the mean rounded to float32, m32, and each block's dot is
+# added to the channel's in double, corrected by the mean's low part: sum(g * (x - mean)) =
+# sum(g * (x - m32)) - (mean - m32) * sum(g). A block whose float32 dot leaves float32's
+# comfortable range (a product overflowed, or every term underflowed) or is not finite is
+# summed again in double, so the range and the NaN and infinity behaviour are those of double
+# lanes (and a block whose float32 sum of g leaves [-1e30, 1e30] has that summed again too).
+# float64 data is summed in double.
 
 cdef inline const floating* _at(const floating* p, Py_ssize_t off) noexcept nogil:
     """p + off, NULL for NULL. (Not a conditional expression: Cython gives that a non-const
@@ -418,6 +420,7 @@ cdef inline void _block_sums(const floating* g, const floating* x, Block blk, do
                 sum_g[0] = sum_g[0] + s
                 dot[0] = dot[0] + _madd(-(mean - <double>m32), s, t)
                 return
+            # the dot again in double; its pass's sum of g (s64) is not used
             _block_sums_in(g, x, blk, mean, &s64, &t, ym, variant, kb)
             sum_g[0] = sum_g[0] + s
             dot[0] = dot[0] + t
