@@ -328,7 +328,8 @@ def test_outlier_first_value_of_every_block(layout, C, side):
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_float32_gradient_sums_within_the_contract(layout, shape, offset):
     """The backward of float32 data keeps the float32 contract (tests/contract.py) whatever
-    lanes sum dy (AVX-512 NCHW blocks add it in float32 pairs before double): dbias within
+    lanes sum dy (AVX-512 NCHW blocks add four values per lane in float32 before double):
+    dbias within
     4 * 2**-23 of sum(|dy|), and dx within 8 float32 ulps of its natural scale
     |weight| * invstd * max(|dy|, rms(dy)), also for dy with a common offset 1000 times
     its spread. The errors are measured against the float64 backward of the same values."""
@@ -394,7 +395,8 @@ def test_rows_a_page_long(dtype, rows):
         out = [fastbn.batch_norm_train(x, w, b, num_threads=t) for t in (1, 2)]
         y_r, mean_r, invstd_r = ref.batch_norm_train(x, w, b)
         np.testing.assert_allclose(out[0][0], y_r, rtol=tol, atol=tol)
-        y_i = fastbn.batch_norm_infer(x, mean_r.astype(dtype), (1 / invstd_r ** 2 - 1e-5).astype(dtype), w, b)
+        var_r = (1 / invstd_r ** 2 - 1e-5).astype(dtype)
+        y_i = fastbn.batch_norm_infer(x, mean_r.astype(dtype), var_r, w, b)
         np.testing.assert_allclose(y_i, y_r, rtol=20 * tol, atol=20 * tol)
         grads = [fastbn.batch_norm_backward(dy, x, out[0][1], out[0][2], w, num_threads=t)
                  for t in (1, 2)]

@@ -36,10 +36,10 @@ REL64 = 1e-11          # float64 rounding allowance relative to the term magnitu
 # the offset |x|), for the float32 arithmetic of fastbn's float32 kernels: the elementwise
 # passes (y, dx) and the backward's dot sum(dy * (x - mean)) run in float32 around the mean
 # split into a float32 value and its remainder, in blocks of at most 32 terms per lane
-# summed in double, and sum(dy) in float32 pairs before double (AVX-512 NCHW blocks); the
-# statistics stay in double (no bound32 term). 16 float32 units of rounding, the float32
-# contract's 4 * 2**-23 on dweight and dbias (tests/contract.py); the docs/math.rst bar is
-# 8 on y.
+# summed in double, and sum(dy) four values per lane in float32 before double (AVX-512
+# NCHW blocks); the statistics stay in double (no bound32 term). 16 float32 units of
+# rounding, the float32 contract's 4 * 2**-23 on dweight and dbias (tests/contract.py); the
+# docs/math.rst bar is 8 on y.
 REL32 = 16 * 2.0 ** -24
 
 
