@@ -6,11 +6,10 @@
 # training statistics (planar blocks of long runs, rows tiles), a plain backward's sums and
 # (planar) the fused activation's backward sums, so the same bits without the stage. Each
 # piece of an elementwise pass is computed in float32 and rounded once, to nearest even, to
-# the data type. The plain normalization
-# (no residual, no ReLU) and dx (with or without the fused activation's mask), where
-# float32 carries the coefficients, do that in one loop over registers in the AVX2 and
-# AVX-512 builds (_affine16, _dx16: the float32 code's expressions, so the same bits); the
-# rest goes through an L1 stage. The float32 result is
+# the data type. The plain normalization (no residual, no ReLU) and dx (with or without the
+# fused activation's mask), where float32 carries the coefficients, do that in one loop over
+# registers in the AVX2 and AVX-512 builds (_affine16, _dx16: the float32 code's
+# expressions, so the same bits); the rest goes through an L1 stage. The float32 result is
 # within 2 float32 ulps of the exact one, so the 16-bit output is a faithful rounding
 # (within one unit of its last place).
 

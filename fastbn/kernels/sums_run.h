@@ -187,9 +187,8 @@ static inline __attribute__((always_inline)) void fastbn_sums_run_body(
    (lane j: (g[i+j] + g[i+16+j]) + (g[i+32+j] + g[i+48+j]), two roundings, within the
    float32 contract, docs/math.rst), a last 32 or fewer two to a lane; each run's last
    n % 32 values masked into the same lanes (no scalar tail), then each set of lanes summed
-   in double in a fixed order. The same bits for every kind
-   of r that reads the same values. Runs longer than ahead_bytes prefetch g and x that
-   many bytes ahead. */
+   in double in a fixed order. The same bits for every kind of r that reads the same
+   values. Runs longer than ahead_bytes prefetch g and x that many bytes ahead. */
 /* fastbn_sums_run_body with r->kind and the format FMT as constants */
 #define FASTBN_SUMS_KINDS(FMT)                                                             \
     switch (r->kind) {                                                                     \
